@@ -1,0 +1,1 @@
+"""Generated code; regenerate with scripts/gen_protos.py."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run every check: lint, format, types, import contract, tests.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k health`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy" && .venv/bin/mypy
+echo "== import contract" && .venv/bin/lint-imports
+echo "== pytest" && .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""The gRPC face of posguard: servicers, interceptors, error mapping and the role matrix."""

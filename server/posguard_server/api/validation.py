@@ -1,0 +1,98 @@
+"""Request validation: collect every field violation of a request, then raise them together.
+
+Servicers validate before they touch storage, so a rejected request changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+
+from posguard_server.domain.errors import FieldViolation, InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_REQUEST_ID = 128
+_REQUEST_ID = re.compile(r"[\x20-\x7e]+")
+
+
+@dataclass
+class Checker:
+    """Accumulates violations; ``done()`` raises ``InvalidArgument`` naming all of them."""
+
+    violations: list[FieldViolation] = field(default_factory=list)
+
+    def fail(self, field_path: str, description: str) -> None:
+        self.violations.append(FieldViolation(field_path, description))
+
+    def check(self, ok: bool, field_path: str, description: str) -> bool:
+        if not ok:
+            self.fail(field_path, description)
+        return ok
+
+    def text(
+        self,
+        value: str,
+        field_path: str,
+        *,
+        required: bool = False,
+        max_length: int,
+        pattern: re.Pattern[str] | None = None,
+        pattern_hint: str = "",
+    ) -> None:
+        if not value:
+            if required:
+                self.fail(field_path, "is required")
+            return
+        if len(value) > max_length:
+            self.fail(field_path, f"must be at most {max_length} characters")
+        elif not value.isprintable():
+            self.fail(field_path, "must not contain control characters")
+        elif pattern is not None and not pattern.fullmatch(value):
+            self.fail(field_path, pattern_hint or "has an invalid format")
+
+    def request_id(self, value: str, *, required: bool = True, field_path: str = "request_id") -> None:
+        self.text(
+            value,
+            field_path,
+            required=required,
+            max_length=MAX_REQUEST_ID,
+            pattern=_REQUEST_ID,
+            pattern_hint="must be printable ASCII",
+        )
+
+    def page_size(self, value: int, field_path: str = "page_size") -> int:
+        if value < 0:
+            self.fail(field_path, "must not be negative")
+            return DEFAULT_PAGE_SIZE
+        # AIP-158: a page size above the maximum is coerced, not refused.
+        return min(value, MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
+
+    def page_token(self, value: str, query: str, field_path: str = "page_token") -> int | None:
+        """The cursor inside a token made by :func:`make_page_token` for the same query, or None."""
+        if not value:
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(value.encode("ascii") + b"=" * (-len(value) % 4)))
+            after, for_query = data["after"], data["q"]
+            if not isinstance(after, int) or isinstance(after, bool) or for_query != query:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error):
+            self.fail(field_path, "is not a token returned by the previous page of this same query")
+            return None
+        return after
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+
+def make_page_token(after: int | None, query: str) -> str:
+    """An opaque token for the next page; bound to the query's filters so it cannot be reused across them."""
+    if after is None:
+        return ""
+    raw = json.dumps({"after": after, "q": query}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")

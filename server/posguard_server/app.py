@@ -1,0 +1,174 @@
+"""Assembling and running the service: ``build_server`` wires the parts, ``serve`` runs until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import _async as health_aio  # the asyncio servicer, exported as health.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from posguard.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    customer_ids_pb2,
+    customer_ids_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
+)
+from posguard_server.api.admin import AdminServicer
+from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
+from posguard_server.api.interceptors import AccessLogInterceptor, AuthInterceptor, ErrorInterceptor
+from posguard_server.api.metrics import Metrics
+from posguard_server.config import Settings
+from posguard_server.store import Database, SqlApiKeyStore
+from posguard_server.store.migrate import is_current, upgrade
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    customer_ids_pb2.DESCRIPTOR.services_by_name["CustomerIds"].full_name,
+    risk_pb2.DESCRIPTOR.services_by_name["Risk"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+# Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class SchemaNotCurrentError(RuntimeError):
+    """The database schema is older than this release; an operator must run ``db upgrade``."""
+
+
+def prepare_database(settings: Settings) -> Database:
+    """Open the database; bring the embedded SQLite schema up to date, insist on it for a shared database.
+
+    Migrating a shared PostgreSQL from whichever replica starts first would race; operators run
+    ``posguard-server db upgrade`` once per release instead.
+    """
+    url = settings.effective_database_url
+    database = Database(url)
+    if database.dialect == "sqlite":
+        upgrade(url)
+    elif not is_current(url):
+        database.dispose()
+        raise SchemaNotCurrentError("the database schema is not current: run `posguard-server db upgrade`")
+    return database
+
+
+class PosguardServer:
+    """A built, not yet started, posguard server and the parts it owns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: aio.Server,
+        health_servicer: health_aio.HealthServicer,
+        database: Database,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = grpc_server
+        self.database = database
+        self.metrics = metrics
+        self.metrics_port: int | None = None
+        self._health = health_servicer
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        if self.settings.metrics_enabled:
+            self.metrics_port = self.metrics.serve_http(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
+        await self._health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
+        self.metrics.stop_http()
+        self.database.dispose()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    key_pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [key_pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def build_server(settings: Settings) -> tuple[PosguardServer, int]:
+    """Build the server (not started) and bind it; returns it with the port it listens on."""
+    database = prepare_database(settings)
+    keys = SqlApiKeyStore(database)
+    authenticator: Authenticator
+    if settings.insecure_no_auth:
+        log.warning("authentication is OFF (insecure_no_auth): every caller has every role")
+        authenticator = NoAuthenticator()
+    else:
+        authenticator = ApiKeyAuthenticator(keys, cache_seconds=settings.auth_cache_seconds)
+    metrics = Metrics()
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Without this, a second server on the same port would start silently and steal half the calls.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = aio.server(
+        interceptors=[AccessLogInterceptor(metrics), ErrorInterceptor(), AuthInterceptor(authenticator)],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    # RPCs of later releases fall through to the generated base classes, which answer UNIMPLEMENTED (the
+    # stubs declare them abstract, hence the ignores).
+    customer_ids = customer_ids_pb2_grpc.CustomerIdsServicer()  # type: ignore[abstract]
+    customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
+    risk_pb2_grpc.add_RiskServicer_to_server(risk_pb2_grpc.RiskServicer(), server)  # type: ignore[abstract]
+    admin = AdminServicer(keys, authenticator)  # type: ignore[abstract]
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
+    if not port:
+        database.dispose()
+        raise OSError(f"cannot listen on {settings.listen}")
+    return PosguardServer(settings, server, health_servicer, database, metrics), port
+
+
+async def _run(settings: Settings) -> None:
+    server, port = build_server(settings)
+    await server.start()
+    host = settings.listen.rpartition(":")[0]
+    log.info("posguard serving on %s:%d (%s)", host, port, "TLS" if settings.tls_cert_file else "plaintext")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down; in-flight calls have %.1fs", settings.grace_period)
+    await server.stop()
+    log.info("stopped")
+
+
+def serve(settings: Settings) -> None:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
+    asyncio.run(_run(settings))

@@ -1,0 +1,108 @@
+"""The service's settings: one definition, read from ``POSGUARD_*`` variables and matching CLI flags.
+
+Each field of :class:`Settings` is an environment variable (``listen`` → ``POSGUARD_LISTEN``) and a flag of
+``posguard-server`` (``--listen``); a flag wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Field descriptions double as ``--help`` text."""
+
+    model_config = SettingsConfigDict(env_prefix="POSGUARD_", extra="forbid", frozen=True)
+
+    listen: Annotated[str, Field(description="gRPC listen address, host:port (port 0 picks a free one).")] = (
+        "127.0.0.1:50051"
+    )
+    data_dir: Annotated[
+        Path, Field(description="Directory for the embedded database, keys and model artifacts.")
+    ] = Path("var")
+    database_url: Annotated[
+        str | None,
+        Field(description="SQLAlchemy URL; default: a SQLite file posguard.db in the data directory."),
+    ] = None
+    metrics_enabled: Annotated[bool, Field(description="Serve Prometheus metrics over HTTP.")] = True
+    metrics_host: Annotated[str, Field(description="Address the metrics endpoint listens on.")] = "127.0.0.1"
+    metrics_port: Annotated[
+        int, Field(ge=0, le=65535, description="Port of the metrics endpoint (0 picks a free one).")
+    ] = 9464
+    tls_cert_file: Annotated[
+        Path | None, Field(description="PEM server certificate chain; enables TLS with tls_key_file.")
+    ] = None
+    tls_key_file: Annotated[Path | None, Field(description="PEM private key of the server certificate.")] = (
+        None
+    )
+    tls_client_ca_file: Annotated[
+        Path | None,
+        Field(description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."),
+    ] = None
+    log_level: Annotated[str, Field(description="DEBUG, INFO, WARNING or ERROR.")] = "INFO"
+    grace_period: Annotated[
+        float, Field(gt=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
+    ] = 10.0
+    max_concurrent_rpcs: Annotated[
+        int, Field(gt=0, description="Calls in progress beyond which new ones get RESOURCE_EXHAUSTED.")
+    ] = 1000
+    auth_cache_seconds: Annotated[
+        float,
+        Field(ge=0, description="How long a verified API key is trusted before the database is asked again."),
+    ] = 5.0
+    insecure_no_auth: Annotated[
+        bool,
+        Field(description="Turn authentication off (local development only; refused off loopback)."),
+    ] = False
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if self.insecure_no_auth and not self.listens_on_loopback:
+            raise ValueError("insecure_no_auth is only allowed when listening on a loopback address")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'posguard.db').resolve()}"
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return host in ("localhost", "::1") or host.startswith("127.")
+
+    @property
+    def log_level_number(self) -> int:
+        return int(logging.getLevelName(self.log_level))
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """A copy with some fields replaced and validated again (tests, CLI flags)."""
+        return type(self)(**{**self.model_dump(), **overrides})

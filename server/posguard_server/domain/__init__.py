@@ -1,0 +1,1 @@
+"""Domain objects and rules of posguard: plain Python, no gRPC and no SQLAlchemy."""

@@ -1,0 +1,221 @@
+"""The database handle: engine set-up per backend and the one session scope every store uses.
+
+``Database.session()`` is the only place that commits, rolls back and closes, and the only place that turns
+driver exceptions into domain errors, so stores stay free of ``try``/``except`` around SQL and no driver
+message can reach a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+log = logging.getLogger(__name__)
+
+_READ_ONLY_OPTION = "posguard_read_only"
+
+# A stalled connect must fail within an RPC deadline, so clients see UNAVAILABLE and retry elsewhere.
+_PG_CONNECT_TIMEOUT_S = 3
+# Waiting longer than this for a pooled connection means the service is overloaded; fail fast instead.
+_POOL_TIMEOUT_S = 5.0
+# Recycle before typical server/proxy idle cut-offs, so pre-ping rarely has to discard a connection.
+_POOL_RECYCLE_S = 1800
+_SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def normalize_url(url: str) -> str:
+    """Pick the psycopg 3 driver for bare PostgreSQL URLs; everything else is returned unchanged."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _sqlite_file(url: URL) -> Path:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        # Each pooled connection would get its own empty in-memory database, and the server uses many.
+        raise ValueError("SQLite needs a database file, e.g. sqlite:///var/posguard.db")
+    return Path(database)
+
+
+class Database:
+    """An engine plus the session scope. One per process; safe to share between threads."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10) -> None:
+        self._url = make_url(normalize_url(url))
+        backend = self._url.get_backend_name()
+        if backend == "sqlite":
+            self._engine = self._sqlite_engine(pool_size=pool_size, max_overflow=max_overflow)
+        elif backend == "postgresql":
+            self._engine = self._postgresql_engine(pool_size=pool_size, max_overflow=max_overflow)
+        else:
+            raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+        self._sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            bind=self._engine.execution_options(**{_READ_ONLY_OPTION: True}), expire_on_commit=False
+        )
+
+    def _sqlite_engine(self, *, pool_size: int, max_overflow: int) -> Engine:
+        _sqlite_file(self._url).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            self._url.set(drivername="sqlite+pysqlite"),
+            # The gRPC server runs the store on worker threads; the pool hands a connection to one at a time.
+            connect_args={"check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=_POOL_TIMEOUT_S,
+            hide_parameters=True,
+        )
+        event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
+
+    def _postgresql_engine(self, *, pool_size: int, max_overflow: int) -> Engine:
+        connect_args: dict[str, Any] = {}
+        # Settings spelled out in the URL win over our defaults.
+        if "connect_timeout" not in self._url.query:
+            connect_args["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
+        if "application_name" not in self._url.query:
+            connect_args["application_name"] = "posguard"
+        return create_engine(
+            self._url,
+            connect_args=connect_args,
+            # A server restart or failover leaves dead connections in the pool; test each before use.
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=_POOL_TIMEOUT_S,
+            pool_recycle=_POOL_RECYCLE_S,
+            # Parameters can hold secrets and customer numbers; keep them out of exception text and logs.
+            hide_parameters=True,
+        )
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._engine.dialect.name
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextmanager
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """The unit of work: commit on success, roll back on any exception, always close.
+
+        Driver errors leave as domain errors (``AlreadyExists`` for a constraint violation, ``Unavailable``
+        when the database cannot be reached); a ``PosguardError`` raised inside passes through unchanged.
+
+        ``read_only=True`` promises the block only reads. On SQLite it lets the transaction run concurrently
+        with others; otherwise a transaction takes SQLite's write lock when it begins, so read-then-write
+        logic (check, then insert or update) cannot interleave with another writer. PostgreSQL ignores it.
+        """
+        session = (self._read_sessions if read_only else self._sessions)()
+        try:
+            yield session
+            session.commit()
+        except BaseException as exc:
+            _rollback_quietly(session)
+            if isinstance(exc, PosguardError) or not isinstance(exc, Exception):
+                raise
+            translated = translate_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        """Close every pooled connection; the engine reconnects if used again."""
+        self._engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self._url.render_as_string(hide_password=True)!r})"
+
+
+def translate_error(exc: BaseException) -> PosguardError | None:
+    """The domain error a driver exception stands for, or None when it is not a database condition."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        log.warning("database rejected a write: %s", _describe(exc))
+        return AlreadyExists("the resource already exists", reason="ALREADY_EXISTS")
+    if _is_unavailable(exc):
+        log.warning("database unavailable: %s", _describe(exc))
+        return Unavailable("the database is unavailable; retry later", reason="STORAGE_UNAVAILABLE")
+    return None
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        (
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.DisconnectionError,
+            sa_exc.TimeoutError,  # no pooled connection became free in time
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            sqlite3.OperationalError,
+        ),
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    if isinstance(exc, sa_exc.IntegrityError) and isinstance(orig, psycopg.Error):
+        # PostgreSQL's detail quotes the conflicting values (customer numbers, request ids): name the
+        # constraint instead. SQLite's message already names only the columns.
+        return f"{type(orig).__name__} on constraint {orig.diag.constraint_name}"
+    return f"{type(orig).__name__}: {orig}"
+
+
+def _rollback_quietly(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception:
+        # The original exception matters more; a dead connection often cannot roll back anyway.
+        log.debug("rollback failed", exc_info=True)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+    # Take transaction control away from the sqlite3 module, whose legacy mode issues BEGIN only before
+    # DML: SELECTs would escape the transaction and DDL would auto-commit. _on_sqlite_begin issues BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets readers run while one writer commits.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL on every commit, so an answered request survives power loss.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # Wait for a competing writer rather than failing at once with "database is locked".
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    if connection.get_execution_options().get(_READ_ONLY_OPTION):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        # Taking the write lock up front serialises writers: a deferred transaction that read first
+        # and then writes would instead fail with SQLITE_BUSY when another writer got in between.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,120 @@
+"""Schema migrations, driven from code: Alembic's scripts ship inside the package, no ini file is read.
+
+``upgrade`` is what the command-line database upgrade runs; ``is_current`` lets the server refuse to start
+on a schema that is behind (or ahead of) the code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from posguard_server.store.db import Database, translate_error
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy import Connection, Engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# An arbitrary constant naming posguard's migration lock among other PostgreSQL advisory locks.
+_MIGRATION_LOCK_ID = 0x706F73677561  # "posgua"
+
+
+def alembic_config(connection: Connection | None = None, *, url: str | None = None) -> Config:
+    """An Alembic configuration for our scripts; migrations run on ``connection`` when one is given."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # The option goes through configparser interpolation, where "%" (URL escapes) is special.
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` to ``revision``; already being there is a no-op."""
+    database = Database(url)
+    try:
+        with _translated(), migration_connection(database) as connection:
+            command.upgrade(alembic_config(connection), revision)
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def migration_connection(database: Database) -> Iterator[Connection]:
+    """A connection inside one transaction, prepared for schema changes; commits when the block succeeds.
+
+    One transaction around all steps means a failed migration leaves the schema as it was, on SQLite too
+    (the engine issues a real BEGIN there, which makes its DDL transactional).
+    """
+    sqlite = database.dialect == "sqlite"
+    with database.engine.connect() as connection:
+        if sqlite:
+            # Batch mode rebuilds a table by copying it and dropping the original; with enforcement on,
+            # dropping a referenced table would fire ON DELETE actions on its children. The pragma is
+            # ignored inside a transaction, so it is set before BEGIN and integrity checked before COMMIT.
+            _sqlite_pragma(connection, "foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if database.dialect == "postgresql":
+                    # Replicas starting together queue here; the later ones then find the schema at head.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
+                yield connection
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows that violate foreign keys; rolled back")
+        finally:
+            if sqlite:
+                _sqlite_pragma(connection, "foreign_keys=ON")
+
+
+def _sqlite_pragma(connection: Connection, pragma: str) -> None:
+    # Straight to the driver: through SQLAlchemy the statement would first open a transaction.
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None when it has never been migrated."""
+    with _translated(), engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest revision this code knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("no migration scripts found")
+    return head
+
+
+def is_current(url: str) -> bool:
+    """Whether the database at ``url`` is exactly at the head revision."""
+    database = Database(url)
+    try:
+        return current_revision(database.engine) == head_revision()
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Report an unreachable database as ``Unavailable``, as the session scope does."""
+    try:
+        yield
+    except Exception as exc:
+        translated = translate_error(exc)
+        if translated is None:
+            raise
+        raise translated from exc

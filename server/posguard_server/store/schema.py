@@ -1,0 +1,104 @@
+"""The relational schema: one ``Sql*`` class per table, mapped with SQLAlchemy's declarative ORM.
+
+These classes are the storage representation only. Stores translate them to the plain objects of
+``posguard_server.domain`` before returning, so nothing outside ``posguard_server.store`` ever holds a row.
+
+Every constraint and index is named through ``NAMING_CONVENTION``: Alembic can then alter or drop it by name
+on every backend (SQLite's batch mode recreates tables and needs the names to carry constraints across).
+The migrations under ``migrations/versions`` must produce exactly this metadata; a test compares the two.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import CheckConstraint, DateTime, Dialect, Integer, MetaData, String, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from posguard_server.domain.api_keys import Role
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Column widths that callers validate against, so an over-long value is a clear InvalidArgument on every
+# backend instead of a driver error on PostgreSQL and silent acceptance on SQLite.
+KEY_ID_MAX = 32
+API_KEY_NAME_MAX = 100
+ROLE_MAX = 16
+SECRET_HASH_MAX = 64
+PRINCIPAL_MAX = 64
+REVOKE_REASON_MAX = 500
+REQUEST_ID_MAX = 128
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, stored as UTC and always read back as a timezone-aware UTC ``datetime``.
+
+    PostgreSQL keeps ``timestamptz`` natively; SQLite has no time zone type and would hand back naive
+    values, so the UTC convention is enforced here rather than trusted to every caller.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            # A naive value is ambiguous (local time? UTC?); guessing would silently shift timestamps.
+            raise ValueError("timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            # Stored as text without an offset: a fixed UTC convention keeps the text order chronological.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+def _in_list(column: str, values: list[str]) -> str:
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
+
+
+class SqlApiKey(Base):
+    """An API key; only the SHA-256 digest of its secret is kept."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(_in_list("role", [role.value for role in Role]), name="role"),)
+
+    # A surrogate integer key gives a stable, cheap keyset-pagination order.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(KEY_ID_MAX), unique=True)
+    name: Mapped[str] = mapped_column(String(API_KEY_NAME_MAX))
+    role: Mapped[str] = mapped_column(String(ROLE_MAX))
+    secret_hash: Mapped[str] = mapped_column(String(SECRET_HASH_MAX))
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(PRINCIPAL_MAX))
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(PRINCIPAL_MAX))
+    revoke_reason: Mapped[str | None] = mapped_column(String(REVOKE_REASON_MAX))
+    # Unique so that two concurrent retries of one CreateApiKey cannot both insert; NULLs do not collide.
+    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX), unique=True)
+
+    def __repr__(self) -> str:
+        # Never includes secret_hash: reprs end up in logs and tracebacks.
+        return f"SqlApiKey(id={self.id!r}, key_id={self.key_id!r}, role={self.role!r})"

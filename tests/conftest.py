@@ -1,0 +1,67 @@
+"""Fixtures shared by all tests: a database on every supported backend."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from posguard_server.store.db import Database, normalize_url
+from posguard_server.store.migrate import upgrade
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+_PG_URL_ENV = "POSGUARD_TEST_DATABASE_URL"
+
+
+def _postgresql_server_url() -> str:
+    url = os.environ.get(_PG_URL_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL tests must run in CI: set {_PG_URL_ENV}")
+        pytest.skip(f"{_PG_URL_ENV} is not set")
+    return normalize_url(url)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+    ids=["sqlite", "postgresql"],
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of its own for this test, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/posguard.db"
+        return
+
+    server_url = make_url(_postgresql_server_url())
+    name = f"posguard_t_{secrets.token_hex(6)}"
+    # CREATE/DROP DATABASE refuse to run inside a transaction.
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield server_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """A migrated database, disposed after the test."""
+    upgrade(database_url)
+    db = Database(database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
