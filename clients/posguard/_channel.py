@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import grpc
 from google.protobuf.message import Message
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 
 M = TypeVar("M", bound=Message)
+C = TypeVar("C")
 
 # Calls that must not be retried by the channel: a key's token exists only in the first answer, and a
 # stream cannot be replayed message for message.
@@ -71,10 +74,21 @@ def channel_options(tls: TLS | None) -> list[tuple[str, Any]]:
     return options
 
 
-def normalize_tls(tls: TLS | bool) -> TLS | None:
+def normalize_tls(tls: TLS | bool | None) -> TLS | None:
     if tls is True:
         return TLS()
     return tls or None
+
+
+def open_channel(
+    target: str, tls: TLS | bool | None, *, insecure: Callable[..., C], secure: Callable[..., C]
+) -> C:
+    """A channel with posguard's retry policy, plaintext or TLS; ``insecure``/``secure`` pick sync or aio."""
+    tls_config = normalize_tls(tls)
+    options = channel_options(tls_config)
+    if tls_config is None:
+        return insecure(target, options=options)
+    return secure(target, grpc.ssl_channel_credentials(*tls_config.read()), options=options)
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from posguard import errors
@@ -17,8 +16,7 @@ from posguard._channel import (
     M,
     auth_metadata,
     build_request,
-    channel_options,
-    normalize_tls,
+    open_channel,
 )
 from posguard.v1.rpc_methods import AsyncRpcs
 
@@ -39,18 +37,10 @@ class Client(AsyncRpcs):
     ) -> None:
         self.timeout = timeout
         self._metadata = auth_metadata(api_key)
-        if channel is None:
-            tls_config = normalize_tls(tls)
-            options = channel_options(tls_config)
-            if tls_config is None:
-                channel = aio.insecure_channel(target, options=options)
-            else:
-                credentials = grpc.ssl_channel_credentials(*tls_config.read())
-                channel = aio.secure_channel(target, credentials, options=options)
-            self._owns_channel = True
-        else:
-            self._owns_channel = False
-        self.channel = channel
+        self._owns_channel = channel is None
+        self.channel = channel or open_channel(
+            target, tls, insecure=aio.insecure_channel, secure=aio.secure_channel
+        )
         self._callables: dict[str, Any] = {}
 
     async def _unary(

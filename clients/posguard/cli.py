@@ -291,11 +291,9 @@ pass_globals = click.make_pass_decorator(Globals)
 @pass_globals
 def health(g: Globals, service: str) -> None:
     """Standard gRPC health check; exit 1 unless SERVING."""
-    options = _channel.channel_options(g.tls)
-    if g.tls is None:
-        channel = grpc.insecure_channel(g.target, options=options)
-    else:
-        channel = grpc.secure_channel(g.target, grpc.ssl_channel_credentials(*g.tls.read()), options=options)
+    channel = _channel.open_channel(
+        g.target, g.tls, insecure=grpc.insecure_channel, secure=grpc.secure_channel
+    )
     try:
         with channel:
             answer = health_pb2_grpc.HealthStub(channel).Check(

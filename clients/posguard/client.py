@@ -16,8 +16,7 @@ from posguard._channel import (
     M,
     auth_metadata,
     build_request,
-    channel_options,
-    normalize_tls,
+    open_channel,
 )
 from posguard.v1.rpc_methods import SyncRpcs
 
@@ -42,18 +41,10 @@ class Client(SyncRpcs):
     ) -> None:
         self.timeout = timeout
         self._metadata = auth_metadata(api_key)
-        if channel is None:
-            tls_config = normalize_tls(tls)
-            options = channel_options(tls_config)
-            if tls_config is None:
-                channel = grpc.insecure_channel(target, options=options)
-            else:
-                credentials = grpc.ssl_channel_credentials(*tls_config.read())
-                channel = grpc.secure_channel(target, credentials, options=options)
-            self._owns_channel = True
-        else:
-            self._owns_channel = False
-        self.channel = channel
+        self._owns_channel = channel is None
+        self.channel = channel or open_channel(
+            target, tls, insecure=grpc.insecure_channel, secure=grpc.secure_channel
+        )
         self._callables: dict[str, Any] = {}
 
     def _unary(
