@@ -23,10 +23,12 @@ from posguard.v1 import (
 )
 from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
+from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.interceptors import AccessLogInterceptor, AuthInterceptor, ErrorInterceptor
 from posguard_server.api.metrics import Metrics
 from posguard_server.config import Settings
-from posguard_server.store import Database, SqlApiKeyStore
+from posguard_server.issuers import build_numbering
+from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore, SqlCustomerStore
 from posguard_server.store.migrate import is_current, upgrade
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     """Build the server (not started) and bind it; returns it with the port it listens on."""
+    numbering = build_numbering(settings)  # before the database: a bad key ring must not leave it open
     database = prepare_database(settings)
     keys = SqlApiKeyStore(database)
     authenticator: Authenticator
@@ -132,10 +135,10 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     )
     # RPCs of later releases fall through to the generated base classes, which answer UNIMPLEMENTED (the
     # stubs declare them abstract, hence the ignores).
-    customer_ids = customer_ids_pb2_grpc.CustomerIdsServicer()  # type: ignore[abstract]
+    customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering)  # type: ignore[abstract]
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk_pb2_grpc.add_RiskServicer_to_server(risk_pb2_grpc.RiskServicer(), server)  # type: ignore[abstract]
-    admin = AdminServicer(keys, authenticator)  # type: ignore[abstract]
+    admin = AdminServicer(keys, SqlAuditStore(database), authenticator)  # type: ignore[abstract]
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,4 @@
-"""``posguard-server``: run and operate the service (serve, migrate, manage keys).
+"""``posguard-server``: run and operate the service (serve, migrate, manage keys, check the audit log).
 
 Every setting of :class:`~posguard_server.config.Settings` is a flag of the command group, generated from
 the settings model so the two can never disagree: ``posguard-server --listen 0.0.0.0:50051 serve``.
@@ -11,12 +11,14 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 import pydantic
+from pydantic import SecretStr
 
 from posguard_server.config import Settings
 
@@ -25,6 +27,7 @@ _FLAG_TYPES: dict[type, click.ParamType[Any]] = {
     float: click.FLOAT,
     str: click.STRING,
     Path: click.Path(path_type=Path),
+    SecretStr: click.STRING,
 }
 
 
@@ -89,6 +92,8 @@ def serve(settings: Settings) -> None:
         run(settings)
     except SchemaNotCurrentError as error:
         raise click.ClickException(str(error)) from None
+    except ValueError as error:  # issuers file or key ring unusable; the message names the file, not keys
+        raise click.ClickException(f"cannot start: {error}") from None
 
 
 @main.group()
@@ -202,3 +207,166 @@ def keys_revoke(settings: Settings, key_id: str, reason: str) -> None:
     except NotFound:
         raise click.ClickException(f"no key {key_id}") from None
     click.echo(f"revoked {key.key_id} ({key.name})")
+
+
+@main.group()
+def audit() -> None:
+    """The hash-chained audit log of changes."""
+
+
+@contextmanager
+def _audit_store(settings: Settings) -> Iterator[Any]:
+    from posguard_server.app import prepare_database
+    from posguard_server.store import SqlAuditStore
+
+    database = prepare_database(settings)
+    try:
+        yield SqlAuditStore(database)
+    finally:
+        database.dispose()
+
+
+@audit.command("verify")
+@click.option(
+    "--from-sequence",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Start at this event, linked to the stored hash of the one before it (0: the start of the log).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def audit_verify(settings: Settings, from_sequence: int, as_json: bool) -> None:
+    """Recompute the hash chain. Exits 0 when it is intact, 1 when it is broken, saying where and how."""
+    with _audit_store(settings) as store:
+        report = store.verify(from_sequence)
+    if as_json:
+        answer = {
+            "intact": report.intact,
+            "entries_checked": report.entries_checked,
+            "first_bad_sequence": report.first_bad_sequence,
+            "problem": report.problem.value,
+            "detail": report.detail,
+        }
+        click.echo(json.dumps(answer))
+    elif report.intact:
+        click.echo(f"audit log intact: {report.entries_checked} events checked")
+    else:
+        click.echo(
+            f"audit log BROKEN at event {report.first_bad_sequence} ({report.problem.value}): {report.detail}"
+        )
+    if not report.intact:
+        # A distinct exit status lets cron jobs and monitoring alert without parsing the output.
+        sys.exit(1)
+
+
+@audit.command("list")
+@click.option("--action", default="", help="Only events with exactly this action (e.g. api_key.revoked).")
+@click.option("--actor", default="", help="Only events by this actor (a key_id, or cli).")
+@click.option("--subject", default="", help="Only events about this subject (a key_id or a masked number).")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many events."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, with the hashes.")
+@click.pass_obj
+def audit_list(settings: Settings, action: str, actor: str, subject: str, limit: int, as_json: bool) -> None:
+    """List audit events, oldest first."""
+    events: list[Any] = []
+    after = None
+    with _audit_store(settings) as store:
+        while len(events) < limit:
+            page, after = store.list(
+                action=action or None,
+                actor=actor or None,
+                subject=subject or None,
+                limit=min(limit - len(events), 500),
+                after=after,
+            )
+            events.extend(page)
+            if after is None:
+                break
+    if as_json:
+        for event in events:
+            row = {
+                "sequence": event.sequence,
+                "occurred_at": event.occurred_at.isoformat(),
+                "actor": event.actor,
+                "action": event.action,
+                "subject": event.subject,
+                "details": dict(event.details),
+                "previous_hash": event.previous_hash,
+                "hash": event.hash,
+            }
+            click.echo(json.dumps(row))
+        return
+    click.echo(f"{'SEQ':>8}  {'OCCURRED AT':<33}{'ACTOR':<14}{'ACTION':<24}{'SUBJECT':<28}DETAILS")
+    for event in events:
+        details = json.dumps(dict(event.details), sort_keys=True, ensure_ascii=False)
+        click.echo(
+            f"{event.sequence:>8}  {event.occurred_at.isoformat():<33}{event.actor:<14}{event.action:<24}"
+            f"{event.subject:<28}{details}"
+        )
+
+
+@audit.command("report")
+@click.option(
+    "--dormant-days",
+    type=click.IntRange(min=1),
+    default=90,
+    show_default=True,
+    help="An active number nobody presented for this long is dormant.",
+)
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows per section.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def audit_report(settings: Settings, dormant_days: int, top: int, as_json: bool) -> None:
+    """What operators watch: duplicates, numbers one keystroke apart, heavily verified and dormant numbers.
+
+    Exits 1 when duplicates or one-keystroke pairs exist: either means numbers were made outside the scheme.
+    """
+    from dataclasses import asdict
+    from datetime import UTC, datetime, timedelta
+
+    from posguard_server.app import prepare_database
+    from posguard_server.issuers import load_schemes
+    from posguard_server.store.customers import build_audit_report
+
+    alphabets = {scheme.issuer: scheme.symbols for scheme in load_schemes(settings)}
+    now = datetime.now(UTC)
+    database = prepare_database(settings)
+    try:
+        report = build_audit_report(
+            database,
+            alphabet_of=lambda issuer: alphabets.get(issuer, "0123456789"),
+            now=now,
+            dormant_before=now - timedelta(days=dormant_days),
+            top=top,
+        )
+    finally:
+        database.dispose()
+    if as_json:
+        click.echo(json.dumps(asdict(report), default=lambda value: value.isoformat()))
+    else:
+        click.echo(f"audit report at {report.generated_at.isoformat()}: {report.numbers_checked} numbers")
+        click.echo(f"\nduplicates: {len(report.duplicates)}")
+        for number, count in report.duplicates:
+            click.echo(f"  {number}  x{count}")
+        click.echo(f"\nnumbers one keystroke apart: {len(report.one_keystroke_apart)}")
+        for first, second in report.one_keystroke_apart:
+            click.echo(f"  {first}  ~  {second}")
+        for title, rows in (
+            ("most verified", report.most_verified),
+            ("most failed verifications", report.most_failed),
+            (f"dormant (not presented for {dormant_days} days)", report.dormant),
+        ):
+            click.echo(f"\n{title}: {len(rows)}")
+            click.echo(f"  {'NUMBER':<22}{'STATUS':<11}{'VERIFIED':>9}{'FAILED':>8}  LAST VERIFIED")
+            for row in rows:
+                last = row.last_verified_at.isoformat() if row.last_verified_at else "never"
+                counts = f"{row.verifications:>9}{row.failed_verifications:>8}"
+                click.echo(f"  {row.number:<22}{row.status:<11}{counts}  {last}")
+        click.echo(f"\ncallers with failed verifications: {len(report.failing_callers)}")
+        for caller, failures in report.failing_callers:
+            click.echo(f"  {caller:<22}{failures:>8}")
+    if report.duplicates or report.one_keystroke_apart:
+        sys.exit(1)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -45,6 +45,19 @@ class Settings(BaseSettings):
     tls_client_ca_file: Annotated[
         Path | None,
         Field(description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."),
+    ] = None
+    issuers_file: Annotated[
+        Path | None,
+        Field(description="JSON list of issuer schemes (country, region, institution, ...); default: one."),
+    ] = None
+    default_issuer: Annotated[str, Field(description="Issuer of numbers whose request names none.")] = (
+        "default"
+    )
+    number_keys: Annotated[
+        SecretStr | None,
+        Field(
+            description="Number key ring as JSON (from a secret store); default: data_dir/number_keys.json."
+        ),
     ] = None
     log_level: Annotated[str, Field(description="DEBUG, INFO, WARNING or ERROR.")] = "INFO"
     grace_period: Annotated[
@@ -95,6 +108,10 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'posguard.db').resolve()}"
 
     @property
+    def number_key_file(self) -> Path:
+        return self.data_dir / "number_keys.json"
+
+    @property
     def listens_on_loopback(self) -> bool:
         host = self.listen.rpartition(":")[0].strip("[]")
         return host in ("localhost", "::1") or host.startswith("127.")
@@ -102,7 +119,3 @@ class Settings(BaseSettings):
     @property
     def log_level_number(self) -> int:
         return int(logging.getLevelName(self.log_level))
-
-    def with_overrides(self, **overrides: object) -> Settings:
-        """A copy with some fields replaced and validated again (tests, CLI flags)."""
-        return type(self)(**{**self.model_dump(), **overrides})

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -15,8 +22,7 @@ from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.store import SqlApiKeyStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
+    pass
 
 
 @dataclass
@@ -99,3 +105,72 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
 def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
     """A server on the embedded SQLite default."""
     return server_factory()
+
+
+SERVING_LINE = re.compile(r"posguard serving on 127\.0\.0\.1:(\d+)")
+Cli = Callable[..., "subprocess.CompletedProcess[str]"]
+ServeProcess = Callable[..., tuple["subprocess.Popen[str]", int]]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``posguard-server ARGS`` in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "posguard_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return run_cli
+
+
+@pytest.fixture
+def serve_process() -> Iterator[ServeProcess]:
+    """Start ``posguard-server serve`` processes on free ports; returns (process, port). Killed afterwards."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(
+        data_dir: Path, *flags: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], int]:
+        command = [
+            sys.executable,
+            "-m",
+            "posguard_server",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-port",
+            "0",
+            *flags,
+            "serve",
+        ]
+        process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        started.append(process)
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line and process.poll() is not None:
+                break
+            match = SERVING_LINE.search(line)
+            if match:
+                return process, int(match.group(1))
+        raise AssertionError("the server did not report that it is serving")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

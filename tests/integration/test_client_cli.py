@@ -141,7 +141,7 @@ def test_errors_as_json_carry_code_reason_and_field_violations(server: RunningSe
 
 
 def test_an_rpc_the_server_does_not_serve_yet_is_a_clean_error(server: RunningServer) -> None:
-    result = run(server, "verify", "1234", key=server.key("gateway"))
+    result = run(server, "redeem", "1234", key=server.key("gateway"))
     assert result.exit_code == 1
     assert result.stderr.startswith("error: UNIMPLEMENTED")
     assert isinstance(result.exception, SystemExit)
@@ -190,9 +190,13 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
     # The server answers UNIMPLEMENTED only after authentication and parsing, so reaching it shows that the
     # options turned into a request the stubs accept.
     gateway = server.key("gateway")
+    verified = run(server, "--json", "verify", "1234", "--channel", "POS", key=gateway)
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["reason"] == "VERIFICATION_REASON_MALFORMED"
+    missing = run(server, "get", "--external", "crm:acme:42", key=gateway)
+    assert missing.exit_code == 1
+    assert missing.stderr.startswith("error: NOT_FOUND"), missing.stderr
     for args in (
-        ["verify", "1234", "--channel", "POS"],
-        ["get", "--external", "crm:acme:42"],
         ["link", "1234", "bank:1"],
         ["resolve", "--customer-id", "c1", "--namespace", "bank"],
         [

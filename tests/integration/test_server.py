@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import posguard
 import posguard.aio
-from posguard.v1 import admin_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, risk_pb2
 from posguard_server.store import SqlApiKeyStore
 
 if TYPE_CHECKING:
@@ -112,12 +112,12 @@ def test_create_api_key_rejects_bad_fields(
 def test_unimplemented_rpcs_answer_unimplemented_and_the_server_stays_up(server: RunningServer) -> None:
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:
         with pytest.raises(posguard.UnimplementedError) as caught:
-            client.verify_customer_id(number="1564 2011 0212 3456 7890")
+            client.issue_sub_id(primary_number="1564 2011 0212 3456 7890")
         assert caught.value.reason == "UNIMPLEMENTED"
         with pytest.raises(posguard.UnimplementedError):
             list(client.score_transactions([risk_pb2.ScoreTransactionsRequest()]))
         with pytest.raises(posguard.UnimplementedError):
-            client.issue_customer_id(holder=customer_ids_pb2.Holder(name="A Person"))
+            client.redeem_dynamic_code(code="123456789012345678")
     with grpc.insecure_channel(server.target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -136,8 +136,7 @@ def test_key_lifecycle_through_the_admin_rpcs(server: RunningServer) -> None:
         )  # the admin key that made it
 
         with posguard.Client(server.target, api_key=created.token) as gateway:
-            with pytest.raises(posguard.UnimplementedError):  # authenticated, authorised, not built yet
-                gateway.verify_customer_id(number="1")
+            assert not gateway.verify_customer_id(number="1").valid  # authenticated and authorised
 
             revoked = admin.revoke_api_key(key_id=created.key.key_id, reason="till replaced")
             assert revoked.key.revoked

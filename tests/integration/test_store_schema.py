@@ -50,7 +50,7 @@ def test_upgrade_reaches_head(database_url: str) -> None:
     upgrade(database_url)
     db = Database(database_url)
     try:
-        assert current_revision(db.engine) == head_revision() == "0001"
+        assert current_revision(db.engine) == head_revision() == "0003"
     finally:
         db.dispose()
     assert is_current(database_url)
@@ -102,7 +102,9 @@ def test_the_comparison_notices_drift(database: Database) -> None:
     from sqlalchemy import Column, Integer, MetaData, String
 
     drifted = MetaData(naming_convention=Base.metadata.naming_convention)
-    table = Base.metadata.tables["api_keys"].to_metadata(drifted)
+    for other in Base.metadata.tables.values():
+        other.to_metadata(drifted)
+    table = drifted.tables["api_keys"]
     table.c.name.type = String(101)
     table.append_column(Column("extra", Integer, nullable=True))
     with database.engine.connect() as connection:

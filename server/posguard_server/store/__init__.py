@@ -1,9 +1,13 @@
 """Persistence for posguard: SQLAlchemy 2.x on SQLite or PostgreSQL, schema managed by Alembic.
 
-Stores take a ``Database`` and return plain domain objects; ORM rows never leave this package.
+Stores take a ``Database`` and return plain domain objects; ORM rows never leave this package. Modules that
+define tables are imported here, so that ``schema.Base.metadata`` is complete wherever the package is used
+(Alembic's environment and the schema tests compare the migrations against it).
 """
 
 from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.audit import SqlAuditStore
+from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 
-__all__ = ["Database", "SqlApiKeyStore"]
+__all__ = ["Database", "SqlApiKeyStore", "SqlAuditStore", "SqlCustomerStore"]

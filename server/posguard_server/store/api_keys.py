@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from posguard_server.domain.api_keys import ApiKey, Role
 from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from posguard_server.store.audit import append_event
 from posguard_server.store.schema import (
     API_KEY_NAME_MAX,
     REQUEST_ID_MAX,
@@ -68,6 +69,15 @@ class SqlApiKeyStore:
                 )
                 session.add(row)
                 session.flush()
+                # In the same transaction: the key exists if and only if its creation is on record.
+                append_event(
+                    session,
+                    actor=created_by,
+                    action="api_key.created",
+                    subject=key_id,
+                    details={"role": role.value, "name": name, "created_by": created_by},
+                    now=now,
+                )
                 return _to_domain(row), True
         except AlreadyExists as exc:
             # On PostgreSQL a concurrent retry can pass the check above and commit first; the unique
@@ -133,7 +143,15 @@ class SqlApiKeyStore:
                 row.revoked_at = now
                 row.revoked_by = revoked_by
                 row.revoke_reason = reason
-                session.flush()
+                # Only the first revocation changes anything, so only it is recorded.
+                append_event(
+                    session,
+                    actor=revoked_by,
+                    action="api_key.revoked",
+                    subject=key_id,
+                    details={"reason": reason},
+                    now=now,
+                )
             return _to_domain(row)
 
     def count_active(self, role: Role | None = None) -> int:

@@ -1,0 +1,348 @@
+"""The ``posguard.v1.CustomerIds`` service: issuing, verifying and managing customer numbers.
+
+Sub numbers, external-ID links after issuance and dynamic codes arrive in a later release; until then those
+RPCs fall through to the generated base class and answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.message import Message
+from grpc import aio
+
+from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
+from posguard_server.api import customer_messages as messages
+from posguard_server.api.interceptors import current_principal
+from posguard_server.api.validation import Checker, make_page_token
+from posguard_server.domain.api_keys import Role
+from posguard_server.domain.customers import ExternalRef, Holder, HolderCipher, NumberStatus, Transition
+from posguard_server.domain.errors import InvalidArgument
+from posguard_server.domain.numbering import Numbering
+from posguard_server.domain.numbers import NumberProblem
+from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
+
+Context = aio.ServicerContext[Any, Any]
+
+MAX_NUMBER_INPUT = 64  # a number as typed, with spaces and hyphens
+MAX_HOLDER_NAME = 200
+MAX_EXTERNAL_IDS = 20
+MAX_REASON = 500
+_PHONE = re.compile(r"\+?[0-9 ()\-]{3,32}")
+_NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")
+
+VERIFY_REASON = {
+    NumberProblem.MALFORMED: customer_ids_pb2.VERIFICATION_REASON_MALFORMED,
+    NumberProblem.CHECK_DIGITS: customer_ids_pb2.VERIFICATION_REASON_CHECK_DIGITS,
+    NumberProblem.UNKNOWN_ISSUER: customer_ids_pb2.VERIFICATION_REASON_UNKNOWN_ISSUER,
+}
+STATUS_REASON = {
+    NumberStatus.ACTIVE: customer_ids_pb2.VERIFICATION_REASON_OK,
+    NumberStatus.SUSPENDED: customer_ids_pb2.VERIFICATION_REASON_SUSPENDED,
+    NumberStatus.REVOKED: customer_ids_pb2.VERIFICATION_REASON_REVOKED,
+    NumberStatus.ROTATED: customer_ids_pb2.VERIFICATION_REASON_ROTATED,
+}
+
+
+def fingerprint(request: Message) -> str:
+    """What a request asks for, apart from its request_id: a retry must match it exactly."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if "request_id" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
+    def __init__(self, store: SqlCustomerStore, numbering: Numbering) -> None:
+        self._store = store
+        self._numbering = numbering
+        self._holders = HolderCipher(dict(numbering.keys.keys))
+
+    # -- validation helpers ---------------------------------------------------------------------------
+
+    def _check_number(self, check: Checker, value: str, field: str) -> str | None:
+        """A number an operator names must be well formed; returns it in canonical form."""
+        check.text(value, field, required=True, max_length=MAX_NUMBER_INPUT)
+        if check.violations and check.violations[-1].field == field:
+            return None
+        recognised = self._numbering.recognise(value)
+        if recognised.parsed is None:
+            problem = recognised.problem.name.lower().replace("_", " ") if recognised.problem else "malformed"
+            check.fail(field, f"is not a valid customer number ({problem})")
+            return None
+        return recognised.parsed.number
+
+    def _scheme_of(self, issuer: str) -> Any:
+        return self._numbering.scheme(issuer)
+
+    def _message(self, stored: StoredCustomer, *, with_holder: bool = False) -> customer_ids_pb2.Customer:
+        holder = None
+        if with_holder and stored.holder_ciphertext is not None and stored.holder_key_version is not None:
+            holder = self._holders.decrypt(
+                stored.holder_ciphertext, stored.customer.customer_id, stored.holder_key_version
+            )
+        scheme = self._scheme_of(stored.customer.primary.issuer)
+        return messages.customer(stored.customer, scheme, holder)
+
+    # -- RPCs -----------------------------------------------------------------------------------------
+
+    async def IssueCustomerId(
+        self, request: customer_ids_pb2.IssueCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.IssueCustomerIdResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        check.text(request.issuer, "issuer", max_length=32)
+        scheme = self._numbering.scheme(request.issuer)
+        if request.issuer and scheme is None and not check.violations:
+            check.fail("issuer", "is not a configured issuer")
+        prefix = ""
+        if scheme is not None:
+            try:
+                prefix = scheme.prefix(request.merchant_part)
+            except ValueError:
+                check.fail("merchant_part", f"must be {scheme.merchant_digits} digits for this issuer")
+        check.text(request.holder.name, "holder.name", max_length=MAX_HOLDER_NAME)
+        check.text(
+            request.holder.phone,
+            "holder.phone",
+            max_length=32,
+            pattern=_PHONE,
+            pattern_hint="is not a phone number",
+        )
+        refs = self._external_ids(check, request.external_ids)
+        check.done()
+        assert scheme is not None
+        holder = Holder(name=request.holder.name, phone=request.holder.phone)
+        customer_id = "cus_" + secrets.token_hex(12)
+        version = self._numbering.keys.current
+        new = NewCustomer(
+            customer_id=customer_id,
+            issuer=scheme.issuer,
+            prefix=prefix,
+            holder_ciphertext=self._holders.encrypt(holder, customer_id, version) if holder else None,
+            holder_key_version=version if holder else None,
+            external_ids=refs,
+        )
+        stored, replayed = await asyncio.to_thread(
+            self._store.issue,
+            new,
+            make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
+            actor=current_principal().key_id,
+            now=_now(),
+        )
+        return customer_ids_pb2.IssueCustomerIdResponse(customer=self._message(stored), replayed=replayed)
+
+    def _external_ids(self, check: Checker, ids: Any) -> list[ExternalRef]:
+        if len(ids) > MAX_EXTERNAL_IDS:
+            check.fail("external_ids", f"must hold at most {MAX_EXTERNAL_IDS} ids")
+            return []
+        refs: list[ExternalRef] = []
+        for i, ref in enumerate(ids):
+            check.text(
+                ref.namespace,
+                f"external_ids[{i}].namespace",
+                required=True,
+                max_length=64,
+                pattern=_NAMESPACE,
+                pattern_hint="must be lower-case letters, digits and : . _ -",
+            )
+            check.text(ref.value, f"external_ids[{i}].value", required=True, max_length=256)
+            item = ExternalRef(ref.namespace, ref.value)
+            if item in refs:
+                check.fail(f"external_ids[{i}]", "is listed twice")
+            refs.append(item)
+        return refs
+
+    async def VerifyCustomerId(
+        self, request: customer_ids_pb2.VerifyCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.VerifyCustomerIdResponse:
+        check = Checker()
+        check.text(request.number, "number", required=True, max_length=MAX_NUMBER_INPUT)
+        check.text(request.merchant_id, "merchant_id", max_length=64)
+        check.check(
+            request.channel in messages.CHANNEL_NAMES or request.channel == 0,
+            "channel",
+            "is not a known channel",
+        )
+        check.done()
+        caller = current_principal().key_id
+        recognised = self._numbering.recognise(request.number)
+        if recognised.parsed is None:
+            assert recognised.problem is not None
+            reason = VERIFY_REASON[recognised.problem]
+            await asyncio.to_thread(
+                self._store.record_verification,
+                request.number[:MAX_NUMBER_INPUT],
+                ok=False,
+                caller=caller,
+                reason=recognised.problem.name,
+                now=_now(),
+            )
+            return customer_ids_pb2.VerifyCustomerIdResponse(valid=False, reason=reason)
+        number = recognised.parsed.number
+        found = await asyncio.to_thread(self._store.find_number, number)
+        scheme = recognised.scheme
+        assert scheme is not None
+        if found is None:
+            await asyncio.to_thread(
+                self._store.record_verification,
+                number,
+                ok=False,
+                caller=caller,
+                reason="NOT_FOUND",
+                now=_now(),
+            )
+            return customer_ids_pb2.VerifyCustomerIdResponse(
+                valid=False,
+                reason=customer_ids_pb2.VERIFICATION_REASON_NOT_FOUND,
+                normalized_number=number,
+                display=scheme.display(number),
+                issuer=scheme.issuer,
+            )
+        stored, customer_id = found
+        ok = stored.status is NumberStatus.ACTIVE
+        reason = STATUS_REASON[stored.status]
+        await asyncio.to_thread(
+            self._store.record_verification,
+            number,
+            ok=ok,
+            caller=caller,
+            reason=stored.status.name,
+            now=_now(),
+        )
+        return customer_ids_pb2.VerifyCustomerIdResponse(
+            valid=ok,
+            reason=reason,
+            status=messages.STATUS_TO_PROTO[stored.status],
+            normalized_number=number,
+            display=scheme.display(number),
+            kind=messages.KIND_TO_PROTO[stored.kind],
+            customer_id=customer_id,
+            issuer=stored.issuer,
+            successor_number=stored.successor_number,
+            primary_number=stored.primary_number,
+        )
+
+    async def GetCustomer(
+        self, request: customer_ids_pb2.GetCustomerRequest, context: Context
+    ) -> customer_ids_pb2.GetCustomerResponse:
+        check = Checker()
+        selector = request.customer.WhichOneof("selector")
+        number = customer_id = None
+        external = None
+        if selector is None:
+            check.fail("customer", "must name a customer by customer_id, number or external_id")
+        elif selector == "customer_id":
+            check.text(request.customer.customer_id, "customer.customer_id", required=True, max_length=32)
+            customer_id = request.customer.customer_id
+        elif selector == "number":
+            number = self._check_number(check, request.customer.number, "customer.number")
+        else:
+            refs = self._external_ids(check, [request.customer.external_id])
+            external = refs[0] if refs else None
+        check.done()
+        stored = await asyncio.to_thread(
+            self._store.get, customer_id=customer_id, number=number, external=external
+        )
+        # Holder details go to admins only; others get the customer without them, as the contract says.
+        with_holder = request.include_holder and Role.ADMIN in current_principal().roles
+        return customer_ids_pb2.GetCustomerResponse(customer=self._message(stored, with_holder=with_holder))
+
+    async def ListCustomers(
+        self, request: customer_ids_pb2.ListCustomersRequest, context: Context
+    ) -> customer_ids_pb2.ListCustomersResponse:
+        check = Checker()
+        limit = check.page_size(request.page_size)
+        status = None
+        if request.status and check.check(
+            request.status in messages.STATUS_FROM_PROTO, "status", "is not a known status"
+        ):
+            status = messages.STATUS_FROM_PROTO[request.status]
+        check.text(request.issuer, "issuer", max_length=32)
+        after_time = request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None
+        before_time = request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None
+        if after_time and before_time and after_time >= before_time:
+            check.fail("created_before", "must be later than created_after")
+        query = "customers:" + fingerprint(
+            customer_ids_pb2.ListCustomersRequest(
+                status=request.status,
+                issuer=request.issuer,
+                created_after=request.created_after,
+                created_before=request.created_before,
+            )
+        )
+        after = check.page_token(request.page_token, query)
+        check.done()
+        stored, cursor = await asyncio.to_thread(
+            self._store.list,
+            status=status,
+            issuer=request.issuer or None,
+            created_after=after_time,
+            created_before=before_time,
+            limit=limit,
+            after=after,
+        )
+        return customer_ids_pb2.ListCustomersResponse(
+            customers=[self._message(s) for s in stored], next_page_token=make_page_token(cursor, query)
+        )
+
+    async def _transition(self, request: Any, action: Transition) -> tuple[customer_ids_pb2.Customer, str]:
+        check = Checker()
+        check.request_id(request.request_id)
+        number = self._check_number(check, request.number, "number")
+        check.text(request.reason, "reason", required=True, max_length=MAX_REASON)
+        check.done()
+        assert number is not None
+        scheme = self._numbering.recognise(number).scheme
+        assert scheme is not None
+        stored, previous, _ = await asyncio.to_thread(
+            self._store.transition,
+            number,
+            action,
+            reason=request.reason,
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
+            actor=current_principal().key_id,
+            now=_now(),
+            make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
+        )
+        return self._message(stored), previous
+
+    async def SuspendCustomerId(
+        self, request: customer_ids_pb2.SuspendCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.SuspendCustomerIdResponse:
+        customer, _ = await self._transition(request, Transition.SUSPEND)
+        return customer_ids_pb2.SuspendCustomerIdResponse(customer=customer)
+
+    async def ReactivateCustomerId(
+        self, request: customer_ids_pb2.ReactivateCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.ReactivateCustomerIdResponse:
+        customer, _ = await self._transition(request, Transition.REACTIVATE)
+        return customer_ids_pb2.ReactivateCustomerIdResponse(customer=customer)
+
+    async def RevokeCustomerId(
+        self, request: customer_ids_pb2.RevokeCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.RevokeCustomerIdResponse:
+        customer, _ = await self._transition(request, Transition.REVOKE)
+        return customer_ids_pb2.RevokeCustomerIdResponse(customer=customer)
+
+    async def RotateCustomerId(
+        self, request: customer_ids_pb2.RotateCustomerIdRequest, context: Context
+    ) -> customer_ids_pb2.RotateCustomerIdResponse:
+        customer, previous = await self._transition(request, Transition.ROTATE)
+        return customer_ids_pb2.RotateCustomerIdResponse(customer=customer, previous_number=previous)
+
+
+__all__ = ["CustomerIdsServicer", "InvalidArgument", "common_pb2"]

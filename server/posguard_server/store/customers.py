@@ -1,0 +1,671 @@
+"""Storage of customers, their numbers, per-prefix counters, external IDs and verification failures.
+
+Numbers stay unique across processes and replicas by construction: each issuance takes the next value of
+its prefix's counter with one atomic ``UPDATE … RETURNING`` (the row lock serialises concurrent issuers),
+and a unique index on the number backs it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, mapped_column
+
+from posguard_server.domain.audit_report import AuditReport, NumberActivity, close_pairs
+from posguard_server.domain.customers import (
+    Customer,
+    CustomerNumber,
+    ExternalRef,
+    NumberKind,
+    NumberStatus,
+    Transition,
+    mask,
+    next_status,
+)
+from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from posguard_server.store.audit import append_event
+from posguard_server.store.schema import Base
+
+if TYPE_CHECKING:
+    from sqlalchemy import Select
+    from sqlalchemy.orm import Session
+
+    from posguard_server.store.db import Database
+
+NUMBER_MAX = 40
+CUSTOMER_ID_MAX = 32
+ISSUER_MAX = 32
+REASON_MAX = 500
+NAMESPACE_MAX = 64
+EXTERNAL_VALUE_MAX = 256
+FINGERPRINT_MAX = 64
+
+
+class SqlNumberCounter(Base):
+    """The next counter value of one prefix (country + region + institution [+ merchant])."""
+
+    __tablename__ = "number_counters"
+
+    prefix: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_value: Mapped[int] = mapped_column(BigInteger)
+
+
+class SqlCustomer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX), unique=True)
+    issuer: Mapped[str] = mapped_column(String(ISSUER_MAX), index=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    updated_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+    # AES-GCM ciphertext of the holder's details (see HolderCipher); never plain text in the database.
+    holder_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    holder_key_version: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(FINGERPRINT_MAX))
+
+
+class SqlCustomerNumber(Base):
+    __tablename__ = "customer_numbers"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'suspended', 'revoked', 'rotated')", name="status"),
+        CheckConstraint("kind IN ('static', 'sub')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    number: Mapped[str] = mapped_column(String(NUMBER_MAX), unique=True)
+    customer_id: Mapped[str] = mapped_column(
+        String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    issuer: Mapped[str] = mapped_column(String(ISSUER_MAX))
+    prefix: Mapped[str] = mapped_column(String(32))
+    counter: Mapped[int] = mapped_column(BigInteger)
+    key_version: Mapped[int] = mapped_column(Integer)
+    issued_at: Mapped[datetime]
+    status_changed_at: Mapped[datetime]
+    status_changed_by: Mapped[str] = mapped_column(String(64))
+    status_reason: Mapped[str] = mapped_column(String(REASON_MAX), default="")
+    successor_number: Mapped[str | None] = mapped_column(String(NUMBER_MAX))
+    primary_number: Mapped[str | None] = mapped_column(String(NUMBER_MAX))
+    scope_merchant_id: Mapped[str | None] = mapped_column(String(64))
+    scope_channel: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(100))
+    verifications: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed_verifications: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_verified_at: Mapped[datetime | None]
+
+
+class SqlExternalId(Base):
+    __tablename__ = "external_ids"
+    __table_args__ = (UniqueConstraint("namespace", "value"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    namespace: Mapped[str] = mapped_column(String(NAMESPACE_MAX))
+    value: Mapped[str] = mapped_column(String(EXTERNAL_VALUE_MAX))
+    customer_id: Mapped[str] = mapped_column(
+        String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id"), index=True
+    )
+    linked_at: Mapped[datetime]
+
+
+class SqlVerificationFailure(Base):
+    """Failed verifications counted per caller and per presented number (also numbers never issued)."""
+
+    __tablename__ = "verification_failures"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)  # "caller" or "number"
+    subject: Mapped[str] = mapped_column(String(NUMBER_MAX), primary_key=True)
+    failures: Mapped[int] = mapped_column(BigInteger)
+    last_failed_at: Mapped[datetime]
+
+
+class SqlIdempotencyKey(Base):
+    """A mutating call already carried out: its request_id, what it asked, and the customer it touched."""
+
+    __tablename__ = "idempotency_keys"
+
+    method: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
+    customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX))
+    created_at: Mapped[datetime]
+
+
+# (prefix, counter) → (number, key version that made it)
+MakeNumber = Callable[[str, int], tuple[str, int]]
+
+_ACTIONS = {
+    Transition.SUSPEND: "customer.suspended",
+    Transition.REACTIVATE: "customer.reactivated",
+    Transition.REVOKE: "customer.revoked",
+    Transition.ROTATE: "customer.rotated",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NewCustomer:
+    """What ``issue`` stores; the number itself is made inside the transaction from the counter."""
+
+    customer_id: str
+    issuer: str
+    prefix: str
+    holder_ciphertext: bytes | None
+    holder_key_version: int | None
+    external_ids: Sequence[ExternalRef]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCustomer:
+    """A customer as stored: the domain object plus the encrypted holder details, decrypted by the caller."""
+
+    customer: Customer
+    holder_ciphertext: bytes | None
+    holder_key_version: int | None
+
+
+def _conflict() -> InvalidArgument:
+    return InvalidArgument.field(
+        "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
+    )
+
+
+class SqlCustomerStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    # -- issuance -------------------------------------------------------------------------------------
+
+    def issue(
+        self,
+        new: NewCustomer,
+        *,
+        make_number: MakeNumber,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+    ) -> tuple[StoredCustomer, bool]:
+        """Create a customer with a fresh primary number; ``(stored, replayed)``.
+
+        A retry with the same ``request_id`` and ``fingerprint`` returns the customer made the first time,
+        also when the retry raced the original on another replica.
+        """
+        try:
+            return self._issue_once(
+                new,
+                make_number=make_number,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                actor=actor,
+                now=now,
+            )
+        except AlreadyExists:
+            # Another call with this request_id committed first (the unique index stopped us): answer with it.
+            with self._db.session(read_only=True) as session:
+                replay = _replay(session, request_id, fingerprint)
+            if replay is None:
+                raise
+            return replay, True
+
+    def _issue_once(
+        self,
+        new: NewCustomer,
+        *,
+        make_number: MakeNumber,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+    ) -> tuple[StoredCustomer, bool]:
+        with self._db.session() as session:
+            replay = _replay(session, request_id, fingerprint)
+            if replay is not None:
+                return replay, True
+            for ref in new.external_ids:
+                _ensure_external_free(session, ref)
+            row = SqlCustomer(
+                customer_id=new.customer_id,
+                issuer=new.issuer,
+                created_at=now,
+                updated_at=now,
+                created_by=actor,
+                holder_ciphertext=new.holder_ciphertext,
+                holder_key_version=new.holder_key_version,
+                request_id=request_id,
+                request_fingerprint=fingerprint,
+            )
+            session.add(row)
+            session.flush()
+            number = _add_static_number(
+                session, new.customer_id, new.issuer, new.prefix, make_number, actor, now, reason="issued"
+            )
+            for ref in new.external_ids:
+                session.add(
+                    SqlExternalId(
+                        namespace=ref.namespace, value=ref.value, customer_id=new.customer_id, linked_at=now
+                    )
+                )
+            append_event(
+                session,
+                actor=actor,
+                action="customer.issued",
+                subject=mask(number),
+                details={"customer_id": new.customer_id, "issuer": new.issuer},
+                now=now,
+            )
+            session.flush()
+            return _load(session, row), False
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def find_number(self, number: str) -> tuple[CustomerNumber, str] | None:
+        """The stored number and its customer id, or None when it was never issued."""
+        with self._db.session(read_only=True) as session:
+            row = session.scalar(select(SqlCustomerNumber).where(SqlCustomerNumber.number == number))
+            return (_number(row), row.customer_id) if row is not None else None
+
+    def get(
+        self,
+        *,
+        customer_id: str | None = None,
+        number: str | None = None,
+        external: ExternalRef | None = None,
+    ) -> StoredCustomer:
+        with self._db.session(read_only=True) as session:
+            return _load(
+                session, _find_customer(session, customer_id=customer_id, number=number, external=external)
+            )
+
+    def list(
+        self,
+        *,
+        status: NumberStatus | None,
+        issuer: str | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        limit: int,
+        after: int | None,
+    ) -> tuple[list[StoredCustomer], int | None]:
+        with self._db.session(read_only=True) as session:
+            query = select(SqlCustomer).order_by(SqlCustomer.id).limit(limit + 1)
+            if after is not None:
+                query = query.where(SqlCustomer.id > after)
+            if issuer:
+                query = query.where(SqlCustomer.issuer == issuer)
+            if created_after is not None:
+                query = query.where(SqlCustomer.created_at >= created_after)
+            if created_before is not None:
+                query = query.where(SqlCustomer.created_at < created_before)
+            if status is not None:
+                primaries = select(SqlCustomerNumber.customer_id).where(
+                    SqlCustomerNumber.kind == NumberKind.STATIC.value,
+                    SqlCustomerNumber.successor_number.is_(None),
+                    SqlCustomerNumber.status == status.value,
+                )
+                query = query.where(SqlCustomer.customer_id.in_(primaries))
+            rows = list(session.scalars(query))
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return [_load(session, r) for r in rows], (rows[-1].id if more and rows else None)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def transition(
+        self,
+        number: str,
+        action: Transition,
+        *,
+        reason: str,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+        make_number: MakeNumber,
+    ) -> tuple[StoredCustomer, str, bool]:
+        """Apply ``action`` to a primary number; ``(customer, previous number, replayed)``.
+
+        Rotation issues the successor under the same prefix with ``make_number``. A retry with the same
+        ``request_id`` and ``fingerprint`` changes nothing and returns the customer as it is now.
+        """
+        method = _ACTIONS[action]
+        with self._db.session() as session:
+            # Lock first, then look for an earlier run: a concurrent retry waits here and then replays.
+            row = _lock_number(session, number)
+            done = session.get(SqlIdempotencyKey, (method, request_id))
+            if done is not None:
+                if done.fingerprint != fingerprint:
+                    raise _conflict()
+                customer = session.scalar(
+                    select(SqlCustomer).where(SqlCustomer.customer_id == done.customer_id)
+                )
+                assert customer is not None
+                return _load(session, customer), number, True
+            if row is None:
+                raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+            if row.kind != NumberKind.STATIC.value:
+                raise InvalidArgument.field("number", "must be a primary number, not a sub number")
+            target = next_status(NumberStatus(row.status), action)
+            row.status = target.value
+            row.status_reason = reason
+            row.status_changed_at = now
+            row.status_changed_by = actor
+            details = {"customer_id": row.customer_id, "reason": reason}
+            if action is Transition.ROTATE:
+                new_number = _add_static_number(
+                    session, row.customer_id, row.issuer, row.prefix, make_number, actor, now, reason=reason
+                )
+                row.successor_number = new_number
+                details["successor"] = mask(new_number)
+            customer = session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id))
+            assert customer is not None
+            customer.updated_at = now
+            session.add(
+                SqlIdempotencyKey(
+                    method=method,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    customer_id=row.customer_id,
+                    created_at=now,
+                )
+            )
+            append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
+            session.flush()
+            return _load(session, customer), number, False
+
+    # -- verification signals -------------------------------------------------------------------------
+
+    def record_verification(self, number: str, *, ok: bool, caller: str, reason: str, now: datetime) -> None:
+        """Count a verification; a failure is also counted per caller and per number and audited."""
+        with self._db.session() as session:
+            counters = {SqlCustomerNumber.verifications: SqlCustomerNumber.verifications + 1}
+            if not ok:
+                counters[SqlCustomerNumber.failed_verifications] = SqlCustomerNumber.failed_verifications + 1
+            session.execute(
+                update(SqlCustomerNumber)
+                .where(SqlCustomerNumber.number == number)
+                .values({**counters, SqlCustomerNumber.last_verified_at: now})
+            )
+            if ok:
+                return
+            for scope, subject in (("caller", caller), ("number", number)):
+                _increment_failure(session, scope, subject, now)
+            append_event(
+                session,
+                actor=caller,
+                action="verification.failed",
+                subject=mask(number),
+                details={"reason": reason},
+                now=now,
+            )
+
+    def failures(self, scope: str, subject: str) -> int:
+        with self._db.session(read_only=True) as session:
+            row = session.get(SqlVerificationFailure, (scope, subject))
+            return row.failures if row is not None else 0
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _replay(session: Session, request_id: str, fingerprint: str) -> StoredCustomer | None:
+    earlier = session.scalar(select(SqlCustomer).where(SqlCustomer.request_id == request_id))
+    if earlier is None:
+        return None
+    if earlier.request_fingerprint != fingerprint:
+        raise _conflict()
+    return _load(session, earlier)
+
+
+def _insert(session: Session) -> Callable[..., object]:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def _next_counter(session: Session, prefix: str) -> int:
+    insert = _insert(session)
+    session.execute(insert(SqlNumberCounter).values(prefix=prefix, next_value=0).on_conflict_do_nothing())  # type: ignore[attr-defined]
+    value = session.execute(
+        update(SqlNumberCounter)
+        .where(SqlNumberCounter.prefix == prefix)
+        .values(next_value=SqlNumberCounter.next_value + 1)
+        .returning(SqlNumberCounter.next_value)
+    ).scalar_one()
+    return int(value) - 1
+
+
+def _add_static_number(
+    session: Session,
+    customer_id: str,
+    issuer: str,
+    prefix: str,
+    make_number: MakeNumber,
+    actor: str,
+    now: datetime,
+    *,
+    reason: str,
+) -> str:
+    """Issue the prefix's next number to a customer as its (new) primary."""
+    # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
+    # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
+    while True:
+        counter = _next_counter(session, prefix)
+        number, key_version = make_number(prefix, counter)
+        taken = session.scalar(select(SqlCustomerNumber.id).where(SqlCustomerNumber.number == number))
+        if taken is None:
+            break
+    session.add(
+        SqlCustomerNumber(
+            number=number,
+            counter=counter,
+            customer_id=customer_id,
+            kind=NumberKind.STATIC.value,
+            status=NumberStatus.ACTIVE.value,
+            issuer=issuer,
+            prefix=prefix,
+            key_version=key_version,
+            issued_at=now,
+            status_changed_at=now,
+            status_changed_by=actor,
+            status_reason=reason,
+            verifications=0,
+            failed_verifications=0,
+        )
+    )
+    return number
+
+
+def _increment_failure(session: Session, scope: str, subject: str, now: datetime) -> None:
+    row = session.get(SqlVerificationFailure, (scope, subject), with_for_update=True)
+    if row is None:
+        session.add(
+            SqlVerificationFailure(scope=scope, subject=subject[:NUMBER_MAX], failures=1, last_failed_at=now)
+        )
+    else:
+        row.failures += 1
+        row.last_failed_at = now
+
+
+def _lock_number(session: Session, number: str) -> SqlCustomerNumber | None:
+    return session.scalar(
+        select(SqlCustomerNumber).where(SqlCustomerNumber.number == number).with_for_update()
+    )
+
+
+def _ensure_external_free(session: Session, ref: ExternalRef) -> None:
+    taken = session.scalar(
+        select(SqlExternalId.customer_id).where(
+            SqlExternalId.namespace == ref.namespace, SqlExternalId.value == ref.value
+        )
+    )
+    if taken is not None:
+        raise AlreadyExists(
+            "this external id is already linked to a customer",
+            reason="EXTERNAL_ID_TAKEN",
+            metadata={"namespace": ref.namespace},
+        )
+
+
+def _find_customer(
+    session: Session, *, customer_id: str | None, number: str | None, external: ExternalRef | None
+) -> SqlCustomer:
+    if number is not None:
+        customer_id = session.scalar(
+            select(SqlCustomerNumber.customer_id).where(SqlCustomerNumber.number == number)
+        )
+    elif external is not None:
+        customer_id = session.scalar(
+            select(SqlExternalId.customer_id).where(
+                SqlExternalId.namespace == external.namespace, SqlExternalId.value == external.value
+            )
+        )
+    row = (
+        session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == customer_id))
+        if customer_id is not None
+        else None
+    )
+    if row is None:
+        raise NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
+    return row
+
+
+def _number(row: SqlCustomerNumber) -> CustomerNumber:
+    return CustomerNumber(
+        number=row.number,
+        kind=NumberKind(row.kind),
+        status=NumberStatus(row.status),
+        issuer=row.issuer,
+        key_version=row.key_version,
+        issued_at=row.issued_at,
+        status_changed_at=row.status_changed_at,
+        status_reason=row.status_reason or "",
+        successor_number=row.successor_number or "",
+        primary_number=row.primary_number or "",
+        scope_merchant_id=row.scope_merchant_id or "",
+        scope_channel=row.scope_channel or "",
+        label=row.label or "",
+    )
+
+
+def _load(session: Session, row: SqlCustomer) -> StoredCustomer:
+    numbers = list(
+        session.scalars(
+            select(SqlCustomerNumber)
+            .where(SqlCustomerNumber.customer_id == row.customer_id)
+            .order_by(SqlCustomerNumber.id)
+        )
+    )
+    statics = [n for n in numbers if n.kind == NumberKind.STATIC.value]
+    # The primary is the static number that has not been replaced; rotation chains end there.
+    primary = next(n for n in reversed(statics) if n.successor_number is None)
+    externals = session.scalars(
+        select(SqlExternalId).where(SqlExternalId.customer_id == row.customer_id).order_by(SqlExternalId.id)
+    )
+    customer = Customer(
+        customer_id=row.customer_id,
+        primary=_number(primary),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        sub_numbers=tuple(_number(n) for n in numbers if n.kind == NumberKind.SUB.value),
+        external_ids=tuple(ExternalRef(e.namespace, e.value) for e in externals),
+    )
+    return StoredCustomer(customer, row.holder_ciphertext, row.holder_key_version)
+
+
+def build_audit_report(
+    database: Database,
+    *,
+    alphabet_of: Callable[[str], str],
+    now: datetime,
+    dormant_before: datetime,
+    top: int,
+) -> AuditReport:
+    """Read what the audit job reports; ``alphabet_of(issuer)`` gives the symbols of an issuer's numbers."""
+    with database.session(read_only=True) as session:
+        duplicates = [
+            (number, int(n))
+            for number, n in session.execute(
+                select(SqlCustomerNumber.number, func.count())
+                .group_by(SqlCustomerNumber.number)
+                .having(func.count() > 1)
+            )
+        ]
+        by_issuer: dict[str, list[str]] = {}
+        owner: dict[str, str] = {}
+        rows = session.execute(
+            select(SqlCustomerNumber.number, SqlCustomerNumber.issuer, SqlCustomerNumber.customer_id)
+        )
+        for number, issuer, customer_id in rows:
+            by_issuer.setdefault(issuer, []).append(number)
+            owner[number] = customer_id
+        pairs = [
+            pair
+            for issuer, numbers in by_issuer.items()
+            for pair in close_pairs(numbers, alphabet_of(issuer))
+        ]
+
+        def activity(query: Select[SqlCustomerNumber]) -> list[NumberActivity]:
+            return [
+                NumberActivity(
+                    number=mask(row.number),
+                    status=row.status,
+                    verifications=row.verifications,
+                    failed_verifications=row.failed_verifications,
+                    issued_at=row.issued_at,
+                    last_verified_at=row.last_verified_at,
+                )
+                for row in session.scalars(query.limit(top))
+            ]
+
+        numbers = select(SqlCustomerNumber)
+        return AuditReport(
+            generated_at=now,
+            numbers_checked=sum(len(v) for v in by_issuer.values()),
+            duplicates=duplicates,
+            # Masks of such a pair look alike; the customer ids tell the operator which records to open.
+            one_keystroke_apart=[(f"{mask(a)} {owner[a]}", f"{mask(b)} {owner[b]}") for a, b in pairs],
+            most_verified=activity(
+                numbers.where(SqlCustomerNumber.verifications > 0).order_by(
+                    SqlCustomerNumber.verifications.desc(), SqlCustomerNumber.id
+                )
+            ),
+            most_failed=activity(
+                numbers.where(SqlCustomerNumber.failed_verifications > 0).order_by(
+                    SqlCustomerNumber.failed_verifications.desc(), SqlCustomerNumber.id
+                )
+            ),
+            failing_callers=[
+                (row.subject, row.failures)
+                for row in session.scalars(
+                    select(SqlVerificationFailure)
+                    .where(SqlVerificationFailure.scope == "caller")
+                    .order_by(SqlVerificationFailure.failures.desc())
+                    .limit(top)
+                )
+            ],
+            # Active numbers nobody has presented since ``dormant_before`` (or ever, if issued before it).
+            dormant=activity(
+                numbers.where(
+                    SqlCustomerNumber.status == NumberStatus.ACTIVE.value,
+                    func.coalesce(SqlCustomerNumber.last_verified_at, SqlCustomerNumber.issued_at)
+                    < dormant_before,
+                ).order_by(func.coalesce(SqlCustomerNumber.last_verified_at, SqlCustomerNumber.issued_at))
+            ),
+        )

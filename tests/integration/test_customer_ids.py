@@ -1,0 +1,250 @@
+"""CustomerIds end to end: a real server, the real client, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import func, select
+
+import posguard
+from posguard.v1 import common_pb2, customer_ids_pb2
+from posguard_server.domain.check_digits import compute
+from posguard_server.store.customers import SqlCustomer, SqlCustomerNumber, SqlCustomerStore
+from posguard_server.store.migrate import upgrade
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .conftest import RunningServer
+
+HOLDER = "Zebulon Quixote-Marchetti"
+V = customer_ids_pb2
+
+
+@pytest.fixture
+def running(server_factory: Callable[..., RunningServer], database_url: str) -> RunningServer:
+    """A server on each backend; a shared database is migrated first, as an operator would."""
+    upgrade(database_url)
+    return server_factory(database_url=database_url)
+
+
+def count(server: RunningServer, model: type) -> int:
+    with server.server.database.session(read_only=True) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_issue_gives_a_structured_number_and_replays_on_the_same_request_id(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        first = client.issue_customer_id(
+            request_id="r-1", holder=V.Holder(name=HOLDER, phone="+86 27 1234 5678")
+        )
+        number = first.customer.primary
+        assert len(number.number) == 20
+        assert number.number.startswith("1564201102")
+        assert number.number[-2:] == compute(number.number[:-2])
+        assert number.display == " ".join(number.number[i : i + 4] for i in range(0, 20, 4))
+        assert number.status == common_pb2.NUMBER_STATUS_ACTIVE
+        assert number.key_version == 1
+        assert not first.replayed
+        assert not first.customer.HasField("holder")  # holder details never come back from issuance
+
+        again = client.issue_customer_id(
+            request_id="r-1", holder=V.Holder(name=HOLDER, phone="+86 27 1234 5678")
+        )
+        assert again.replayed
+        assert again.customer.primary.number == number.number
+        with pytest.raises(posguard.InvalidArgumentError) as caught:
+            client.issue_customer_id(request_id="r-1", holder=V.Holder(name="Someone Else"))
+        assert caught.value.reason == "IDEMPOTENCY_CONFLICT"
+        assert [v.field for v in caught.value.field_violations] == ["request_id"]
+    assert count(running, SqlCustomer) == 1
+
+
+def test_the_holder_is_encrypted_at_rest_and_shown_to_admins_only(server: RunningServer) -> None:
+    with posguard.Client(server.target, api_key=server.key("gateway")) as gateway:
+        issued = gateway.issue_customer_id(holder=V.Holder(name=HOLDER, phone="+86 27 1234 5678"))
+        number = issued.customer.primary.number
+        as_gateway = gateway.get_customer(
+            customer=common_pb2.CustomerSelector(number=number), include_holder=True
+        )
+        assert not as_gateway.customer.HasField("holder")
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        as_admin = admin.get_customer(
+            customer=common_pb2.CustomerSelector(number=number), include_holder=True
+        )
+        assert as_admin.customer.holder.name == HOLDER
+    # The database file and its write-ahead log, wherever the row may be at this moment.
+    data_dir = server.settings.data_dir
+    for path in data_dir.glob("posguard.db*"):
+        blob = path.read_bytes()
+        assert HOLDER.encode() not in blob, path.name
+        assert b"Zebulon" not in blob
+        assert b"1234 5678" not in blob
+
+
+def with_check(body: str) -> str:
+    return body + compute(body)
+
+
+def test_verify_answers_for_every_kind_of_input(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        number = client.issue_customer_id().customer.primary.number
+        ok = client.verify_customer_id(number=f" {number[:4]}-{number[4:8]} {number[8:]} ")
+        assert (ok.valid, ok.reason, ok.normalized_number) == (True, V.VERIFICATION_REASON_OK, number)
+        assert ok.status == common_pb2.NUMBER_STATUS_ACTIVE
+        assert ok.display == " ".join(number[i : i + 4] for i in range(0, 20, 4))
+        never_issued = with_check(number[:10] + ("00000000" if number[10:18] != "00000000" else "00000001"))
+        typo = number[:5] + str((int(number[5]) + 1) % 10) + number[6:]
+        cases = {
+            "12345": V.VERIFICATION_REASON_MALFORMED,
+            number + "0": V.VERIFICATION_REASON_MALFORMED,
+            "1564 2011 02AB CDEF 1234": V.VERIFICATION_REASON_MALFORMED,
+            typo: V.VERIFICATION_REASON_CHECK_DIGITS,
+            never_issued: V.VERIFICATION_REASON_NOT_FOUND,
+            with_check("250" + number[3:18]): V.VERIFICATION_REASON_UNKNOWN_ISSUER,
+        }
+        for presented, reason in cases.items():
+            answer = client.verify_customer_id(number=presented)
+            assert (answer.valid, answer.reason) == (False, reason), presented
+
+
+def test_lifecycle_follows_the_state_machine(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+        number = admin.issue_customer_id().customer.primary.number
+
+        def verify(value: str) -> V.VerifyCustomerIdResponse:
+            return admin.verify_customer_id(number=value)
+
+        suspended = admin.suspend_customer_id(request_id="s-1", number=number, reason="card lost")
+        assert suspended.customer.primary.status == common_pb2.NUMBER_STATUS_SUSPENDED
+        assert suspended.customer.primary.status_reason == "card lost"
+        assert verify(number).reason == V.VERIFICATION_REASON_SUSPENDED
+        # a retry of the same call changes nothing and answers again
+        again = admin.suspend_customer_id(request_id="s-1", number=number, reason="card lost")
+        assert again.customer.primary.status == common_pb2.NUMBER_STATUS_SUSPENDED
+        with pytest.raises(posguard.FailedPreconditionError) as caught:
+            admin.suspend_customer_id(number=number, reason="again")
+        assert caught.value.reason == "ILLEGAL_TRANSITION"
+
+        admin.reactivate_customer_id(number=number, reason="card found")
+        assert verify(number).valid
+
+        rotated = admin.rotate_customer_id(number=number, reason="number leaked")
+        successor = rotated.customer.primary.number
+        assert rotated.previous_number == number
+        assert successor != number
+        assert successor[:10] == number[:10]
+        old = verify(number)
+        assert (old.valid, old.reason, old.successor_number) == (
+            False,
+            V.VERIFICATION_REASON_ROTATED,
+            successor,
+        )
+        assert verify(successor).valid
+        with pytest.raises(posguard.FailedPreconditionError):
+            admin.reactivate_customer_id(number=number, reason="undo rotation")
+
+        admin.revoke_customer_id(number=successor, reason="customer left")
+        assert verify(successor).reason == V.VERIFICATION_REASON_REVOKED
+        for call in (admin.reactivate_customer_id, admin.suspend_customer_id, admin.revoke_customer_id):
+            with pytest.raises(posguard.FailedPreconditionError):
+                call(number=successor, reason="after revocation")
+        with pytest.raises(posguard.NotFoundError):
+            admin.suspend_customer_id(number=with_check(number[:10] + "00000000"), reason="never issued")
+
+
+def test_list_customers_filters_and_pages(server: RunningServer) -> None:
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        numbers = [admin.issue_customer_id().customer.primary.number for _ in range(5)]
+        admin.suspend_customer_id(number=numbers[1], reason="lost")
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = admin.list_customers(page_size=2, page_token=token)
+            seen.extend(c.primary.number for c in page.customers)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == numbers
+        suspended = admin.list_customers(status=common_pb2.NUMBER_STATUS_SUSPENDED)
+        assert [c.primary.number for c in suspended.customers] == [numbers[1]]
+
+
+def test_failed_verifications_are_counted_per_caller_and_number(server: RunningServer) -> None:
+    key = server.key("gateway")
+    with posguard.Client(server.target, api_key=key) as client:
+        number = client.issue_customer_id().customer.primary.number
+        forged = with_check(number[:10] + "87654321")
+        for _ in range(3):
+            assert not client.verify_customer_id(number=forged).valid
+        client.verify_customer_id(number=number)
+        store = SqlCustomerStore(server.server.database)
+    assert store.failures("caller", key.split("_")[1]) == 3
+    assert store.failures("number", forged) == 3
+    assert store.failures("number", number) == 0
+
+
+def test_never_issued_numbers_are_not_found(server: RunningServer) -> None:
+    """100,000 well-formed numbers with valid check digits that were never issued: none is found."""
+    import random
+
+    with posguard.Client(server.target, api_key=server.key("gateway")) as client:
+        issued = {client.issue_customer_id().customer.primary.number for _ in range(200)}
+        prefix = next(iter(issued))[:10]
+        rng = random.Random(7)
+        candidates = set()
+        while len(candidates) < 100_000:
+            body = prefix + f"{rng.randrange(10**8):08d}"
+            candidate = body + compute(body)
+            if candidate not in issued:
+                candidates.add(candidate)
+        # All of them against the database in batches; a sample through the RPC as a gateway sends it.
+        found = 0
+        ordered = sorted(candidates)
+        with server.server.database.session(read_only=True) as session:
+            for start in range(0, len(ordered), 1000):
+                batch = ordered[start : start + 1000]
+                found += len(
+                    list(
+                        session.scalars(
+                            select(SqlCustomerNumber.number).where(SqlCustomerNumber.number.in_(batch))
+                        )
+                    )
+                )
+        assert found == 0
+        for candidate in rng.sample(ordered, 200):
+            answer = client.verify_customer_id(number=candidate)
+            assert (answer.valid, answer.reason) == (False, V.VERIFICATION_REASON_NOT_FOUND)
+        for number in rng.sample(sorted(issued), 20):
+            assert client.verify_customer_id(number=number).valid
+
+
+def test_issuance_lifecycle_and_failed_verifications_are_audited(running: RunningServer) -> None:
+    admin_key = running.key("admin")
+    with posguard.Client(running.target, api_key=admin_key) as admin:
+        number = admin.issue_customer_id(holder=V.Holder(name=HOLDER)).customer.primary.number
+        admin.suspend_customer_id(number=number, reason="lost")
+        admin.reactivate_customer_id(number=number, reason="found")
+        successor = admin.rotate_customer_id(number=number, reason="leak").customer.primary.number
+        admin.revoke_customer_id(number=successor, reason="closed")
+        admin.verify_customer_id(number=number)  # rotated: a failed verification
+    with posguard.Client(running.target, api_key=running.key("auditor")) as auditor:
+        events = [
+            e for e in auditor.list_audit_events(page_size=100).events if not e.action.startswith("api_key")
+        ]
+        assert [e.action for e in events] == [
+            "customer.issued",
+            "customer.suspended",
+            "customer.reactivated",
+            "customer.rotated",
+            "customer.revoked",
+            "verification.failed",
+        ]
+        assert all(e.actor == admin_key.split("_")[1] for e in events)
+        assert events[1].details["reason"] == "lost"
+        for event in events:  # numbers appear masked, holder details never
+            assert number not in str(event)
+            assert successor not in str(event)
+            assert HOLDER not in str(event)
+        assert auditor.verify_audit_log().intact
