@@ -248,3 +248,94 @@ def test_issuance_lifecycle_and_failed_verifications_are_audited(running: Runnin
             assert successor not in str(event)
             assert HOLDER not in str(event)
         assert auditor.verify_audit_log().intact
+
+
+def test_sub_numbers_resolve_to_their_primary_and_respect_their_scope(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+        primary = admin.issue_customer_id().customer
+        number = primary.primary.number
+        family = admin.issue_sub_id(request_id="sub-1", primary_number=number, label="family card")
+        sub = family.sub_number
+        assert family.customer_id == primary.customer_id
+        assert (sub.kind, sub.primary_number, sub.label) == (
+            common_pb2.NUMBER_KIND_SUB,
+            number,
+            "family card",
+        )
+        assert sub.number != number
+        assert (
+            admin.issue_sub_id(request_id="sub-1", primary_number=number, label="family card").sub_number
+            == sub
+        )
+        answer = admin.verify_customer_id(number=sub.number)
+        assert (answer.valid, answer.kind, answer.primary_number) == (
+            True,
+            common_pb2.NUMBER_KIND_SUB,
+            number,
+        )
+
+        scoped = admin.issue_sub_id(
+            primary_number=number, scope=V.SubScope(merchant_id="m-42", channel=common_pb2.CHANNEL_POS)
+        ).sub_number
+        inside = admin.verify_customer_id(
+            number=scoped.number, merchant_id="m-42", channel=common_pb2.CHANNEL_POS
+        )
+        assert inside.valid
+        for merchant, channel in (
+            ("m-7", common_pb2.CHANNEL_POS),
+            ("m-42", common_pb2.CHANNEL_ONLINE),
+            ("", 0),
+        ):
+            outside = admin.verify_customer_id(number=scoped.number, merchant_id=merchant, channel=channel)
+            assert (outside.valid, outside.reason) == (False, V.VERIFICATION_REASON_OUT_OF_SCOPE)
+
+        # The sub follows its customer: suspended with the primary, pointing at the successor after rotation.
+        admin.suspend_customer_id(number=number, reason="lost")
+        assert admin.verify_customer_id(number=sub.number).reason == V.VERIFICATION_REASON_SUSPENDED
+        with pytest.raises(posguard.FailedPreconditionError):
+            admin.issue_sub_id(primary_number=number)
+        admin.reactivate_customer_id(number=number, reason="found")
+        successor = admin.rotate_customer_id(number=number, reason="leak").customer
+        after = admin.verify_customer_id(number=sub.number)
+        assert (after.valid, after.primary_number) == (True, successor.primary.number)
+        assert len(successor.sub_numbers) == 2
+        with pytest.raises(posguard.FailedPreconditionError):
+            admin.issue_sub_id(primary_number=sub.number)  # a sub number is not a primary
+
+
+def test_external_ids_link_and_resolve_both_ways(running: RunningServer) -> None:
+    bank = common_pb2.ExternalId(namespace="bank", value="acct-1")
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        first = client.issue_customer_id(external_ids=[bank]).customer
+        second = client.issue_customer_id().customer
+        crm = common_pb2.ExternalId(namespace="crm:acme", value="42")
+        linked = client.link_external_id(
+            customer=common_pb2.CustomerSelector(number=first.primary.number), external_id=crm
+        )
+        assert (linked.customer_id, linked.replayed) == (first.customer_id, False)
+        again = client.link_external_id(
+            customer=common_pb2.CustomerSelector(customer_id=first.customer_id), external_id=crm
+        )
+        assert again.replayed
+        with pytest.raises(posguard.AlreadyExistsError) as caught:
+            client.link_external_id(
+                customer=common_pb2.CustomerSelector(customer_id=second.customer_id), external_id=bank
+            )
+        assert caught.value.reason == "EXTERNAL_ID_TAKEN"
+        with pytest.raises(posguard.AlreadyExistsError):
+            client.issue_customer_id(external_ids=[bank])
+
+        by_external = client.resolve_external_id(external_id=crm)
+        assert (by_external.customer_id, by_external.primary_number) == (
+            first.customer_id,
+            first.primary.number,
+        )
+        by_number = client.resolve_external_id(number=first.primary.number)
+        assert {(e.namespace, e.value) for e in by_number.external_ids} == {
+            ("bank", "acct-1"),
+            ("crm:acme", "42"),
+        }
+        only_bank = client.resolve_external_id(customer_id=first.customer_id, namespace="bank")
+        assert [(e.namespace, e.value) for e in only_bank.external_ids] == [("bank", "acct-1")]
+        with pytest.raises(posguard.NotFoundError):
+            client.resolve_external_id(external_id=common_pb2.ExternalId(namespace="bank", value="nobody"))

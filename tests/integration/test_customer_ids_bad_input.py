@@ -59,6 +59,28 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("reactivate_customer_id", {"number": GOOD, "reason": "r" * 501}, "reason"),
     ("revoke_customer_id", {"number": "", "reason": "x"}, "number"),
     ("rotate_customer_id", {"number": GOOD[:-1] + "9", "reason": "x"}, "number"),
+    ("issue_sub_id", {"primary_number": "123"}, "primary_number"),
+    ("issue_sub_id", {"primary_number": GOOD, "label": "l" * 101}, "label"),
+    ("issue_sub_id", {"primary_number": GOOD, "scope": V.SubScope(channel=9)}, "scope.channel"),
+    (
+        "issue_sub_id",
+        {"primary_number": GOOD, "scope": V.SubScope(merchant_id="m" * 65)},
+        "scope.merchant_id",
+    ),
+    ("link_external_id", {"external_id": EXT(namespace="bank", value="1")}, "customer"),
+    ("link_external_id", {"customer": common_pb2.CustomerSelector(number=GOOD)}, "external_id.namespace"),
+    (
+        "link_external_id",
+        {
+            "customer": common_pb2.CustomerSelector(number="42"),
+            "external_id": EXT(namespace="bank", value="1"),
+        },
+        "customer.number",
+    ),
+    ("resolve_external_id", {}, "query"),
+    ("resolve_external_id", {"number": "42"}, "number"),
+    ("resolve_external_id", {"customer_id": "c1", "namespace": "Not Valid"}, "namespace"),
+    ("resolve_external_id", {"external_id": EXT(namespace="bank", value="")}, "external_id.value"),
 ]
 
 
@@ -77,6 +99,8 @@ def test_bad_input_is_invalid_argument_and_changes_nothing(
     with posguard.Client(server.target, api_key=server.key("admin")) as client:
         real = client.issue_customer_id().customer.primary.number
         fields = {k: (real if v == GOOD else v) for k, v in fields.items()}
+        if "customer" in fields and fields["customer"].number == GOOD:
+            fields["customer"] = common_pb2.CustomerSelector(number=real)
         if method == "rotate_customer_id":
             fields["number"] = real[:-1] + str((int(real[-1]) + 1) % 10)  # wrong check digits
         before = snapshot(server)

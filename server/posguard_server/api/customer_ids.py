@@ -21,8 +21,14 @@ from posguard_server.api import customer_messages as messages
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, make_page_token
 from posguard_server.domain.api_keys import Role
-from posguard_server.domain.customers import ExternalRef, Holder, HolderCipher, NumberStatus, Transition
-from posguard_server.domain.errors import InvalidArgument
+from posguard_server.domain.customers import (
+    ExternalRef,
+    Holder,
+    HolderCipher,
+    NumberKind,
+    NumberStatus,
+    Transition,
+)
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.numbers import NumberProblem
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
@@ -35,6 +41,7 @@ MAX_EXTERNAL_IDS = 20
 MAX_REASON = 500
 _PHONE = re.compile(r"\+?[0-9 ()\-]{3,32}")
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")
+_NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
 
 VERIFY_REASON = {
     NumberProblem.MALFORMED: customer_ids_pb2.VERIFICATION_REASON_MALFORMED,
@@ -144,24 +151,26 @@ class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
         )
         return customer_ids_pb2.IssueCustomerIdResponse(customer=self._message(stored), replayed=replayed)
 
-    def _external_ids(self, check: Checker, ids: Any) -> list[ExternalRef]:
+    def _external_ids(self, check: Checker, ids: Any, *, field: str = "external_ids") -> list[ExternalRef]:
+        """Validate external ids; ``field`` names a list (``external_ids[i]``) or one message."""
         if len(ids) > MAX_EXTERNAL_IDS:
-            check.fail("external_ids", f"must hold at most {MAX_EXTERNAL_IDS} ids")
+            check.fail(field, f"must hold at most {MAX_EXTERNAL_IDS} ids")
             return []
         refs: list[ExternalRef] = []
         for i, ref in enumerate(ids):
+            path = f"{field}[{i}]" if field == "external_ids" else field
             check.text(
                 ref.namespace,
-                f"external_ids[{i}].namespace",
+                f"{path}.namespace",
                 required=True,
                 max_length=64,
                 pattern=_NAMESPACE,
-                pattern_hint="must be lower-case letters, digits and : . _ -",
+                pattern_hint=_NAMESPACE_HINT,
             )
-            check.text(ref.value, f"external_ids[{i}].value", required=True, max_length=256)
+            check.text(ref.value, f"{path}.value", required=True, max_length=256)
             item = ExternalRef(ref.namespace, ref.value)
             if item in refs:
-                check.fail(f"external_ids[{i}]", "is listed twice")
+                check.fail(path, "is listed twice")
             refs.append(item)
         return refs
 
@@ -212,14 +221,24 @@ class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
                 issuer=scheme.issuer,
             )
         stored, customer_id = found
-        ok = stored.status is NumberStatus.ACTIVE
         reason = STATUS_REASON[stored.status]
+        if stored.kind is NumberKind.SUB and stored.status is NumberStatus.ACTIVE:
+            # A sub number is only as good as its customer's primary, and only inside its scope.
+            primary = await asyncio.to_thread(self._store.primary_status, customer_id)
+            reason = STATUS_REASON[primary.status]
+            channel = messages.CHANNEL_NAMES.get(request.channel, "")
+            outside = (stored.scope_merchant_id and stored.scope_merchant_id != request.merchant_id) or (
+                stored.scope_channel and stored.scope_channel != channel
+            )
+            if reason == customer_ids_pb2.VERIFICATION_REASON_OK and outside:
+                reason = customer_ids_pb2.VERIFICATION_REASON_OUT_OF_SCOPE
+        ok = reason == customer_ids_pb2.VERIFICATION_REASON_OK
         await asyncio.to_thread(
             self._store.record_verification,
             number,
             ok=ok,
             caller=caller,
-            reason=stored.status.name,
+            reason=customer_ids_pb2.VerificationReason.Name(reason),
             now=_now(),
         )
         return customer_ids_pb2.VerifyCustomerIdResponse(
@@ -250,7 +269,7 @@ class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
         elif selector == "number":
             number = self._check_number(check, request.customer.number, "customer.number")
         else:
-            refs = self._external_ids(check, [request.customer.external_id])
+            refs = self._external_ids(check, [request.customer.external_id], field="customer.external_id")
             external = refs[0] if refs else None
         check.done()
         stored = await asyncio.to_thread(
@@ -344,5 +363,105 @@ class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
         customer, previous = await self._transition(request, Transition.ROTATE)
         return customer_ids_pb2.RotateCustomerIdResponse(customer=customer, previous_number=previous)
 
+    async def IssueSubId(
+        self, request: customer_ids_pb2.IssueSubIdRequest, context: Context
+    ) -> customer_ids_pb2.IssueSubIdResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        primary = self._check_number(check, request.primary_number, "primary_number")
+        check.text(request.scope.merchant_id, "scope.merchant_id", max_length=64)
+        check.check(
+            request.scope.channel in messages.CHANNEL_NAMES or request.scope.channel == 0,
+            "scope.channel",
+            "is not a known channel",
+        )
+        check.text(request.label, "label", max_length=100)
+        check.done()
+        assert primary is not None
+        scheme = self._numbering.recognise(primary).scheme
+        assert scheme is not None
+        number, customer_id, _ = await asyncio.to_thread(
+            self._store.issue_sub,
+            primary,
+            merchant_id=request.scope.merchant_id,
+            channel=messages.CHANNEL_NAMES.get(request.scope.channel, ""),
+            label=request.label,
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
+            actor=current_principal().key_id,
+            now=_now(),
+            make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
+        )
+        return customer_ids_pb2.IssueSubIdResponse(
+            sub_number=messages.customer_number(number, scheme), customer_id=customer_id
+        )
 
-__all__ = ["CustomerIdsServicer", "InvalidArgument", "common_pb2"]
+    async def LinkExternalId(
+        self, request: customer_ids_pb2.LinkExternalIdRequest, context: Context
+    ) -> customer_ids_pb2.LinkExternalIdResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        customer_id, number = self._customer_or_number(check, request.customer)
+        refs = self._external_ids(check, [request.external_id], field="external_id")
+        check.done()
+        linked_to, replayed = await asyncio.to_thread(
+            self._store.link_external,
+            refs[0],
+            customer_id=customer_id,
+            number=number,
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
+            actor=current_principal().key_id,
+            now=_now(),
+        )
+        return customer_ids_pb2.LinkExternalIdResponse(
+            customer_id=linked_to, external_id=request.external_id, replayed=replayed
+        )
+
+    async def ResolveExternalId(
+        self, request: customer_ids_pb2.ResolveExternalIdRequest, context: Context
+    ) -> customer_ids_pb2.ResolveExternalIdResponse:
+        check = Checker()
+        query = request.WhichOneof("query")
+        customer_id = number = None
+        external = None
+        if query is None:
+            check.fail("query", "must be an external_id, a number or a customer_id")
+        elif query == "external_id":
+            refs = self._external_ids(check, [request.external_id], field="external_id")
+            external = refs[0] if refs else None
+        elif query == "number":
+            number = self._check_number(check, request.number, "number")
+        else:
+            check.text(request.customer_id, "customer_id", required=True, max_length=32)
+            customer_id = request.customer_id
+        check.text(
+            request.namespace, "namespace", max_length=64, pattern=_NAMESPACE, pattern_hint=_NAMESPACE_HINT
+        )
+        check.done()
+        stored = await asyncio.to_thread(
+            self._store.get, customer_id=customer_id, number=number, external=external
+        )
+        found = stored.customer
+        return customer_ids_pb2.ResolveExternalIdResponse(
+            customer_id=found.customer_id,
+            primary_number=found.primary.number,
+            external_ids=[
+                common_pb2.ExternalId(namespace=e.namespace, value=e.value)
+                for e in found.external_ids
+                if not request.namespace or e.namespace == request.namespace
+            ],
+        )
+
+    def _customer_or_number(
+        self, check: Checker, selector: common_pb2.CustomerSelector
+    ) -> tuple[str | None, str | None]:
+        """A customer named by id or number (the forms a link can be made from)."""
+        which = selector.WhichOneof("selector")
+        if which == "customer_id":
+            check.text(selector.customer_id, "customer.customer_id", required=True, max_length=32)
+            return selector.customer_id, None
+        if which == "number":
+            return None, self._check_number(check, selector.number, "customer.number")
+        check.fail("customer", "must name a customer by customer_id or number")
+        return None, None

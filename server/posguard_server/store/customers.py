@@ -38,7 +38,7 @@ from posguard_server.domain.customers import (
     mask,
     next_status,
 )
-from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
 from posguard_server.store.schema import Base
 
@@ -147,6 +147,8 @@ class SqlIdempotencyKey(Base):
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
     customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX))
+    # The number the call produced, when it produced one (a sub number), so a retry answers with it.
+    result_number: Mapped[str | None] = mapped_column(String(NUMBER_MAX))
     created_at: Mapped[datetime]
 
 
@@ -350,10 +352,8 @@ class SqlCustomerStore:
         with self._db.session() as session:
             # Lock first, then look for an earlier run: a concurrent retry waits here and then replays.
             row = _lock_number(session, number)
-            done = session.get(SqlIdempotencyKey, (method, request_id))
+            done = _earlier_call(session, method, request_id, fingerprint)
             if done is not None:
-                if done.fingerprint != fingerprint:
-                    raise _conflict()
                 customer = session.scalar(
                     select(SqlCustomer).where(SqlCustomer.customer_id == done.customer_id)
                 )
@@ -374,6 +374,15 @@ class SqlCustomerStore:
                     session, row.customer_id, row.issuer, row.prefix, make_number, actor, now, reason=reason
                 )
                 row.successor_number = new_number
+                # Sub numbers hang off whichever number is the customer's primary now.
+                session.execute(
+                    update(SqlCustomerNumber)
+                    .where(
+                        SqlCustomerNumber.customer_id == row.customer_id,
+                        SqlCustomerNumber.kind == NumberKind.SUB.value,
+                    )
+                    .values(primary_number=new_number)
+                )
                 details["successor"] = mask(new_number)
             customer = session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id))
             assert customer is not None
@@ -390,6 +399,154 @@ class SqlCustomerStore:
             append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
             session.flush()
             return _load(session, customer), number, False
+
+    # -- sub numbers and external ids ------------------------------------------------------------------
+
+    def issue_sub(
+        self,
+        primary_number: str,
+        *,
+        merchant_id: str,
+        channel: str,
+        label: str,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+        make_number: MakeNumber,
+    ) -> tuple[CustomerNumber, str, bool]:
+        """Issue a sub number under an active primary; ``(sub, customer_id, replayed)``."""
+        method = "customer.sub_issued"
+        with self._db.session() as session:
+            primary = _lock_number(session, primary_number)
+            done = _earlier_call(session, method, request_id, fingerprint)
+            if done is not None:
+                earlier = session.scalar(
+                    select(SqlCustomerNumber).where(SqlCustomerNumber.number == done.result_number)
+                )
+                assert earlier is not None
+                return _number(earlier), done.customer_id, True
+            if primary is None:
+                raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+            if primary.kind != NumberKind.STATIC.value or primary.successor_number is not None:
+                raise FailedPrecondition(
+                    "only a current primary number can have sub numbers", reason="NOT_A_PRIMARY"
+                )
+            if primary.status != NumberStatus.ACTIVE.value:
+                raise FailedPrecondition(
+                    f"cannot issue a sub number under a {primary.status} number", reason="PRIMARY_NOT_ACTIVE"
+                )
+            number, counter, key_version = _allocate(session, primary.prefix, make_number)
+            row = SqlCustomerNumber(
+                number=number,
+                counter=counter,
+                customer_id=primary.customer_id,
+                kind=NumberKind.SUB.value,
+                status=NumberStatus.ACTIVE.value,
+                issuer=primary.issuer,
+                prefix=primary.prefix,
+                key_version=key_version,
+                issued_at=now,
+                status_changed_at=now,
+                status_changed_by=actor,
+                status_reason="issued",
+                primary_number=primary.number,
+                scope_merchant_id=merchant_id or None,
+                scope_channel=channel or None,
+                label=label or None,
+                verifications=0,
+                failed_verifications=0,
+            )
+            session.add(row)
+            session.add(
+                SqlIdempotencyKey(
+                    method=method,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    customer_id=primary.customer_id,
+                    result_number=number,
+                    created_at=now,
+                )
+            )
+            details = {"customer_id": primary.customer_id, "primary": mask(primary.number)}
+            if merchant_id:
+                details["merchant_id"] = merchant_id
+            if channel:
+                details["channel"] = channel
+            append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
+            session.flush()
+            return _number(row), primary.customer_id, False
+
+    def primary_status(self, customer_id: str) -> CustomerNumber:
+        """The customer's current primary number (what a sub number stands for)."""
+        with self._db.session(read_only=True) as session:
+            row = session.scalar(
+                select(SqlCustomerNumber).where(
+                    SqlCustomerNumber.customer_id == customer_id,
+                    SqlCustomerNumber.kind == NumberKind.STATIC.value,
+                    SqlCustomerNumber.successor_number.is_(None),
+                )
+            )
+            assert row is not None
+            return _number(row)
+
+    def link_external(
+        self,
+        ref: ExternalRef,
+        *,
+        customer_id: str | None,
+        number: str | None,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+    ) -> tuple[str, bool]:
+        """Link an external id to a customer; ``(customer_id, replayed)``. Unique per namespace."""
+        method = "external_id.linked"
+        with self._db.session() as session:
+            done = _earlier_call(session, method, request_id, fingerprint)
+            if done is not None:
+                return done.customer_id, True
+            customer = _find_customer(session, customer_id=customer_id, number=number, external=None)
+            owner = session.scalar(
+                select(SqlExternalId.customer_id).where(
+                    SqlExternalId.namespace == ref.namespace, SqlExternalId.value == ref.value
+                )
+            )
+            if owner is not None and owner != customer.customer_id:
+                raise AlreadyExists(
+                    "this external id is already linked to another customer",
+                    reason="EXTERNAL_ID_TAKEN",
+                    metadata={"namespace": ref.namespace},
+                )
+            replayed = owner is not None
+            if not replayed:
+                session.add(
+                    SqlExternalId(
+                        namespace=ref.namespace,
+                        value=ref.value,
+                        customer_id=customer.customer_id,
+                        linked_at=now,
+                    )
+                )
+                append_event(
+                    session,
+                    actor=actor,
+                    action=method,
+                    subject=customer.customer_id,
+                    details={"namespace": ref.namespace},
+                    now=now,
+                )
+            session.add(
+                SqlIdempotencyKey(
+                    method=method,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    customer_id=customer.customer_id,
+                    created_at=now,
+                )
+            )
+            return customer.customer_id, replayed
 
     # -- verification signals -------------------------------------------------------------------------
 
@@ -426,6 +583,15 @@ class SqlCustomerStore:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
+def _earlier_call(
+    session: Session, method: str, request_id: str, fingerprint: str
+) -> SqlIdempotencyKey | None:
+    done = session.get(SqlIdempotencyKey, (method, request_id))
+    if done is not None and done.fingerprint != fingerprint:
+        raise _conflict()
+    return done
+
+
 def _replay(session: Session, request_id: str, fingerprint: str) -> StoredCustomer | None:
     earlier = session.scalar(select(SqlCustomer).where(SqlCustomer.request_id == request_id))
     if earlier is None:
@@ -451,6 +617,17 @@ def _next_counter(session: Session, prefix: str) -> int:
     return int(value) - 1
 
 
+def _allocate(session: Session, prefix: str, make_number: MakeNumber) -> tuple[str, int, int]:
+    """The prefix's next unused number: (number, counter, key version)."""
+    # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
+    # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
+    while True:
+        counter = _next_counter(session, prefix)
+        number, key_version = make_number(prefix, counter)
+        if session.scalar(select(SqlCustomerNumber.id).where(SqlCustomerNumber.number == number)) is None:
+            return number, counter, key_version
+
+
 def _add_static_number(
     session: Session,
     customer_id: str,
@@ -463,14 +640,7 @@ def _add_static_number(
     reason: str,
 ) -> str:
     """Issue the prefix's next number to a customer as its (new) primary."""
-    # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
-    # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
-    while True:
-        counter = _next_counter(session, prefix)
-        number, key_version = make_number(prefix, counter)
-        taken = session.scalar(select(SqlCustomerNumber.id).where(SqlCustomerNumber.number == number))
-        if taken is None:
-            break
+    number, counter, key_version = _allocate(session, prefix, make_number)
     session.add(
         SqlCustomerNumber(
             number=number,

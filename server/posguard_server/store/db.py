@@ -201,13 +201,14 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: ConnectionPoolE
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
+        # Wait for a competing writer rather than failing at once with "database is locked"; first, because
+        # switching to WAL itself needs the lock when several processes open a new file together.
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
         # WAL lets readers run while one writer commits.
         cursor.execute("PRAGMA journal_mode=WAL")
         # FULL syncs the WAL on every commit, so an answered request survives power loss.
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        # Wait for a competing writer rather than failing at once with "database is locked".
-        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     finally:
         cursor.close()
 

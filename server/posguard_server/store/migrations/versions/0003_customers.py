@@ -110,6 +110,7 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("fingerprint", sa.String(64), nullable=False),
         sa.Column("customer_id", sa.String(32), nullable=False),
+        sa.Column("result_number", sa.String(40), nullable=True),
         sa.Column("created_at", _TIME, nullable=False),
         sa.PrimaryKeyConstraint("method", "request_id", name=op.f("pk_idempotency_keys")),
     )
