@@ -370,3 +370,43 @@ def audit_report(settings: Settings, dormant_days: int, top: int, as_json: bool)
             click.echo(f"  {caller:<22}{failures:>8}")
     if report.duplicates or report.one_keystroke_apart:
         sys.exit(1)
+
+
+@main.group("number-keys")
+def number_keys() -> None:
+    """The key ring that makes customer numbers (FF1 keys, versioned)."""
+
+
+@number_keys.command("rotate")
+@click.pass_obj
+def number_keys_rotate(settings: Settings) -> None:
+    """Add a new key version and make it current; numbers already issued keep verifying.
+
+    Restart the servers afterwards so they issue with the new version. A key ring passed through
+    POSGUARD_NUMBER_KEYS is rotated by the operator's secret store, not here.
+    """
+    from datetime import UTC, datetime
+
+    from posguard_server.app import prepare_database
+    from posguard_server.domain.keyring import load_or_create, save
+    from posguard_server.store import SqlAuditStore
+
+    if settings.number_keys is not None:
+        raise click.ClickException(
+            "the key ring comes from POSGUARD_NUMBER_KEYS; rotate it in the secret store"
+        )
+    ring = load_or_create(settings.number_key_file).rotated()
+    database = prepare_database(settings)
+    try:
+        # Audit first: a rotation the log does not show must not happen.
+        SqlAuditStore(database).append(
+            actor="cli",
+            action="number_key.rotated",
+            subject=f"version {ring.current}",
+            details={"versions": str(len(ring.keys))},
+            now=datetime.now(UTC),
+        )
+    finally:
+        database.dispose()
+    save(ring, settings.number_key_file)
+    click.echo(f"number key version {ring.current} is now current; restart the servers to use it")

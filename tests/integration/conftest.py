@@ -54,6 +54,8 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self, grace: float = 0.5) -> None:
+        if self.loop.is_closed():  # already stopped by the test itself
+            return
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

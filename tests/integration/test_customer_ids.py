@@ -16,7 +16,7 @@ from posguard_server.store.migrate import upgrade
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .conftest import RunningServer
+    from .conftest import Cli, RunningServer
 
 HOLDER = "Zebulon Quixote-Marchetti"
 V = customer_ids_pb2
@@ -339,3 +339,24 @@ def test_external_ids_link_and_resolve_both_ways(running: RunningServer) -> None
         assert [(e.namespace, e.value) for e in only_bank.external_ids] == [("bank", "acct-1")]
         with pytest.raises(posguard.NotFoundError):
             client.resolve_external_id(external_id=common_pb2.ExternalId(namespace="bank", value="nobody"))
+
+
+def test_rotating_the_number_key_keeps_old_numbers_valid(
+    server_factory: Callable[..., RunningServer], cli: Cli
+) -> None:
+    first = server_factory()
+    with posguard.Client(first.target, api_key=first.key("gateway")) as client:
+        old = client.issue_customer_id().customer.primary
+    data_dir = first.settings.data_dir
+    first.stop()
+    rotated = cli("--data-dir", str(data_dir), "number-keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    second = server_factory(data_dir=data_dir)
+    with posguard.Client(second.target, api_key=second.key("gateway")) as client:
+        new = client.issue_customer_id().customer.primary
+        assert (old.key_version, new.key_version) == (1, 2)
+        assert client.verify_customer_id(number=old.number).valid
+        assert client.verify_customer_id(number=new.number).valid
+    with posguard.Client(second.target, api_key=second.key("auditor")) as auditor:
+        actions = [e.action for e in auditor.list_audit_events(action="number_key.rotated").events]
+        assert actions == ["number_key.rotated"]
