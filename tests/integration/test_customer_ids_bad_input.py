@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, select
 
 import posguard
@@ -54,6 +55,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("list_customers", {"page_size": -1}, "page_size"),
     ("list_customers", {"page_token": "not-a-token"}, "page_token"),
     ("list_customers", {"status": 17}, "status"),
+    (
+        "list_customers",
+        {"created_after": Timestamp(seconds=100), "created_before": Timestamp(seconds=50)},
+        "created_before",
+    ),
+    ("list_customers", {"created_after": Timestamp(seconds=10**13)}, "created_after"),
     ("suspend_customer_id", {"number": GOOD, "reason": ""}, "reason"),
     ("suspend_customer_id", {"number": "12345", "reason": "x"}, "number"),
     ("reactivate_customer_id", {"number": GOOD, "reason": "r" * 501}, "reason"),

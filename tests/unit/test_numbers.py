@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from posguard_server.domain.audit_report import one_keystroke_variants
 from posguard_server.domain.check_digits import compute, symbols_to_digits
 from posguard_server.domain.numbers import (
     CROCKFORD,
@@ -48,14 +48,8 @@ def issued(scheme: Scheme, count: int, merchant_part: str = "", key: bytes = KEY
     return [number_for(scheme, cipher, counter, prefix) for counter in range(count)]
 
 
-def one_keystroke_errors(number: str, alphabet: str) -> Iterator[str]:
-    for i, symbol in enumerate(number):
-        for other in alphabet:
-            if other != symbol:
-                yield number[:i] + other + number[i + 1 :]
-    for i in range(len(number) - 1):
-        if number[i] != number[i + 1]:
-            yield number[:i] + number[i + 1] + number[i] + number[i + 2 :]
+# The audit job's definition of a slip of the finger (tested on its own in test_customers_domain).
+one_keystroke_errors = one_keystroke_variants
 
 
 # --- layout ---------------------------------------------------------------------------------------------

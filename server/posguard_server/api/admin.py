@@ -8,7 +8,6 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from posguard.v1 import admin_pb2, admin_pb2_grpc
@@ -103,18 +102,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         check.text(request.action, "action", max_length=ACTION_MAX)
         check.text(request.actor, "actor", max_length=ACTOR_MAX)
         check.text(request.subject, "subject", max_length=SUBJECT_MAX)
-        occurred_after = _optional_time(
-            check, request.occurred_after if request.HasField("occurred_after") else None, "occurred_after"
-        )
-        occurred_before = _optional_time(
-            check, request.occurred_before if request.HasField("occurred_before") else None, "occurred_before"
-        )
-        if occurred_after is not None and occurred_before is not None:
-            check.check(
-                occurred_after <= occurred_before,
-                "occurred_before",
-                "must not be earlier than occurred_after",
-            )
+        occurred_after, occurred_before = check.time_range(request, "occurred_after", "occurred_before")
         limit = check.page_size(request.page_size)
         # JSON rather than joined text: filter values may contain any separator, and the token must not fit
         # a different set of filters.
@@ -165,14 +153,3 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             problem=convert.AUDIT_PROBLEM_TO_PROTO[report.problem],
             detail=report.detail,
         )
-
-
-def _optional_time(check: Checker, stamp: Timestamp | None, field: str) -> datetime | None:
-    """``stamp`` as an aware UTC datetime; None when unset, or when invalid (then noted in ``check``)."""
-    if stamp is None:
-        return None
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
-        check.fail(field, "must be a valid time between the years 1 and 9999")
-        return None

@@ -18,6 +18,7 @@ from grpc import aio
 
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
+from posguard_server.api.dynamic_codes import DynamicCodesRpcs
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, make_page_token
 from posguard_server.domain.api_keys import Role
@@ -32,6 +33,7 @@ from posguard_server.domain.customers import (
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.numbers import NumberProblem
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
+from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -69,10 +71,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
-    def __init__(self, store: SqlCustomerStore, numbering: Numbering) -> None:
+class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsServicer):
+    def __init__(self, store: SqlCustomerStore, numbering: Numbering, dynamic: SqlDynamicCodeStore) -> None:
         self._store = store
         self._numbering = numbering
+        self._dynamic = dynamic
         self._holders = HolderCipher(dict(numbering.keys.keys))
 
     # -- validation helpers ---------------------------------------------------------------------------
@@ -290,10 +293,7 @@ class CustomerIdsServicer(customer_ids_pb2_grpc.CustomerIdsServicer):
         ):
             status = messages.STATUS_FROM_PROTO[request.status]
         check.text(request.issuer, "issuer", max_length=32)
-        after_time = request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None
-        before_time = request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None
-        if after_time and before_time and after_time >= before_time:
-            check.fail("created_before", "must be later than created_after")
+        after_time, before_time = check.time_range(request, "created_after", "created_before")
         query = "customers:" + fingerprint(
             customer_ids_pb2.ListCustomersRequest(
                 status=request.status,

@@ -10,6 +10,9 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from google.protobuf.message import Message
 
 from posguard_server.domain.errors import FieldViolation, InvalidArgument
 
@@ -84,6 +87,26 @@ class Checker:
             self.fail(field_path, "is not a token returned by the previous page of this same query")
             return None
         return after
+
+    def timestamp(self, message: Message, field_path: str) -> datetime | None:
+        """An optional Timestamp field of ``message`` as aware UTC; None when unset or invalid (noted)."""
+        if not message.HasField(field_path):
+            return None
+        try:
+            value: datetime = getattr(message, field_path).ToDatetime(tzinfo=UTC)
+        except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
+            self.fail(field_path, "must be a valid time between the years 1 and 9999")
+            return None
+        return value
+
+    def time_range(
+        self, message: Message, after_field: str, before_field: str
+    ) -> tuple[datetime | None, datetime | None]:
+        """Two optional Timestamp fields bounding a period; the second must not come before the first."""
+        after, before = self.timestamp(message, after_field), self.timestamp(message, before_field)
+        if after is not None and before is not None and before < after:
+            self.fail(before_field, f"must not be earlier than {after_field}")
+        return after, before
 
     def done(self) -> None:
         if self.violations:
