@@ -9,6 +9,7 @@
 
 from posguard._channel import TLS
 from posguard.client import Client
+from posguard.dynamic_codes import dynamic_code
 from posguard.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -46,4 +47,5 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "__version__",
+    "dynamic_code",
 ]

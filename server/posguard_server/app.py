@@ -28,7 +28,13 @@ from posguard_server.api.interceptors import AccessLogInterceptor, AuthIntercept
 from posguard_server.api.metrics import Metrics
 from posguard_server.config import Settings
 from posguard_server.issuers import build_numbering
-from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore, SqlCustomerStore
+from posguard_server.store import (
+    Database,
+    SqlApiKeyStore,
+    SqlAuditStore,
+    SqlCustomerStore,
+    SqlDynamicCodeStore,
+)
 from posguard_server.store.migrate import is_current, upgrade
 
 log = logging.getLogger(__name__)
@@ -135,7 +141,7 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     )
     # RPCs of later releases fall through to the generated base classes, which answer UNIMPLEMENTED (the
     # stubs declare them abstract, hence the ignores).
-    customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering)  # type: ignore[abstract]
+    customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database))
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk_pb2_grpc.add_RiskServicer_to_server(risk_pb2_grpc.RiskServicer(), server)  # type: ignore[abstract]
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator)  # type: ignore[abstract]

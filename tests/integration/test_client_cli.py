@@ -141,7 +141,7 @@ def test_errors_as_json_carry_code_reason_and_field_violations(server: RunningSe
 
 
 def test_an_rpc_the_server_does_not_serve_yet_is_a_clean_error(server: RunningServer) -> None:
-    result = run(server, "redeem", "1234", key=server.key("gateway"))
+    result = run(server, "profile", "--customer-id", "c1", key=server.key("gateway"))
     assert result.exit_code == 1
     assert result.stderr.startswith("error: UNIMPLEMENTED")
     assert isinstance(result.exception, SystemExit)
@@ -187,8 +187,8 @@ def test_usage_errors_exit_2_without_calling(server: RunningServer, args: list[s
 
 
 def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> None:
-    # The server answers UNIMPLEMENTED only after authentication and parsing, so reaching it shows that the
-    # options turned into a request the stubs accept.
+    # Implemented RPCs answer for real; the risk RPCs answer UNIMPLEMENTED only after authentication and
+    # parsing, so reaching them shows that the options turned into a request the stubs accept.
     gateway = server.key("gateway")
     verified = run(server, "--json", "verify", "1234", "--channel", "POS", key=gateway)
     assert verified.exit_code == 0, verified.output
@@ -196,9 +196,16 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
     missing = run(server, "get", "--external", "crm:acme:42", key=gateway)
     assert missing.exit_code == 1
     assert missing.stderr.startswith("error: NOT_FOUND"), missing.stderr
+    issued = json.loads(run(server, "--json", "issue", key=gateway).stdout)["customer"]
+    number, customer_id = issued["primary"]["number"], issued["customer_id"]
+    assert run(server, "link", number, "bank:1", key=gateway).exit_code == 0
+    resolved = run(
+        server, "--json", "resolve", "--customer-id", customer_id, "--namespace", "bank", key=gateway
+    )
+    assert json.loads(resolved.stdout)["external_ids"] == [{"namespace": "bank", "value": "1"}]
+    sub = run(server, "--json", "sub", number, "--channel", "mobile", key=gateway)
+    assert json.loads(sub.stdout)["sub_number"]["scope"]["channel"] == "CHANNEL_MOBILE", sub.output
     for args in (
-        ["link", "1234", "bank:1"],
-        ["resolve", "--customer-id", "c1", "--namespace", "bank"],
         [
             "score",
             "--transaction-id",
@@ -219,7 +226,6 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
             "151.2",
         ],
         ["outcome", "t1", "chargeback"],
-        ["sub", "1234", "--channel", "mobile"],
     ):
         result = run(server, *args, key=gateway)
         assert result.exit_code == 1, (args, result.output)

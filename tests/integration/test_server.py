@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import posguard
 import posguard.aio
-from posguard.v1 import admin_pb2, risk_pb2
+from posguard.v1 import admin_pb2, common_pb2, risk_pb2
 from posguard_server.store import SqlApiKeyStore
 
 if TYPE_CHECKING:
@@ -112,12 +112,12 @@ def test_create_api_key_rejects_bad_fields(
 def test_unimplemented_rpcs_answer_unimplemented_and_the_server_stays_up(server: RunningServer) -> None:
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:
         with pytest.raises(posguard.UnimplementedError) as caught:
-            client.issue_sub_id(primary_number="1564 2011 0212 3456 7890")
+            client.get_customer_risk_profile(customer=common_pb2.CustomerSelector(customer_id="c1"))
         assert caught.value.reason == "UNIMPLEMENTED"
         with pytest.raises(posguard.UnimplementedError):
             list(client.score_transactions([risk_pb2.ScoreTransactionsRequest()]))
         with pytest.raises(posguard.UnimplementedError):
-            client.redeem_dynamic_code(code="123456789012345678")
+            client.report_outcome(transaction_id="t1", outcome=risk_pb2.OUTCOME_FRAUD)
     with grpc.insecure_channel(server.target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING

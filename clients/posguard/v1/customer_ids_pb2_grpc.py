@@ -235,8 +235,8 @@ class CustomerIdsServicer:
         The customer's device then generates codes offline (TOTP-style, RFC 6238).
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-        replace_existing is false).
+        FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+        and replace_existing is false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

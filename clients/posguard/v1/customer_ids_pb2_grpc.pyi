@@ -123,8 +123,8 @@ class CustomerIdsStub:
     The customer's device then generates codes offline (TOTP-style, RFC 6238).
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-    FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-    replace_existing is false).
+    FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+    and replace_existing is false).
     """
     IssueDynamicCode: _grpc.UnaryUnaryMultiCallable[_customer_ids_pb2.IssueDynamicCodeRequest, _customer_ids_pb2.IssueDynamicCodeResponse]
     """Issues one dynamic code on the server, for customers without a device that generates codes.
@@ -225,8 +225,8 @@ class CustomerIdsAsyncStub(CustomerIdsStub):
     The customer's device then generates codes offline (TOTP-style, RFC 6238).
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-    FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-    replace_existing is false).
+    FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+    and replace_existing is false).
     """
     IssueDynamicCode: _aio.UnaryUnaryMultiCallable[_customer_ids_pb2.IssueDynamicCodeRequest, _customer_ids_pb2.IssueDynamicCodeResponse]  # type: ignore[assignment]
     """Issues one dynamic code on the server, for customers without a device that generates codes.
@@ -396,8 +396,8 @@ class CustomerIdsServicer(metaclass=_abc_1.ABCMeta):
         The customer's device then generates codes offline (TOTP-style, RFC 6238).
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-        replace_existing is false).
+        FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+        and replace_existing is false).
         """
 
     @_abc_1.abstractmethod

@@ -411,8 +411,8 @@ class SyncRpcs:
         The customer's device then generates codes offline (TOTP-style, RFC 6238).
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-        replace_existing is false).
+        FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+        and replace_existing is false).
         """
         return self._unary("/posguard.v1.CustomerIds/EnrollDynamicCodes", customer_ids_pb2.EnrollDynamicCodesRequest, customer_ids_pb2.EnrollDynamicCodesResponse, request, fields, timeout)
 
@@ -845,8 +845,8 @@ class AsyncRpcs:
         The customer's device then generates codes offline (TOTP-style, RFC 6238).
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE); ALREADY_EXISTS (already enrolled and
-        replace_existing is false).
+        FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
+        and replace_existing is false).
         """
         return await self._unary("/posguard.v1.CustomerIds/EnrollDynamicCodes", customer_ids_pb2.EnrollDynamicCodesRequest, customer_ids_pb2.EnrollDynamicCodesResponse, request, fields, timeout)
 

@@ -9,5 +9,6 @@ from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
+from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 
-__all__ = ["Database", "SqlApiKeyStore", "SqlAuditStore", "SqlCustomerStore"]
+__all__ = ["Database", "SqlApiKeyStore", "SqlAuditStore", "SqlCustomerStore", "SqlDynamicCodeStore"]

@@ -6,6 +6,7 @@ on a schema that is behind (or ahead of) the code.
 
 from __future__ import annotations
 
+import fcntl
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,10 +44,29 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at ``url`` to ``revision``; already being there is a no-op."""
     database = Database(url)
     try:
-        with _translated(), migration_connection(database) as connection:
+        with _translated(), _sqlite_migration_lock(database), migration_connection(database) as connection:
             command.upgrade(alembic_config(connection), revision)
     finally:
         database.dispose()
+
+
+@contextmanager
+def _sqlite_migration_lock(database: Database) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across threads and processes.
+
+    PostgreSQL has an advisory lock for this. SQLite's own locking is not enough: a process that opens a
+    new file while another converts it to WAL can get "database is locked" without waiting.
+    """
+    if database.dialect != "sqlite" or database.engine.url.database is None:
+        yield
+        return
+    lock_path = Path(database.engine.url.database).with_suffix(".migrate.lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -1,0 +1,230 @@
+"""The dynamic-code RPCs of ``posguard.v1.CustomerIds``: enrolment, server-side issuance and redemption.
+
+A mixin of the CustomerIds servicer, which provides the numbering, the customer store and the dynamic-code
+store. Codes are computed with the client library's ``posguard.dynamic_codes``, the one definition shared
+with customers' devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
+from posguard.v1 import customer_ids_pb2
+from posguard_server.api.interceptors import current_principal
+from posguard_server.api.validation import Checker
+from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
+from posguard_server.domain.dynamic_codes import (
+    Reason,
+    SecretCipher,
+    new_handle,
+    new_key,
+    parse_code,
+    step_bounds,
+)
+from posguard_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from posguard_server.domain.numbering import Numbering
+from posguard_server.store.customers import SqlCustomerStore
+from posguard_server.store.dynamic_codes import (
+    Attempt,
+    Sealed,
+    SqlDynamicCodeStore,
+    StoredEnrollment,
+)
+
+Context = aio.ServicerContext[Any, Any]
+
+MAX_NUMBER_INPUT = 64  # a number as typed, with spaces and hyphens
+MAX_CODE_INPUT = 64  # a code as typed: 18 digits with room for separators
+MAX_MERCHANT = 64
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _fingerprint(request: Message) -> str:
+    """What a request asks for, apart from its request_id: a retry must match it exactly."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def provisioning_uri(number: str, key_base32: str) -> str:
+    """The otpauth:// form of an enrolment, for wallet apps that import one.
+
+    Such an app shows only the 8-digit TOTP suffix of a code; the code to present is the enrolment's
+    10-digit handle (the middle part of the secret) followed by those 8 digits.
+    """
+    label = quote(f"posguard:{mask(number)}", safe=":*")
+    return (
+        f"otpauth://totp/{label}?secret={key_base32}&issuer=posguard&algorithm=SHA256"
+        f"&digits={DIGITS - 10}&period={PERIOD_SECONDS}"
+    )
+
+
+class DynamicCodesRpcs:
+    """EnrollDynamicCodes, IssueDynamicCode and RedeemDynamicCode for the CustomerIds servicer."""
+
+    _numbering: Numbering
+    _store: SqlCustomerStore
+    _dynamic: SqlDynamicCodeStore
+
+    @property
+    def _secrets(self) -> SecretCipher:
+        # Built on first use from the servicer's key ring; keys are fixed for the life of the process.
+        cipher: SecretCipher | None = getattr(self, "_secret_cipher", None)
+        if cipher is None:
+            cipher = SecretCipher(dict(self._numbering.keys.keys))
+            self._secret_cipher = cipher
+        return cipher
+
+    def _number_field(self, check: Checker, value: str, field: str, *, required: bool) -> str | None:
+        """A number named in a request, in canonical form; None (with a violation if wrong) otherwise."""
+        before = len(check.violations)
+        check.text(value, field, required=required, max_length=MAX_NUMBER_INPUT)
+        if len(check.violations) > before or not value:
+            return None
+        recognised = self._numbering.recognise(value)
+        if recognised.parsed is None:
+            problem = recognised.problem.name.lower().replace("_", " ") if recognised.problem else "malformed"
+            check.fail(field, f"is not a valid customer number ({problem})")
+            return None
+        return recognised.parsed.number
+
+    async def _active_number(self, number: str) -> tuple[CustomerNumber, str]:
+        found = await asyncio.to_thread(self._store.find_number, number)
+        if found is None:
+            raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+        stored, customer_id = found
+        if stored.status is not NumberStatus.ACTIVE:
+            raise FailedPrecondition(
+                f"the number is {stored.status.name.lower()}, not active", reason="NUMBER_NOT_ACTIVE"
+            )
+        return stored, customer_id
+
+    def _secret_of(self, enrollment: StoredEnrollment) -> str:
+        key = self._secrets.decrypt(
+            enrollment.secret_ciphertext, enrollment.customer_id, enrollment.key_version
+        )
+        return format_secret(enrollment.handle, key)
+
+    async def EnrollDynamicCodes(
+        self, request: customer_ids_pb2.EnrollDynamicCodesRequest, context: Context
+    ) -> customer_ids_pb2.EnrollDynamicCodesResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        number = self._number_field(check, request.number, "number", required=True)
+        check.done()
+        assert number is not None
+        stored, customer_id = await self._active_number(number)
+        if stored.kind is not NumberKind.STATIC:
+            raise InvalidArgument.field("number", "must be a primary number, not a sub number")
+        cipher = self._secrets
+        version = self._numbering.keys.current
+
+        def seal() -> Sealed:
+            return Sealed(new_handle(), cipher.encrypt(new_key(), customer_id, version), version)
+
+        enrollment, _ = await asyncio.to_thread(
+            self._dynamic.enroll,
+            customer_id,
+            number,
+            seal,
+            replace_existing=request.replace_existing,
+            request_id=request.request_id,
+            fingerprint=_fingerprint(request),
+            actor=current_principal().key_id,
+            now=_now(),
+        )
+        secret = self._secret_of(enrollment)
+        return customer_ids_pb2.EnrollDynamicCodesResponse(
+            secret=secret,
+            period_seconds=PERIOD_SECONDS,
+            digits=DIGITS,
+            enrolled_at=_stamp(enrollment.enrolled_at),
+            provisioning_uri=provisioning_uri(number, secret.rsplit(".", 1)[1]),
+        )
+
+    async def IssueDynamicCode(
+        self, request: customer_ids_pb2.IssueDynamicCodeRequest, context: Context
+    ) -> customer_ids_pb2.IssueDynamicCodeResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        number = self._number_field(check, request.number, "number", required=True)
+        check.done()
+        assert number is not None
+        _, customer_id = await self._active_number(number)
+        enrollment = await asyncio.to_thread(self._dynamic.get_enrollment, customer_id)
+        if enrollment is None:
+            raise FailedPrecondition("the customer is not enrolled for dynamic codes", reason="NOT_ENROLLED")
+        # Issuing changes nothing on the server: the code is what the device would show for this step, and
+        # a retry in the same step gets the same code.
+        step = time_step(_now())
+        start, end = step_bounds(step)
+        return customer_ids_pb2.IssueDynamicCodeResponse(
+            code=code_at_step(self._secret_of(enrollment), step),
+            valid_from=_stamp(datetime.fromtimestamp(start, UTC)),
+            valid_until=_stamp(datetime.fromtimestamp(end, UTC)),
+        )
+
+    async def RedeemDynamicCode(
+        self, request: customer_ids_pb2.RedeemDynamicCodeRequest, context: Context
+    ) -> customer_ids_pb2.RedeemDynamicCodeResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        check.text(request.code, "code", required=True, max_length=MAX_CODE_INPUT)
+        expected = self._number_field(check, request.expected_number, "expected_number", required=False)
+        check.text(request.merchant_id, "merchant_id", required=True, max_length=MAX_MERCHANT)
+        check.text(request.terminal_id, "terminal_id", max_length=MAX_MERCHANT)
+        amount = None
+        if request.HasField("amount"):
+            check.check(request.amount.amount_minor > 0, "amount.amount_minor", "must be positive")
+            check.check(
+                bool(_CURRENCY.fullmatch(request.amount.currency)),
+                "amount.currency",
+                "must be an ISO 4217 code of three upper-case letters",
+            )
+            amount = (request.amount.amount_minor, request.amount.currency)
+        check.done()
+        now = _now()
+        cipher = self._secrets
+        answer = await asyncio.to_thread(
+            self._dynamic.redeem,
+            parse_code(request.code),
+            Attempt(
+                request_id=request.request_id,
+                fingerprint=_fingerprint(request),
+                expected_number=expected,
+                merchant_id=request.merchant_id,
+                terminal_id=request.terminal_id,
+                amount=amount,
+                actor=current_principal().key_id,
+            ),
+            open_key=cipher.decrypt,
+            now=now,
+            now_step=time_step(now),
+        )
+        return customer_ids_pb2.RedeemDynamicCodeResponse(
+            redeemed=answer.reason is Reason.OK,
+            reason=customer_ids_pb2.RedemptionReason.Value("REDEMPTION_REASON_" + answer.reason.name),
+            customer_id=answer.customer_id,
+            number=answer.number,
+        )

@@ -1,0 +1,386 @@
+"""Storage of dynamic-code enrolments, used codes and redemption attempts.
+
+A code is single use because each successful redemption inserts its (handle, step) into
+``dynamic_code_uses``, whose primary key lets only one of two concurrent redemptions commit. Every attempt is
+kept under its request_id, so a retried redemption gets the first answer instead of ALREADY_USED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Integer, LargeBinary, String, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from posguard_server.domain.customers import NumberKind, NumberStatus, mask
+from posguard_server.domain.dynamic_codes import PresentedCode, Reason, decide, match_step
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from posguard_server.store.audit import append_event
+from posguard_server.store.customers import SqlCustomerNumber
+from posguard_server.store.schema import Base
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from posguard_server.store.db import Database
+
+HANDLE_LENGTH = 10
+CUSTOMER_ID_MAX = 32
+NUMBER_MAX = 40
+REQUEST_ID_MAX = 128
+FINGERPRINT_MAX = 64
+MERCHANT_MAX = 64
+# How often a write that lost a race on a unique constraint is re-run before the error goes out.
+_ATTEMPTS = 3
+
+
+class SqlDynamicEnrollment(Base):
+    """A customer's enrolment: the handle that starts its codes and the encrypted TOTP key."""
+
+    __tablename__ = "dynamic_enrollments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(
+        String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id"), unique=True
+    )
+    handle: Mapped[str] = mapped_column(String(HANDLE_LENGTH), unique=True)
+    # AES-GCM ciphertext of the TOTP key (see SecretCipher); never plain in the database.
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    key_version: Mapped[int] = mapped_column(Integer)
+    enrolled_at: Mapped[datetime]
+    enrolled_by: Mapped[str] = mapped_column(String(64))
+    # Refused redemptions, and the replays among them: risk signals for the customer's transactions.
+    refusals: Mapped[int] = mapped_column(BigInteger, default=0)
+    replays: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_refused_at: Mapped[datetime | None]
+    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), unique=True)
+    request_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
+
+
+class SqlDynamicCodeUse(Base):
+    """A code that was redeemed: the primary key is what makes a code single use."""
+
+    __tablename__ = "dynamic_code_uses"
+
+    handle: Mapped[str] = mapped_column(String(HANDLE_LENGTH), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX))
+    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX))
+    used_at: Mapped[datetime]
+
+
+class SqlDynamicCodeAttempt(Base):
+    """One redemption call and its answer, kept so that a retry with its request_id gets the same answer."""
+
+    __tablename__ = "dynamic_code_attempts"
+    __table_args__ = (
+        CheckConstraint(
+            "reason IN ('ok', 'malformed', 'expired', 'already_used', 'wrong_customer', 'not_enrolled', "
+            "'number_not_active', 'unknown_code')",
+            name="reason",
+        ),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
+    reason: Mapped[str] = mapped_column(String(24))
+    handle: Mapped[str | None] = mapped_column(String(HANDLE_LENGTH), index=True)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    customer_id: Mapped[str | None] = mapped_column(String(CUSTOMER_ID_MAX))
+    number: Mapped[str | None] = mapped_column(String(NUMBER_MAX))
+    merchant_id: Mapped[str] = mapped_column(String(MERCHANT_MAX))
+    terminal_id: Mapped[str] = mapped_column(String(MERCHANT_MAX))
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    attempted_at: Mapped[datetime] = mapped_column(index=True)
+    attempted_by: Mapped[str] = mapped_column(String(64))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnrollment:
+    """An enrolment as stored; the caller decrypts the key."""
+
+    customer_id: str
+    handle: str
+    secret_ciphertext: bytes
+    key_version: int
+    enrolled_at: datetime
+    refusals: int
+    replays: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A new enrolment's handle and encrypted key, made by the caller (who holds the keys)."""
+
+    handle: str
+    secret_ciphertext: bytes
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What a redemption call presents, apart from the code."""
+
+    request_id: str
+    fingerprint: str
+    expected_number: str | None
+    merchant_id: str
+    terminal_id: str
+    amount: tuple[int, str] | None
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RedemptionAnswer:
+    reason: Reason
+    customer_id: str
+    number: str
+    replayed: bool
+
+
+# (ciphertext, customer id, key version) → the TOTP key
+OpenKey = Callable[[bytes, str, int], bytes]
+
+
+def _conflict() -> InvalidArgument:
+    return InvalidArgument.field(
+        "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
+    )
+
+
+class SqlDynamicCodeStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    # -- enrolment ------------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        customer_id: str,
+        number: str,
+        seal: Callable[[], Sealed],
+        *,
+        replace_existing: bool,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+    ) -> tuple[StoredEnrollment, bool]:
+        """Enrol a customer (or replace its enrolment); ``(enrolment, replayed)``.
+
+        ``seal()`` makes a fresh handle and encrypted key; it is called again when a write lost a race (a
+        handle collision, or a concurrent enrolment), and the whole decision is taken again.
+        """
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._enroll_once(
+                    customer_id,
+                    number,
+                    seal(),
+                    replace_existing=replace_existing,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    actor=actor,
+                    now=now,
+                )
+            except AlreadyExists:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _enroll_once(
+        self,
+        customer_id: str,
+        number: str,
+        sealed: Sealed,
+        *,
+        replace_existing: bool,
+        request_id: str,
+        fingerprint: str,
+        actor: str,
+        now: datetime,
+    ) -> tuple[StoredEnrollment, bool]:
+        with self._db.session() as session:
+            earlier = session.scalar(
+                select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.request_id == request_id)
+            )
+            if earlier is not None:
+                if earlier.request_fingerprint != fingerprint:
+                    raise _conflict()
+                return _enrollment(earlier), True
+            row = session.scalar(
+                select(SqlDynamicEnrollment)
+                .where(SqlDynamicEnrollment.customer_id == customer_id)
+                .with_for_update()
+            )
+            if row is not None and not replace_existing:
+                raise FailedPrecondition(
+                    "the customer is already enrolled for dynamic codes; set replace_existing to replace",
+                    reason="ALREADY_ENROLLED",
+                )
+            replaced = row is not None
+            if row is None:
+                row = SqlDynamicEnrollment(customer_id=customer_id, refusals=0, replays=0)
+                session.add(row)
+            # Replacing in place retires the old handle at once: its codes no longer find an enrolment.
+            row.handle = sealed.handle
+            row.secret_ciphertext = sealed.secret_ciphertext
+            row.key_version = sealed.key_version
+            row.enrolled_at = now
+            row.enrolled_by = actor
+            row.request_id = request_id
+            row.request_fingerprint = fingerprint
+            session.flush()
+            append_event(
+                session,
+                actor=actor,
+                action="dynamic_code.enrolled",
+                subject=mask(number),
+                details={"customer_id": customer_id, "replaced": str(replaced).lower()},
+                now=now,
+            )
+            return _enrollment(row), False
+
+    def get_enrollment(self, customer_id: str) -> StoredEnrollment | None:
+        with self._db.session(read_only=True) as session:
+            row = session.scalar(
+                select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.customer_id == customer_id)
+            )
+            return _enrollment(row) if row is not None else None
+
+    # -- redemption -----------------------------------------------------------------------------------
+
+    def redeem(
+        self, code: PresentedCode | None, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
+    ) -> RedemptionAnswer:
+        """Judge a presented code (None when malformed), record the answer and return it.
+
+        Losing a race on a unique constraint (the same code or the same request_id redeemed concurrently)
+        re-runs the call, which then sees the winner: ALREADY_USED, or the first answer for a retry.
+        """
+        for round_ in range(_ATTEMPTS):
+            try:
+                return self._redeem_once(code, attempt, open_key=open_key, now=now, now_step=now_step)
+            except AlreadyExists:
+                if round_ == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _redeem_once(
+        self, code: PresentedCode | None, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
+    ) -> RedemptionAnswer:
+        with self._db.session() as session:
+            earlier = session.get(SqlDynamicCodeAttempt, attempt.request_id)
+            if earlier is not None:
+                if earlier.fingerprint != attempt.fingerprint:
+                    raise _conflict()
+                return RedemptionAnswer(
+                    Reason(earlier.reason), earlier.customer_id or "", earlier.number or "", replayed=True
+                )
+            reason, step, row, primary = self._judge(session, code, attempt, open_key, now_step)
+            attributed = row is not None and reason not in (Reason.UNKNOWN_CODE, Reason.MALFORMED)
+            customer_id = row.customer_id if attributed and row is not None else ""
+            number = primary if attributed else ""
+            if reason is Reason.OK:
+                assert code is not None
+                assert step is not None
+                session.add(
+                    SqlDynamicCodeUse(
+                        handle=code.handle,
+                        step=step,
+                        customer_id=customer_id,
+                        request_id=attempt.request_id,
+                        used_at=now,
+                    )
+                )
+            elif row is not None:
+                # Counted also for UNKNOWN_CODE: guesses against a known handle are a risk signal too.
+                session.execute(
+                    update(SqlDynamicEnrollment)
+                    .where(SqlDynamicEnrollment.id == row.id)
+                    .values(
+                        refusals=SqlDynamicEnrollment.refusals + 1,
+                        replays=SqlDynamicEnrollment.replays + (1 if reason is Reason.ALREADY_USED else 0),
+                        last_refused_at=now,
+                    )
+                )
+            session.add(
+                SqlDynamicCodeAttempt(
+                    request_id=attempt.request_id,
+                    fingerprint=attempt.fingerprint,
+                    reason=reason.value,
+                    handle=code.handle if code is not None else None,
+                    step=step,
+                    customer_id=customer_id or None,
+                    number=number or None,
+                    merchant_id=attempt.merchant_id,
+                    terminal_id=attempt.terminal_id,
+                    amount_minor=attempt.amount[0] if attempt.amount else None,
+                    currency=attempt.amount[1] if attempt.amount else None,
+                    attempted_at=now,
+                    attempted_by=attempt.actor,
+                )
+            )
+            session.flush()
+            if reason is not Reason.MALFORMED:
+                # Never the code: a refused code (e.g. WRONG_CUSTOMER) may still be redeemable.
+                details = {"reason": reason.name, "merchant_id": attempt.merchant_id}
+                if customer_id:
+                    details["customer_id"] = customer_id
+                append_event(
+                    session,
+                    actor=attempt.actor,
+                    action="dynamic_code.redeemed" if reason is Reason.OK else "dynamic_code.refused",
+                    subject=mask(number) if number else "unknown",
+                    details=details,
+                    now=now,
+                )
+            return RedemptionAnswer(reason, customer_id, number, replayed=False)
+
+    @staticmethod
+    def _judge(
+        session: Session, code: PresentedCode | None, attempt: Attempt, open_key: OpenKey, now_step: int
+    ) -> tuple[Reason, int | None, SqlDynamicEnrollment | None, str]:
+        """``(reason, matched step, enrolment, customer's primary number)`` for a presented code."""
+        if code is None:
+            return Reason.MALFORMED, None, None, ""
+        # Locked, so concurrent redemptions against one enrolment are judged one after the other.
+        row = session.scalar(
+            select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.handle == code.handle).with_for_update()
+        )
+        if row is None:
+            return Reason.UNKNOWN_CODE, None, None, ""
+        key = open_key(row.secret_ciphertext, row.customer_id, row.key_version)
+        match, step = match_step(key, code.totp, now_step)
+        primary = session.scalar(
+            select(SqlCustomerNumber).where(
+                SqlCustomerNumber.customer_id == row.customer_id,
+                SqlCustomerNumber.kind == NumberKind.STATIC.value,
+                SqlCustomerNumber.successor_number.is_(None),
+            )
+        )
+        assert primary is not None
+        used = step is not None and session.get(SqlDynamicCodeUse, (code.handle, step)) is not None
+        reason = decide(
+            match,
+            number_active=primary.status == NumberStatus.ACTIVE.value,
+            customer_matches=attempt.expected_number in (None, primary.number),
+            already_used=used,
+        )
+        return reason, step, row, primary.number
+
+
+def _enrollment(row: SqlDynamicEnrollment) -> StoredEnrollment:
+    return StoredEnrollment(
+        customer_id=row.customer_id,
+        handle=row.handle,
+        secret_ciphertext=row.secret_ciphertext,
+        key_version=row.key_version,
+        enrolled_at=row.enrolled_at,
+        refusals=row.refusals,
+        replays=row.replays,
+    )
