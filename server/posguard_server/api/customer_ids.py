@@ -7,20 +7,18 @@ RPCs fall through to the generated base class and answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.message import Message
 from grpc import aio
 
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import DynamicCodesRpcs
 from posguard_server.api.interceptors import current_principal
-from posguard_server.api.validation import Checker, make_page_token
+from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
 from posguard_server.domain.customers import (
     ExternalRef,
@@ -56,15 +54,6 @@ STATUS_REASON = {
     NumberStatus.REVOKED: customer_ids_pb2.VERIFICATION_REASON_REVOKED,
     NumberStatus.ROTATED: customer_ids_pb2.VERIFICATION_REASON_ROTATED,
 }
-
-
-def fingerprint(request: Message) -> str:
-    """What a request asks for, apart from its request_id: a retry must match it exactly."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    if "request_id" in copy.DESCRIPTOR.fields_by_name:
-        copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _now() -> datetime:

@@ -8,20 +8,18 @@ with customers' devices.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.api.interceptors import current_principal
-from posguard_server.api.validation import Checker
+from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
 from posguard_server.domain.dynamic_codes import (
     Reason,
@@ -57,14 +55,6 @@ def _stamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
-
-
-def _fingerprint(request: Message) -> str:
-    """What a request asks for, apart from its request_id: a retry must match it exactly."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def provisioning_uri(number: str, key_base32: str) -> str:
@@ -150,7 +140,7 @@ class DynamicCodesRpcs:
             seal,
             replace_existing=request.replace_existing,
             request_id=request.request_id,
-            fingerprint=_fingerprint(request),
+            fingerprint=fingerprint(request),
             actor=current_principal().key_id,
             now=_now(),
         )
@@ -211,7 +201,7 @@ class DynamicCodesRpcs:
             parse_code(request.code),
             Attempt(
                 request_id=request.request_id,
-                fingerprint=_fingerprint(request),
+                fingerprint=fingerprint(request),
                 expected_number=expected,
                 merchant_id=request.merchant_id,
                 terminal_id=request.terminal_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -119,3 +120,12 @@ def make_page_token(after: int | None, query: str) -> str:
         return ""
     raw = json.dumps({"after": after, "q": query}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def fingerprint(request: Message) -> str:
+    """What a request asks for, apart from its request_id: a retry must match it exactly."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if "request_id" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
