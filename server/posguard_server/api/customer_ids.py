@@ -16,7 +16,7 @@ from grpc import aio
 
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
-from posguard_server.api.dynamic_codes import DynamicCodesRpcs
+from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
@@ -35,7 +35,6 @@ from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 
 Context = aio.ServicerContext[Any, Any]
 
-MAX_NUMBER_INPUT = 64  # a number as typed, with spaces and hyphens
 MAX_HOLDER_NAME = 200
 MAX_EXTERNAL_IDS = 20
 MAX_REASON = 500
@@ -68,18 +67,6 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         self._holders = HolderCipher(dict(numbering.keys.keys))
 
     # -- validation helpers ---------------------------------------------------------------------------
-
-    def _check_number(self, check: Checker, value: str, field: str) -> str | None:
-        """A number an operator names must be well formed; returns it in canonical form."""
-        check.text(value, field, required=True, max_length=MAX_NUMBER_INPUT)
-        if check.violations and check.violations[-1].field == field:
-            return None
-        recognised = self._numbering.recognise(value)
-        if recognised.parsed is None:
-            problem = recognised.problem.name.lower().replace("_", " ") if recognised.problem else "malformed"
-            check.fail(field, f"is not a valid customer number ({problem})")
-            return None
-        return recognised.parsed.number
 
     def _scheme_of(self, issuer: str) -> Any:
         return self._numbering.scheme(issuer)
@@ -259,7 +246,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             check.text(request.customer.customer_id, "customer.customer_id", required=True, max_length=32)
             customer_id = request.customer.customer_id
         elif selector == "number":
-            number = self._check_number(check, request.customer.number, "customer.number")
+            number = self._number_field(check, request.customer.number, "customer.number", required=True)
         else:
             refs = self._external_ids(check, [request.customer.external_id], field="customer.external_id")
             external = refs[0] if refs else None
@@ -309,7 +296,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
     async def _transition(self, request: Any, action: Transition) -> tuple[customer_ids_pb2.Customer, str]:
         check = Checker()
         check.request_id(request.request_id)
-        number = self._check_number(check, request.number, "number")
+        number = self._number_field(check, request.number, "number", required=True)
         check.text(request.reason, "reason", required=True, max_length=MAX_REASON)
         check.done()
         assert number is not None
@@ -357,7 +344,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
     ) -> customer_ids_pb2.IssueSubIdResponse:
         check = Checker()
         check.request_id(request.request_id)
-        primary = self._check_number(check, request.primary_number, "primary_number")
+        primary = self._number_field(check, request.primary_number, "primary_number", required=True)
         check.text(request.scope.merchant_id, "scope.merchant_id", max_length=64)
         check.check(
             request.scope.channel in messages.CHANNEL_NAMES or request.scope.channel == 0,
@@ -420,7 +407,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             refs = self._external_ids(check, [request.external_id], field="external_id")
             external = refs[0] if refs else None
         elif query == "number":
-            number = self._check_number(check, request.number, "number")
+            number = self._number_field(check, request.number, "number", required=True)
         else:
             check.text(request.customer_id, "customer_id", required=True, max_length=32)
             customer_id = request.customer_id
@@ -451,6 +438,6 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             check.text(selector.customer_id, "customer.customer_id", required=True, max_length=32)
             return selector.customer_id, None
         if which == "number":
-            return None, self._check_number(check, selector.number, "customer.number")
+            return None, self._number_field(check, selector.number, "customer.number", required=True)
         check.fail("customer", "must name a customer by customer_id or number")
         return None, None

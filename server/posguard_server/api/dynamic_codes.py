@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
+from posguard_server.api.convert import timestamp
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
@@ -49,12 +49,6 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _stamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def provisioning_uri(number: str, key_base32: str) -> str:
@@ -149,7 +143,7 @@ class DynamicCodesRpcs:
             secret=secret,
             period_seconds=PERIOD_SECONDS,
             digits=DIGITS,
-            enrolled_at=_stamp(enrollment.enrolled_at),
+            enrolled_at=timestamp(enrollment.enrolled_at),
             provisioning_uri=provisioning_uri(number, secret.rsplit(".", 1)[1]),
         )
 
@@ -171,8 +165,8 @@ class DynamicCodesRpcs:
         start, end = step_bounds(step)
         return customer_ids_pb2.IssueDynamicCodeResponse(
             code=code_at_step(self._secret_of(enrollment), step),
-            valid_from=_stamp(datetime.fromtimestamp(start, UTC)),
-            valid_until=_stamp(datetime.fromtimestamp(end, UTC)),
+            valid_from=timestamp(datetime.fromtimestamp(start, UTC)),
+            valid_until=timestamp(datetime.fromtimestamp(end, UTC)),
         )
 
     async def RedeemDynamicCode(
