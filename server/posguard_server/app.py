@@ -26,6 +26,7 @@ from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthe
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.interceptors import AccessLogInterceptor, AuthInterceptor, ErrorInterceptor
 from posguard_server.api.metrics import Metrics
+from posguard_server.api.risk import build_risk_servicer
 from posguard_server.config import Settings
 from posguard_server.issuers import build_numbering
 from posguard_server.store import (
@@ -143,7 +144,7 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     # stubs declare them abstract, hence the ignores).
     customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database))
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk_pb2_grpc.add_RiskServicer_to_server(risk_pb2_grpc.RiskServicer(), server)  # type: ignore[abstract]
+    risk_pb2_grpc.add_RiskServicer_to_server(build_risk_servicer(database, numbering), server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator)  # type: ignore[abstract]
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()

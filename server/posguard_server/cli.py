@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -410,3 +411,249 @@ def number_keys_rotate(settings: Settings) -> None:
         database.dispose()
     save(ring, settings.number_key_file)
     click.echo(f"number key version {ring.current} is now current; restart the servers to use it")
+
+
+# -- data path: import, train, evaluate ---------------------------------------------------------------
+
+
+@contextmanager
+def _risk_parts(settings: Settings) -> Iterator[Any]:
+    from posguard_server.app import prepare_database
+    from posguard_server.issuers import build_numbering
+    from posguard_server.pipeline.importer import Importer
+    from posguard_server.store.customers import SqlCustomerStore
+    from posguard_server.store.risk import SqlRiskStore
+
+    numbering = build_numbering(settings)
+    database = prepare_database(settings)
+    try:
+        risk = SqlRiskStore(database)
+        yield (
+            risk,
+            lambda namespace: Importer(risk, SqlCustomerStore(database), numbering, namespace=namespace),
+        )
+    finally:
+        database.dispose()
+
+
+@main.group("import")
+def import_() -> None:
+    """Load history and outcomes from CSV files (idempotent: re-run an interrupted import to finish it)."""
+
+
+@import_.command("transactions")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--namespace", default="source", show_default=True, help="External-ID namespace of customer_ref."
+)
+@click.option("--batch-size", type=click.IntRange(min=1, max=100_000), default=5000, show_default=True)
+@click.pass_obj
+def import_transactions(settings: Settings, file: Path, namespace: str, batch_size: int) -> None:
+    """Import a canonical transactions CSV (.csv or .csv.gz); customers are created by customer_ref."""
+    from posguard_server.pipeline.importer import ImportError_, read_transactions
+
+    with _risk_parts(settings) as (_, importer_for):
+        importer = importer_for(namespace)
+        started = time.perf_counter()
+        try:
+            with click.progressbar(length=_count_lines(file), label="importing", show_pos=True) as bar:
+                summary = importer.import_rows(
+                    read_transactions(file), batch_size=batch_size, progress=bar.update
+                )
+        except ImportError_ as error:
+            raise click.ClickException(f"{file.name}: {error}") from None
+    elapsed = time.perf_counter() - started
+    click.echo(
+        f"{summary.rows} rows read, {summary.new} new, {summary.rows - summary.new} already stored; "
+        f"{summary.customers_created} customers created, {summary.profiles_rebuilt} profiles rebuilt "
+        f"in {elapsed:.1f}s ({summary.rows / max(elapsed, 1e-9):,.0f} rows/s)"
+    )
+
+
+@import_.command("outcomes")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--label-delay-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="For a labelled transactions CSV: how long after each fraud its report arrived.",
+)
+@click.pass_obj
+def import_outcomes(settings: Settings, file: Path, label_delay_days: float) -> None:
+    """Import outcomes: transaction_id,outcome[,reported_at] rows, or is_fraud of a transactions CSV."""
+    from datetime import timedelta
+
+    from posguard_server.pipeline.importer import ImportError_, read_outcomes
+
+    with _risk_parts(settings) as (_, importer_for):
+        try:
+            with click.progressbar(length=_count_lines(file), label="importing outcomes") as bar:
+                total, matched = importer_for("source").import_outcomes(
+                    read_outcomes(file, delay=timedelta(days=label_delay_days)), progress=bar.update
+                )
+        except ImportError_ as error:
+            raise click.ClickException(f"{file.name}: {error}") from None
+    click.echo(f"{total} outcomes read, {matched} matched stored transactions")
+
+
+def _count_lines(file: Path) -> int:
+    from posguard_server.pipeline.importer import open_text
+
+    with open_text(file) as handle:
+        return max(0, sum(1 for _ in handle) - 1)
+
+
+def _training_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    from posguard_models.training import TrainingConfig
+
+    defaults = TrainingConfig()
+    options = [
+        click.option(
+            "--n-estimators",
+            type=click.IntRange(min=1),
+            default=defaults.n_estimators,
+            show_default=True,
+            help="Trees of the global forest.",
+        ),
+        click.option(
+            "--customer-estimators",
+            type=click.IntRange(min=1),
+            default=defaults.customer_estimators,
+            show_default=True,
+            help="Trees of each customer's forest.",
+        ),
+        click.option(
+            "--customer-min-history",
+            type=click.IntRange(min=2),
+            default=defaults.customer_min_history,
+            show_default=True,
+            help="Training rows a customer needs for an own model.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _training_config(seed: int, flags: dict[str, Any]) -> Any:
+    from posguard_models.training import TrainingConfig
+
+    return TrainingConfig(
+        seed=seed,
+        n_estimators=flags["n_estimators"],
+        customer_estimators=flags["customer_estimators"],
+        customer_min_history=flags["customer_min_history"],
+    )
+
+
+@main.command()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--no-activate", is_flag=True, help="Register the models as candidates without activating them."
+)
+@_training_options
+@click.pass_obj
+def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> None:
+    """Fit the global and per-customer models on stored history and activate them (servers pick them up)."""
+    from posguard_server.pipeline.trainer import train_and_register
+
+    with _risk_parts(settings) as (risk, _):
+        started = time.perf_counter()
+        with click.progressbar(length=1, label="training customer models", show_pos=True) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.length = total
+                bar.update(done - bar.pos)
+
+            try:
+                report = train_and_register(
+                    risk, _training_config(seed, flags), activate=not no_activate, progress=progress
+                )
+            except ValueError as error:
+                raise click.ClickException(str(error)) from None
+    state = "active" if report.activated else "candidate"
+    click.echo(
+        f"version {report.version} ({state}): {report.rows} transactions of {report.customers} customers, "
+        f"{report.customer_models} customer models, {report.labelled_fraud} labelled fraud left out, "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--seeds", default="0,1,2", show_default=True, help="Comma-separated training seeds to average."
+)
+@click.option(
+    "--labels/--no-labels",
+    default=False,
+    show_default=True,
+    help="Feed fraud labels back through ReportOutcome, --label-delay-days late.",
+)
+@click.option("--label-delay-days", type=click.FloatRange(min=0), default=7.0, show_default=True)
+@click.option(
+    "--customers",
+    "customers_limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluate on this many customers only (a quick, bounded run).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_training_options
+def evaluate(
+    file: Path,
+    seeds: str,
+    labels: bool,
+    label_delay_days: float,
+    customers_limit: int | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Run the evaluation protocol on a labelled CSV: import history, train, replay the rest, measure.
+
+    Each seed runs on its own fresh embedded database and a real server on loopback.
+    """
+    from posguard_server.pipeline.evaluate import evaluate as run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter("must be integers separated by commas", param_hint="--seeds") from None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not as_json:
+            click.echo(f"\r{stage}: {done}/{total}   ", nl=False, err=True)
+
+    result = run(
+        file,
+        seeds=seed_list,
+        labels=labels,
+        label_delay_days=label_delay_days,
+        customers_limit=customers_limit,
+        training=_training_config(0, flags),
+        progress=progress,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo("", err=True)
+    mean = result.mean()
+    click.echo(f"{result.dataset} ({'with' if labels else 'without'} label feedback), seeds {seeds}:")
+    click.echo(
+        f"  AP {mean['ap']:.3f} ± {mean['ap_std']:.3f}   ROC-AUC {mean['roc_auc']:.3f}   "
+        f"recall@1% {mean['recall_at_1pct']:.3f}"
+    )
+    for key in sorted(k for k in mean if k.startswith("scenario_") and k.endswith("_ap")):
+        scenario = key.split("_")[1]
+        click.echo(
+            f"  scenario {scenario}: AP {mean[key]:.3f}   "
+            f"recall@1% {mean[f'scenario_{scenario}_recall_at_1pct']:.3f}"
+        )
+    for seed in result.seeds:
+        click.echo(
+            f"  seed {seed.seed}: AP {seed.overall.average_precision:.3f} ROC-AUC {seed.overall.roc_auc:.3f} "
+            f"recall@1% {seed.overall.recall_at_alert_rate:.3f}; "
+            f"{seed.scored} scored, {seed.refused} refused; "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in seed.seconds.items())
+        )

@@ -140,10 +140,10 @@ def test_errors_as_json_carry_code_reason_and_field_violations(server: RunningSe
     assert all(v["description"] for v in error["field_violations"])
 
 
-def test_an_rpc_the_server_does_not_serve_yet_is_a_clean_error(server: RunningServer) -> None:
+def test_an_error_answer_is_a_clean_error(server: RunningServer) -> None:
     result = run(server, "profile", "--customer-id", "c1", key=server.key("gateway"))
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: UNIMPLEMENTED")
+    assert result.stderr.startswith("error: NOT_FOUND")
     assert isinstance(result.exception, SystemExit)
 
 
@@ -187,8 +187,8 @@ def test_usage_errors_exit_2_without_calling(server: RunningServer, args: list[s
 
 
 def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> None:
-    # Implemented RPCs answer for real; the risk RPCs answer UNIMPLEMENTED only after authentication and
-    # parsing, so reaching them shows that the options turned into a request the stubs accept.
+    # Every RPC answers for real; the risk answers below come from server-side validation and lookup, so
+    # reaching them shows that the options turned into a request the stubs accept.
     gateway = server.key("gateway")
     verified = run(server, "--json", "verify", "1234", "--channel", "POS", key=gateway)
     assert verified.exit_code == 0, verified.output
@@ -205,31 +205,34 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
     assert json.loads(resolved.stdout)["external_ids"] == [{"namespace": "bank", "value": "1"}]
     sub = run(server, "--json", "sub", number, "--channel", "mobile", key=gateway)
     assert json.loads(sub.stdout)["sub_number"]["scope"]["channel"] == "CHANNEL_MOBILE", sub.output
-    for args in (
-        [
-            "score",
-            "--transaction-id",
-            "t1",
-            "--code",
-            "1",
-            "--amount-minor",
-            "100",
-            "--currency",
-            "CNY",
-            "--time",
-            "2025-03-01T12:00:00",
-            "--channel",
-            "online",
-            "--lat",
-            "-33.9",
-            "--lon",
-            "151.2",
-        ],
-        ["outcome", "t1", "chargeback"],
+    for args, code in (
+        (
+            [
+                "score",
+                "--transaction-id",
+                "t1",
+                "--code",
+                "1",
+                "--amount-minor",
+                "100",
+                "--currency",
+                "CNY",
+                "--time",
+                "2025-03-01T12:00:00",
+                "--channel",
+                "online",
+                "--lat",
+                "-33.9",
+                "--lon",
+                "151.2",
+            ],
+            "INVALID_ARGUMENT",  # no merchant, and "1" is not a dynamic code
+        ),
+        (["outcome", "t1", "chargeback"], "NOT_FOUND"),
     ):
         result = run(server, *args, key=gateway)
         assert result.exit_code == 1, (args, result.output)
-        assert result.stderr.startswith("error: UNIMPLEMENTED"), (args, result.stderr)
+        assert result.stderr.startswith(f"error: {code}"), (args, result.stderr)
 
 
 def test_help_never_shows_the_key(server: RunningServer) -> None:

@@ -110,14 +110,13 @@ def test_create_api_key_rejects_bad_fields(
 
 
 def test_unimplemented_rpcs_answer_unimplemented_and_the_server_stays_up(server: RunningServer) -> None:
-    with posguard.Client(server.target, api_key=server.key("gateway")) as client:
+    # The model registry RPCs come with a later release.
+    with posguard.Client(server.target, api_key=server.key("admin")) as client:
         with pytest.raises(posguard.UnimplementedError) as caught:
-            client.get_customer_risk_profile(customer=common_pb2.CustomerSelector(customer_id="c1"))
+            client.list_models()
         assert caught.value.reason == "UNIMPLEMENTED"
         with pytest.raises(posguard.UnimplementedError):
-            list(client.score_transactions([risk_pb2.ScoreTransactionsRequest()]))
-        with pytest.raises(posguard.UnimplementedError):
-            client.report_outcome(transaction_id="t1", outcome=risk_pb2.OUTCOME_FRAUD)
+            client.rollback_model(scope=risk_pb2.MODEL_SCOPE_GLOBAL)
     with grpc.insecure_channel(server.target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -10,5 +10,13 @@ from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.risk import SqlRiskStore
 
-__all__ = ["Database", "SqlApiKeyStore", "SqlAuditStore", "SqlCustomerStore", "SqlDynamicCodeStore"]
+__all__ = [
+    "Database",
+    "SqlApiKeyStore",
+    "SqlAuditStore",
+    "SqlCustomerStore",
+    "SqlDynamicCodeStore",
+    "SqlRiskStore",
+]

@@ -1,0 +1,563 @@
+"""The ``posguard.v1.Risk`` service: scoring transactions, taking outcome labels, showing risk profiles.
+
+Every request is validated in full before anything is touched (each bad field named, see ``validation``).
+Then the customer is resolved from what the transaction names (a number, a one-time dynamic code, or an
+external id) and the :class:`RiskEngine` scores, stores and answers in one database transaction.
+
+A customer who is found but may not pay (a suspended, revoked or rotated number, a sub number outside its
+scope or whose primary is blocked, a used or expired dynamic code) is an answer, not an error: the engine
+declines by rule with the :class:`IdentityDecline` this module passes it.
+
+Customer resolution lives here rather than in a helper shared with the CustomerIds servicer: VerifyCustomerId
+records every verification (a failure also per caller and audited), which scoring must not do, and
+RedeemDynamicCode keys the redemption by its own request_id where scoring keys it by the transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf.message import Message
+from grpc import aio
+
+from posguard.dynamic_codes import time_step
+from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
+from posguard_server.api import customer_messages as messages
+from posguard_server.api.convert import timestamp
+from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
+from posguard_server.api.errors import status_for
+from posguard_server.api.interceptors import current_principal
+from posguard_server.api.validation import Checker, fingerprint
+from posguard_server.domain.currencies import is_money
+from posguard_server.domain.customers import ExternalRef, NumberKind, NumberStatus
+from posguard_server.domain.dynamic_codes import Reason, SecretCipher, parse_code
+from posguard_server.domain.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PosguardError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from posguard_server.domain.numbering import Numbering
+from posguard_server.domain.risk import Decision, ModelScope, Outcome, StoredTransaction
+from posguard_server.scoring import IdentityDecline, RiskEngine, Thresholds, TransactionInput
+from posguard_server.store.customers import SqlCustomerStore
+from posguard_server.store.db import Database
+from posguard_server.store.dynamic_codes import Attempt, SqlDynamicCodeStore
+from posguard_server.store.risk import OUTCOME_NOTE_MAX, TERMINAL_ID_MAX, TRANSACTION_ID_MAX, SqlRiskStore
+
+Context = aio.ServicerContext[Any, Any]
+
+# Score thresholds (a calibrated score of 0.99 flags about 1% of traffic) and how often a server looks for
+# promoted models; fixed here until they become settings.
+RISK_THRESHOLDS = Thresholds(review=0.99, decline=0.999)
+MODEL_REFRESH_SECONDS = 5.0
+MAX_AMOUNT_MINOR = 10**15
+MAX_CUSTOMER_ID = 32
+MAX_NAMESPACE = 64
+MAX_EXTERNAL_VALUE = 256
+# Event times: history may be replayed, so the past is fine back to this; the future only by clock skew.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+CLOCK_SKEW = timedelta(minutes=5)
+_MCC = re.compile(r"[0-9]{4}")
+_NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")  # as CustomerIds checks external ids
+_NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
+# Control characters a note for people may hold: line breaks and tabs.
+_NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
+# The redemption a score makes is kept under this prefix and a hash of the transaction id: a retry of the
+# transaction (with any request_id) replays it, and it never meets a RedeemDynamicCode request_id.
+_REDEMPTION_KEY_PREFIX = "risk.score:"
+_STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
+# Errors of the whole call, not of one item: they end a ScoreTransactions stream.
+_CALL_ERRORS = (Unauthenticated, PermissionDenied, ResourceExhausted, DeadlineExceeded, Unavailable)
+
+DECISION_TO_PROTO: dict[Decision, risk_pb2.Decision.ValueType] = {
+    Decision.APPROVE: risk_pb2.DECISION_APPROVE,
+    Decision.REVIEW: risk_pb2.DECISION_REVIEW,
+    Decision.DECLINE: risk_pb2.DECISION_DECLINE,
+}
+SCOPE_TO_PROTO: dict[ModelScope, risk_pb2.ModelScope.ValueType] = {
+    ModelScope.CUSTOMER: risk_pb2.MODEL_SCOPE_CUSTOMER,
+    ModelScope.GLOBAL: risk_pb2.MODEL_SCOPE_GLOBAL,
+    ModelScope.NONE: risk_pb2.MODEL_SCOPE_NONE,
+}
+OUTCOME_TO_PROTO: dict[Outcome, risk_pb2.Outcome.ValueType] = {
+    Outcome.FRAUD: risk_pb2.OUTCOME_FRAUD,
+    Outcome.CHARGEBACK: risk_pb2.OUTCOME_CHARGEBACK,
+    Outcome.LEGITIMATE: risk_pb2.OUTCOME_LEGITIMATE,
+}
+OUTCOME_FROM_PROTO = {v: k for k, v in OUTCOME_TO_PROTO.items()}
+
+# What a refused dynamic code whose customer is known declines with.
+_CODE_DECLINES: dict[Reason, IdentityDecline] = {
+    Reason.ALREADY_USED: IdentityDecline(
+        "DYNAMIC_CODE_REPLAYED", "dynamic code was already used; a one-time code pays only once"
+    ),
+    Reason.EXPIRED: IdentityDecline("DYNAMIC_CODE_EXPIRED", "dynamic code has expired"),
+}
+_STATUS_DECLINES: dict[NumberStatus, IdentityDecline] = {
+    NumberStatus.SUSPENDED: IdentityDecline("NUMBER_SUSPENDED", "customer number is suspended"),
+    NumberStatus.REVOKED: IdentityDecline("NUMBER_REVOKED", "customer number is revoked"),
+    NumberStatus.ROTATED: IdentityDecline(
+        "NUMBER_ROTATED", "customer number was rotated and a successor number replaces it"
+    ),
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+
+def _time_field(
+    check: Checker, message: Message, name: str, path: str, *, required: bool, now: datetime
+) -> datetime | None:
+    """A Timestamp field as aware UTC between 2000-01-01 and a little after ``now``; None if unset/bad."""
+    if not message.HasField(name):
+        if required:
+            check.fail(path, "is required")
+        return None
+    try:
+        value: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+    except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
+        check.fail(path, "must be a valid time")
+        return None
+    if value < EARLIEST_TIME:
+        check.fail(path, "must not be before 2000-01-01")
+    elif value > now + CLOCK_SKEW:
+        check.fail(path, "must not be more than 5 minutes in the future")
+    return value
+
+
+def _external_id(check: Checker, ref: common_pb2.ExternalId, path: str) -> ExternalRef:
+    check.text(
+        ref.namespace,
+        f"{path}.namespace",
+        required=True,
+        max_length=MAX_NAMESPACE,
+        pattern=_NAMESPACE,
+        pattern_hint=_NAMESPACE_HINT,
+    )
+    check.text(ref.value, f"{path}.value", required=True, max_length=MAX_EXTERNAL_VALUE)
+    return ExternalRef(ref.namespace, ref.value)
+
+
+def _number(numbering: Numbering, check: Checker, value: str, path: str) -> str | None:
+    """A customer number in canonical form; None (with a violation) when it is missing or not valid."""
+    before = len(check.violations)
+    check.text(value, path, required=True, max_length=MAX_NUMBER_INPUT)
+    if len(check.violations) > before:
+        return None
+    recognised = numbering.recognise(value)
+    if recognised.parsed is None:
+        problem = recognised.problem.name.lower().replace("_", " ") if recognised.problem else "malformed"
+        check.fail(path, f"is not a valid customer number ({problem})")
+        return None
+    return recognised.parsed.number
+
+
+def _transaction_id(check: Checker, value: str, path: str) -> None:
+    check.text(value, path, required=True, max_length=TRANSACTION_ID_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class _Who:
+    """Whom a transaction names: exactly one of a canonical number, a dynamic code, an external id."""
+
+    number: str | None = None
+    code: str | None = None
+    external: ExternalRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A transaction that passed validation, ready to resolve and score."""
+
+    txn: TransactionInput
+    who: _Who
+    request_id: str
+    fingerprint: str
+
+
+def _check_transaction(
+    numbering: Numbering, check: Checker, txn: risk_pb2.Transaction, now: datetime
+) -> tuple[_Who, TransactionInput | None]:
+    """Validate a Transaction at ``transaction``; the input for the engine when nothing was wrong."""
+    before = len(check.violations)
+    p = "transaction"
+    _transaction_id(check, txn.transaction_id, f"{p}.transaction_id")
+    which = txn.WhichOneof("customer")
+    who = _Who()
+    if which is None:
+        check.fail(f"{p}.customer", "must name the customer by customer_number, dynamic_code or external_id")
+    elif which == "customer_number":
+        who = _Who(number=_number(numbering, check, txn.customer_number, f"{p}.customer_number"))
+    elif which == "dynamic_code":
+        code_problems = len(check.violations)
+        check.text(txn.dynamic_code, f"{p}.dynamic_code", required=True, max_length=MAX_CODE_INPUT)
+        if len(check.violations) == code_problems and parse_code(txn.dynamic_code) is None:
+            check.fail(f"{p}.dynamic_code", "is not a dynamic code (18 digits)")
+        who = _Who(code=txn.dynamic_code)
+    else:
+        who = _Who(external=_external_id(check, txn.external_id, f"{p}.external_id"))
+    if not txn.HasField("amount"):
+        check.fail(f"{p}.amount", "is required")
+    else:
+        amount = txn.amount.amount_minor
+        if amount <= 0:
+            check.fail(f"{p}.amount.amount_minor", "must be positive")
+        elif amount > MAX_AMOUNT_MINOR:
+            check.fail(f"{p}.amount.amount_minor", f"must be at most {MAX_AMOUNT_MINOR}")
+        check.check(
+            is_money(txn.amount.currency),
+            f"{p}.amount.currency",
+            "must be an active ISO 4217 currency code in upper case (e.g. CNY, USD, EUR)",
+        )
+    check.text(txn.merchant_id, f"{p}.merchant_id", required=True, max_length=MAX_MERCHANT)
+    check.text(txn.terminal_id, f"{p}.terminal_id", max_length=TERMINAL_ID_MAX)
+    check.text(txn.mcc, f"{p}.mcc", max_length=4, pattern=_MCC, pattern_hint="must be exactly 4 digits")
+    event_time = _time_field(check, txn, "event_time", f"{p}.event_time", required=True, now=now)
+    check.check(
+        txn.channel in messages.CHANNEL_NAMES or txn.channel == common_pb2.CHANNEL_UNSPECIFIED,
+        f"{p}.channel",
+        "is not a known channel",
+    )
+    latitude = longitude = None
+    if txn.HasField("location"):
+        latitude, longitude = txn.location.latitude, txn.location.longitude
+        check.check(
+            math.isfinite(latitude) and -90 <= latitude <= 90,
+            f"{p}.location.latitude",
+            "must be a number from -90 to 90",
+        )
+        check.check(
+            math.isfinite(longitude) and -180 <= longitude <= 180,
+            f"{p}.location.longitude",
+            "must be a number from -180 to 180",
+        )
+    if len(check.violations) > before or event_time is None:
+        return who, None
+    return who, TransactionInput(
+        transaction_id=txn.transaction_id,
+        amount_minor=txn.amount.amount_minor,
+        currency=txn.amount.currency,
+        merchant_id=txn.merchant_id,
+        terminal_id=txn.terminal_id,
+        mcc=txn.mcc,
+        event_time=event_time,
+        channel=messages.CHANNEL_NAMES.get(txn.channel, ""),
+        latitude=latitude,
+        longitude=longitude,
+    )
+
+
+# -- answers ------------------------------------------------------------------------------------------
+
+
+def score_response(stored: StoredTransaction, replayed: bool) -> risk_pb2.ScoreTransactionResponse:
+    answer = stored.answer
+    if answer is None:  # the engine only returns scored transactions
+        raise TypeError("a scored transaction has no stored answer")
+    return risk_pb2.ScoreTransactionResponse(
+        transaction_id=stored.transaction.transaction_id,
+        customer_id=stored.transaction.customer_id,
+        risk_score=answer.risk_score,
+        decision=DECISION_TO_PROTO[answer.decision],
+        reasons=[risk_pb2.Reason(code=r.code, message=r.message, weight=r.weight) for r in answer.reasons],
+        model=risk_pb2.ModelInfo(
+            scope=SCOPE_TO_PROTO[answer.model_scope],
+            version=answer.model_version,
+            history_size=answer.history_size,
+            cold_start=answer.cold_start,
+        ),
+        replayed=replayed,
+        scored_at=timestamp(answer.scored_at),
+    )
+
+
+def stream_error(error: Exception) -> common_pb2.StreamError:
+    """The StreamError for one item: what a unary call would carry in its status, nothing internal."""
+    if isinstance(error, PosguardError):
+        violations = error.violations if isinstance(error, InvalidArgument) else ()
+        return common_pb2.StreamError(
+            code=error.kind.value,
+            reason=error.reason,
+            message=error.message,
+            field_violations=[
+                common_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
+            ],
+        )
+    status = status_for(error, _STREAM_METHOD)  # logs it under a reference; the text stays here
+    return common_pb2.StreamError(code=status.code.name, reason=status.code.name, message=status.details)
+
+
+# -- the servicer -------------------------------------------------------------------------------------
+
+
+class RiskServicer(risk_pb2_grpc.RiskServicer):
+    def __init__(
+        self,
+        engine: RiskEngine,
+        store: SqlCustomerStore,
+        numbering: Numbering,
+        dynamic: SqlDynamicCodeStore,
+        transactions: SqlRiskStore,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._numbering = numbering
+        self._dynamic = dynamic
+        self._transactions = transactions
+        self._secrets = SecretCipher(dict(numbering.keys.keys))
+
+    # -- scoring --------------------------------------------------------------------------------------
+
+    def _check_score(
+        self, request: risk_pb2.ScoreTransactionRequest | risk_pb2.ScoreTransactionsRequest
+    ) -> _Checked:
+        check = Checker()
+        check.request_id(request.request_id, required=False)
+        who, txn = _Who(), None
+        if not request.HasField("transaction"):
+            check.fail("transaction", "is required")
+        else:
+            who, txn = _check_transaction(self._numbering, check, request.transaction, _now())
+        check.done()
+        assert txn is not None
+        # Without the request_id, so that a retry under another key is recognised as the same transaction.
+        same = fingerprint(risk_pb2.ScoreTransactionRequest(transaction=request.transaction))
+        return _Checked(txn, who, request.request_id, same)
+
+    async def _score(self, checked: _Checked) -> risk_pb2.ScoreTransactionResponse:
+        customer_id, identity = await self._resolve(checked)
+        stored, replayed = await asyncio.to_thread(
+            self._engine.score,
+            checked.txn,
+            customer_id=customer_id,
+            identity=identity,
+            request_id=checked.request_id,
+            fingerprint=checked.fingerprint,
+        )
+        return score_response(stored, replayed)
+
+    async def _resolve(self, checked: _Checked) -> tuple[str, IdentityDecline | None]:
+        who = checked.who
+        if who.number is not None:
+            return await self._by_number(who.number, checked.txn)
+        if who.code is not None:
+            return await self._by_code(who.code, checked)
+        assert who.external is not None
+        stored = await asyncio.to_thread(self._store.get, external=who.external)
+        customer = stored.customer
+        # The customer pays under its current primary number; a blocked one blocks the customer.
+        return customer.customer_id, _STATUS_DECLINES.get(customer.primary.status)
+
+    async def _by_number(self, number: str, txn: TransactionInput) -> tuple[str, IdentityDecline | None]:
+        found = await asyncio.to_thread(self._store.find_number, number)
+        if found is None:
+            raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+        stored, customer_id = found
+        if stored.status is not NumberStatus.ACTIVE:
+            return customer_id, _STATUS_DECLINES[stored.status]
+        if stored.kind is NumberKind.SUB:
+            # A sub number is only as good as its customer's primary, and only inside its scope.
+            primary = await asyncio.to_thread(self._store.primary_status, customer_id)
+            if primary.status is not NumberStatus.ACTIVE:
+                return customer_id, IdentityDecline(
+                    _STATUS_DECLINES[primary.status].code,
+                    f"the primary number of this sub number is {primary.status.value}",
+                )
+            if stored.scope_merchant_id and stored.scope_merchant_id != txn.merchant_id:
+                return customer_id, IdentityDecline(
+                    "NUMBER_OUT_OF_SCOPE", "this sub number may not pay at this merchant"
+                )
+            if stored.scope_channel and stored.scope_channel != txn.channel:
+                return customer_id, IdentityDecline(
+                    "NUMBER_OUT_OF_SCOPE",
+                    f"this sub number may pay only through channel {stored.scope_channel}",
+                )
+        return customer_id, None
+
+    async def _by_code(self, code: str, checked: _Checked) -> tuple[str, IdentityDecline | None]:
+        """Redeem the code (its one use) as RedeemDynamicCode does, keyed by the transaction."""
+        txn = checked.txn
+        earlier = await asyncio.to_thread(self._transactions.get_transaction, txn.transaction_id)
+        if earlier is not None:
+            # A retry (or a reuse) of a stored transaction id: the engine replays the stored answer or refuses
+            # the reuse, and the code is left alone either way.
+            return earlier.transaction.customer_id, None
+        key = hashlib.sha256(txn.transaction_id.encode()).hexdigest()
+        now = _now()
+        try:
+            answer = await asyncio.to_thread(
+                self._dynamic.redeem,
+                parse_code(code),
+                Attempt(
+                    request_id=_REDEMPTION_KEY_PREFIX + key,
+                    fingerprint=checked.fingerprint,
+                    expected_number=None,
+                    merchant_id=txn.merchant_id,
+                    terminal_id=txn.terminal_id,
+                    amount=(txn.amount_minor, txn.currency),
+                    actor=current_principal().key_id,
+                ),
+                open_key=self._secrets.decrypt,
+                now=now,
+                now_step=time_step(now),
+            )
+        except InvalidArgument as error:
+            if error.reason != "IDEMPOTENCY_CONFLICT":
+                raise
+            # The redemption is keyed by the transaction id: the id was used for another transaction.
+            raise InvalidArgument.field(
+                "transaction.transaction_id",
+                "was already used for a different transaction",
+                reason="IDEMPOTENCY_CONFLICT",
+            ) from None
+        if answer.reason is Reason.OK:
+            return answer.customer_id, None
+        if not answer.customer_id:
+            # UNKNOWN_CODE: no enrolment has this code (or it matches no time), so nobody to attribute to.
+            raise NotFound("no customer has this dynamic code", reason="DYNAMIC_CODE_NOT_FOUND")
+        decline = _CODE_DECLINES.get(answer.reason)
+        if decline is None and answer.reason is Reason.NUMBER_NOT_ACTIVE:
+            found = await asyncio.to_thread(self._store.find_number, answer.number)
+            decline = _STATUS_DECLINES.get(found[0].status) if found is not None else None
+        if decline is None:
+            decline = IdentityDecline(
+                "DYNAMIC_CODE_INVALID", f"dynamic code was refused ({answer.reason.value.replace('_', ' ')})"
+            )
+        return answer.customer_id, decline
+
+    async def ScoreTransaction(
+        self, request: risk_pb2.ScoreTransactionRequest, context: Context
+    ) -> risk_pb2.ScoreTransactionResponse:
+        return await self._score(self._check_score(request))
+
+    async def ScoreTransactions(
+        self, request_iterator: AsyncIterator[risk_pb2.ScoreTransactionsRequest], context: Context
+    ) -> AsyncIterator[risk_pb2.ScoreTransactionsResponse]:
+        # One transaction at a time, in the order sent: history replays in event-time order, and a customer's
+        # profile must see each transaction before the next. gRPC's flow control holds the client back while
+        # one is scored, so a stream never has more than one transaction in flight on the server.
+        index = 0
+        async for request in request_iterator:
+            reply = risk_pb2.ScoreTransactionsResponse(index=index, transaction_id=_safe_id(request))
+            try:
+                reply.result.CopyFrom(await self._score(self._check_score(request)))
+            except _CALL_ERRORS:
+                raise
+            except Exception as error:  # one bad transaction does not end the stream
+                reply.error.CopyFrom(stream_error(error))
+            yield reply
+            index += 1
+
+    # -- outcomes and profiles ------------------------------------------------------------------------
+
+    async def ReportOutcome(
+        self, request: risk_pb2.ReportOutcomeRequest, context: Context
+    ) -> risk_pb2.ReportOutcomeResponse:
+        check = Checker()
+        check.request_id(request.request_id)
+        _transaction_id(check, request.transaction_id, "transaction_id")
+        outcome = OUTCOME_FROM_PROTO.get(request.outcome)
+        check.check(outcome is not None, "outcome", "must be FRAUD, CHARGEBACK or LEGITIMATE")
+        reported_at = _time_field(check, request, "reported_at", "reported_at", required=False, now=_now())
+        if len(request.note) > OUTCOME_NOTE_MAX:
+            check.fail("note", f"must be at most {OUTCOME_NOTE_MAX} characters")
+        elif not request.note.translate(_NOTE_WHITESPACE).isprintable():
+            check.fail("note", "must not contain control characters other than line breaks and tabs")
+        check.done()
+        assert outcome is not None
+        record, replayed = await asyncio.to_thread(
+            self._engine.report_outcome,
+            request.transaction_id,
+            outcome.value,
+            reported_at=reported_at,
+            note=request.note,
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
+        )
+        return risk_pb2.ReportOutcomeResponse(
+            transaction_id=record.transaction_id, outcome=OUTCOME_TO_PROTO[record.outcome], replayed=replayed
+        )
+
+    async def GetCustomerRiskProfile(
+        self, request: risk_pb2.GetCustomerRiskProfileRequest, context: Context
+    ) -> risk_pb2.GetCustomerRiskProfileResponse:
+        check = Checker()
+        selector = request.customer.WhichOneof("selector")
+        customer_id = number = None
+        external = None
+        if selector is None:
+            check.fail("customer", "must name a customer by customer_id, number or external_id")
+        elif selector == "customer_id":
+            check.text(
+                request.customer.customer_id,
+                "customer.customer_id",
+                required=True,
+                max_length=MAX_CUSTOMER_ID,
+            )
+            customer_id = request.customer.customer_id
+        elif selector == "number":
+            number = _number(self._numbering, check, request.customer.number, "customer.number")
+        else:
+            external = _external_id(check, request.customer.external_id, "customer.external_id")
+        check.done()
+        if customer_id is None:
+            stored = await asyncio.to_thread(self._store.get, number=number, external=external)
+            customer_id = stored.customer.customer_id
+        view = await asyncio.to_thread(self._engine.profile, customer_id)  # NOT_FOUND for nobody
+        typical = None
+        if view.typical_amount_minor is not None:
+            typical = common_pb2.Money(amount_minor=view.typical_amount_minor, currency=view.currency)
+        return risk_pb2.GetCustomerRiskProfileResponse(
+            customer_id=view.customer_id,
+            transaction_count=view.transaction_count,
+            first_seen=timestamp(view.first_seen),
+            last_seen=timestamp(view.last_seen),
+            typical_amount=typical,
+            active_model=risk_pb2.ModelInfo(
+                scope=SCOPE_TO_PROTO[ModelScope(view.active_scope)],
+                version=view.active_version,
+                history_size=view.history_size,
+                cold_start=view.cold_start,
+            ),
+            failed_verifications=view.failed_verifications,
+            dynamic_code_replays=view.dynamic_code_replays,
+            declines=view.declines,
+            reviews=view.reviews,
+            distinct_merchants=view.distinct_merchants,
+            distinct_terminals=view.distinct_terminals,
+        )
+
+
+def build_risk_servicer(database: Database, numbering: Numbering) -> RiskServicer:
+    """The Risk servicer and the engine behind it, on ``database``."""
+    customers, dynamic, transactions = (
+        SqlCustomerStore(database),
+        SqlDynamicCodeStore(database),
+        SqlRiskStore(database),
+    )
+    engine = RiskEngine(
+        transactions, customers, dynamic, thresholds=RISK_THRESHOLDS, refresh_seconds=MODEL_REFRESH_SECONDS
+    )
+    return RiskServicer(engine, customers, numbering, dynamic, transactions)
+
+
+def _safe_id(request: risk_pb2.ScoreTransactionsRequest) -> str:
+    """The transaction id to echo in a stream response: as sent, unless it is too long or unprintable."""
+    value = request.transaction.transaction_id
+    return value if len(value) <= TRANSACTION_ID_MAX and value.isprintable() else ""

@@ -1,0 +1,267 @@
+"""Transaction risk: the plain objects the risk store takes and returns.
+
+Nothing here knows about SQL or gRPC. Enum values are the strings stored in the database, so renaming a
+member is a schema change.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class Channel(enum.Enum):
+    """How a payment reached the gateway; the same spellings customer numbers use for their scope."""
+
+    UNSPECIFIED = ""
+    POS = "pos"
+    ONLINE = "online"
+    MOBILE = "mobile"
+
+
+class Decision(enum.Enum):
+    APPROVE = "APPROVE"
+    REVIEW = "REVIEW"
+    DECLINE = "DECLINE"
+
+
+class ModelScope(enum.Enum):
+    """Which model decided; NONE when a rule declined before any model ran (never in the registry)."""
+
+    CUSTOMER = "CUSTOMER"
+    GLOBAL = "GLOBAL"
+    NONE = "NONE"
+
+
+class ModelStatus(enum.Enum):
+    CANDIDATE = "CANDIDATE"
+    ACTIVE = "ACTIVE"
+    SHADOW = "SHADOW"
+    RETIRED = "RETIRED"
+
+
+class Outcome(enum.Enum):
+    """What a transaction turned out to be."""
+
+    FRAUD = "FRAUD"
+    CHARGEBACK = "CHARGEBACK"
+    LEGITIMATE = "LEGITIMATE"
+
+    @property
+    def is_fraud(self) -> bool:
+        """Whether the label marks the transaction as bad (kept out of training, positive in evaluation)."""
+        return self is not Outcome.LEGITIMATE
+
+
+class TransactionSource(enum.Enum):
+    """How a transaction reached the store: imported history, or scored live."""
+
+    IMPORT = "import"
+    SCORE = "score"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransaction:
+    """A transaction as given: the same for imported history and for a live score."""
+
+    transaction_id: str
+    customer_id: str
+    event_time: datetime
+    amount_minor: int
+    currency: str
+    merchant_id: str
+    terminal_id: str = ""
+    mcc: str = ""
+    channel: Channel = Channel.UNSPECIFIED
+    latitude: float | None = None
+    longitude: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReason:
+    """One reason behind a score: a feature that pushed it, or the rule that decided (weight 1)."""
+
+    code: str
+    message: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSnapshot:
+    """A customer's feature profile; ``state`` is opaque to the store (another module encodes it)."""
+
+    state: bytes
+    transaction_count: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+    declines: int = 0
+    reviews: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """What the scorer decided for one transaction, given the customer's profile before it.
+
+    ``new_state`` None leaves the profile exactly as it was (e.g. a rule decline for a revoked number).
+    ``counts_in_history`` False stores the transaction for replay and reports only: it does not advance the
+    profile's count or first/last seen, and ``history`` (training data) leaves it out.
+    """
+
+    risk_score: float
+    decision: Decision
+    reasons: tuple[StoredReason, ...]
+    model_scope: ModelScope
+    model_version: str
+    history_size: int
+    cold_start: bool
+    features: bytes | None
+    new_state: bytes | None
+    counts_in_history: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The stored answer of a scored transaction: what ScoreTransaction returns, also on a replay."""
+
+    risk_score: float
+    decision: Decision
+    reasons: tuple[StoredReason, ...]
+    model_scope: ModelScope
+    model_version: str
+    history_size: int
+    cold_start: bool
+    scored_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTransaction:
+    """A stored transaction; ``answer`` is None for imported history."""
+
+    transaction: NewTransaction
+    source: TransactionSource
+    answer: Answer | None
+    in_history: bool
+    features: bytes | None
+    outcome: Outcome | None
+    outcome_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryBatch:
+    """Stored transactions, one column per field, ordered by (customer_id, event_time, id).
+
+    A batch always holds whole customers: a customer's history never spans two batches.
+    """
+
+    transaction_ids: tuple[str, ...]
+    customer_ids: tuple[str, ...]
+    event_times: tuple[datetime, ...]
+    amounts_minor: tuple[int, ...]
+    currencies: tuple[str, ...]
+    merchant_ids: tuple[str, ...]
+    terminal_ids: tuple[str, ...]
+    mccs: tuple[str, ...]
+    channels: tuple[Channel, ...]
+    latitudes: tuple[float | None, ...]
+    longitudes: tuple[float | None, ...]
+    outcomes: tuple[Outcome | None, ...]
+    # When each outcome was reported (None where there is none): what was known at a point in time.
+    outcome_ats: tuple[datetime | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.transaction_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    """The label a report set on a transaction."""
+
+    transaction_id: str
+    customer_id: str
+    outcome: Outcome
+    outcome_at: datetime
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledTransaction:
+    """A transaction labelled fraud or chargeback, for label-derived (merchant, terminal) risk features."""
+
+    transaction_id: str
+    customer_id: str
+    merchant_id: str
+    terminal_id: str
+    event_time: datetime
+    outcome: Outcome
+    outcome_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSummary:
+    """What GetCustomerRiskProfile shows, counted over the customer's stored transactions.
+
+    ``transaction_count``, ``first_seen`` and ``last_seen`` cover the transactions that count in history;
+    ``declines`` and ``reviews`` count every scored decision, rule declines included. The typical amount is
+    the median amount in the customer's most used currency (None without transactions).
+    """
+
+    transaction_count: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+    declines: int
+    reviews: int
+    distinct_merchants: int
+    distinct_terminals: int
+    typical_amount_minor: int | None
+    typical_currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewModel:
+    """A trained model to register as a CANDIDATE. ``customer_id`` is "" for the GLOBAL scope."""
+
+    scope: ModelScope
+    customer_id: str
+    version: str
+    created_at: datetime
+    training_window_start: datetime
+    training_window_end: datetime
+    sample_count: int
+    metrics: Mapping[str, float]
+    artifact: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A registered model. ``customer_id`` is "" for GLOBAL; ``artifact`` is None where not loaded."""
+
+    id: int
+    scope: ModelScope
+    customer_id: str
+    version: str
+    status: ModelStatus
+    created_at: datetime
+    training_window_start: datetime
+    training_window_end: datetime
+    sample_count: int
+    metrics: Mapping[str, float]
+    activated_at: datetime | None
+    artifact: bytes | None
+
+    @property
+    def active(self) -> bool:
+        return self.status is ModelStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """The result of a promotion or rollback: the model now active and the version it replaced ("" if none).
+
+    ``changed`` is False when the model was already active, so nothing (not even the generation) changed.
+    """
+
+    model: ModelRecord
+    previous_version: str
+    changed: bool

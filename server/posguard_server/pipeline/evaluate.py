@@ -1,0 +1,334 @@
+"""The evaluation protocol, end to end, through the real service.
+
+For each seed, on a fresh database: import the history days, (optionally) the outcomes known by the end of
+history, train and activate; then start a real server on loopback and replay the later days in time order
+through ``ScoreTransactions``, as a gateway would (history keeps growing), reporting each fraud with
+``ReportOutcome`` once the replay clock passes its label delay when label feedback is on. Metrics are taken
+over the test days: AP, ROC-AUC and recall at a 1% alert rate, overall and per fraud scenario.
+
+Days are counted from the first transaction's UTC date: history is the first 60%, then a 10% gap (replayed,
+not measured), then the last 30% measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import operator
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posguard.aio import Client
+from posguard.v1 import common_pb2, risk_pb2
+from posguard_models.evaluation import Detection, by_scenario, detection
+from posguard_models.training import TrainingConfig
+from posguard_server.config import Settings
+from posguard_server.domain.risk import Outcome
+from posguard_server.issuers import build_numbering
+from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, CsvTransaction, Importer, read_transactions
+from posguard_server.pipeline.trainer import train_and_register
+from posguard_server.store.customers import SqlCustomerStore
+from posguard_server.store.db import Database
+from posguard_server.store.migrate import upgrade
+from posguard_server.store.risk import SqlRiskStore
+
+HISTORY_SHARE = 0.6
+TEST_SHARE = 0.3
+STREAM_TIMEOUT = 7 * 24 * 3600.0
+Progress = Callable[[str, int, int], None]
+
+_CHANNELS = {
+    "pos": common_pb2.CHANNEL_POS,
+    "online": common_pb2.CHANNEL_ONLINE,
+    "mobile": common_pb2.CHANNEL_MOBILE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    days: int
+    history_days: int  # days [0, history_days) are history
+    test_start: int  # days [test_start, days) are measured
+
+    @classmethod
+    def of(cls, days: int) -> Split:
+        return cls(days, round(days * HISTORY_SHARE), days - round(days * TEST_SHARE))
+
+
+@dataclass(slots=True)
+class SeedResult:
+    seed: int
+    overall: Detection
+    scenarios: dict[int, Detection]
+    scored: int
+    refused: int
+    outcomes_reported: int
+    refusals: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    training: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Evaluation:
+    dataset: str
+    labels: bool
+    split: Split
+    seeds: list[SeedResult]
+
+    def mean(self) -> dict[str, float]:
+        keys = ("ap", "roc_auc", "recall_at_1pct")
+        out = {k: float(np.mean([s.overall.as_dict()[k] for s in self.seeds])) for k in keys}
+        out.update({f"{k}_std": float(np.std([s.overall.as_dict()[k] for s in self.seeds])) for k in keys})
+        scenarios = sorted({k for s in self.seeds for k in s.scenarios})
+        for k in scenarios:
+            values = [s.scenarios[k] for s in self.seeds if k in s.scenarios]
+            out[f"scenario_{k}_ap"] = float(np.mean([v.average_precision for v in values]))
+            out[f"scenario_{k}_recall_at_1pct"] = float(np.mean([v.recall_at_alert_rate for v in values]))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "labels": self.labels,
+            "split": {
+                "days": self.split.days,
+                "history_days": self.split.history_days,
+                "test_start_day": self.split.test_start,
+            },
+            "mean": self.mean(),
+            "seeds": [
+                {
+                    "seed": s.seed,
+                    **s.overall.as_dict(),
+                    "scenarios": {str(k): v.as_dict() for k, v in s.scenarios.items()},
+                    "scored": s.scored,
+                    "refused": s.refused,
+                    "refusals": s.refusals,
+                    "outcomes_reported": s.outcomes_reported,
+                    "seconds": s.seconds,
+                    "training": s.training,
+                }
+                for s in self.seeds
+            ],
+        }
+
+
+def load_rows(path: Path, *, customers_limit: int | None = None) -> list[CsvTransaction]:
+    """The file's rows in time order; with ``customers_limit``, only that many customers (first refs)."""
+    rows = list(read_transactions(path))
+    if customers_limit is not None:
+        keep = set(sorted({r.customer_ref for r in rows})[:customers_limit])
+        rows = [r for r in rows if r.customer_ref in keep]
+    rows.sort(key=lambda r: (r.transaction.event_time, r.line))
+    return rows
+
+
+def evaluate(
+    path: Path,
+    *,
+    seeds: Sequence[int],
+    labels: bool,
+    label_delay_days: float = 7.0,
+    customers_limit: int | None = None,
+    training: TrainingConfig | None = None,
+    work_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    rows = load_rows(path, customers_limit=customers_limit)
+    if not rows:
+        raise ValueError(f"{path.name} has no transactions")
+    start = rows[0].transaction.event_time.date()
+    day = [(r.transaction.event_time.date() - start).days for r in rows]
+    split = Split.of(day[-1] + 1)
+    results = []
+    for seed in seeds:
+        config = training or TrainingConfig()
+        config = TrainingConfig(**{**_fields(config), "seed": seed})
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix="posguard-eval-") as tmp:
+            results.append(
+                _run_seed(
+                    rows, day, split, config, labels, timedelta(days=label_delay_days), Path(tmp), progress
+                )
+            )
+    return Evaluation(path.name.split(".")[0], labels, split, results)
+
+
+def _fields(config: TrainingConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def _run_seed(
+    rows: list[CsvTransaction],
+    day: list[int],
+    split: Split,
+    config: TrainingConfig,
+    labels: bool,
+    delay: timedelta,
+    tmp: Path,
+    progress: Progress | None,
+) -> SeedResult:
+    settings = Settings(
+        data_dir=tmp,
+        listen="127.0.0.1:0",
+        insecure_no_auth=True,
+        metrics_enabled=False,
+        log_level="WARNING",
+    )
+    seconds: dict[str, float] = {}
+    history = [r for r, d in zip(rows, day, strict=True) if d < split.history_days]
+    later = [(r, d) for r, d in zip(rows, day, strict=True) if d >= split.history_days]
+    trained_at = history[-1].transaction.event_time if history else rows[0].transaction.event_time
+
+    clock = time.perf_counter()
+    upgrade(settings.effective_database_url)
+    database = Database(settings.effective_database_url)
+    try:
+        risk = SqlRiskStore(database)
+        importer = Importer(risk, SqlCustomerStore(database), build_numbering(settings))
+        importer.import_rows(history, progress=_step(progress, "import", len(history)))
+        if labels:
+            known = [
+                (r.transaction.transaction_id, Outcome.FRAUD, r.transaction.event_time + delay)
+                for r in history
+                if r.is_fraud and r.transaction.event_time + delay <= trained_at
+            ]
+            importer.import_outcomes(known)
+        seconds["import"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        report = train_and_register(risk, config, actor="evaluate", progress=_pair(progress, "train"))
+        seconds["train"] = time.perf_counter() - clock
+    finally:
+        database.dispose()
+
+    clock = time.perf_counter()
+    scores, refusals, reported = asyncio.run(
+        _replay(settings, later, labels=labels, delay=delay, already=trained_at, progress=progress)
+    )
+    seconds["replay"] = time.perf_counter() - clock
+
+    measured = [(i, r) for i, (r, d) in enumerate(later) if d >= split.test_start and i in scores]
+    y = np.array([bool(r.is_fraud) for _, r in measured])
+    s = np.array([scores[i] for i, _ in measured])
+    scenario = np.array([r.scenario or 0 for _, r in measured])
+    return SeedResult(
+        seed=config.seed,
+        overall=detection(y, s),
+        scenarios=by_scenario(y, s, scenario),
+        scored=len(scores),
+        refused=sum(refusals.values()),
+        refusals=refusals,
+        outcomes_reported=reported,
+        seconds=seconds,
+        training=report.metrics,
+    )
+
+
+def _step(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(stage, done, total)
+
+    return advance
+
+
+def _pair(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
+
+
+def _message(row: CsvTransaction, index: int) -> risk_pb2.ScoreTransactionsRequest:
+    txn = row.transaction
+    message = risk_pb2.Transaction(
+        transaction_id=txn.transaction_id,
+        external_id=common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=row.customer_ref),
+        amount=common_pb2.Money(amount_minor=txn.amount_minor, currency=txn.currency),
+        merchant_id=txn.merchant_id,
+        terminal_id=txn.terminal_id,
+        mcc=txn.mcc,
+        channel=_CHANNELS.get(txn.channel.value, common_pb2.CHANNEL_UNSPECIFIED),
+    )
+    message.event_time.FromDatetime(txn.event_time)
+    if txn.latitude is not None and txn.longitude is not None:
+        message.location.latitude = txn.latitude
+        message.location.longitude = txn.longitude
+    return risk_pb2.ScoreTransactionsRequest(request_id=f"eval-{index}", transaction=message)
+
+
+async def _replay(
+    settings: Settings,
+    later: list[tuple[CsvTransaction, int]],
+    *,
+    labels: bool,
+    delay: timedelta,
+    already: Any,
+    progress: Progress | None,
+) -> tuple[dict[int, float], dict[str, int], int]:
+    from posguard_server.app import build_server
+
+    server, port = build_server(settings)
+    await server.start()
+    scores: dict[int, float] = {}
+    refused = 0
+    reasons: dict[str, int] = {}
+    reported = 0
+    due: list[tuple[Any, int, str]] = []
+    answered: dict[int, bool] = {}  # index -> stored (False: refused)
+    arrived = asyncio.Condition()
+    try:
+        async with Client(f"127.0.0.1:{port}", timeout=60.0) as client:
+
+            async def requests() -> AsyncIterator[risk_pb2.ScoreTransactionsRequest]:
+                nonlocal reported
+                for index, (row, _) in enumerate(later):
+                    now = row.transaction.event_time
+                    while labels and due and due[0][0] <= now:
+                        at, scored_index, transaction_id = heapq.heappop(due)
+                        # A label can only be reported on a transaction the server has already stored.
+                        async with arrived:
+                            await arrived.wait_for(partial(operator.contains, answered, scored_index))
+                        if not answered[scored_index]:
+                            continue  # refused by validation: there is nothing stored to label
+                        request = risk_pb2.ReportOutcomeRequest(
+                            request_id=f"eval-outcome-{transaction_id}"[:128],
+                            transaction_id=transaction_id,
+                            outcome=risk_pb2.OUTCOME_FRAUD,
+                        )
+                        request.reported_at.FromDatetime(at)
+                        await client.report_outcome(request)
+                        reported += 1
+                    if labels and row.is_fraud:
+                        heapq.heappush(due, (now + delay, index, row.transaction.transaction_id))
+                    yield _message(row, index)
+
+            async for response in client.score_transactions(requests(), timeout=STREAM_TIMEOUT):
+                if response.HasField("result"):
+                    scores[response.index] = response.result.risk_score
+                else:
+                    refused += 1
+                    reasons[response.error.reason or response.error.code] = (
+                        reasons.get(response.error.reason or response.error.code, 0) + 1
+                    )
+                async with arrived:
+                    answered[response.index] = response.HasField("result")
+                    arrived.notify_all()
+                done = len(scores) + refused
+                if progress is not None and done % 2000 == 0:
+                    progress("replay", done, len(later))
+    finally:
+        await server.stop()
+    return scores, reasons, reported

@@ -1,0 +1,126 @@
+"""Train global and per-customer models from stored history and register (and activate) them.
+
+One training run has one version string shared by the global model and every customer model it produced;
+activation of the whole set is one registry transaction, so servers never combine a new global model with
+half of the new customer models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from posguard_models.training import History, Trained, TrainingConfig, train
+from posguard_server.domain.currencies import minor_exponent
+from posguard_server.domain.risk import ModelScope, NewModel, Outcome
+from posguard_server.store.risk import SqlRiskStore
+
+FRAUD_OUTCOMES = frozenset({Outcome.FRAUD, Outcome.CHARGEBACK})
+
+
+@dataclass(frozen=True, slots=True)
+class TrainReport:
+    version: str
+    rows: int
+    customers: int
+    customer_models: int
+    labelled_fraud: int
+    activated: bool
+    metrics: dict[str, float]
+
+
+def load_history(store: SqlRiskStore, *, until: datetime | None = None) -> History:
+    """All stored history (labelled fraud included: it shapes features; training leaves it out)."""
+    customers: list[str] = []
+    times: list[float] = []
+    amounts: list[float] = []
+    keys: list[str] = []
+    fraud: list[bool] = []
+    label_times: list[float] = []
+    for batch in store.history(until=until, exclude_labelled_fraud=False):
+        for i in range(len(batch)):
+            customers.append(batch.customer_ids[i])
+            times.append(batch.event_times[i].timestamp())
+            exponent = minor_exponent(batch.currencies[i]) or 0
+            amounts.append(batch.amounts_minor[i] / 10**exponent)
+            keys.append(batch.terminal_ids[i] or batch.merchant_ids[i])
+            outcome = batch.outcomes[i]
+            labelled_at = batch.outcome_ats[i]
+            is_fraud = outcome in FRAUD_OUTCOMES and labelled_at is not None
+            fraud.append(is_fraud)
+            label_times.append(labelled_at.timestamp() if is_fraud and labelled_at is not None else np.nan)
+    return History(
+        customers=np.array(customers, dtype=object),
+        times=np.array(times, dtype=np.float64),
+        amounts=np.array(amounts, dtype=np.float64),
+        keys=np.array(keys, dtype=object),
+        fraud=np.array(fraud, dtype=np.bool_),
+        label_times=np.array(label_times, dtype=np.float64),
+    )
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: bool, actor: str) -> None:
+    now = datetime.now(UTC)
+    models = [
+        NewModel(
+            scope=ModelScope.GLOBAL,
+            customer_id="",
+            version=version,
+            created_at=now,
+            training_window_start=_utc(trained.window_start),
+            training_window_end=_utc(trained.window_end),
+            sample_count=trained.sample_count,
+            metrics=trained.metrics,
+            artifact=trained.global_model.to_bytes(),
+        )
+    ]
+    models += [
+        NewModel(
+            scope=ModelScope.CUSTOMER,
+            customer_id=model.customer,
+            version=version,
+            created_at=now,
+            training_window_start=_utc(model.window_start),
+            training_window_end=_utc(model.window_end),
+            sample_count=model.sample_count,
+            metrics={},
+            artifact=model.forest.to_bytes(),
+        )
+        for model in trained.customer_models
+    ]
+    store.add_models(models)
+    if activate:
+        store.activate_many(
+            [(m.scope, m.customer_id, m.version) for m in models], now=now, actor=actor, reason="trained"
+        )
+
+
+def train_and_register(
+    store: SqlRiskStore,
+    config: TrainingConfig,
+    *,
+    activate: bool = True,
+    actor: str = "cli",
+    until: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainReport:
+    history = load_history(store, until=until)
+    trained = train(history, config, progress=progress)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-s{config.seed}"
+    register(store, trained, version=version, activate=activate, actor=actor)
+    return TrainReport(
+        version=version,
+        rows=len(history.times),
+        customers=len(set(history.customers.tolist())),
+        customer_models=len(trained.customer_models),
+        labelled_fraud=int(history.fraud.sum()),
+        activated=activate,
+        metrics=trained.metrics,
+    )

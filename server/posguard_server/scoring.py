@@ -1,0 +1,380 @@
+"""The risk engine: from a validated transaction to a stored, explained answer.
+
+The servicer validates and resolves the customer; the engine loads the active models (picking up promotions
+without a restart), computes the features from the customer's stored profile, scores, explains, decides, and
+hands the store one function to run inside the transaction that locks the customer, stores the transaction
+with its answer and advances the profile. Everything is synchronous: servicers call it through
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from posguard_models.explain import explain
+from posguard_models.features import Event, Profile
+from posguard_models.forest import CompiledForest
+from posguard_models.model import GlobalModel
+from posguard_server.domain.currencies import minor_exponent
+from posguard_server.domain.errors import InvalidArgument
+from posguard_server.domain.risk import (
+    Channel,
+    Decision,
+    Evaluation,
+    ModelRecord,
+    ModelScope,
+    NewTransaction,
+    Outcome,
+    OutcomeRecord,
+    ProfileSnapshot,
+    StoredReason,
+    StoredTransaction,
+)
+from posguard_server.store.customers import SqlCustomerStore
+from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.risk import SqlRiskStore
+
+log = logging.getLogger(__name__)
+
+CUSTOMER_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionInput:
+    """A validated transaction, before the customer is resolved."""
+
+    transaction_id: str
+    amount_minor: int
+    currency: str
+    merchant_id: str
+    terminal_id: str
+    mcc: str
+    event_time: datetime
+    channel: str
+    latitude: float | None
+    longitude: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityDecline:
+    """The customer is known, but the identifier presented must decline the payment (no model is asked)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    review: float
+    decline: float
+
+    def decide(self, risk_score: float) -> Decision:
+        if risk_score >= self.decline:
+            return Decision.DECLINE
+        if risk_score >= self.review:
+            return Decision.REVIEW
+        return Decision.APPROVE
+
+
+@dataclass(frozen=True, slots=True)
+class RiskProfileView:
+    customer_id: str
+    transaction_count: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+    typical_amount_minor: int | None
+    currency: str
+    active_scope: str
+    active_version: str
+    history_size: int
+    cold_start: bool
+    failed_verifications: int
+    dynamic_code_replays: int
+    declines: int
+    reviews: int
+    distinct_merchants: int
+    distinct_terminals: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveGlobal:
+    version: str
+    model: GlobalModel
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerForest:
+    version: str
+    forest: CompiledForest
+    sample_count: int
+
+
+class ModelCache:
+    """The active models, reloaded when the registry's generation changes.
+
+    The generation is read at most every ``refresh_seconds`` (one indexed single-row read), so a promotion
+    reaches every server within that time and no server reads the registry per request. Customer models are
+    loaded lazily on a customer's first transaction and kept in a bounded LRU; a customer without a model is
+    cached too, so cold-start customers cost no read after the first.
+    """
+
+    def __init__(
+        self,
+        store: SqlRiskStore,
+        *,
+        refresh_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        capacity: int = CUSTOMER_CACHE_SIZE,
+    ) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._generation: int | None = None
+        self._checked = -float("inf")
+        self._global: ActiveGlobal | None = None
+        self._customers: OrderedDict[str, CustomerForest | None] = OrderedDict()
+
+    def current(self) -> ActiveGlobal | None:
+        now = self._clock()
+        if now - self._checked < self._refresh:
+            return self._global
+        generation = self._store.generation()
+        with self._lock:
+            self._checked = now
+            if generation != self._generation:
+                self._global = self._load_global()
+                self._customers.clear()
+                self._generation = generation
+            return self._global
+
+    def _load_global(self) -> ActiveGlobal | None:
+        record = self._store.active_model(ModelScope.GLOBAL, "")
+        if record is None or record.artifact is None:
+            return None
+        try:
+            return ActiveGlobal(record.version, GlobalModel.from_bytes(record.artifact))
+        except ValueError:
+            # A model this server cannot read must not stop it scoring: keep serving the one it had.
+            log.exception("active global model %s cannot be loaded; keeping the previous one", record.version)
+            return self._global
+
+    def customer(self, customer_id: str) -> CustomerForest | None:
+        with self._lock:
+            if customer_id in self._customers:
+                self._customers.move_to_end(customer_id)
+                return self._customers[customer_id]
+        loaded = _customer_forest(self._store.active_model(ModelScope.CUSTOMER, customer_id))
+        with self._lock:
+            self._customers[customer_id] = loaded
+            while len(self._customers) > self._capacity:
+                self._customers.popitem(last=False)
+        return loaded
+
+
+def _customer_forest(record: ModelRecord | None) -> CustomerForest | None:
+    if record is None or record.artifact is None:
+        return None
+    try:
+        return CustomerForest(record.version, CompiledForest.from_bytes(record.artifact), record.sample_count)
+    except ValueError:
+        log.exception("customer model %s cannot be loaded; scoring with the global model", record.version)
+        return None
+
+
+def major_amount(amount_minor: int, currency: str) -> float:
+    exponent = minor_exponent(currency)
+    if exponent is None:
+        raise InvalidArgument.field("transaction.amount.currency", "is not a known ISO 4217 currency")
+    return amount_minor / float(10**exponent)
+
+
+class RiskEngine:
+    def __init__(
+        self,
+        store: SqlRiskStore,
+        customers: SqlCustomerStore,
+        dynamic: SqlDynamicCodeStore,
+        *,
+        thresholds: Thresholds,
+        refresh_seconds: float,
+    ) -> None:
+        self._store = store
+        self._customers = customers
+        self._dynamic = dynamic
+        self._thresholds = thresholds
+        self.models = ModelCache(store, refresh_seconds=refresh_seconds)
+
+    # -- scoring --------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        txn: TransactionInput,
+        *,
+        customer_id: str,
+        identity: IdentityDecline | None,
+        request_id: str,
+        fingerprint: str,
+    ) -> tuple[StoredTransaction, bool]:
+        event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
+        active = self.models.current() if identity is None else None
+        own = self.models.customer(customer_id) if active is not None else None
+        terminal: tuple[int, int] | None = None
+        if active is not None and active.model.feedback is not None:
+            # Read outside the scoring transaction: reported fraud changes slowly, and this keeps the
+            # customer's lock short.
+            since = txn.event_time - timedelta(days=active.model.feedback.window_days)
+            terminal = self._store.place_activity(
+                terminal_id=txn.terminal_id, merchant_id=txn.merchant_id, since=since, until=txn.event_time
+            )
+        record = NewTransaction(
+            transaction_id=txn.transaction_id,
+            customer_id=customer_id,
+            event_time=txn.event_time,
+            amount_minor=txn.amount_minor,
+            currency=txn.currency,
+            merchant_id=txn.merchant_id,
+            terminal_id=txn.terminal_id,
+            mcc=txn.mcc,
+            channel=_channel(txn.channel),
+            latitude=txn.latitude,
+            longitude=txn.longitude,
+        )
+
+        def evaluate(snapshot: ProfileSnapshot | None) -> Evaluation:
+            profile = Profile.from_bytes(snapshot.state) if snapshot is not None else Profile()
+            if identity is not None:
+                return Evaluation(
+                    risk_score=1.0,
+                    decision=Decision.DECLINE,
+                    reasons=(StoredReason(identity.code, identity.message, 1.0),),
+                    model_scope=ModelScope.NONE,
+                    model_version="",
+                    history_size=profile.count,
+                    cold_start=False,
+                    features=None,
+                    new_state=None,
+                    counts_in_history=False,
+                )
+            return self._evaluate(profile, event, txn.currency, active, own, terminal)
+
+        return self._store.score(
+            record, fingerprint=fingerprint, request_id=request_id, evaluate=evaluate, now=datetime.now(UTC)
+        )
+
+    def _evaluate(
+        self,
+        profile: Profile,
+        event: Event,
+        currency: str,
+        active: ActiveGlobal | None,
+        own: CustomerForest | None,
+        terminal: tuple[int, int] | None,
+    ) -> Evaluation:
+        x = profile.features(event)
+        history = profile.count
+        if active is None:
+            reasons: tuple[StoredReason, ...] = (
+                StoredReason("NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0),
+            )
+            scope, version, risk_score = ModelScope.NONE, "", 0.0
+            decision = Decision.APPROVE
+        else:
+            model = active.model
+            score = model.score(x, own.forest if own else None, own.sample_count if own else 0, terminal)
+            risk_score = score.risk_score
+            decision = self._thresholds.decide(risk_score)
+            window = model.feedback.window_days if model.feedback is not None else None
+            reasons = tuple(
+                StoredReason(r.code, r.message, r.weight)
+                for r in explain(
+                    model, x, score, profile, event, currency=currency, terminal=terminal, window_days=window
+                )
+            )
+            scope = ModelScope.CUSTOMER if own is not None else ModelScope.GLOBAL
+            version = own.version if own is not None else active.version
+        features = x.astype(np.float64).tobytes()
+        profile.update(event)
+        return Evaluation(
+            risk_score=risk_score,
+            decision=decision,
+            reasons=reasons,
+            model_scope=scope,
+            model_version=version,
+            history_size=history,
+            cold_start=own is None,
+            features=features,
+            new_state=profile.to_bytes(),
+        )
+
+    # -- outcomes and profiles ------------------------------------------------------------------------
+
+    def report_outcome(
+        self,
+        transaction_id: str,
+        outcome: str,
+        *,
+        reported_at: datetime | None,
+        note: str,
+        request_id: str,
+        fingerprint: str,
+    ) -> tuple[OutcomeRecord, bool]:
+        now = datetime.now(UTC)
+        return self._store.report_outcome(
+            transaction_id,
+            Outcome(outcome),
+            reported_at=reported_at or now,
+            note=note,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            now=now,
+        )
+
+    def profile(self, customer_id: str) -> RiskProfileView:
+        summary = self._store.profile_summary(customer_id)
+        active = self.models.current()
+        own = self.models.customer(customer_id) if active is not None else None
+        stored = self._customers.get(customer_id=customer_id)
+        numbers = [stored.customer.primary, *stored.customer.sub_numbers]
+        failed = sum(self._customers.failures("number", n.number) for n in numbers)
+        enrollment = self._dynamic.get_enrollment(customer_id)
+        if own is not None:
+            scope, version = ModelScope.CUSTOMER.value, own.version
+        elif active is not None:
+            scope, version = ModelScope.GLOBAL.value, active.version
+        else:
+            scope, version = ModelScope.NONE.value, ""
+        return RiskProfileView(
+            customer_id=customer_id,
+            transaction_count=summary.transaction_count,
+            first_seen=summary.first_seen,
+            last_seen=summary.last_seen,
+            typical_amount_minor=summary.typical_amount_minor,
+            currency=summary.typical_currency,
+            active_scope=scope,
+            active_version=version,
+            history_size=summary.transaction_count,
+            cold_start=own is None,
+            failed_verifications=failed,
+            dynamic_code_replays=enrollment.replays if enrollment is not None else 0,
+            declines=summary.declines,
+            reviews=summary.reviews,
+            distinct_merchants=summary.distinct_merchants,
+            distinct_terminals=summary.distinct_terminals,
+        )
+
+
+def _channel(name: str) -> Channel:
+    try:
+        return Channel(name.lower())
+    except ValueError:
+        return Channel.UNSPECIFIED

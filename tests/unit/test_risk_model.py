@@ -1,0 +1,143 @@
+"""Training, calibration, combination, label feedback and the global-model artifact."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from posguard_models.evaluation import by_scenario, detection
+from posguard_models.features import batch_features
+from posguard_models.model import Calibration, GlobalModel
+from posguard_models.training import History, TrainingConfig, terminal_counts, train
+
+DATA = Path(__file__).parents[1] / "data"
+DAY = 86400.0
+
+
+def _table(name: str) -> dict[str, np.ndarray]:
+    with gzip.open(DATA / f"{name}_sample.csv.gz", "rt", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows.sort(key=lambda r: (r["customer_ref"], r["timestamp"]))
+    t = np.array([datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp() for r in rows])
+    return {
+        "customers": np.array([r["customer_ref"] for r in rows], dtype=object),
+        "times": t,
+        "amounts": np.array([float(r["amount"]) for r in rows]),
+        "keys": np.array([r["terminal_id"] or r["merchant_id"] for r in rows], dtype=object),
+        "fraud": np.array([r["is_fraud"] == "1" for r in rows]),
+        "scenario": np.array([int(r["fraud_scenario"]) for r in rows]),
+    }
+
+
+def _history(table: dict[str, np.ndarray], rows: np.ndarray, *, labels: bool) -> History:
+    fraud = table["fraud"][rows] & labels
+    return History(
+        customers=table["customers"][rows],
+        times=table["times"][rows],
+        amounts=table["amounts"][rows],
+        keys=table["keys"][rows],
+        fraud=fraud,
+        label_times=np.where(fraud, table["times"][rows] + 7 * DAY, np.nan),
+    )
+
+
+@pytest.fixture(scope="module")
+def handbook() -> dict[str, np.ndarray]:
+    return _table("handbook")
+
+
+CONFIG = TrainingConfig(seed=0, n_estimators=50, customer_estimators=20, customer_min_history=30)
+
+
+def test_training_ranks_fraud_above_genuine_on_unseen_days(handbook: dict[str, np.ndarray]) -> None:
+    start = handbook["times"].min()
+    history = handbook["times"] < start + 72 * DAY
+    trained = train(_history(handbook, history, labels=False), CONFIG)
+    model = trained.global_model
+    own = {m.customer: m for m in trained.customer_models}
+    assert own, "customers with enough history get their own forest"
+    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])
+    test = np.flatnonzero(handbook["times"] >= start + 84 * DAY)
+    scores = []
+    for i in test:
+        m = own.get(handbook["customers"][i])
+        scores.append(model.score(x[i], m.forest if m else None, m.sample_count if m else 0).risk_score)
+    result = detection(handbook["fraud"][test], np.array(scores))
+    # Far above the fraud rate (what a random ranking scores): the model finds the amount-based scenarios.
+    assert result.average_precision > 5 * handbook["fraud"][test].mean()
+    assert result.roc_auc > 0.6
+    per = by_scenario(handbook["fraud"][test], np.array(scores), handbook["scenario"][test])
+    assert per[3].average_precision > per[2].average_precision  # scenario 2 is invisible without labels
+
+
+def test_labelled_fraud_never_becomes_a_training_row(handbook: dict[str, np.ndarray]) -> None:
+    rows = np.arange(len(handbook["times"]))
+    unlabelled = train(_history(handbook, rows, labels=False), CONFIG)
+    labelled = train(_history(handbook, rows, labels=True), CONFIG)
+    assert unlabelled.sample_count == len(rows)
+    assert labelled.sample_count == len(rows) - int(handbook["fraud"].sum())
+    assert labelled.global_model.feedback is not None
+    assert unlabelled.global_model.feedback is None
+    assert labelled.metrics["feedback_window_days"] in CONFIG.feedback_windows_days
+
+
+def test_calibration_reads_as_an_alert_rate() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0.5, 0.05, 20_000)
+    calibration = Calibration.fit(reference)
+    risks = calibration.many(reference)
+    assert np.all(np.diff(calibration.many(np.sort(reference))) >= 0)  # monotone
+    assert np.mean(risks >= 0.99) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(risks >= 0.9) == pytest.approx(0.10, abs=0.005)
+    # Beyond the training maximum scores keep their order instead of tying at 1.
+    top = reference.max()
+    assert calibration(top + 0.01) < calibration(top + 0.05) < 1.0
+    assert calibration(reference.min() - 1) == 0.0
+
+
+def test_global_model_artifact_round_trips_without_pickle(handbook: dict[str, np.ndarray]) -> None:
+    rows = np.arange(len(handbook["times"]))
+    model = train(_history(handbook, rows, labels=True), CONFIG).global_model
+    loaded = GlobalModel.from_bytes(model.to_bytes())
+    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])[:500]
+    for row in x:
+        assert loaded.score(row, None, 0, (2, 5)) == model.score(row, None, 0, (2, 5))
+    assert np.array_equal(loaded.feature_quantiles, model.feature_quantiles)
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda b: b[: len(b) // 2], lambda b: b"PK" + b"\x00" * 64, lambda b: b""]
+)
+def test_a_damaged_global_model_is_a_clear_error(handbook: dict[str, np.ndarray], damage) -> None:  # type: ignore[no-untyped-def]
+    rows = np.arange(2000)
+    data = train(_history(handbook, rows, labels=False), CONFIG).global_model.to_bytes()
+    with pytest.raises(ValueError, match="invalid global risk model"):
+        GlobalModel.from_bytes(damage(data))
+
+
+def test_terminal_counts_match_a_direct_count() -> None:
+    # Three customers at one terminal; fraud reported a day after each fraud.
+    customers = np.array(["a", "b", "c", "a", "b", "c"], dtype=object)
+    times = np.array([0, 1, 2, 3, 4, 5], dtype=float) * DAY
+    fraud = np.array([True, True, False, False, False, False])
+    history = History(
+        customers=customers,
+        times=times,
+        amounts=np.ones(6),
+        keys=np.array(["T1"] * 6, dtype=object),
+        fraud=fraud,
+        label_times=np.where(fraud, times + DAY, np.nan),
+    )
+    frauds, seen = terminal_counts(history, window_days=3)
+    # Row 3 (day 3) sees days 0-2: customers a, b, c; frauds of a (reported day 1) and b (reported day 2).
+    assert (frauds[3], seen[3]) == (2, 3)
+    # Row 1 (day 1) sees day 0 only; a's fraud was reported at day 1 == t, which counts.
+    assert (frauds[1], seen[1]) == (1, 1)
+    assert (frauds[0], seen[0]) == (0, 0)
+    # Row 5 (day 5) sees days 2-4: c, a, b; b's fraud (day 1) is outside the window.
+    assert (frauds[5], seen[5]) == (0, 3)
