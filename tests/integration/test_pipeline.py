@@ -82,9 +82,7 @@ def test_import_is_idempotent_and_a_trained_model_reaches_a_running_server(
 
 
 def test_evaluate_runs_the_protocol_through_the_service(cli: Cli) -> None:
-    result = cli(
-        "evaluate", str(SAMPLE), "--seeds", "0", "--labels", "--json", *TRAIN[1:], timeout=280
-    )
+    result = cli("evaluate", str(SAMPLE), "--seeds", "0", "--labels", "--json", *TRAIN[1:], timeout=280)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     seed = report["seeds"][0]

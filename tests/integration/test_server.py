@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import posguard
 import posguard.aio
-from posguard.v1 import admin_pb2, common_pb2, risk_pb2
+from posguard.v1 import admin_pb2, risk_pb2
 from posguard_server.store import SqlApiKeyStore
 
 if TYPE_CHECKING:
