@@ -95,11 +95,15 @@ def train(history: History, config: TrainingConfig, progress: Progress | None = 
     if not usable.any():
         raise ValueError("every history row is reported fraud: nothing to learn normal behaviour from")
 
+    # Fit on the rows in a canonical order (time, then amount, then features), not in the order given:
+    # history comes grouped by customer id, and ids are random, so two imports of the same data would
+    # otherwise hand the forest different subsamples for the same seed.
+    canonical = np.lexsort((*X.T[::-1], history.amounts, history.times))
     global_sk = IsolationForest(
         n_estimators=config.n_estimators,
         max_samples=min(config.max_samples, int(usable.sum())),
         random_state=config.seed,
-    ).fit(X[usable])
+    ).fit(X[canonical[usable[canonical]]])
     global_forest = CompiledForest.from_sklearn(global_sk)
     raw = -global_forest.score_samples(X)
 

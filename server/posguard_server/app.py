@@ -144,7 +144,7 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     # stubs declare them abstract, hence the ignores).
     customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database))
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk_pb2_grpc.add_RiskServicer_to_server(build_risk_servicer(database, numbering), server)
+    risk_pb2_grpc.add_RiskServicer_to_server(build_risk_servicer(database, numbering, settings), server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator)  # type: ignore[abstract]
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()

@@ -70,6 +70,26 @@ class Settings(BaseSettings):
         float,
         Field(ge=0, description="How long a verified API key is trusted before the database is asked again."),
     ] = 5.0
+    risk_review_threshold: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="risk_score from which a transaction is REVIEW (0.99: about 1% of normal traffic).",
+        ),
+    ] = 0.99
+    risk_decline_threshold: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="risk_score from which a transaction is DECLINE (at least the review one).",
+        ),
+    ] = 0.999
+    model_refresh_seconds: Annotated[
+        float,
+        Field(gt=0, description="How often a server checks the registry for newly promoted models."),
+    ] = 5.0
     insecure_no_auth: Annotated[
         bool,
         Field(description="Turn authentication off (local development only; refused off loopback)."),
@@ -97,6 +117,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if self.risk_decline_threshold < self.risk_review_threshold:
+            raise ValueError("risk_decline_threshold must not be below risk_review_threshold")
         if self.insecure_no_auth and not self.listens_on_loopback:
             raise ValueError("insecure_no_auth is only allowed when listening on a loopback address")
         return self

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +24,7 @@ from posguard_models.features import Event, Profile
 from posguard_models.forest import CompiledForest
 from posguard_models.model import GlobalModel
 from posguard_server.domain.currencies import minor_exponent
-from posguard_server.domain.errors import InvalidArgument
+from posguard_server.domain.errors import InvalidArgument, PosguardError
 from posguard_server.domain.risk import (
     Channel,
     Decision,
@@ -36,11 +36,10 @@ from posguard_server.domain.risk import (
     OutcomeRecord,
     ProfileSnapshot,
     StoredReason,
-    StoredTransaction,
 )
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.risk import PlaceActivity, Scored, ScoreItem, SqlRiskStore
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,17 @@ class IdentityDecline:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """A validated transaction with its resolved customer, ready to score."""
+
+    txn: TransactionInput
+    customer_id: str
+    identity: IdentityDecline | None  # set: decline for this reason without asking a model
+    request_id: str  # "" for none
+    fingerprint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,29 +226,41 @@ class RiskEngine:
 
     # -- scoring --------------------------------------------------------------------------------------
 
-    def score(
-        self,
-        txn: TransactionInput,
-        *,
-        customer_id: str,
-        identity: IdentityDecline | None,
-        request_id: str,
-        fingerprint: str,
-    ) -> tuple[StoredTransaction, bool]:
+    def score(self, request: ScoreRequest) -> Scored:
+        """Score, store and explain one transaction; ``(stored, replayed)``."""
+        (result,) = self.score_many([request])
+        if isinstance(result, PosguardError):
+            raise result
+        return result
+
+    def score_many(self, requests: Sequence[ScoreRequest]) -> list[Scored | PosguardError]:
+        """``score`` for each request, in order, in one database transaction; a refused one is its error."""
+        active = self.models.current()
+        results: list[Scored | PosguardError | None] = [None] * len(requests)
+        items: list[ScoreItem] = []
+        slots: list[int] = []
+        for slot, request in enumerate(requests):
+            try:
+                items.append(self._item(request, active))
+            except PosguardError as error:
+                results[slot] = error
+            else:
+                slots.append(slot)
+        for slot, result in zip(slots, self._store.score_many(items, now=datetime.now(UTC)), strict=True):
+            results[slot] = result
+        return [result for result in results if result is not None]
+
+    def _item(self, request: ScoreRequest, active: ActiveGlobal | None) -> ScoreItem:
+        txn, identity = request.txn, request.identity
         event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
-        active = self.models.current() if identity is None else None
-        own = self.models.customer(customer_id) if active is not None else None
-        terminal: tuple[int, int] | None = None
-        if active is not None and active.model.feedback is not None:
-            # Read outside the scoring transaction: reported fraud changes slowly, and this keeps the
-            # customer's lock short.
-            since = txn.event_time - timedelta(days=active.model.feedback.window_days)
-            terminal = self._store.place_activity(
-                terminal_id=txn.terminal_id, merchant_id=txn.merchant_id, since=since, until=txn.event_time
-            )
+        model = active if identity is None else None
+        own = self.models.customer(request.customer_id) if model is not None else None
+        place_since = None
+        if model is not None and model.model.feedback is not None:
+            place_since = txn.event_time - timedelta(days=model.model.feedback.window_days)
         record = NewTransaction(
             transaction_id=txn.transaction_id,
-            customer_id=customer_id,
+            customer_id=request.customer_id,
             event_time=txn.event_time,
             amount_minor=txn.amount_minor,
             currency=txn.currency,
@@ -250,7 +272,7 @@ class RiskEngine:
             longitude=txn.longitude,
         )
 
-        def evaluate(snapshot: ProfileSnapshot | None) -> Evaluation:
+        def evaluate(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
             profile = Profile.from_bytes(snapshot.state) if snapshot is not None else Profile()
             if identity is not None:
                 return Evaluation(
@@ -265,11 +287,9 @@ class RiskEngine:
                     new_state=None,
                     counts_in_history=False,
                 )
-            return self._evaluate(profile, event, txn.currency, active, own, terminal)
+            return self._evaluate(profile, event, txn.currency, model, own, place)
 
-        return self._store.score(
-            record, fingerprint=fingerprint, request_id=request_id, evaluate=evaluate, now=datetime.now(UTC)
-        )
+        return ScoreItem(record, request.fingerprint, request.request_id, evaluate, place_since)
 
     def _evaluate(
         self,

@@ -27,6 +27,19 @@ def _version(output: str) -> str:
     return match.group(1)
 
 
+def _big_payment(transaction_id: str, hour: int) -> risk_pb2.Transaction:
+    """5,000 EUR: far beyond anything this customer (or anyone in the sample) spends."""
+    txn = risk_pb2.Transaction(
+        transaction_id=transaction_id,
+        external_id=common_pb2.ExternalId(namespace="source", value="HB001545"),
+        amount=common_pb2.Money(amount_minor=5_000_00, currency="EUR"),
+        merchant_id="T001694",
+        terminal_id="T001694",
+    )
+    txn.event_time.FromDatetime(datetime(2018, 8, 1, hour, tzinfo=UTC))
+    return txn
+
+
 def test_import_is_idempotent_and_a_trained_model_reaches_a_running_server(
     cli: Cli, tmp_path: Path, server_factory: Callable[..., RunningServer]
 ) -> None:
@@ -48,21 +61,12 @@ def test_import_is_idempotent_and_a_trained_model_reaches_a_running_server(
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:
 
         def score(transaction_id: str) -> risk_pb2.ScoreTransactionResponse:
-            txn = risk_pb2.Transaction(
-                transaction_id=transaction_id,
-                external_id=common_pb2.ExternalId(namespace="source", value="HB001545"),
-                amount=common_pb2.Money(amount_minor=5_000_00, currency="EUR"),
-                merchant_id="T001694",
-                terminal_id="T001694",
-            )
-            txn.event_time.FromDatetime(datetime(2018, 8, 1, 12, tzinfo=UTC))
-            return client.score_transaction(transaction=txn)
+            return client.score_transaction(transaction=_big_payment(transaction_id, 12))
 
         answer = score("new-1")
         assert answer.model.version == version
         assert answer.model.scope in (risk_pb2.MODEL_SCOPE_CUSTOMER, risk_pb2.MODEL_SCOPE_GLOBAL)
         assert answer.model.history_size > 30
-        # 5,000 EUR is far beyond anything this customer (or anyone in the sample) spends.
         assert answer.risk_score > 0.99
         assert answer.decision != risk_pb2.DECISION_APPROVE
         assert {r.code for r in answer.reasons} & {"AMOUNT_ABOVE_USUAL", "LARGE_AMOUNT"}
@@ -79,6 +83,17 @@ def test_import_is_idempotent_and_a_trained_model_reaches_a_running_server(
             seen = score(f"new-2-{attempt}").model.version
             time.sleep(0.5)
         assert seen == new_version, "the promoted model did not reach the running server"
+
+    # The decision thresholds are settings: the same risk approves or declines.
+    for overrides, decision in (
+        ({"risk_review_threshold": 1.0, "risk_decline_threshold": 1.0}, risk_pb2.DECISION_APPROVE),
+        ({"risk_review_threshold": 0.3, "risk_decline_threshold": 0.5}, risk_pb2.DECISION_DECLINE),
+    ):
+        other = server_factory(**overrides)
+        with posguard.Client(other.target, api_key=other.key("gateway")) as client:
+            answer = client.score_transaction(transaction=_big_payment(f"new-3-{decision}", 13))
+            assert answer.risk_score > 0.99
+            assert answer.decision == decision
 
 
 def test_evaluate_runs_the_protocol_through_the_service(cli: Cli) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -26,7 +25,14 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store import Database, SqlAuditStore, SqlRiskStore
 from posguard_server.store.customers import SqlCustomer
-from posguard_server.store.risk import SqlRiskModel, SqlRiskProfile, SqlRiskTransaction
+from posguard_server.store.risk import (
+    Evaluate,
+    PlaceActivity,
+    ScoreItem,
+    SqlRiskModel,
+    SqlRiskProfile,
+    SqlRiskTransaction,
+)
 
 T0 = datetime(2025, 3, 1, 8, 0, 0, 250000, tzinfo=UTC)
 NOW = datetime(2025, 3, 2, 9, 30, 0, tzinfo=UTC)
@@ -72,10 +78,10 @@ def _tx(
 
 def _counting(
     decision: Decision = Decision.APPROVE, *, counts: bool = True, keep_state: bool = False
-) -> Callable[[ProfileSnapshot | None], Evaluation]:
+) -> Evaluate:
     """A scorer whose profile state is the number of transactions it has seen: shows lost updates."""
 
-    def evaluate(snapshot: ProfileSnapshot | None) -> Evaluation:
+    def evaluate(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
         seen = int(snapshot.state) if snapshot is not None else 0
         return Evaluation(
             risk_score=0.25 + seen / 1000,
@@ -99,7 +105,7 @@ def _score(
     *,
     fingerprint: str = "f" * 64,
     request_id: str = "",
-    evaluate: Callable[[ProfileSnapshot | None], Evaluation] | None = None,
+    evaluate: Evaluate | None = None,
 ) -> tuple[StoredTransaction, bool]:
     return store.score(
         record,
@@ -164,7 +170,7 @@ def test_replay_returns_the_stored_answer_and_changes_nothing(
     first, _ = _score(store, _tx("tx-1"), request_id="req-1")
     profile = store.profile("c1")
 
-    def never(snapshot: ProfileSnapshot | None) -> Evaluation:
+    def never(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
         raise AssertionError("a replay must not score again")
 
     again, replayed = _score(store, _tx("tx-1"), request_id="req-other", evaluate=never)
@@ -280,6 +286,107 @@ def test_concurrent_scores_of_one_customer_are_serialised(store: SqlRiskStore) -
     # The state counts what each scorer saw: a lost update would leave it below the row count.
     assert profile.transaction_count == threads_n * per_thread
     assert profile.state == str(threads_n * per_thread).encode()
+
+
+def test_score_many_commits_a_batch_and_isolates_refused_items(
+    store: SqlRiskStore, database: Database
+) -> None:
+    _score(store, _tx("tx-0"))
+    items = [
+        ScoreItem(_tx("tx-1", minutes=1), "f" * 64, "", _counting()),
+        ScoreItem(_tx("tx-2", customer_id="nobody", minutes=2), "f" * 64, "", _counting()),
+        ScoreItem(_tx("tx-0", amount=999), "e" * 64, "", _counting()),  # the id of another transaction
+        ScoreItem(_tx("tx-3", minutes=3), "f" * 64, "", _counting()),
+        ScoreItem(_tx("tx-4", customer_id="c2", minutes=4), "f" * 64, "", _counting()),
+        ScoreItem(_tx("tx-0"), "f" * 64, "", _counting()),  # a retry replays
+    ]
+
+    results = store.score_many(items, now=NOW)
+
+    assert isinstance(results[1], NotFound)
+    assert isinstance(results[2], InvalidArgument)
+    assert results[2].reason == "IDEMPOTENCY_CONFLICT"
+    stored = [r for r in results if isinstance(r, tuple)]
+    assert [(s.transaction.transaction_id, replayed) for s, replayed in stored] == [
+        ("tx-1", False),
+        ("tx-3", False),
+        ("tx-4", False),
+        ("tx-0", True),
+    ]
+    # tx-3 saw tx-1 earlier in the same batch: the state counts every transaction of the customer.
+    assert stored[1][0].answer is not None
+    assert stored[1][0].answer.history_size == 2
+    profile = store.profile("c1")
+    assert profile is not None
+    assert (profile.transaction_count, profile.state) == (3, b"3")
+    assert _count(database, SqlRiskTransaction) == 4
+
+
+def test_a_batch_that_fails_as_a_whole_stores_nothing(store: SqlRiskStore, database: Database) -> None:
+    def broken(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
+        raise RuntimeError("scorer bug")
+
+    items = [
+        ScoreItem(_tx("tx-1"), "f" * 64, "", _counting()),
+        ScoreItem(_tx("tx-2", minutes=2), "f" * 64, "", broken),
+    ]
+
+    with pytest.raises(RuntimeError):
+        store.score_many(items, now=NOW)
+
+    assert _count(database, SqlRiskTransaction) == 0
+    assert store.profile("c1") is None
+
+
+def test_place_activity_inside_a_batch_counts_earlier_items(store: SqlRiskStore) -> None:
+    seen: list[PlaceActivity | None] = []
+
+    def recording(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
+        seen.append(place)
+        return _counting()(snapshot, place)
+
+    since = T0 - timedelta(days=1)
+    items = [
+        ScoreItem(_tx(f"tx-{i}", customer_id=c, minutes=2 * i), "f" * 64, "", recording, since)
+        for i, c in enumerate(["c1", "c2", "c3"])
+    ]
+    store.score_many(items, now=NOW)
+
+    # All three pay at terminal t0 (even minutes): each sees the customers stored before it, in the batch.
+    assert seen == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: SqlRiskStore) -> None:
+    threads_n, rounds = 4, 5
+    barrier = threading.Barrier(threads_n)
+    errors: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        # Each worker walks the customers in a different order: row locks taken in that order would deadlock.
+        order = ["c1", "c2", "c3"][worker % 3 :] + ["c1", "c2", "c3"][: worker % 3]
+        barrier.wait()
+        try:
+            for r in range(rounds):
+                items = [
+                    ScoreItem(_tx(f"tx-{worker}-{r}-{c}", c, minutes=r), "f" * 64, "", _counting())
+                    for c in order
+                ]
+                results = store.score_many(items, now=NOW)
+                assert all(isinstance(result, tuple) for result in results)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    for customer in ("c1", "c2", "c3"):
+        profile = store.profile(customer)
+        assert profile is not None
+        assert profile.state == str(threads_n * rounds).encode()
 
 
 # -- import and history --------------------------------------------------------------------------------

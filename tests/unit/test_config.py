@@ -46,6 +46,10 @@ def test_environment_variables_set_fields(monkeypatch: pytest.MonkeyPatch, tmp_p
         {"tls_client_ca_file": "ca.pem"},
         {"metrics_port": 70000},
         {"insecure_no_auth": True, "listen": "0.0.0.0:50051"},
+        {"risk_review_threshold": 0},
+        {"risk_decline_threshold": 1.5},
+        {"risk_review_threshold": 0.9, "risk_decline_threshold": 0.8},
+        {"model_refresh_seconds": 0},
         {"no_such_setting": 1},
     ],
 )

@@ -34,7 +34,9 @@ from posguard_server.api.convert import timestamp
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
 from posguard_server.api.errors import status_for
 from posguard_server.api.interceptors import current_principal
+from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
+from posguard_server.config import Settings
 from posguard_server.domain.currencies import is_money
 from posguard_server.domain.customers import ExternalRef, NumberKind, NumberStatus
 from posguard_server.domain.dynamic_codes import Reason, SecretCipher, parse_code
@@ -50,18 +52,20 @@ from posguard_server.domain.errors import (
 )
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Decision, ModelScope, Outcome, StoredTransaction
-from posguard_server.scoring import IdentityDecline, RiskEngine, Thresholds, TransactionInput
+from posguard_server.scoring import IdentityDecline, RiskEngine, ScoreRequest, Thresholds, TransactionInput
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import Attempt, SqlDynamicCodeStore
-from posguard_server.store.risk import OUTCOME_NOTE_MAX, TERMINAL_ID_MAX, TRANSACTION_ID_MAX, SqlRiskStore
+from posguard_server.store.risk import (
+    OUTCOME_NOTE_MAX,
+    TERMINAL_ID_MAX,
+    TRANSACTION_ID_MAX,
+    Scored,
+    SqlRiskStore,
+)
 
 Context = aio.ServicerContext[Any, Any]
 
-# Score thresholds (a calibrated score of 0.99 flags about 1% of traffic) and how often a server looks for
-# promoted models; fixed here until they become settings.
-RISK_THRESHOLDS = Thresholds(review=0.99, decline=0.999)
-MODEL_REFRESH_SECONDS = 5.0
 MAX_AMOUNT_MINOR = 10**15
 MAX_CUSTOMER_ID = 32
 MAX_NAMESPACE = 64
@@ -78,6 +82,8 @@ _NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
 # transaction (with any request_id) replays it, and it never meets a RedeemDynamicCode request_id.
 _REDEMPTION_KEY_PREFIX = "risk.score:"
 _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
+# Most transactions of a ScoreTransactions stream committed together (see stream_batches).
+STREAM_BATCH = 64
 # Errors of the whole call, not of one item: they end a ScoreTransactions stream.
 _CALL_ERRORS = (Unauthenticated, PermissionDenied, ResourceExhausted, DeadlineExceeded, Unavailable)
 
@@ -341,16 +347,12 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         return _Checked(txn, who, request.request_id, same)
 
     async def _score(self, checked: _Checked) -> risk_pb2.ScoreTransactionResponse:
-        customer_id, identity = await self._resolve(checked)
-        stored, replayed = await asyncio.to_thread(
-            self._engine.score,
-            checked.txn,
-            customer_id=customer_id,
-            identity=identity,
-            request_id=checked.request_id,
-            fingerprint=checked.fingerprint,
-        )
+        stored, replayed = await asyncio.to_thread(self._engine.score, await self._prepare(checked))
         return score_response(stored, replayed)
+
+    async def _prepare(self, checked: _Checked) -> ScoreRequest:
+        customer_id, identity = await self._resolve(checked)
+        return ScoreRequest(checked.txn, customer_id, identity, checked.request_id, checked.fingerprint)
 
     async def _resolve(self, checked: _Checked) -> tuple[str, IdentityDecline | None]:
         who = checked.who
@@ -359,10 +361,9 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         if who.code is not None:
             return await self._by_code(who.code, checked)
         assert who.external is not None
-        stored = await asyncio.to_thread(self._store.get, external=who.external)
-        customer = stored.customer
+        customer_id, status = await asyncio.to_thread(self._store.primary_of_external, who.external)
         # The customer pays under its current primary number; a blocked one blocks the customer.
-        return customer.customer_id, _STATUS_DECLINES.get(customer.primary.status)
+        return customer_id, _STATUS_DECLINES.get(status)
 
     async def _by_number(self, number: str, txn: TransactionInput) -> tuple[str, IdentityDecline | None]:
         found = await asyncio.to_thread(self._store.find_number, number)
@@ -449,20 +450,51 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
     async def ScoreTransactions(
         self, request_iterator: AsyncIterator[risk_pb2.ScoreTransactionsRequest], context: Context
     ) -> AsyncIterator[risk_pb2.ScoreTransactionsResponse]:
-        # One transaction at a time, in the order sent: history replays in event-time order, and a customer's
-        # profile must see each transaction before the next. gRPC's flow control holds the client back while
-        # one is scored, so a stream never has more than one transaction in flight on the server.
+        # In the order sent: history replays in event-time order, and a customer's profile must see each
+        # transaction before the next. What arrives while a batch is scored forms the next batch, scored in
+        # one database transaction (one commit for all of it).
         index = 0
-        async for request in request_iterator:
-            reply = risk_pb2.ScoreTransactionsResponse(index=index, transaction_id=_safe_id(request))
+        async with StreamBatches(
+            request_iterator, limit=STREAM_BATCH, key=lambda r: r.transaction.transaction_id
+        ) as batches:
+            while batch := await batches.next():
+                for reply in await self._score_stream_batch(batch, index):
+                    yield reply
+                index += len(batch)
+
+    async def _score_stream_batch(
+        self, batch: list[risk_pb2.ScoreTransactionsRequest], first_index: int
+    ) -> list[risk_pb2.ScoreTransactionsResponse]:
+        replies: list[risk_pb2.ScoreTransactionsResponse] = []
+        ready: list[tuple[risk_pb2.ScoreTransactionsResponse, ScoreRequest]] = []
+        for offset, request in enumerate(batch):
+            reply = risk_pb2.ScoreTransactionsResponse(
+                index=first_index + offset, transaction_id=_safe_id(request)
+            )
+            replies.append(reply)
             try:
-                reply.result.CopyFrom(await self._score(self._check_score(request)))
+                ready.append((reply, await self._prepare(self._check_score(request))))
             except _CALL_ERRORS:
                 raise
             except Exception as error:  # one bad transaction does not end the stream
                 reply.error.CopyFrom(stream_error(error))
-            yield reply
-            index += 1
+        if not ready:
+            return replies
+        results: list[Scored | PosguardError] | list[Exception]
+        try:
+            results = await asyncio.to_thread(self._engine.score_many, [request for _, request in ready])
+        except _CALL_ERRORS:
+            raise
+        except Exception as error:
+            results = [error] * len(ready)
+        for (reply, _), result in zip(ready, results, strict=True):
+            if isinstance(result, _CALL_ERRORS):
+                raise result
+            if isinstance(result, Exception):
+                reply.error.CopyFrom(stream_error(result))
+            else:
+                reply.result.CopyFrom(score_response(*result))
+        return replies
 
     # -- outcomes and profiles ------------------------------------------------------------------------
 
@@ -544,7 +576,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         )
 
 
-def build_risk_servicer(database: Database, numbering: Numbering) -> RiskServicer:
+def build_risk_servicer(database: Database, numbering: Numbering, settings: Settings) -> RiskServicer:
     """The Risk servicer and the engine behind it, on ``database``."""
     customers, dynamic, transactions = (
         SqlCustomerStore(database),
@@ -552,7 +584,11 @@ def build_risk_servicer(database: Database, numbering: Numbering) -> RiskService
         SqlRiskStore(database),
     )
     engine = RiskEngine(
-        transactions, customers, dynamic, thresholds=RISK_THRESHOLDS, refresh_seconds=MODEL_REFRESH_SECONDS
+        transactions,
+        customers,
+        dynamic,
+        thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
+        refresh_seconds=settings.model_refresh_seconds,
     )
     return RiskServicer(engine, customers, numbering, dynamic, transactions)
 

@@ -194,6 +194,10 @@ def _run_seed(
         risk = SqlRiskStore(database)
         importer = Importer(risk, SqlCustomerStore(database), build_numbering(settings))
         importer.import_rows(history, progress=_step(progress, "import", len(history)))
+        # Customers whose first payment comes after the history are enrolled (issued a number) before it, as
+        # they would be in production; they reach the model with no history at all.
+        for ref in dict.fromkeys(r.customer_ref for r, _ in later):
+            importer.customer_for(ref)
         if labels:
             known = [
                 (r.transaction.transaction_id, Outcome.FRAUD, r.transaction.event_time + delay)

@@ -297,6 +297,24 @@ class SqlCustomerStore:
                 session, _find_customer(session, customer_id=customer_id, number=number, external=external)
             )
 
+    def primary_of_external(self, ref: ExternalRef) -> tuple[str, NumberStatus]:
+        """The customer an external id is linked to and the status of its primary number, in one read."""
+        with self._db.session(read_only=True) as session:
+            row = session.execute(
+                select(SqlExternalId.customer_id, SqlCustomerNumber.status)
+                .join(SqlCustomerNumber, SqlCustomerNumber.customer_id == SqlExternalId.customer_id)
+                .where(
+                    SqlExternalId.namespace == ref.namespace,
+                    SqlExternalId.value == ref.value,
+                    # The primary is the static number that has not been replaced.
+                    SqlCustomerNumber.kind == NumberKind.STATIC.value,
+                    SqlCustomerNumber.successor_number.is_(None),
+                )
+            ).first()
+            if row is None:
+                raise NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
+            return row.customer_id, NumberStatus(row.status)
+
     def list(
         self,
         *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -45,7 +46,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, defer, mapped_column
 
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from posguard_server.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PosguardError,
+)
 from posguard_server.domain.risk import (
     Activation,
     Answer,
@@ -300,10 +307,28 @@ _HISTORY_COLUMNS = (
     _T.outcome_at,
 )
 
-# The profile the scorer saw (None for a customer without one) → what it decided.
-Evaluate = Callable[[ProfileSnapshot | None], Evaluation]
+# (customers with fraud reported, customers) at the transaction's place in the feedback window; see
+# ``SqlRiskStore.place_activity``. None when no place was asked for.
+PlaceActivity = tuple[int, int]
+# The profile the scorer saw (None for a customer without one) and the place's activity → what it decided.
+Evaluate = Callable[[ProfileSnapshot | None, PlaceActivity | None], Evaluation]
+# A stored transaction and whether it was an earlier answer replayed.
+Scored = tuple[StoredTransaction, bool]
 # (scope, customer_id ("" for GLOBAL), version)
 ModelKey = tuple[ModelScope, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreItem:
+    """One transaction to score: ``evaluate`` runs inside the transaction, with the customer locked."""
+
+    record: NewTransaction
+    fingerprint: str
+    request_id: str  # "" for none
+    evaluate: Evaluate
+    # Read the place's activity over [place_since, the transaction's time), inside the transaction, so it
+    # counts the transactions stored before this one in the same batch. None: not needed.
+    place_since: datetime | None = None
 
 
 def _transaction_conflict(message: str) -> InvalidArgument:
@@ -328,7 +353,8 @@ class SqlRiskStore:
         request_id: str,
         evaluate: Evaluate,
         now: datetime,
-    ) -> tuple[StoredTransaction, bool]:
+        place_since: datetime | None = None,
+    ) -> Scored:
         """Score and store one transaction and update the customer's profile, all in one transaction.
 
         Returns ``(stored, replayed)``. A retry of ``record.transaction_id`` with the same ``fingerprint``
@@ -336,54 +362,93 @@ class SqlRiskStore:
         ``evaluate`` runs inside the transaction with the customer locked: it must be quick, must not touch
         the database, and may be called again if the write lost a race. ``request_id`` "" means none.
         """
+        (result,) = self.score_many(
+            [ScoreItem(record, fingerprint, request_id, evaluate, place_since)], now=now
+        )
+        if isinstance(result, PosguardError):
+            raise result
+        return result
+
+    def score_many(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
+        """``score`` for several transactions, in order, committed together: one commit, one sync to disk.
+
+        An item that is refused (unknown customer, idempotency conflict) is returned as its error and
+        changes nothing; the others are stored. Each item sees what the items before it stored. Errors of
+        the whole transaction (the database is unavailable, a bug in ``evaluate``) raise, and then nothing of
+        the batch was stored.
+        """
         for attempt in range(_ATTEMPTS):
             try:
-                return self._score_once(
-                    record, fingerprint=fingerprint, request_id=request_id, evaluate=evaluate, now=now
-                )
+                return self._score_batch(items, now)
             except AlreadyExists:
-                # A concurrent call with the same transaction id (or request_id) committed first; the
-                # re-run finds its row and replays it, or reports the conflict.
+                # A concurrent call (another replica) stored one of these transaction ids or request ids
+                # first; the re-run finds its row and replays it, or reports the conflict.
                 if attempt == _ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _score_once(
-        self,
-        record: NewTransaction,
-        *,
-        fingerprint: str,
-        request_id: str,
-        evaluate: Evaluate,
-        now: datetime,
-    ) -> tuple[StoredTransaction, bool]:
+    def _score_batch(self, items: Sequence[ScoreItem], now: datetime) -> list[Scored | PosguardError]:
+        results: list[Scored | PosguardError] = []
         with self._db.session() as session:
-            # Lock first, then look for an earlier run: a concurrent retry waits here and then replays.
-            _lock_customer(session, record.customer_id)
-            earlier = _earlier_score(session, record.transaction_id, fingerprint, request_id)
-            if earlier is not None:
-                return _stored(earlier), True
-            profile = session.get(SqlRiskProfile, record.customer_id)
-            evaluation = evaluate(_snapshot(profile) if profile is not None else None)
-            row = SqlRiskTransaction(
-                **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
-                fingerprint=fingerprint,
-                request_id=request_id or None,
-                scored_at=_utc(now),
-                risk_score=evaluation.risk_score,
-                decision=evaluation.decision.value,
-                reasons=_reasons_json(evaluation.reasons),
-                model_scope=evaluation.model_scope.value,
-                model_version=evaluation.model_version,
-                history_size=evaluation.history_size,
-                cold_start=evaluation.cold_start,
-                features=evaluation.features,
-            )
-            session.add(row)
-            if evaluation.new_state is not None:
-                _advance_profile(session, profile, record, evaluation, evaluation.new_state, now)
-            session.flush()
-            return _stored(row), False
+            # Every customer of the batch, locked up front in one order, so two batches cannot deadlock.
+            known = _lock_customers(session, {item.record.customer_id for item in items})
+            earlier = _Earlier.load(session, items)
+            profiles = _profiles(session, known)
+            # Places of rows added since the last flush; the rest is written in one go at commit.
+            places_written: set[tuple[str, str]] = set()
+            for item in items:
+                record = item.record
+                if record.customer_id not in known:
+                    results.append(NotFound("no such customer", reason="CUSTOMER_NOT_FOUND"))
+                    continue
+                try:
+                    replay = earlier.check(item)
+                except InvalidArgument as conflict:
+                    results.append(conflict)
+                    continue
+                if replay is not None:
+                    results.append((_stored(replay), True))
+                    continue
+                profile = profiles.get(record.customer_id)
+                place = None
+                if item.place_since is not None:
+                    key = _place_key(record)
+                    if key in places_written:
+                        # An earlier item of this batch paid here: it must count, so write it out first.
+                        session.flush()
+                        places_written.clear()
+                    with session.no_autoflush:
+                        place = _place_activity(
+                            session,
+                            record.terminal_id,
+                            record.merchant_id,
+                            item.place_since,
+                            _utc(record.event_time),
+                        )
+                evaluation = item.evaluate(_snapshot(profile) if profile is not None else None, place)
+                row = SqlRiskTransaction(
+                    **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
+                    fingerprint=item.fingerprint,
+                    request_id=item.request_id or None,
+                    scored_at=_utc(now),
+                    risk_score=evaluation.risk_score,
+                    decision=evaluation.decision.value,
+                    reasons=_reasons_json(evaluation.reasons),
+                    model_scope=evaluation.model_scope.value,
+                    model_version=evaluation.model_version,
+                    history_size=evaluation.history_size,
+                    cold_start=evaluation.cold_start,
+                    features=evaluation.features,
+                )
+                session.add(row)
+                earlier.add(row)
+                places_written.add(_place_key(record))
+                if evaluation.new_state is not None:
+                    profiles[record.customer_id] = _advance_profile(
+                        session, profile, record, evaluation, evaluation.new_state, now
+                    )
+                results.append((_stored(row), False))
+        return results
 
     def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
         with self._db.session(read_only=True) as session:
@@ -611,20 +676,8 @@ class SqlRiskStore:
         feedback uses. Fraud means FRAUD or CHARGEBACK reported at or before ``until``. Counts transactions
         that are in history, like the training data.
         """
-        place = (
-            _T.terminal_id == terminal_id
-            if terminal_id
-            else and_(_T.terminal_id == "", _T.merchant_id == merchant_id)
-        )
-        fraud = and_(_T.outcome.in_(_FRAUD_LABELS), _T.outcome_at <= until)
         with self._db.session(read_only=True) as session:
-            frauds, customers = session.execute(
-                select(
-                    func.count(distinct(case((fraud, _T.customer_id)))),
-                    func.count(distinct(_T.customer_id)),
-                ).where(place, _T.event_time >= since, _T.event_time < until, _T.in_history.is_(True))
-            ).one()
-        return int(frauds), int(customers)
+            return _place_activity(session, terminal_id, merchant_id, since, until)
 
     # -- outcomes -------------------------------------------------------------------------------------
 
@@ -998,17 +1051,47 @@ def _dialect_insert(session: Session) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-def _lock_customer(session: Session, customer_id: str) -> None:
-    """Lock the customer's row until commit, so scores of one customer run one after the other.
+def _place_key(record: NewTransaction) -> tuple[str, str]:
+    """Where label feedback counts a transaction: its terminal, or its merchant when it has none."""
+    return (record.terminal_id, "") if record.terminal_id else ("", record.merchant_id)
 
+
+def _place_activity(
+    session: Session, terminal_id: str, merchant_id: str, since: datetime, until: datetime
+) -> PlaceActivity:
+    place = (
+        _T.terminal_id == terminal_id
+        if terminal_id
+        else and_(_T.terminal_id == "", _T.merchant_id == merchant_id)
+    )
+    fraud = and_(_T.outcome.in_(_FRAUD_LABELS), _T.outcome_at <= until)
+    frauds, customers = session.execute(
+        select(
+            func.count(distinct(case((fraud, _T.customer_id)))),
+            func.count(distinct(_T.customer_id)),
+        ).where(place, _T.event_time >= since, _T.event_time < until, _T.in_history.is_(True))
+    ).one()
+    return int(frauds), int(customers)
+
+
+def _lock_customers(session: Session, customer_ids: set[str]) -> set[str]:
+    """Lock the customers' rows until commit, so one customer's scores run one after the other; ids found.
+
+    Rows are locked in id order, so batches that share customers wait for each other instead of deadlocking.
     ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) still lets other transactions insert rows that reference the
     customer (numbers, enrolments) meanwhile. SQLite ignores it: ``BEGIN IMMEDIATE`` serialises writers.
     """
-    locked = session.scalar(
-        select(SqlCustomer.id).where(SqlCustomer.customer_id == customer_id).with_for_update(key_share=True)
-    )
-    if locked is None:
-        raise NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
+    found: set[str] = set()
+    for chunk in _chunks(sorted(customer_ids), _CHUNK):
+        found.update(
+            session.scalars(
+                select(SqlCustomer.customer_id)
+                .where(SqlCustomer.customer_id.in_(chunk))
+                .order_by(SqlCustomer.customer_id)
+                .with_for_update(key_share=True)
+            )
+        )
+    return found
 
 
 def _require_customers(session: Session, customer_ids: set[str]) -> None:
@@ -1025,22 +1108,56 @@ def _require_customers(session: Session, customer_ids: set[str]) -> None:
             )
 
 
-def _earlier_score(
-    session: Session, transaction_id: str, fingerprint: str, request_id: str
-) -> SqlRiskTransaction | None:
-    row = session.scalar(select(_T).where(_T.transaction_id == transaction_id))
-    if row is not None:
-        if row.source != TransactionSource.SCORE.value:
-            # Imported history has no stored answer to replay, and scoring it again would duplicate it.
-            raise _transaction_conflict("belongs to imported history")
-        if row.fingerprint != fingerprint:
-            raise _transaction_conflict("was already used for a different transaction")
-        return row
-    if request_id:
-        used = session.scalar(select(_T.id).where(_T.request_id == request_id))
-        if used is not None:
+class _Earlier:
+    """The stored transactions a batch's ids and request ids already name, kept up to date as it stores."""
+
+    def __init__(self, rows: dict[str, SqlRiskTransaction], request_ids: set[str]) -> None:
+        self._rows = rows
+        self._request_ids = request_ids
+
+    @classmethod
+    def load(cls, session: Session, items: Sequence[ScoreItem]) -> _Earlier:
+        ids = sorted({item.record.transaction_id for item in items})
+        request_ids = sorted({item.request_id for item in items if item.request_id})
+        rows: dict[str, SqlRiskTransaction] = {}
+        used: set[str] = set()
+        for chunk in _chunks(ids, _CHUNK):
+            rows.update(
+                (row.transaction_id, row)
+                for row in session.scalars(select(_T).where(_T.transaction_id.in_(chunk)))
+            )
+        for chunk in _chunks(request_ids, _CHUNK):
+            used.update(session.scalars(select(_T.request_id).where(_T.request_id.in_(chunk))))
+        return cls(rows, used)
+
+    def check(self, item: ScoreItem) -> SqlRiskTransaction | None:
+        """The stored row ``item`` retries; None for a new transaction; InvalidArgument on a conflict."""
+        row = self._rows.get(item.record.transaction_id)
+        if row is not None:
+            if row.source != TransactionSource.SCORE.value:
+                # Imported history has no stored answer to replay, and scoring it again would duplicate it.
+                raise _transaction_conflict("belongs to imported history")
+            if row.fingerprint != item.fingerprint:
+                raise _transaction_conflict("was already used for a different transaction")
+            return row
+        if item.request_id and item.request_id in self._request_ids:
             raise _request_conflict("was already used for a different transaction")
-    return None
+        return None
+
+    def add(self, row: SqlRiskTransaction) -> None:
+        self._rows[row.transaction_id] = row
+        if row.request_id:
+            self._request_ids.add(row.request_id)
+
+
+def _profiles(session: Session, customer_ids: set[str]) -> dict[str, SqlRiskProfile]:
+    found: dict[str, SqlRiskProfile] = {}
+    for chunk in _chunks(sorted(customer_ids), _CHUNK):
+        found.update(
+            (p.customer_id, p)
+            for p in session.scalars(select(SqlRiskProfile).where(SqlRiskProfile.customer_id.in_(chunk)))
+        )
+    return found
 
 
 def _transaction_values(
@@ -1070,7 +1187,7 @@ def _advance_profile(
     evaluation: Evaluation,
     new_state: bytes,
     now: datetime,
-) -> None:
+) -> SqlRiskProfile:
     if profile is None:
         profile = SqlRiskProfile(
             customer_id=record.customer_id,
@@ -1093,6 +1210,7 @@ def _advance_profile(
         profile.declines += 1
     elif evaluation.decision is Decision.REVIEW:
         profile.reviews += 1
+    return profile
 
 
 def _snapshot(row: SqlRiskProfile) -> ProfileSnapshot:
