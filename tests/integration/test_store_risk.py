@@ -689,6 +689,24 @@ def test_registry_errors(store: SqlRiskStore) -> None:
     assert store.generation() == 0
 
 
+def test_a_training_run_larger_than_a_chunk_registers_and_activates(
+    store: SqlRiskStore, database: Database
+) -> None:
+    """A run's models share one version: more of them than one insert chunk must not look taken."""
+    customers = [f"k{i:04d}" for i in range(1200)]
+    _add_customers(database, *customers)
+    models = [_model(ModelScope.GLOBAL, "", "run-1")] + [
+        _model(ModelScope.CUSTOMER, c, "run-1") for c in customers
+    ]
+
+    store.add_models(models)
+    store.activate_many([(m.scope, m.customer_id, m.version) for m in models], now=NOW)
+
+    assert len(store.active_models(ModelScope.CUSTOMER)) == 1200
+    with pytest.raises(AlreadyExists):
+        store.add_models(models[-1:])
+
+
 def test_activate_many_is_one_change(store: SqlRiskStore) -> None:
     store.add_models(
         [_model(ModelScope.CUSTOMER, c, v) for c in ("c1", "c2", "c3") for v in ("v1", "v2")]

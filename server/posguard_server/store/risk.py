@@ -862,16 +862,17 @@ class SqlRiskStore:
             )
         with self._db.session() as session:
             _require_customers(session, {v["customer_id"] for v in values if v["customer_id"] is not None})
-            for chunk in _chunks(values, _CHUNK):
+            # Check everything before inserting anything: a training run's models share one version, so a
+            # check after the first chunk's insert would find that chunk.
+            for chunk in _chunks(sorted({v["version"] for v in values}), _CHUNK):
                 taken = session.execute(
-                    select(_M.scope, _M.customer_id, _M.version).where(
-                        _M.version.in_({v["version"] for v in chunk})
-                    )
+                    select(_M.scope, _M.customer_id, _M.version).where(_M.version.in_(chunk))
                 )
                 for scope, customer, version in taken:
                     if (scope, customer, version) in keys:
                         raise _version_taken(version)
-                session.execute(insert(_MODELS), chunk)
+            for rows in _chunks(values, _CHUNK):
+                session.execute(insert(_MODELS), rows)
 
     def activate(
         self,
