@@ -226,15 +226,11 @@ class RiskEngine:
 
     # -- scoring --------------------------------------------------------------------------------------
 
-    def score(self, request: ScoreRequest) -> Scored:
-        """Score, store and explain one transaction; ``(stored, replayed)``."""
-        (result,) = self.score_many([request])
-        if isinstance(result, PosguardError):
-            raise result
-        return result
-
     def score_many(self, requests: Sequence[ScoreRequest]) -> list[Scored | PosguardError]:
-        """``score`` for each request, in order, in one database transaction; a refused one is its error."""
+        """Score, store and explain each request, in order, in one database transaction.
+
+        One ``(stored, replayed)`` per request, or the error of a request that was refused.
+        """
         active = self.models.current()
         results: list[Scored | PosguardError | None] = [None] * len(requests)
         items: list[ScoreItem] = []

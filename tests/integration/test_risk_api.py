@@ -88,11 +88,12 @@ def txn(**fields: Any) -> R.Transaction:
         "merchant_id": "m-1",
         "terminal_id": "t-1",
         "mcc": "5411",
-        "event_time": next_time(),
         "channel": common_pb2.CHANNEL_POS,
         "location": common_pb2.Location(latitude=30.59, longitude=114.31),
     }
     base.update(fields)
+    if "event_time" not in fields:
+        base["event_time"] = next_time()
     return R.Transaction(**base)
 
 
@@ -613,6 +614,43 @@ def test_stream_answers_every_item_in_order_and_goes_on_after_a_bad_one(running:
         assert snapshot(running) == before
 
 
+def test_a_fast_stream_is_scored_in_batches_exactly_as_one_by_one(running: RunningServer) -> None:
+    """Hundreds of items sent at once: each sees every earlier item of its customer, retries replay."""
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        customers = [issue(client) for _ in range(3)]
+        requests = []
+        expected: list[tuple[str, int, bool]] = []  # (customer, history size, replayed)
+        seen = [0, 0, 0]
+        start = datetime.now(UTC) - timedelta(days=1)
+        for i in range(240):
+            who = i % 3
+            when = stamp(start + timedelta(minutes=i))
+            request = R.ScoreTransactionsRequest(
+                transaction=txn(customer_number=customers[who].primary.number, event_time=when)
+            )
+            requests.append(request)
+            expected.append((customers[who].customer_id, seen[who], False))
+            seen[who] += 1
+            if i % 50 == 7:  # a retry straight after the original replays it
+                requests.append(request)
+                expected.append((customers[who].customer_id, seen[who] - 1, True))
+        clash = R.ScoreTransactionsRequest()
+        clash.CopyFrom(requests[10])
+        clash.transaction.amount.amount_minor += 1  # the id of another transaction
+        requests.append(clash)
+
+        replies = list(client.score_transactions(requests))
+
+        assert [r.index for r in replies] == list(range(len(requests)))
+        assert [r.error for r in replies[:-1] if r.HasField("error")] == []
+        assert [
+            (r.result.customer_id, r.result.model.history_size, r.result.replayed) for r in replies[:-1]
+        ] == expected
+        assert replies[-1].error.reason == "IDEMPOTENCY_CONFLICT"
+        for customer, n in zip(customers, seen, strict=True):
+            assert profile(client, customer.customer_id).transaction_count == n
+
+
 @pytest.mark.usefixtures("_not_at_a_step_edge")
 def test_stream_redeems_dynamic_codes_and_declines_their_replay(running: RunningServer) -> None:
     with posguard.Client(running.target, api_key=running.key("gateway")) as client:
@@ -634,6 +672,26 @@ def test_concurrent_retries_of_one_transaction_store_it_once(running: RunningSer
         assert len({a.SerializeToString(deterministic=True) for a in answers if a.replayed}) == 1
         assert count(running, SqlRiskTransaction) == 1
         assert profile(client, customer.customer_id).transaction_count == 1
+
+
+def test_concurrent_calls_share_commits_and_lose_nothing(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        customers = [issue(client) for _ in range(4)]
+        start = datetime.now(UTC) - timedelta(hours=12)
+        transactions = [
+            txn(
+                customer_number=customers[i % 4].primary.number,
+                event_time=stamp(start + timedelta(seconds=i)),
+            )
+            for i in range(48)
+        ]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(lambda t: score(client, t), transactions))
+        assert [a.transaction_id for a in answers] == [t.transaction_id for t in transactions]
+        assert not any(a.replayed for a in answers)
+        assert count(running, SqlRiskTransaction) == 48
+        for customer in customers:
+            assert profile(client, customer.customer_id).transaction_count == 12
 
 
 def test_stream_reports_every_bad_input_as_an_item_error(server: RunningServer) -> None:

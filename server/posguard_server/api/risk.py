@@ -33,6 +33,7 @@ from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
 from posguard_server.api.errors import status_for
+from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
@@ -82,8 +83,12 @@ _NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
 # transaction (with any request_id) replays it, and it never meets a RedeemDynamicCode request_id.
 _REDEMPTION_KEY_PREFIX = "risk.score:"
 _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
-# Most transactions of a ScoreTransactions stream committed together (see stream_batches).
+# Most transactions of a ScoreTransactions stream committed together (see stream_batches), and most
+# concurrent ScoreTransaction calls (see group_commit).
 STREAM_BATCH = 64
+COMMIT_BATCH = 64
+# Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
+_COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
 # Errors of the whole call, not of one item: they end a ScoreTransactions stream.
 _CALL_ERRORS = (Unauthenticated, PermissionDenied, ResourceExhausted, DeadlineExceeded, Unavailable)
 
@@ -320,8 +325,13 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         numbering: Numbering,
         dynamic: SqlDynamicCodeStore,
         transactions: SqlRiskStore,
+        *,
+        commit_workers: int = 1,
     ) -> None:
         self._engine = engine
+        self._commits: GroupCommit[ScoreRequest, Scored] = GroupCommit(
+            engine.score_many, limit=COMMIT_BATCH, workers=commit_workers
+        )
         self._store = store
         self._numbering = numbering
         self._dynamic = dynamic
@@ -347,7 +357,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         return _Checked(txn, who, request.request_id, same)
 
     async def _score(self, checked: _Checked) -> risk_pb2.ScoreTransactionResponse:
-        stored, replayed = await asyncio.to_thread(self._engine.score, await self._prepare(checked))
+        stored, replayed = await self._commits.submit(await self._prepare(checked))
         return score_response(stored, replayed)
 
     async def _prepare(self, checked: _Checked) -> ScoreRequest:
@@ -590,7 +600,9 @@ def build_risk_servicer(database: Database, numbering: Numbering, settings: Sett
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
         refresh_seconds=settings.model_refresh_seconds,
     )
-    return RiskServicer(engine, customers, numbering, dynamic, transactions)
+    return RiskServicer(
+        engine, customers, numbering, dynamic, transactions, commit_workers=_COMMIT_WORKERS[database.dialect]
+    )
 
 
 def _safe_id(request: risk_pb2.ScoreTransactionsRequest) -> str:

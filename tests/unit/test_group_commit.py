@@ -1,0 +1,127 @@
+"""Group commit: concurrent callers share batches, and each gets its own result or error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from posguard_server.api.group_commit import GroupCommit
+
+
+class Recorder:
+    """A batch runner that takes a while, records its batches, and fails items named "bad"."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+        self.batches: list[list[str]] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, items: Sequence[str]) -> list[str | Exception]:
+        with self._lock:
+            self.batches.append(list(items))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+        return [ValueError(item) if item == "bad" else item.upper() for item in items]
+
+
+def test_a_lone_call_is_a_batch_of_one() -> None:
+    runner = Recorder(0)
+
+    async def run() -> str:
+        return await GroupCommit(runner, limit=8).submit("a")
+
+    assert asyncio.run(run()) == "A"
+    assert runner.batches == [["a"]]
+
+
+def test_calls_arriving_during_a_commit_share_the_next_one() -> None:
+    runner = Recorder()
+
+    async def run() -> list[str]:
+        commits = GroupCommit(runner, limit=4)
+        return list(await asyncio.gather(*(commits.submit(f"x{i}") for i in range(9))))
+
+    assert asyncio.run(run()) == [f"X{i}" for i in range(9)]
+    # All nine were queued before the first batch started: batches of the limit, in order.
+    assert runner.batches == [["x0", "x1", "x2", "x3"], ["x4", "x5", "x6", "x7"], ["x8"]]
+
+
+def test_each_caller_gets_its_own_error() -> None:
+    runner = Recorder(0)
+
+    async def run() -> list[str | BaseException]:
+        commits = GroupCommit(runner, limit=8)
+        return list(
+            await asyncio.gather(*(commits.submit(v) for v in ("a", "bad", "c")), return_exceptions=True)
+        )
+
+    a, bad, c = asyncio.run(run())
+    assert (a, c) == ("A", "C")
+    assert isinstance(bad, ValueError)
+
+
+def test_a_failed_batch_fails_every_caller_in_it() -> None:
+    def broken(items: Sequence[str]) -> list[str | Exception]:
+        raise ConnectionError("database down")
+
+    async def run() -> list[str | BaseException]:
+        commits = GroupCommit(broken, limit=8)
+        return list(await asyncio.gather(*(commits.submit(v) for v in "ab"), return_exceptions=True))
+
+    assert all(isinstance(r, ConnectionError) for r in asyncio.run(run()))
+
+
+def test_a_runner_that_miscounts_fails_its_callers_instead_of_hanging_them() -> None:
+    async def run() -> BaseException | None:
+        commits = GroupCommit(lambda items: [], limit=8)
+        try:
+            await asyncio.wait_for(commits.submit("a"), 5)
+        except RuntimeError as error:
+            return error
+        return None
+
+    assert isinstance(asyncio.run(run()), RuntimeError)
+
+
+def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
+    runner = Recorder()
+
+    async def run() -> list[str]:
+        commits = GroupCommit(runner, limit=8)
+        first = asyncio.create_task(commits.submit("a"))
+        await asyncio.sleep(0)  # the first batch starts with "a" alone
+        impatient = asyncio.create_task(commits.submit("b"))
+        patient = asyncio.create_task(commits.submit("c"))
+        await asyncio.sleep(0)
+        impatient.cancel()
+        return [await first, await patient]
+
+    assert asyncio.run(run()) == ["A", "C"]
+    assert runner.batches == [["a"], ["b", "c"]]  # "b" was still run: its caller just never hears
+
+
+def test_workers_bound_the_batches_in_flight() -> None:
+    runner = Recorder()
+
+    async def run() -> None:
+        commits = GroupCommit(runner, limit=1, workers=2)
+        await asyncio.gather(*(commits.submit(str(i)) for i in range(6)))
+
+    asyncio.run(run())
+    assert runner.most_at_once == 2
+    assert sorted(item for batch in runner.batches for item in batch) == [str(i) for i in range(6)]
+
+
+@pytest.mark.parametrize(("limit", "workers"), [(0, 1), (1, 0)])
+def test_limits_must_be_positive(limit: int, workers: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        GroupCommit(Recorder(), limit=limit, workers=workers)
