@@ -12,6 +12,7 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy"
 .venv/bin/mypy
+.venv/bin/mypy bench
 echo "== import contract"
 .venv/bin/lint-imports
 echo "== pytest"

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import secrets
 from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.migrate import upgrade
+from posguard_server.store.scratch import scratch_postgres_database
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,20 +37,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path}/posguard.db"
         return
 
-    server_url = make_url(_postgresql_server_url())
-    name = f"posguard_t_{secrets.token_hex(6)}"
-    # CREATE/DROP DATABASE refuse to run inside a transaction.
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield server_url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with scratch_postgres_database(_postgresql_server_url(), "posguard_t") as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,0 +1,60 @@
+"""The ceiling: the same gRPC stack (grpc.aio, one process) with handlers that do nothing.
+
+``python bench/echo_server.py --reply-bytes N`` prints ``echo serving on PORT`` and serves until killed:
+``/bench.Echo/Unary`` answers every request with N bytes, ``/bench.Echo/Stream`` answers every message of a
+bidirectional stream with N bytes. Requests are taken as raw bytes, so the only work is gRPC's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def serve(reply_bytes: int) -> None:
+    reply = b"\x01" * reply_bytes
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        return reply
+
+    async def stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield reply
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=_identity, response_serializer=_identity
+            ),
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=_identity, response_serializer=_identity
+            ),
+        },
+    )
+    # The options posguard's server uses, so the two stacks differ only in the handler.
+    server = aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=1000)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving on {port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reply-bytes", type=int, default=256)
+    asyncio.run(serve(parser.parse_args().reply_bytes))
+
+
+if __name__ == "__main__":
+    main()

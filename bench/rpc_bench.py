@@ -1,0 +1,441 @@
+"""posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
+
+    .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
+
+Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
+it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
+the size posguard sends), and measures each in turn with the same load generator: ``N`` calls in flight for
+``--seconds``, requests serialised in advance and replies left unparsed, so the client costs the same for
+both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median over ``--repeats``
+windows, with posguard's ratio to the echo baseline. ``--postgres`` (a server URL) adds ScoreTransaction on a
+fresh PostgreSQL database. Linux only (server CPU is read from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from grpc import aio
+
+from posguard.v1 import common_pb2, customer_ids_pb2, risk_pb2
+from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, read_transactions
+from posguard_server.store.scratch import scratch_postgres_database
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "handbook_sample.csv.gz"
+SERVER = [sys.executable, "-m", "posguard_server"]
+SCORE = "/posguard.v1.Risk/ScoreTransaction"
+SCORE_STREAM = "/posguard.v1.Risk/ScoreTransactions"
+VERIFY = "/posguard.v1.CustomerIds/VerifyCustomerId"
+ECHO, ECHO_STREAM = "/bench.Echo/Unary", "/bench.Echo/Stream"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+MakeRequests = Callable[[int], list[bytes]]
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+# -- servers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[str]
+    port: int
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def _start(args: list[str], pattern: str, env: dict[str, str] | None = None) -> Process:
+    popen = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
+    assert popen.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in popen.stdout:
+        match = re.search(pattern, line)
+        if match:
+            # Keep draining the output so the server never blocks on a full pipe.
+            _drain(popen)
+            return Process(popen, int(match.group(1)))
+        if time.monotonic() > deadline:
+            break
+    popen.kill()
+    raise RuntimeError(f"{args[-1]} did not start")
+
+
+def _drain(popen: subprocess.Popen[str]) -> None:
+    def run() -> None:
+        assert popen.stdout is not None
+        for _ in popen.stdout:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _cli(settings: list[str], *args: str) -> str:
+    done = subprocess.run([*SERVER, *settings, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"posguard-server {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+@contextmanager
+def posguard(data_dir: Path, database_url: str | None) -> Iterator[tuple[Process, str]]:
+    """A trained posguard server (log level WARNING, no metrics) and a gateway key."""
+    settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled"]
+    if database_url:
+        settings += ["--database-url", database_url]
+        _cli(settings, "db", "upgrade")
+    _cli(settings, "import", "transactions", str(SAMPLE))
+    _cli(settings, "train")
+    token = json.loads(_cli(settings, "keys", "create", "--role", "gateway", "--json"))["token"]
+    process = _start(
+        [*SERVER, *settings, "--listen", "127.0.0.1:0", "--log-level", "INFO", "serve"],
+        r"posguard serving on 127\.0\.0\.1:(\d+)",
+    )
+    try:
+        yield process, token
+    finally:
+        process.stop()
+
+
+@contextmanager
+def echo(reply_bytes: int) -> Iterator[Process]:
+    process = _start(
+        [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--reply-bytes", str(reply_bytes)],
+        r"echo serving on (\d+)",
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+# -- requests -----------------------------------------------------------------------------------------
+
+
+class Requests:
+    """Serialised requests: transactions of the sample's customers after its history, and their numbers."""
+
+    def __init__(self) -> None:
+        rows = list(read_transactions(SAMPLE))
+        self.refs = sorted({r.customer_ref for r in rows})
+        self.start = max(r.transaction.event_time for r in rows)
+        self.run = secrets.token_hex(4)
+        self.made = 0
+        self.numbers: list[str] = []
+
+    def transaction(self) -> risk_pb2.Transaction:
+        i = self.made
+        self.made += 1
+        txn = risk_pb2.Transaction(
+            transaction_id=f"bench-{self.run}-{i}",
+            external_id=common_pb2.ExternalId(
+                namespace=DEFAULT_NAMESPACE, value=self.refs[i % len(self.refs)]
+            ),
+            amount=common_pb2.Money(amount_minor=1_000 + (i * 7919) % 90_000, currency="EUR"),
+            merchant_id=f"T{i % 500:06d}",
+            terminal_id=f"T{i % 500:06d}",
+            channel=common_pb2.CHANNEL_POS,
+        )
+        txn.event_time.FromDatetime(self.start + timedelta(seconds=i))
+        return txn
+
+    def scores(self, n: int) -> list[bytes]:
+        return [
+            risk_pb2.ScoreTransactionRequest(transaction=self.transaction()).SerializeToString()
+            for _ in range(n)
+        ]
+
+    def stream_items(self, n: int) -> list[bytes]:
+        return [
+            risk_pb2.ScoreTransactionsRequest(transaction=self.transaction()).SerializeToString()
+            for _ in range(n)
+        ]
+
+    def verifies(self, n: int) -> list[bytes]:
+        return [
+            customer_ids_pb2.VerifyCustomerIdRequest(
+                number=self.numbers[i % len(self.numbers)]
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
+
+async def fetch_numbers(port: int, token: str, refs: list[str]) -> list[str]:
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        get = channel.unary_unary(
+            "/posguard.v1.CustomerIds/GetCustomer",
+            request_serializer=customer_ids_pb2.GetCustomerRequest.SerializeToString,
+            response_deserializer=customer_ids_pb2.GetCustomerResponse.FromString,
+        )
+        numbers = []
+        for ref in refs:
+            request = customer_ids_pb2.GetCustomerRequest(
+                customer=common_pb2.CustomerSelector(
+                    external_id=common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=ref)
+                )
+            )
+            numbers.append((await get(request, metadata=metadata, timeout=10)).customer.primary.number)
+        return numbers
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    calls: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_call: float
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+
+async def unary_window(
+    process: Process, method: str, token: str, requests: list[bytes], inflight: int, seconds: float
+) -> Window:
+    metadata = (("authorization", f"Bearer {token}"),)
+    latencies: list[float] = []
+    async with aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        call = channel.unary_unary(method, request_serializer=_raw, response_deserializer=_raw)
+        await call(requests[0], metadata=metadata, timeout=30)  # connect and warm up outside the window
+        feed = iter(requests[1:])
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            for request in feed:
+                if time.perf_counter() >= stop:
+                    return
+                began = time.perf_counter()
+                await call(request, metadata=metadata, timeout=30)
+                latencies.append(time.perf_counter() - began)
+
+        cpu = process.cpu_seconds()
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        elapsed = time.perf_counter() - began
+        cpu = process.cpu_seconds() - cpu
+    return _window(latencies, elapsed, cpu)
+
+
+async def stream_window(
+    process: Process, method: str, token: str, requests: list[bytes], seconds: float
+) -> Window:
+    metadata = (("authorization", f"Bearer {token}"),)
+    sent: list[float] = []
+    latencies: list[float] = []
+    async with aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        stream = channel.stream_stream(method, request_serializer=_raw, response_deserializer=_raw)
+        stop = time.perf_counter() + seconds
+
+        async def items() -> AsyncIterator[bytes]:
+            for request in requests:
+                if time.perf_counter() >= stop:
+                    return
+                sent.append(time.perf_counter())
+                yield request
+
+        cpu = process.cpu_seconds()
+        began = time.perf_counter()
+        async for _ in stream(items(), metadata=metadata, timeout=seconds + 60):
+            latencies.append(time.perf_counter() - sent[len(latencies)])
+        elapsed = time.perf_counter() - began
+        cpu = process.cpu_seconds() - cpu
+    return _window(latencies, elapsed, cpu)
+
+
+def _window(latencies: list[float], elapsed: float, cpu: float) -> Window:
+    if not latencies:
+        raise RuntimeError("no call completed in the window")
+    ordered = sorted(latencies)
+    return Window(
+        calls=len(ordered),
+        seconds=elapsed,
+        p50_ms=1000 * ordered[len(ordered) // 2],
+        p99_ms=1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        cpu_ms_per_call=1000 * cpu / len(ordered),
+    )
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    rpc: str
+    storage: str
+    inflight: str
+    echo_rate: float
+    rate: float
+    ratio: float
+    echo_p50_ms: float
+    p50_ms: float
+    echo_p99_ms: float
+    p99_ms: float
+    echo_cpu_ms: float
+    cpu_ms: float
+
+
+def _median(windows: list[Window], value: Callable[[Window], float]) -> float:
+    return statistics.median(value(w) for w in windows)
+
+
+def row(rpc: str, storage: str, inflight: str, base: list[Window], ours: list[Window]) -> Row:
+    echo_rate = _median(base, lambda w: w.rate)
+    rate = _median(ours, lambda w: w.rate)
+    # Ratios are per repeat (echo and posguard measured back to back), then the median.
+    ratio = statistics.median(o.rate / b.rate for o, b in zip(ours, base, strict=True))
+    return Row(
+        rpc,
+        storage,
+        inflight,
+        echo_rate,
+        rate,
+        ratio,
+        _median(base, lambda w: w.p50_ms),
+        _median(ours, lambda w: w.p50_ms),
+        _median(base, lambda w: w.p99_ms),
+        _median(ours, lambda w: w.p99_ms),
+        _median(base, lambda w: w.cpu_ms_per_call),
+        _median(ours, lambda w: w.cpu_ms_per_call),
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| RPC | storage | in flight | echo calls/s | posguard calls/s | ratio | p50 ms echo / posguard "
+        "| p99 ms echo / posguard | server CPU ms/call echo / posguard |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        latency = f"| {r.echo_p50_ms:.2f} / {r.p50_ms:.2f} | {r.echo_p99_ms:.2f} / {r.p99_ms:.2f} "
+        if r.inflight == "stream":
+            # A stream's client sends as fast as flow control lets it: a reply's wait is mostly queueing.
+            latency = "| — | — "
+        lines.append(
+            f"| {r.rpc} | {r.storage} | {r.inflight} | {r.echo_rate:,.0f} | {r.rate:,.0f} | {r.ratio:.2f} "
+            f"{latency}| {r.echo_cpu_ms:.3f} / {r.cpu_ms:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace) -> list[Row]:
+    requests = Requests()
+    rows: list[Row] = []
+    need = 4000 * int(args.seconds + 1)  # requests a window may use at most, with room to spare
+
+    async def unary(
+        rpc: str,
+        storage: str,
+        method: str,
+        server: Process,
+        baseline: Process,
+        token: str,
+        make: MakeRequests,
+    ) -> None:
+        for inflight in args.inflight:
+            base, ours = [], []
+            for _ in range(args.repeats):
+                batch = make(need)
+                base.append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
+                ours.append(await unary_window(server, method, token, batch, inflight, args.seconds))
+            rows.append(row(rpc, storage, str(inflight), base, ours))
+            _progress(rows[-1])
+
+    with tempfile.TemporaryDirectory(prefix="posguard-bench-") as tmp:
+        with posguard(Path(tmp) / "sqlite", None) as (server, token):
+            requests.numbers = await fetch_numbers(server.port, token, requests.refs)
+            with echo(await _reply_size(server, token, requests)) as baseline:
+                await unary("ScoreTransaction", "SQLite", SCORE, server, baseline, token, requests.scores)
+                base, ours = [], []
+                for _ in range(args.repeats):
+                    batch = requests.stream_items(need * 4)
+                    base.append(await stream_window(baseline, ECHO_STREAM, token, batch, args.seconds))
+                    ours.append(await stream_window(server, SCORE_STREAM, token, batch, args.seconds))
+                rows.append(row("ScoreTransactions (stream)", "SQLite", "stream", base, ours))
+                _progress(rows[-1])
+                await unary("VerifyCustomerId", "SQLite", VERIFY, server, baseline, token, requests.verifies)
+        if args.postgres:
+            with (
+                scratch_postgres_database(args.postgres, "posguard_bench") as url,
+                posguard(Path(tmp) / "pg", url) as (server, token),
+                echo(await _reply_size(server, token, requests)) as baseline,
+            ):
+                await unary("ScoreTransaction", "PostgreSQL", SCORE, server, baseline, token, requests.scores)
+    return rows
+
+
+async def _reply_size(server: Process, token: str, requests: Requests) -> int:
+    """The size of a real ScoreTransaction answer, for the echo server's replies."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary(SCORE, request_serializer=_raw, response_deserializer=_raw)
+        reply: bytes = await call(requests.scores(1)[0], metadata=metadata, timeout=30)
+    return len(reply)
+
+
+def _progress(r: Row) -> None:
+    print(
+        f"{r.rpc} {r.storage} {r.inflight}: {r.rate:,.0f}/s vs echo {r.echo_rate:,.0f}/s ({r.ratio:.2f})",
+        file=sys.stderr,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured window")
+    parser.add_argument("--repeats", type=int, default=3, help="windows per measurement (median reported)")
+    parser.add_argument(
+        "--inflight", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64], help="e.g. 1,8,64"
+    )
+    parser.add_argument("--postgres", default="", help="PostgreSQL server URL; a fresh database is made")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = asyncio.run(measure(args))
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
