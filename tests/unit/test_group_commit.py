@@ -106,7 +106,21 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
         return [await first, await patient]
 
     assert asyncio.run(run()) == ["A", "C"]
-    assert runner.batches == [["a"], ["b", "c"]]  # "b" was still run: its caller just never hears
+    assert runner.batches == [["a"], ["c"]]  # "b" gave up while it waited: it never ran
+
+
+def test_a_caller_that_gives_up_during_its_commit_is_still_stored() -> None:
+    runner = Recorder()
+
+    async def run() -> str:
+        commits = GroupCommit(runner, limit=8)
+        impatient = asyncio.create_task(commits.submit("a"))
+        await asyncio.sleep(0.01)  # its batch is running
+        impatient.cancel()
+        return await commits.submit("b")
+
+    assert asyncio.run(run()) == "B"
+    assert runner.batches == [["a"], ["b"]]
 
 
 def test_workers_bound_the_batches_in_flight() -> None:

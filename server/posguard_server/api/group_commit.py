@@ -20,8 +20,8 @@ class GroupCommit(Generic[_Item, _Result]):
 
     ``run_batch`` returns one result or exception per item, in order; an exception it raises is every
     item's. ``workers`` batches may run at once (1 where the database has one writer). A caller that gives up
-    (its deadline passed) does not stop its item: it may still be stored, exactly as a call whose answer was
-    lost on the way back, and a retry replays it.
+    (its deadline passed) while its item waits takes the item out; once its batch has started, the item may
+    still be stored, exactly as a call whose answer was lost on the way back, and a retry replays it.
     """
 
     def __init__(
@@ -53,6 +53,10 @@ class GroupCommit(Generic[_Item, _Result]):
         while self._pending:
             batch = self._pending[: self._limit]
             del self._pending[: self._limit]
+            # A caller that gave up while queued (its deadline passed) is dropped before anything is written.
+            batch = [(item, future) for item, future in batch if not future.done()]
+            if not batch:
+                continue
             results: Sequence[_Result | Exception]
             try:
                 results = await asyncio.to_thread(self._run_batch, [item for item, _ in batch])
