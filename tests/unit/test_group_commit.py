@@ -135,6 +135,24 @@ def test_workers_bound_the_batches_in_flight() -> None:
     assert sorted(item for batch in runner.batches for item in batch) == [str(i) for i in range(6)]
 
 
+def test_a_call_right_after_a_worker_finished_still_runs() -> None:
+    runner = Recorder(0)
+
+    async def run() -> list[str]:
+        commits = GroupCommit(runner, limit=8)
+        first = await commits.submit("a")
+        # The worker has returned, but its done-callbacks (if any) have not run yet: no loop turn in between,
+        # so submit here directly (wait_for would start it a turn later) and time out by cancelling.
+        this = asyncio.current_task()
+        assert this is not None
+        timeout = asyncio.get_running_loop().call_later(5, this.cancel)
+        second = await commits.submit("b")
+        timeout.cancel()
+        return [first, second]
+
+    assert asyncio.run(run()) == ["A", "B"]
+
+
 @pytest.mark.parametrize(("limit", "workers"), [(0, 1), (1, 0)])
 def test_limits_must_be_positive(limit: int, workers: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):

@@ -42,10 +42,11 @@ class GroupCommit(Generic[_Item, _Result]):
     async def submit(self, item: _Item) -> _Result:
         future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        # Read done() now, not through a done-callback: callbacks run a loop turn late, and a worker that has
+        # just finished would still be counted, leaving this item with nobody to run it.
+        self._running = {task for task in self._running if not task.done()}
         if len(self._running) < self._workers:
-            task = asyncio.create_task(self._drain())
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running.add(asyncio.create_task(self._drain()))
         # A caller cancelled while waiting cancels its future; the worker then drops that result.
         return await future
 
