@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -114,6 +115,26 @@ def _score(
         evaluate=evaluate or _counting(),
         now=NOW,
     )
+
+
+def _together(threads_n: int, work: Callable[[int], object]) -> list[BaseException]:
+    """Run ``work(0)`` … ``work(threads_n - 1)`` on threads released at once; what they raised."""
+    barrier = threading.Barrier(threads_n)
+    errors: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        barrier.wait()
+        try:
+            work(worker)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
 
 
 def _count(database: Database, model: type[SqlRiskTransaction | SqlRiskProfile | SqlRiskModel]) -> int:
@@ -235,24 +256,9 @@ def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: SqlRis
 
 def test_concurrent_retries_of_one_transaction_store_it_once(store: SqlRiskStore, database: Database) -> None:
     threads_n = 6
-    barrier = threading.Barrier(threads_n)
     answers: list[tuple[StoredTransaction, bool]] = []
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        barrier.wait()
-        try:
-            answers.append(_score(store, _tx("tx-race")))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(threads_n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _together(threads_n, lambda _: answers.append(_score(store, _tx("tx-race")))) == []
     assert _count(database, SqlRiskTransaction) == 1
     assert len({stored for stored, _ in answers}) == 1
     assert sorted(replayed for _, replayed in answers) == [False] + [True] * (threads_n - 1)
@@ -263,24 +269,12 @@ def test_concurrent_retries_of_one_transaction_store_it_once(store: SqlRiskStore
 
 def test_concurrent_scores_of_one_customer_are_serialised(store: SqlRiskStore) -> None:
     threads_n, per_thread = 4, 5
-    barrier = threading.Barrier(threads_n)
-    errors: list[BaseException] = []
 
     def run(worker: int) -> None:
-        barrier.wait()
-        try:
-            for i in range(per_thread):
-                _score(store, _tx(f"tx-{worker}-{i}", minutes=i))
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(per_thread):
+            _score(store, _tx(f"tx-{worker}-{i}", minutes=i))
 
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(threads_n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _together(threads_n, run) == []
     profile = store.profile("c1")
     assert profile is not None
     # The state counts what each scorer saw: a lost update would leave it below the row count.
@@ -358,31 +352,18 @@ def test_place_activity_inside_a_batch_counts_earlier_items(store: SqlRiskStore)
 
 def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: SqlRiskStore) -> None:
     threads_n, rounds = 4, 5
-    barrier = threading.Barrier(threads_n)
-    errors: list[BaseException] = []
 
     def run(worker: int) -> None:
         # Each worker walks the customers in a different order: row locks taken in that order would deadlock.
         order = ["c1", "c2", "c3"][worker % 3 :] + ["c1", "c2", "c3"][: worker % 3]
-        barrier.wait()
-        try:
-            for r in range(rounds):
-                items = [
-                    ScoreItem(_tx(f"tx-{worker}-{r}-{c}", c, minutes=r), "f" * 64, "", _counting())
-                    for c in order
-                ]
-                results = store.score_many(items, now=NOW)
-                assert all(isinstance(result, tuple) for result in results)
-        except BaseException as exc:
-            errors.append(exc)
+        for r in range(rounds):
+            items = [
+                ScoreItem(_tx(f"tx-{worker}-{r}-{c}", c, minutes=r), "f" * 64, "", _counting()) for c in order
+            ]
+            results = store.score_many(items, now=NOW)
+            assert all(isinstance(result, tuple) for result in results)
 
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(threads_n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _together(threads_n, run) == []
     for customer in ("c1", "c2", "c3"):
         profile = store.profile(customer)
         assert profile is not None
@@ -802,23 +783,11 @@ def test_the_database_allows_one_active_model_per_scope(store: SqlRiskStore, dat
 def test_concurrent_activations_leave_one_active(store: SqlRiskStore) -> None:
     versions = [f"v{i}" for i in range(4)]
     store.add_models([_model(ModelScope.GLOBAL, "", v) for v in versions])
-    barrier = threading.Barrier(len(versions))
-    errors: list[BaseException] = []
 
-    def run(version: str) -> None:
-        barrier.wait()
-        try:
-            store.activate(ModelScope.GLOBAL, "", version, now=NOW)
-        except BaseException as exc:
-            errors.append(exc)
+    def run(worker: int) -> None:
+        store.activate(ModelScope.GLOBAL, "", versions[worker], now=NOW)
 
-    threads = [threading.Thread(target=run, args=(v,)) for v in versions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _together(len(versions), run) == []
     statuses = sorted(m.status.value for m in store.list_models(limit=10)[0])
     assert statuses == ["ACTIVE"] + ["RETIRED"] * 3
     assert store.generation() == 4
