@@ -265,3 +265,41 @@ class Activation:
     model: ModelRecord
     previous_version: str
     changed: bool
+
+
+# -- promotion ------------------------------------------------------------------------------------------
+# A retrain evaluates its candidates against the models active at that moment, on labelled outcomes, and
+# stores the result with every model of the run under these metric names.
+
+METRIC_AP = "average_precision"
+METRIC_ROC_AUC = "roc_auc"
+METRIC_RECALL = "recall_at_1pct"
+METRIC_BASELINE_AP = "baseline_average_precision"
+METRIC_BASELINE_ROC_AUC = "baseline_roc_auc"
+METRIC_BASELINE_RECALL = "baseline_recall_at_1pct"
+METRIC_EVALUATED_ROWS = "evaluated_rows"
+METRIC_EVALUATED_FRAUD = "evaluated_fraud"
+# The registry generation the comparison was made against: once another promotion or rollback moves it, the
+# baseline the candidate beat is no longer the one serving.
+METRIC_EVALUATED_GENERATION = "evaluated_generation"
+
+
+def promotion_refusal(metrics: Mapping[str, float], *, generation: int, has_active: bool) -> str | None:
+    """Why a candidate may not be promoted without ``force``; None when it may.
+
+    A scope with nothing active has nothing the candidate could be worse than. Otherwise the candidate needs
+    an evaluation on labelled outcomes against the models serving now, and an average precision at least
+    theirs.
+    """
+    if not has_active:
+        return None
+    if METRIC_AP not in metrics or METRIC_BASELINE_AP not in metrics:
+        return "the candidate has no evaluation against the active model on labelled outcomes"
+    if int(metrics.get(METRIC_EVALUATED_GENERATION, -1)) != generation:
+        return "the active models changed after the candidate was evaluated; evaluate it again"
+    if metrics[METRIC_AP] < metrics[METRIC_BASELINE_AP]:
+        return (
+            f"the candidate is worse than the active model on labelled outcomes "
+            f"(average precision {metrics[METRIC_AP]:.4f} < {metrics[METRIC_BASELINE_AP]:.4f})"
+        )
+    return None
