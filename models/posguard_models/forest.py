@@ -66,7 +66,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -387,17 +387,38 @@ class CompiledForest:
             raise TypeError(f"expected a fitted IsolationForest, got {type(model).__name__}")
         if not hasattr(model, "estimators_"):
             raise ValueError("the IsolationForest is not fitted")
-        n_features = int(model.n_features_in_)
         max_samples = int(model.max_samples_)
         # score_samples divides by c(_max_samples); make sure the public value is the one it uses.
         if int(getattr(model, "_max_samples", max_samples)) != max_samples:
             raise ValueError("the model's max_samples_ and _max_samples disagree")
+        return cls.from_trees(
+            model.estimators_,
+            model.estimators_features_,
+            n_features=int(model.n_features_in_),
+            max_samples=max_samples,
+            offset=float(model.offset_),
+        )
 
+    @classmethod
+    def from_trees(
+        cls,
+        estimators: Sequence[Any],
+        estimators_features: Sequence[npt.ArrayLike],
+        *,
+        n_features: int,
+        max_samples: int,
+        offset: float,
+    ) -> CompiledForest:
+        """Compile fitted isolation trees (``ExtraTreeRegressor``s) with the columns each was trained on.
+
+        What :meth:`from_sklearn` does with an ``IsolationForest``'s ``estimators_`` and
+        ``estimators_features_``, for trees fitted without the ensemble object around them.
+        """
         sizes: list[int] = []
         per_node = [name for name in _ARRAY_DTYPES if name != "tree_offsets"]
         columns: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in per_node}
         base = 0
-        for estimator, features in zip(model.estimators_, model.estimators_features_, strict=True):
+        for estimator, features in zip(estimators, estimators_features, strict=True):
             tree = estimator.tree_
             left = np.asarray(tree.children_left, dtype=np.int64)
             right = np.asarray(tree.children_right, dtype=np.int64)
@@ -431,7 +452,7 @@ class CompiledForest:
         parts = _Parts(
             n_features=n_features,
             max_samples=max_samples,
-            offset=float(model.offset_),
+            offset=offset,
             tree_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32),
             left=np.concatenate(columns["left"]).astype(np.int32),
             right=np.concatenate(columns["right"]).astype(np.int32),

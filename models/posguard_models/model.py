@@ -153,6 +153,23 @@ class GlobalModel:
         combined = self.feedback.combined(anomaly_risk, evidence)
         return Score(raw, anomaly_risk, self.feedback.calibration(combined), customer is not None, evidence)
 
+    def risk_many(
+        self, raw: npt.NDArray[np.float64], evidence: npt.NDArray[np.float64] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """``risk_score`` of many blended anomaly scores at once (offline evaluation), as :meth:`score` does.
+
+        ``evidence`` is the label-feedback log-odds of each row's place (0 where None).
+        """
+        anomaly_risk = self.calibration.many(raw)
+        if self.feedback is None:
+            return anomaly_risk
+        fb = self.feedback
+        p = np.clip(np.interp(anomaly_risk, fb.curve_x, fb.curve_y), _EPS, 1.0 - _EPS)
+        combined = np.log(p / (1.0 - p))
+        if evidence is not None:
+            combined = combined + evidence
+        return fb.calibration.many(combined)
+
     def rarity(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Per feature, the fraction of training rows with a value at least this high (small = unusual)."""
         out = np.empty(len(FEATURES))
