@@ -645,7 +645,7 @@ def models_list(
 @click.option("--reason", required=True, help="Why; recorded in the audit log.")
 @pass_globals
 def models_promote(g: Globals, scope: int, version: str, customer_id: str, force: bool, reason: str) -> None:
-    """Make a model version the active one of its scope."""
+    """Make a model version the active one of its scope (for global scope: the whole training run)."""
     g.run(
         lambda c: c.promote_model(
             scope=scope, version=version, customer_id=customer_id, force=force, reason=reason
@@ -656,11 +656,14 @@ def models_promote(g: Globals, scope: int, version: str, customer_id: str, force
 @models.command("rollback")
 @click.option("--scope", type=SCOPE, required=True, help="Which kind of model.")
 @click.option("--customer-id", default="", help="The customer, for customer scope.")
+@click.option(
+    "--version", default="", help="Global scope: the training run to roll back (default: the active one's)."
+)
 @click.option("--reason", required=True, help="Why; recorded in the audit log.")
 @pass_globals
-def models_rollback(g: Globals, scope: int, customer_id: str, reason: str) -> None:
-    """Make the previously active version of a scope active again."""
-    g.run(lambda c: c.rollback_model(scope=scope, customer_id=customer_id, reason=reason))
+def models_rollback(g: Globals, scope: int, customer_id: str, version: str, reason: str) -> None:
+    """Make the previously active version of a scope active again (for global scope: the whole run)."""
+    g.run(lambda c: c.rollback_model(scope=scope, customer_id=customer_id, version=version, reason=reason))
 
 
 @main.group()

@@ -35,6 +35,7 @@ from posguard_server.store import (
     SqlAuditStore,
     SqlCustomerStore,
     SqlDynamicCodeStore,
+    SqlRiskStore,
 )
 from posguard_server.store.migrate import is_current, upgrade
 
@@ -140,12 +141,10 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    # RPCs of later releases fall through to the generated base classes, which answer UNIMPLEMENTED (the
-    # stubs declare them abstract, hence the ignores).
     customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database))
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk_pb2_grpc.add_RiskServicer_to_server(build_risk_servicer(database, numbering, settings), server)
-    admin = AdminServicer(keys, SqlAuditStore(database), authenticator)  # type: ignore[abstract]
+    admin = AdminServicer(keys, SqlAuditStore(database), authenticator, SqlRiskStore(database))
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

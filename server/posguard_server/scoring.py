@@ -5,10 +5,15 @@ without a restart), computes the features from the customer's stored profile, sc
 hands the store one function to run inside the transaction that locks the customer, stores the transaction
 with its answer and advances the profile. Everything is synchronous: servicers call it through
 ``asyncio.to_thread``.
+
+When a training run is in shadow, every transaction a model scores is scored by the shadow run too, from the
+same features, and the shadow score is stored next to the answer for comparison; the answer is always the
+active models'. A shadow model that cannot be loaded is skipped, never a reason to fail a score.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -20,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from posguard_models.explain import explain
-from posguard_models.features import Event, Profile
+from posguard_models.features import FEATURES, Event, Profile
 from posguard_models.forest import CompiledForest
 from posguard_models.model import GlobalModel
 from posguard_server.domain.currencies import minor_exponent
@@ -127,13 +132,43 @@ class CustomerForest:
     sample_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowRun:
+    """The training run in shadow: its version, and the global model it scores with.
+
+    That is the run's own GLOBAL model, or the active one when the run retrained customer models only.
+    """
+
+    version: str
+    model: GlobalModel
+
+
+class Unreadable(enum.Enum):
+    """A shadow customer model this server cannot load: that customer's transactions get no shadow score."""
+
+    MODEL = "unreadable"
+
+
+# A customer's model in the shadow run; None when the run has none for them (their active one stands in).
+ShadowCustomer = CustomerForest | None | Unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowPick:
+    """What scores one transaction in shadow: the run, and the customer forest (None: the global alone)."""
+
+    run: ShadowRun
+    own: CustomerForest | None
+
+
 class ModelCache:
-    """The active models, reloaded when the registry's generation changes.
+    """The active models and the shadow run, reloaded when the registry's generation changes.
 
     The generation is read at most every ``refresh_seconds`` (one indexed single-row read), so a promotion
     reaches every server within that time and no server reads the registry per request. Customer models are
     loaded lazily on a customer's first transaction and kept in a bounded LRU; a customer without a model is
-    cached too, so cold-start customers cost no read after the first.
+    cached too, so cold-start customers cost no read after the first. The shadow run's customer models are
+    cached the same way, in an LRU of their own, and only while a run is in shadow.
     """
 
     def __init__(
@@ -153,19 +188,29 @@ class ModelCache:
         self._checked = -float("inf")
         self._global: ActiveGlobal | None = None
         self._customers: OrderedDict[str, CustomerForest | None] = OrderedDict()
+        # Replaced as a whole, so a reader never sees the active model of one generation and the shadow run
+        # of another.
+        self._serving: tuple[ActiveGlobal | None, ShadowRun | None] = (None, None)
+        self._shadow_customers: OrderedDict[str, ShadowCustomer] = OrderedDict()
 
     def current(self) -> ActiveGlobal | None:
+        return self.serving()[0]
+
+    def serving(self) -> tuple[ActiveGlobal | None, ShadowRun | None]:
+        """The active global model and the shadow run (None when none is in shadow), of one generation."""
         now = self._clock()
         if now - self._checked < self._refresh:
-            return self._global
+            return self._serving
         generation = self._store.generation()
         with self._lock:
             self._checked = now
             if generation != self._generation:
                 self._global = self._load_global()
+                self._serving = (self._global, self._load_shadow(self._global))
                 self._customers.clear()
+                self._shadow_customers.clear()
                 self._generation = generation
-            return self._global
+            return self._serving
 
     def _load_global(self) -> ActiveGlobal | None:
         record = self._store.active_model(ModelScope.GLOBAL, "")
@@ -177,6 +222,25 @@ class ModelCache:
             # A model this server cannot read must not stop it scoring: keep serving the one it had.
             log.exception("active global model %s cannot be loaded; keeping the previous one", record.version)
             return self._global
+
+    def _load_shadow(self, active: ActiveGlobal | None) -> ShadowRun | None:
+        version = self._store.shadow_version()
+        if version is None:
+            return None
+        record = self._store.shadow_model(ModelScope.GLOBAL, "")
+        if record is None or record.artifact is None:
+            # A run that retrained customer models only: they combine with the active global model.
+            if active is None:
+                log.warning("shadow run %s has no global model and none is active: not scoring it", version)
+                return None
+            return ShadowRun(version, active.model)
+        try:
+            return ShadowRun(record.version, GlobalModel.from_bytes(record.artifact))
+        except ValueError:
+            log.exception(
+                "shadow global model %s cannot be loaded; not scoring the shadow run", record.version
+            )
+            return None
 
     def customer(self, customer_id: str) -> CustomerForest | None:
         with self._lock:
@@ -190,6 +254,19 @@ class ModelCache:
                 self._customers.popitem(last=False)
         return loaded
 
+    def shadow_customer(self, customer_id: str) -> ShadowCustomer:
+        """The customer's model in the shadow run (read while a run is in shadow, see ``serving``)."""
+        with self._lock:
+            if customer_id in self._shadow_customers:
+                self._shadow_customers.move_to_end(customer_id)
+                return self._shadow_customers[customer_id]
+        loaded = _shadow_forest(self._store.shadow_model(ModelScope.CUSTOMER, customer_id))
+        with self._lock:
+            self._shadow_customers[customer_id] = loaded
+            while len(self._shadow_customers) > self._capacity:
+                self._shadow_customers.popitem(last=False)
+        return loaded
+
 
 def _customer_forest(record: ModelRecord | None) -> CustomerForest | None:
     if record is None or record.artifact is None:
@@ -199,6 +276,20 @@ def _customer_forest(record: ModelRecord | None) -> CustomerForest | None:
     except ValueError:
         log.exception("customer model %s cannot be loaded; scoring with the global model", record.version)
         return None
+
+
+def _shadow_forest(record: ModelRecord | None) -> ShadowCustomer:
+    if record is None or record.artifact is None:
+        return None
+    try:
+        forest = CompiledForest.from_bytes(record.artifact)
+        if forest.n_features != len(FEATURES):
+            # Checked here, not left to fail while scoring: a shadow model must never fail a score.
+            raise ValueError(f"the forest takes {forest.n_features} features, not {len(FEATURES)}")
+    except ValueError:
+        log.exception("shadow customer model %s cannot be loaded; no shadow score for it", record.version)
+        return Unreadable.MODEL
+    return CustomerForest(record.version, forest, record.sample_count)
 
 
 def major_amount(amount_minor: int, currency: str) -> float:
@@ -231,13 +322,13 @@ class RiskEngine:
 
         One ``(stored, replayed)`` per request, or the error of a request that was refused.
         """
-        active = self.models.current()
+        active, shadow = self.models.serving()
         results: list[Scored | PosguardError | None] = [None] * len(requests)
         items: list[ScoreItem] = []
         slots: list[int] = []
         for slot, request in enumerate(requests):
             try:
-                items.append(self._item(request, active))
+                items.append(self._item(request, active, shadow))
             except PosguardError as error:
                 results[slot] = error
             else:
@@ -246,7 +337,9 @@ class RiskEngine:
             results[slot] = result
         return [result for result in results if result is not None]
 
-    def _item(self, request: ScoreRequest, active: ActiveGlobal | None) -> ScoreItem:
+    def _item(
+        self, request: ScoreRequest, active: ActiveGlobal | None, shadow: ShadowRun | None
+    ) -> ScoreItem:
         txn, identity = request.txn, request.identity
         event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
         model = active if identity is None else None
@@ -254,6 +347,15 @@ class RiskEngine:
         place_since = None
         if model is not None and model.model.feedback is not None:
             place_since = txn.event_time - timedelta(days=model.model.feedback.window_days)
+        # Without a shadow run this check is all the shadow costs; rule declines store no shadow score.
+        pick = None
+        if shadow is not None and identity is None:
+            pick = self._shadow_pick(shadow, request.customer_id, own, model)
+        shadow_place_since = None
+        if pick is not None and pick.run.model.feedback is not None:
+            since = txn.event_time - timedelta(days=pick.run.model.feedback.window_days)
+            # Each training run picks its own feedback window: read the place again only when they differ.
+            shadow_place_since = since if since != place_since else None
         record = NewTransaction(
             transaction_id=txn.transaction_id,
             customer_id=request.customer_id,
@@ -268,7 +370,13 @@ class RiskEngine:
             longitude=txn.longitude,
         )
 
-        def evaluate(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
+        def evaluate(
+            snapshot: ProfileSnapshot | None,
+            place: PlaceActivity | None,
+            /,
+            *,
+            shadow_place: PlaceActivity | None = None,
+        ) -> Evaluation:
             profile = Profile.from_bytes(snapshot.state) if snapshot is not None else Profile()
             if identity is not None:
                 return Evaluation(
@@ -283,9 +391,24 @@ class RiskEngine:
                     new_state=None,
                     counts_in_history=False,
                 )
-            return self._evaluate(profile, event, txn.currency, model, own, place)
+            shadow_terminal = shadow_place if shadow_place_since is not None else place
+            return self._evaluate(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
 
-        return ScoreItem(record, request.fingerprint, request.request_id, evaluate, place_since)
+        return ScoreItem(
+            record, request.fingerprint, request.request_id, evaluate, place_since, shadow_place_since
+        )
+
+    def _shadow_pick(
+        self, shadow: ShadowRun, customer_id: str, own: CustomerForest | None, active: ActiveGlobal | None
+    ) -> ShadowPick | None:
+        mine = self.models.shadow_customer(customer_id)
+        if mine is Unreadable.MODEL:
+            return None
+        if mine is None:
+            # The run trained no model for this customer (an incremental run retrains only customers with new
+            # history): their active model stands in, so both scores compare like for like.
+            mine = own if active is not None else self.models.customer(customer_id)
+        return ShadowPick(shadow, mine)
 
     def _evaluate(
         self,
@@ -295,9 +418,20 @@ class RiskEngine:
         active: ActiveGlobal | None,
         own: CustomerForest | None,
         terminal: tuple[int, int] | None,
+        shadow: ShadowPick | None = None,
+        shadow_terminal: tuple[int, int] | None = None,
     ) -> Evaluation:
         x = profile.features(event)
         history = profile.count
+        shadow_version, shadow_risk = "", None
+        if shadow is not None:
+            # The very call the answer would make with this run active: the same features, the same place's
+            # activity (over the run's own feedback window).
+            mine = shadow.own
+            shadow_score = shadow.run.model.score(
+                x, mine.forest if mine else None, mine.sample_count if mine else 0, shadow_terminal
+            )
+            shadow_version, shadow_risk = shadow.run.version, shadow_score.risk_score
         if active is None:
             reasons: tuple[StoredReason, ...] = (
                 StoredReason("NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0),
@@ -330,6 +464,8 @@ class RiskEngine:
             cold_start=own is None,
             features=features,
             new_state=profile.to_bytes(),
+            shadow_version=shadow_version,
+            shadow_risk_score=shadow_risk,
         )
 
     # -- outcomes and profiles ------------------------------------------------------------------------

@@ -109,14 +109,18 @@ def test_create_api_key_rejects_bad_fields(
         assert len(client.list_api_keys().keys) == 1
 
 
-def test_unimplemented_rpcs_answer_unimplemented_and_the_server_stays_up(server: RunningServer) -> None:
-    # The model registry RPCs come with a later release.
+def test_an_unknown_method_is_refused_and_the_server_stays_up(server: RunningServer) -> None:
+    metadata = (("authorization", f"Bearer {server.key('admin')}"),)
+    with grpc.insecure_channel(server.target) as channel:
+        unknown = channel.unary_unary("/posguard.v1.Admin/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as caught:
+            unknown(b"", metadata=metadata, timeout=5)
+        # Every posguard.v1 RPC is implemented now; a method no servicer has is gRPC's UNIMPLEMENTED.
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with posguard.Client(server.target, api_key=server.key("admin")) as client:
-        with pytest.raises(posguard.UnimplementedError) as caught:
-            client.list_models()
-        assert caught.value.reason == "UNIMPLEMENTED"
-        with pytest.raises(posguard.UnimplementedError):
-            client.rollback_model(scope=risk_pb2.MODEL_SCOPE_GLOBAL)
+        assert list(client.list_models().models) == []
+        with pytest.raises(posguard.FailedPreconditionError):
+            client.rollback_model(scope=risk_pb2.MODEL_SCOPE_GLOBAL, reason="nothing is active yet")
     with grpc.insecure_channel(server.target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -632,10 +632,11 @@ def test_activation_rollback_and_generation(store: SqlRiskStore) -> None:
     assert (active.version, active.artifact, active.metrics) == ("g3", b"artifact g3", {"roc_auc": 0.91})
 
     back = store.rollback(g, "", now=NOW + timedelta(hours=3))
-    assert (back.model.version, back.previous_version) == ("g2", "g3")
+    assert back.model is not None
+    assert (back.model.version, back.rolled_back_version) == ("g2", "g3")
     assert store.generation() == 4
     # Rolling back again walks further back, never to the version just rolled back.
-    assert store.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"
+    assert store.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"  # type: ignore[union-attr]
     with pytest.raises(FailedPrecondition) as caught:
         store.rollback(g, "", now=NOW)
     assert caught.value.reason == "NO_PREVIOUS_MODEL"
@@ -803,7 +804,8 @@ def test_promotions_are_audited_with_the_change(store: SqlRiskStore, database: D
     assert [(e.action, e.actor, e.subject) for e in events] == [
         ("model.promoted", "trainer-1", "v1"),
         ("model.promoted", "trainer-1", "v2"),
-        ("model.rolled_back", "admin-1", "v1"),
+        # A rollback is about the version rolled back; the one active again is among the details.
+        ("model.rolled_back", "admin-1", "v2"),
     ]
     assert events[1].details == {
         "scope": "CUSTOMER",

@@ -6,7 +6,9 @@ hash-chained audit log.
 
 API keys are shown once when created and stored only as a digest. Models are versioned per scope (one
 customer, or global); promoting or rolling back moves the scope's active alias and takes effect without a
-restart. The audit log is append-only: each event carries the SHA-256 hash of the previous one, so an
+restart. A training run registers all its models under one version: its global model (if it trained one)
+and its customer models. The run's models belong together (the global model is calibrated on the scores
+of the customer models), so the GLOBAL scope promotes and rolls back a whole run at once. The audit log is append-only: each event carries the SHA-256 hash of the previous one, so an
 edit, deletion, insertion or reordering anywhere breaks the chain and VerifyAuditLog finds it.
 
 The package-wide conventions (request_id idempotency, error model, authentication) are described in
@@ -573,21 +575,27 @@ class PromoteModelResponse(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MODELS_FIELD_NUMBER: _builtins.int
     previous_version: _builtins.str
-    """The version that was active before; empty if the scope had none."""
+    """The version `model`'s scope had active before; empty if it had none, and when `model` is unset."""
+    customer_models: _builtins.int
+    """How many customer models this promotion made active."""
     @_builtins.property
     def model(self) -> Global___Model:
-        """The model now active."""
+        """The model now active in the scope asked for: the run's global model, or the customer's model. Unset for
+        a GLOBAL promotion of a run that trained customer models only (the active global model stays).
+        """
 
     def __init__(
         self,
         *,
         model: Global___Model | None = ...,
         previous_version: _builtins.str = ...,
+        customer_models: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "previous_version", b"previous_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_models", b"customer_models", "model", b"model", "previous_version", b"previous_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -603,6 +611,7 @@ class RollbackModelRequest(_message.Message):
     SCOPE_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, required: 1 to 128 printable ASCII characters (see common.proto)."""
     scope: _risk_pb2.ModelScope.ValueType
@@ -611,6 +620,8 @@ class RollbackModelRequest(_message.Message):
     """The customer whose model to roll back; required for CUSTOMER scope, empty for GLOBAL."""
     reason: _builtins.str
     """Why, in free text (1 to 500 characters); recorded in the audit log."""
+    version: _builtins.str
+    """The training run to roll back, GLOBAL scope only; empty = the active global model's version."""
     def __init__(
         self,
         *,
@@ -618,10 +629,11 @@ class RollbackModelRequest(_message.Message):
         scope: _risk_pb2.ModelScope.ValueType = ...,
         customer_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "reason", b"reason", "request_id", b"request_id", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "reason", b"reason", "request_id", b"request_id", "scope", b"scope", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,21 +647,33 @@ class RollbackModelResponse(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     ROLLED_BACK_VERSION_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MODELS_RESTORED_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MODELS_RETIRED_FIELD_NUMBER: _builtins.int
     rolled_back_version: _builtins.str
     """The version that was active and is now retired."""
+    customer_models_restored: _builtins.int
+    """How many customer models went back to the customer's previous model."""
+    customer_models_retired: _builtins.int
+    """How many customer models were retired without a replacement: those customers are scored by the
+    global model alone.
+    """
     @_builtins.property
     def model(self) -> Global___Model:
-        """The model now active (the one active before the rolled-back version)."""
+        """The model active again in the scope asked for (the one the rolled-back version had replaced). Unset
+        when the run rolled back had no global model.
+        """
 
     def __init__(
         self,
         *,
         model: Global___Model | None = ...,
         rolled_back_version: _builtins.str = ...,
+        customer_models_restored: _builtins.int = ...,
+        customer_models_retired: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "rolled_back_version", b"rolled_back_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_models_restored", b"customer_models_restored", "customer_models_retired", b"customer_models_retired", "model", b"model", "rolled_back_version", b"rolled_back_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,9 @@ hash-chained audit log.
 
 API keys are shown once when created and stored only as a digest. Models are versioned per scope (one
 customer, or global); promoting or rolling back moves the scope's active alias and takes effect without a
-restart. The audit log is append-only: each event carries the SHA-256 hash of the previous one, so an
+restart. A training run registers all its models under one version: its global model (if it trained one)
+and its customer models. The run's models belong together (the global model is calibrated on the scores
+of the customer models), so the GLOBAL scope promotes and rolls back a whole run at once. The audit log is append-only: each event carries the SHA-256 hash of the previous one, so an
 edit, deletion, insertion or reordering anywhere breaks the chain and VerifyAuditLog finds it.
 
 The package-wide conventions (request_id idempotency, error model, authentication) are described in
@@ -66,24 +68,38 @@ class AdminStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]
     """Lists model versions in the registry, newest first. Read-only.
     Roles: TRAINER, ADMIN.
-    Errors: INVALID_ARGUMENT (customer_id with a scope other than CUSTOMER or UNSPECIFIED, negative
-    page_size, a page_token that is malformed or was issued for other filters).
+    Errors: INVALID_ARGUMENT (scope NONE, customer_id with a scope other than CUSTOMER or UNSPECIFIED,
+    negative page_size, a page_token that is malformed or was issued for other filters).
     """
     PromoteModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteModelRequest, _admin_pb2.PromoteModelResponse]
-    """Makes a model version the active one of its scope. Without `force`, promotion happens only when the
-    candidate is not worse than the active model on labelled outcomes.
+    """Makes a model version active. GLOBAL scope promotes the training run with that version: every model of
+    the run that is a candidate or in shadow (its global model, if it trained one, and all its customer
+    models) becomes active together, in one change that servers pick up at once; each replaces the model
+    its scope and customer had. CUSTOMER scope promotes one customer's model of that version. Without
+    `force`, promotion happens only when the candidate was evaluated on labelled outcomes against the
+    models active now (none changed since) and is not worse; a scope with nothing active needs no
+    evaluation. The run's global model's evaluation counts, or, for a run without one, the run-level
+    evaluation stored with its customer models.
     Roles: TRAINER, ADMIN.
     Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-    for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version);
-    FAILED_PRECONDITION (the version is already active or retired, or it is worse than the active model
-    and force is false).
+    for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version in the scope);
+    FAILED_PRECONDITION (the version is already active or retired, or force is false and the candidate is
+    worse than the active model, was evaluated before the active models last changed, or has no evaluation
+    while the scope has an active model).
     """
     RollbackModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollbackModelRequest, _admin_pb2.RollbackModelResponse]
-    """Makes the previously active version of a scope active again, retiring the current one.
+    """Makes the previously active version active again, retiring the current one. GLOBAL scope rolls back a
+    whole training run (by default the active global model's): its global model goes back to the one it
+    replaced, and each of its active customer models goes back to the customer's previous model, or is
+    retired when it replaced none (that customer is then scored by the global model alone), in one change.
+    `version` names a run whose global model is not the active one, such as an incremental run that
+    retrained customer models only. CUSTOMER scope goes back one model for that customer. Rolling back
+    again walks further back.
     Roles: TRAINER, ADMIN.
     Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-    for GLOBAL, empty reason, a reused request_id); NOT_FOUND (the scope has no active model);
-    FAILED_PRECONDITION (there is no earlier version to go back to).
+    for GLOBAL, version given for CUSTOMER scope, empty reason, a reused request_id); NOT_FOUND (no model
+    has the version given); FAILED_PRECONDITION (nothing of the scope or version is active, or the global
+    or customer model being rolled back replaced no earlier version to go back to).
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
     """Lists audit events in sequence order, oldest first. Read-only.
@@ -126,24 +142,38 @@ class AdminAsyncStub(AdminStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists model versions in the registry, newest first. Read-only.
     Roles: TRAINER, ADMIN.
-    Errors: INVALID_ARGUMENT (customer_id with a scope other than CUSTOMER or UNSPECIFIED, negative
-    page_size, a page_token that is malformed or was issued for other filters).
+    Errors: INVALID_ARGUMENT (scope NONE, customer_id with a scope other than CUSTOMER or UNSPECIFIED,
+    negative page_size, a page_token that is malformed or was issued for other filters).
     """
     PromoteModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteModelRequest, _admin_pb2.PromoteModelResponse]  # type: ignore[assignment]
-    """Makes a model version the active one of its scope. Without `force`, promotion happens only when the
-    candidate is not worse than the active model on labelled outcomes.
+    """Makes a model version active. GLOBAL scope promotes the training run with that version: every model of
+    the run that is a candidate or in shadow (its global model, if it trained one, and all its customer
+    models) becomes active together, in one change that servers pick up at once; each replaces the model
+    its scope and customer had. CUSTOMER scope promotes one customer's model of that version. Without
+    `force`, promotion happens only when the candidate was evaluated on labelled outcomes against the
+    models active now (none changed since) and is not worse; a scope with nothing active needs no
+    evaluation. The run's global model's evaluation counts, or, for a run without one, the run-level
+    evaluation stored with its customer models.
     Roles: TRAINER, ADMIN.
     Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-    for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version);
-    FAILED_PRECONDITION (the version is already active or retired, or it is worse than the active model
-    and force is false).
+    for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version in the scope);
+    FAILED_PRECONDITION (the version is already active or retired, or force is false and the candidate is
+    worse than the active model, was evaluated before the active models last changed, or has no evaluation
+    while the scope has an active model).
     """
     RollbackModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollbackModelRequest, _admin_pb2.RollbackModelResponse]  # type: ignore[assignment]
-    """Makes the previously active version of a scope active again, retiring the current one.
+    """Makes the previously active version active again, retiring the current one. GLOBAL scope rolls back a
+    whole training run (by default the active global model's): its global model goes back to the one it
+    replaced, and each of its active customer models goes back to the customer's previous model, or is
+    retired when it replaced none (that customer is then scored by the global model alone), in one change.
+    `version` names a run whose global model is not the active one, such as an incremental run that
+    retrained customer models only. CUSTOMER scope goes back one model for that customer. Rolling back
+    again walks further back.
     Roles: TRAINER, ADMIN.
     Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-    for GLOBAL, empty reason, a reused request_id); NOT_FOUND (the scope has no active model);
-    FAILED_PRECONDITION (there is no earlier version to go back to).
+    for GLOBAL, version given for CUSTOMER scope, empty reason, a reused request_id); NOT_FOUND (no model
+    has the version given); FAILED_PRECONDITION (nothing of the scope or version is active, or the global
+    or customer model being rolled back replaced no earlier version to go back to).
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events in sequence order, oldest first. Read-only.
@@ -207,8 +237,8 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ListModelsResponse, _abc.Awaitable[_admin_pb2.ListModelsResponse]]:
         """Lists model versions in the registry, newest first. Read-only.
         Roles: TRAINER, ADMIN.
-        Errors: INVALID_ARGUMENT (customer_id with a scope other than CUSTOMER or UNSPECIFIED, negative
-        page_size, a page_token that is malformed or was issued for other filters).
+        Errors: INVALID_ARGUMENT (scope NONE, customer_id with a scope other than CUSTOMER or UNSPECIFIED,
+        negative page_size, a page_token that is malformed or was issued for other filters).
         """
 
     @_abc_1.abstractmethod
@@ -217,13 +247,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.PromoteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.PromoteModelResponse, _abc.Awaitable[_admin_pb2.PromoteModelResponse]]:
-        """Makes a model version the active one of its scope. Without `force`, promotion happens only when the
-        candidate is not worse than the active model on labelled outcomes.
+        """Makes a model version active. GLOBAL scope promotes the training run with that version: every model of
+        the run that is a candidate or in shadow (its global model, if it trained one, and all its customer
+        models) becomes active together, in one change that servers pick up at once; each replaces the model
+        its scope and customer had. CUSTOMER scope promotes one customer's model of that version. Without
+        `force`, promotion happens only when the candidate was evaluated on labelled outcomes against the
+        models active now (none changed since) and is not worse; a scope with nothing active needs no
+        evaluation. The run's global model's evaluation counts, or, for a run without one, the run-level
+        evaluation stored with its customer models.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version);
-        FAILED_PRECONDITION (the version is already active or retired, or it is worse than the active model
-        and force is false).
+        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version in the scope);
+        FAILED_PRECONDITION (the version is already active or retired, or force is false and the candidate is
+        worse than the active model, was evaluated before the active models last changed, or has no evaluation
+        while the scope has an active model).
         """
 
     @_abc_1.abstractmethod
@@ -232,11 +269,18 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RollbackModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RollbackModelResponse, _abc.Awaitable[_admin_pb2.RollbackModelResponse]]:
-        """Makes the previously active version of a scope active again, retiring the current one.
+        """Makes the previously active version active again, retiring the current one. GLOBAL scope rolls back a
+        whole training run (by default the active global model's): its global model goes back to the one it
+        replaced, and each of its active customer models goes back to the customer's previous model, or is
+        retired when it replaced none (that customer is then scored by the global model alone), in one change.
+        `version` names a run whose global model is not the active one, such as an incremental run that
+        retrained customer models only. CUSTOMER scope goes back one model for that customer. Rolling back
+        again walks further back.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty reason, a reused request_id); NOT_FOUND (the scope has no active model);
-        FAILED_PRECONDITION (there is no earlier version to go back to).
+        for GLOBAL, version given for CUSTOMER scope, empty reason, a reused request_id); NOT_FOUND (no model
+        has the version given); FAILED_PRECONDITION (nothing of the scope or version is active, or the global
+        or customer model being rolled back replaced no earlier version to go back to).
         """
 
     @_abc_1.abstractmethod

@@ -160,8 +160,8 @@ class SyncRpcs:
     ) -> admin_pb2.ListModelsResponse:
         """Lists model versions in the registry, newest first. Read-only.
         Roles: TRAINER, ADMIN.
-        Errors: INVALID_ARGUMENT (customer_id with a scope other than CUSTOMER or UNSPECIFIED, negative
-        page_size, a page_token that is malformed or was issued for other filters).
+        Errors: INVALID_ARGUMENT (scope NONE, customer_id with a scope other than CUSTOMER or UNSPECIFIED,
+        negative page_size, a page_token that is malformed or was issued for other filters).
         """
         return self._unary("/posguard.v1.Admin/ListModels", admin_pb2.ListModelsRequest, admin_pb2.ListModelsResponse, request, fields, timeout)
 
@@ -173,13 +173,20 @@ class SyncRpcs:
         timeout: float | None = None,
         **fields: Any,
     ) -> admin_pb2.PromoteModelResponse:
-        """Makes a model version the active one of its scope. Without `force`, promotion happens only when the
-        candidate is not worse than the active model on labelled outcomes.
+        """Makes a model version active. GLOBAL scope promotes the training run with that version: every model of
+        the run that is a candidate or in shadow (its global model, if it trained one, and all its customer
+        models) becomes active together, in one change that servers pick up at once; each replaces the model
+        its scope and customer had. CUSTOMER scope promotes one customer's model of that version. Without
+        `force`, promotion happens only when the candidate was evaluated on labelled outcomes against the
+        models active now (none changed since) and is not worse; a scope with nothing active needs no
+        evaluation. The run's global model's evaluation counts, or, for a run without one, the run-level
+        evaluation stored with its customer models.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version);
-        FAILED_PRECONDITION (the version is already active or retired, or it is worse than the active model
-        and force is false).
+        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version in the scope);
+        FAILED_PRECONDITION (the version is already active or retired, or force is false and the candidate is
+        worse than the active model, was evaluated before the active models last changed, or has no evaluation
+        while the scope has an active model).
         """
         return self._unary("/posguard.v1.Admin/PromoteModel", admin_pb2.PromoteModelRequest, admin_pb2.PromoteModelResponse, request, fields, timeout)
 
@@ -191,11 +198,18 @@ class SyncRpcs:
         timeout: float | None = None,
         **fields: Any,
     ) -> admin_pb2.RollbackModelResponse:
-        """Makes the previously active version of a scope active again, retiring the current one.
+        """Makes the previously active version active again, retiring the current one. GLOBAL scope rolls back a
+        whole training run (by default the active global model's): its global model goes back to the one it
+        replaced, and each of its active customer models goes back to the customer's previous model, or is
+        retired when it replaced none (that customer is then scored by the global model alone), in one change.
+        `version` names a run whose global model is not the active one, such as an incremental run that
+        retrained customer models only. CUSTOMER scope goes back one model for that customer. Rolling back
+        again walks further back.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty reason, a reused request_id); NOT_FOUND (the scope has no active model);
-        FAILED_PRECONDITION (there is no earlier version to go back to).
+        for GLOBAL, version given for CUSTOMER scope, empty reason, a reused request_id); NOT_FOUND (no model
+        has the version given); FAILED_PRECONDITION (nothing of the scope or version is active, or the global
+        or customer model being rolled back replaced no earlier version to go back to).
         """
         return self._unary("/posguard.v1.Admin/RollbackModel", admin_pb2.RollbackModelRequest, admin_pb2.RollbackModelResponse, request, fields, timeout)
 
@@ -594,8 +608,8 @@ class AsyncRpcs:
     ) -> admin_pb2.ListModelsResponse:
         """Lists model versions in the registry, newest first. Read-only.
         Roles: TRAINER, ADMIN.
-        Errors: INVALID_ARGUMENT (customer_id with a scope other than CUSTOMER or UNSPECIFIED, negative
-        page_size, a page_token that is malformed or was issued for other filters).
+        Errors: INVALID_ARGUMENT (scope NONE, customer_id with a scope other than CUSTOMER or UNSPECIFIED,
+        negative page_size, a page_token that is malformed or was issued for other filters).
         """
         return await self._unary("/posguard.v1.Admin/ListModels", admin_pb2.ListModelsRequest, admin_pb2.ListModelsResponse, request, fields, timeout)
 
@@ -607,13 +621,20 @@ class AsyncRpcs:
         timeout: float | None = None,
         **fields: Any,
     ) -> admin_pb2.PromoteModelResponse:
-        """Makes a model version the active one of its scope. Without `force`, promotion happens only when the
-        candidate is not worse than the active model on labelled outcomes.
+        """Makes a model version active. GLOBAL scope promotes the training run with that version: every model of
+        the run that is a candidate or in shadow (its global model, if it trained one, and all its customer
+        models) becomes active together, in one change that servers pick up at once; each replaces the model
+        its scope and customer had. CUSTOMER scope promotes one customer's model of that version. Without
+        `force`, promotion happens only when the candidate was evaluated on labelled outcomes against the
+        models active now (none changed since) and is not worse; a scope with nothing active needs no
+        evaluation. The run's global model's evaluation counts, or, for a run without one, the run-level
+        evaluation stored with its customer models.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version);
-        FAILED_PRECONDITION (the version is already active or retired, or it is worse than the active model
-        and force is false).
+        for GLOBAL, empty version or reason, a reused request_id); NOT_FOUND (no such version in the scope);
+        FAILED_PRECONDITION (the version is already active or retired, or force is false and the candidate is
+        worse than the active model, was evaluated before the active models last changed, or has no evaluation
+        while the scope has an active model).
         """
         return await self._unary("/posguard.v1.Admin/PromoteModel", admin_pb2.PromoteModelRequest, admin_pb2.PromoteModelResponse, request, fields, timeout)
 
@@ -625,11 +646,18 @@ class AsyncRpcs:
         timeout: float | None = None,
         **fields: Any,
     ) -> admin_pb2.RollbackModelResponse:
-        """Makes the previously active version of a scope active again, retiring the current one.
+        """Makes the previously active version active again, retiring the current one. GLOBAL scope rolls back a
+        whole training run (by default the active global model's): its global model goes back to the one it
+        replaced, and each of its active customer models goes back to the customer's previous model, or is
+        retired when it replaced none (that customer is then scored by the global model alone), in one change.
+        `version` names a run whose global model is not the active one, such as an incremental run that
+        retrained customer models only. CUSTOMER scope goes back one model for that customer. Rolling back
+        again walks further back.
         Roles: TRAINER, ADMIN.
         Errors: INVALID_ARGUMENT (scope UNSPECIFIED or NONE, customer_id missing for CUSTOMER scope or given
-        for GLOBAL, empty reason, a reused request_id); NOT_FOUND (the scope has no active model);
-        FAILED_PRECONDITION (there is no earlier version to go back to).
+        for GLOBAL, version given for CUSTOMER scope, empty reason, a reused request_id); NOT_FOUND (no model
+        has the version given); FAILED_PRECONDITION (nothing of the scope or version is active, or the global
+        or customer model being rolled back replaced no earlier version to go back to).
         """
         return await self._unary("/posguard.v1.Admin/RollbackModel", admin_pb2.RollbackModelRequest, admin_pb2.RollbackModelResponse, request, fields, timeout)
 

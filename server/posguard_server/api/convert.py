@@ -6,9 +6,10 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from posguard.v1 import admin_pb2
+from posguard.v1 import admin_pb2, risk_pb2
 from posguard_server.domain.api_keys import ApiKey, Role
 from posguard_server.domain.audit import AuditEvent, AuditProblem
+from posguard_server.domain.risk import ModelRecord, ModelScope, ModelStatus
 
 ROLE_TO_PROTO: dict[Role, admin_pb2.Role.ValueType] = {
     Role.GATEWAY: admin_pb2.ROLE_GATEWAY,
@@ -24,6 +25,22 @@ AUDIT_PROBLEM_TO_PROTO: dict[AuditProblem, admin_pb2.AuditProblem.ValueType] = {
     AuditProblem.DELETED: admin_pb2.AUDIT_PROBLEM_DELETED,
     AuditProblem.INSERTED: admin_pb2.AUDIT_PROBLEM_INSERTED,
     AuditProblem.REORDERED: admin_pb2.AUDIT_PROBLEM_REORDERED,
+}
+
+# The scopes a registry model can have (NONE is only what a rule decision reports).
+MODEL_SCOPE_TO_PROTO: dict[ModelScope, risk_pb2.ModelScope.ValueType] = {
+    ModelScope.CUSTOMER: risk_pb2.MODEL_SCOPE_CUSTOMER,
+    ModelScope.GLOBAL: risk_pb2.MODEL_SCOPE_GLOBAL,
+}
+MODEL_SCOPE_FROM_PROTO: dict[risk_pb2.ModelScope.ValueType, ModelScope] = {
+    v: k for k, v in MODEL_SCOPE_TO_PROTO.items()
+}
+
+MODEL_STATUS_TO_PROTO: dict[ModelStatus, admin_pb2.ModelStatus.ValueType] = {
+    ModelStatus.CANDIDATE: admin_pb2.MODEL_STATUS_CANDIDATE,
+    ModelStatus.ACTIVE: admin_pb2.MODEL_STATUS_ACTIVE,
+    ModelStatus.SHADOW: admin_pb2.MODEL_STATUS_SHADOW,
+    ModelStatus.RETIRED: admin_pb2.MODEL_STATUS_RETIRED,
 }
 
 
@@ -58,4 +75,19 @@ def audit_event(event: AuditEvent) -> admin_pb2.AuditEvent:
         details=dict(event.details),
         previous_hash=event.previous_hash,
         hash=event.hash,
+    )
+
+
+def model(record: ModelRecord) -> admin_pb2.Model:
+    return admin_pb2.Model(
+        scope=MODEL_SCOPE_TO_PROTO[record.scope],
+        customer_id=record.customer_id,
+        version=record.version,
+        status=MODEL_STATUS_TO_PROTO[record.status],
+        created_at=timestamp(record.created_at),
+        training_window_start=timestamp(record.training_window_start),
+        training_window_end=timestamp(record.training_window_end),
+        sample_count=record.sample_count,
+        metrics=dict(record.metrics),
+        active=record.active,
     )

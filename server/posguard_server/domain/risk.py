@@ -107,6 +107,8 @@ class Evaluation:
     ``new_state`` None leaves the profile exactly as it was (e.g. a rule decline for a revoked number).
     ``counts_in_history`` False stores the transaction for replay and reports only: it does not advance the
     profile's count or first/last seen, and ``history`` (training data) leaves it out.
+    ``shadow_version`` and ``shadow_risk_score`` are what the shadow run (if one was running) scored the same
+    transaction; they are stored for comparison and never change the answer ("" and None without one).
     """
 
     risk_score: float
@@ -119,6 +121,8 @@ class Evaluation:
     features: bytes | None
     new_state: bytes | None
     counts_in_history: bool = True
+    shadow_version: str = ""
+    shadow_risk_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +260,23 @@ class ModelRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowPairs:
+    """Transactions scored while a run was in shadow, one column per field, in the order they were stored.
+
+    ``active_scores`` are the answers' risk scores, ``shadow_scores`` what the shadow run scored the same
+    transactions, ``fraud`` whether each is labelled FRAUD or CHARGEBACK now.
+    """
+
+    transaction_ids: tuple[str, ...]
+    active_scores: tuple[float, ...]
+    shadow_scores: tuple[float, ...]
+    fraud: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.transaction_ids)
+
+
+@dataclass(frozen=True, slots=True)
 class Activation:
     """The result of a promotion or rollback: the model now active and the version it replaced ("" if none).
 
@@ -265,6 +286,42 @@ class Activation:
     model: ModelRecord
     previous_version: str
     changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Promotion:
+    """The result of promoting a training run (GLOBAL scope) or one customer's model (CUSTOMER scope).
+
+    ``model`` is the model now active in the scope named: the run's GLOBAL model, or the customer's model;
+    None for a run that trained customer models only (the active global model stays). ``previous_version``
+    is the version that scope's slot held before ("" when it held none, and for a customer-only run).
+    ``customer_models`` counts the CUSTOMER models this promotion made active. ``forced`` says ``force`` was
+    given; ``overridden`` is the refusal it overrode ("" when there was none).
+    """
+
+    version: str
+    model: ModelRecord | None
+    previous_version: str
+    customer_models: int
+    forced: bool
+    overridden: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """The result of rolling back a training run (GLOBAL scope) or one customer's model (CUSTOMER scope).
+
+    ``rolled_back_version``'s models that were active are RETIRED now. ``model`` is the model active again
+    in the scope named: the GLOBAL model the run had replaced, or the customer's previous model; None for a
+    run without a GLOBAL model. ``customer_models_restored`` counts the CUSTOMER models active again,
+    ``customer_models_retired`` those retired without a replacement: their customers are scored by the
+    global model alone.
+    """
+
+    rolled_back_version: str
+    model: ModelRecord | None
+    customer_models_restored: int
+    customer_models_retired: int
 
 
 # -- promotion ------------------------------------------------------------------------------------------
@@ -279,23 +336,27 @@ METRIC_BASELINE_ROC_AUC = "baseline_roc_auc"
 METRIC_BASELINE_RECALL = "baseline_recall_at_1pct"
 METRIC_EVALUATED_ROWS = "evaluated_rows"
 METRIC_EVALUATED_FRAUD = "evaluated_fraud"
-# The registry generation the comparison was made against: once another promotion or rollback moves it, the
+# When the comparison was made (epoch seconds): once a promotion or rollback activates any model after it, the
 # baseline the candidate beat is no longer the one serving.
-METRIC_EVALUATED_GENERATION = "evaluated_generation"
+METRIC_EVALUATED_AT = "evaluated_at"
 
 
-def promotion_refusal(metrics: Mapping[str, float], *, generation: int, has_active: bool) -> str | None:
+def promotion_refusal(
+    metrics: Mapping[str, float], *, last_activation: datetime | None, has_active: bool
+) -> str | None:
     """Why a candidate may not be promoted without ``force``; None when it may.
 
     A scope with nothing active has nothing the candidate could be worse than. Otherwise the candidate needs
-    an evaluation on labelled outcomes against the models serving now, and an average precision at least
-    theirs.
+    an evaluation on labelled outcomes made after ``last_activation`` (the latest moment any model became
+    active), so against the models serving now, and an average precision at least theirs.
     """
     if not has_active:
         return None
     if METRIC_AP not in metrics or METRIC_BASELINE_AP not in metrics:
         return "the candidate has no evaluation against the active model on labelled outcomes"
-    if int(metrics.get(METRIC_EVALUATED_GENERATION, -1)) != generation:
+    evaluated_at = metrics.get(METRIC_EVALUATED_AT)
+    # Only activations count: putting a run in shadow and back changes what servers load, not what serves.
+    if evaluated_at is None or (last_activation is not None and last_activation.timestamp() > evaluated_at):
         return "the active models changed after the candidate was evaluated; evaluate it again"
     if metrics[METRIC_AP] < metrics[METRIC_BASELINE_AP]:
         return (

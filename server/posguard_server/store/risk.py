@@ -8,16 +8,18 @@ on ``transaction_id`` backs this up across customers and replicas.
 
 The model registry keeps at most one ACTIVE model per scope and customer (checked here, and by partial
 unique indexes on both backends); every change of an active model bumps a one-row generation counter in the
-same transaction, so serving processes notice with one cheap read and reload without a restart.
+same transaction, so serving processes notice with one cheap read and reload without a restart. A training
+run's models share one version; ``promote`` and ``rollback`` of the GLOBAL scope move the whole run at once,
+serialised across processes on the generation row.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -54,6 +56,8 @@ from posguard_server.domain.errors import (
     PosguardError,
 )
 from posguard_server.domain.risk import (
+    METRIC_AP,
+    METRIC_BASELINE_AP,
     Activation,
     Answer,
     Channel,
@@ -70,12 +74,16 @@ from posguard_server.domain.risk import (
     OutcomeRecord,
     ProfileSnapshot,
     ProfileSummary,
+    Promotion,
+    Rollback,
+    ShadowPairs,
     StoredReason,
     StoredTransaction,
     TransactionSource,
+    promotion_refusal,
 )
-from posguard_server.store.audit import append_event
-from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer
+from posguard_server.store.audit import SqlAuditEvent, append_event
+from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer, SqlIdempotencyKey
 from posguard_server.store.schema import REQUEST_ID_MAX, Base
 
 if TYPE_CHECKING:
@@ -128,6 +136,13 @@ class SqlRiskTransaction(Base):
             sqlite_where=text("terminal_id = ''"),
             postgresql_where=text("terminal_id = ''"),
         ),
+        # The shadow comparison reads one run's transactions; only transactions scored in shadow are indexed.
+        Index(
+            "ix_risk_transactions_shadow_version",
+            "shadow_version",
+            sqlite_where=text("shadow_version IS NOT NULL"),
+            postgresql_where=text("shadow_version IS NOT NULL"),
+        ),
         CheckConstraint(_in_list("source", (s.value for s in TransactionSource)), name="source"),
         CheckConstraint(_in_list("channel", (c.value for c in Channel)), name="channel"),
         CheckConstraint(_in_list("decision", (d.value for d in Decision)), name="decision"),
@@ -170,6 +185,10 @@ class SqlRiskTransaction(Base):
     outcome_note: Mapped[str | None] = mapped_column(String(OUTCOME_NOTE_MAX))
     # The report that set the current label (the full log is risk_outcome_reports).
     outcome_request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX))
+    # The shadow run scoring alongside the answer's models, and its score (NULL when none was running): for
+    # comparing the two in reports, never part of the answer.
+    shadow_version: Mapped[str | None] = mapped_column(String(MODEL_VERSION_MAX))
+    shadow_risk_score: Mapped[float | None] = mapped_column(Double)
 
 
 class SqlRiskOutcomeReport(Base):
@@ -242,6 +261,13 @@ class SqlRiskModel(Base):
             sqlite_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
             postgresql_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
         ),
+        # Servers look for the shadow run on every reload; only the shadow run's rows are in this index.
+        Index(
+            "ix_risk_models_shadow_version",
+            "version",
+            sqlite_where=text("status = 'SHADOW'"),
+            postgresql_where=text("status = 'SHADOW'"),
+        ),
         CheckConstraint("scope IN ('CUSTOMER', 'GLOBAL')", name="scope"),
         CheckConstraint(_in_list("status", (s.value for s in ModelStatus)), name="status"),
         CheckConstraint(
@@ -310,8 +336,25 @@ _HISTORY_COLUMNS = (
 # (customers with fraud reported, customers) at the transaction's place in the feedback window; see
 # ``SqlRiskStore.place_activity``. None when no place was asked for.
 PlaceActivity = tuple[int, int]
-# The profile the scorer saw (None for a customer without one) and the place's activity → what it decided.
-Evaluate = Callable[[ProfileSnapshot | None, PlaceActivity | None], Evaluation]
+
+
+class Evaluate(Protocol):
+    """The profile the scorer saw (None for a customer without one), the place's activity → what it decided.
+
+    ``shadow_place`` is passed only for an item with ``shadow_place_since``: the place's activity over the
+    shadow run's label-feedback window.
+    """
+
+    def __call__(
+        self,
+        snapshot: ProfileSnapshot | None,
+        place: PlaceActivity | None,
+        /,
+        *,
+        shadow_place: PlaceActivity | None = None,
+    ) -> Evaluation: ...
+
+
 # A stored transaction and whether it was an earlier answer replayed.
 Scored = tuple[StoredTransaction, bool]
 # (scope, customer_id ("" for GLOBAL), version)
@@ -329,6 +372,9 @@ class ScoreItem:
     # Read the place's activity over [place_since, the transaction's time), inside the transaction, so it
     # counts the transactions stored before this one in the same batch. None: not needed.
     place_since: datetime | None = None
+    # The same over the shadow run's window, when it differs from ``place_since``'s (each training run picks
+    # its own); handed to ``evaluate`` as ``shadow_place``. None: not needed.
+    shadow_place_since: datetime | None = None
 
 
 def _transaction_conflict(message: str) -> InvalidArgument:
@@ -410,22 +456,37 @@ class SqlRiskStore:
                     results.append((_stored(replay), True))
                     continue
                 profile = profiles.get(record.customer_id)
-                place = None
-                if item.place_since is not None:
+                place = shadow_place = None
+                if item.place_since is not None or item.shadow_place_since is not None:
                     key = _place_key(record)
                     if key in places_written:
                         # An earlier item of this batch paid here: it must count, so write it out first.
                         session.flush()
                         places_written.clear()
                     with session.no_autoflush:
-                        place = _place_activity(
-                            session,
-                            record.terminal_id,
-                            record.merchant_id,
-                            item.place_since,
-                            _utc(record.event_time),
-                        )
-                evaluation = item.evaluate(_snapshot(profile) if profile is not None else None, place)
+                        if item.place_since is not None:
+                            place = _place_activity(
+                                session,
+                                record.terminal_id,
+                                record.merchant_id,
+                                item.place_since,
+                                _utc(record.event_time),
+                            )
+                        if item.shadow_place_since is not None:
+                            shadow_place = _place_activity(
+                                session,
+                                record.terminal_id,
+                                record.merchant_id,
+                                item.shadow_place_since,
+                                _utc(record.event_time),
+                            )
+                snapshot = _snapshot(profile) if profile is not None else None
+                if item.shadow_place_since is None:
+                    evaluation = item.evaluate(snapshot, place)
+                else:
+                    evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
+                # Both or neither: a version without a score would count as compared.
+                has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
                 row = SqlRiskTransaction(
                     **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
                     fingerprint=item.fingerprint,
@@ -439,6 +500,8 @@ class SqlRiskStore:
                     history_size=evaluation.history_size,
                     cold_start=evaluation.cold_start,
                     features=evaluation.features,
+                    shadow_version=evaluation.shadow_version if has_shadow else None,
+                    shadow_risk_score=evaluation.shadow_risk_score if has_shadow else None,
                 )
                 session.add(row)
                 earlier.add(row)
@@ -921,48 +984,255 @@ class SqlRiskStore:
                             _audit_model(session, actor, "model.promoted", result, reason, now)
         return results
 
+    def promote(
+        self,
+        scope: ModelScope,
+        customer_id: str,
+        version: str,
+        *,
+        force: bool,
+        now: datetime,
+        actor: str | None,
+        reason: str,
+        request_id: str | None = None,
+        fingerprint: str = "",
+    ) -> Promotion:
+        """Make a training run (GLOBAL scope) or one customer's model (CUSTOMER scope) active.
+
+        GLOBAL scope promotes the run ``version``: every CANDIDATE or SHADOW model of it (its GLOBAL model,
+        if the run trained one, and all its CUSTOMER models) becomes ACTIVE, each replacing (RETIRED) what
+        its slot held; models of the run already ACTIVE or RETIRED stay as they are. The run's models belong
+        together (its GLOBAL model is calibrated on the scores of its customer models), so they move in one
+        transaction with one generation bump. CUSTOMER scope promotes that customer's model of ``version``.
+
+        Unless ``force``, a promotion ``promotion_refusal`` objects to is refused (FailedPrecondition
+        CANDIDATE_NOT_BETTER), judged on the run's GLOBAL model's metrics, or a customer model's for a run
+        without one and for CUSTOMER scope (a retrain stores the same run-level evaluation on every model of
+        the run), against the registry generation now, and on whether the scope has an active model (for a
+        run: the global slot; for a customer-only run: any of its customers' slots).
+
+        NotFound when no model of the scope (and customer) has ``version``; FailedPrecondition
+        MODEL_ALREADY_ACTIVE or MODEL_RETIRED when nothing of it is left to promote (or the run's GLOBAL
+        model is retired). With an ``actor``, one ``model.promoted`` audit event is appended in the same
+        transaction, however many models moved. With a ``request_id`` (and an ``actor``), a retry with the
+        same ``request_id`` and ``fingerprint`` changes nothing and answers as the first call did.
+        """
+        customer = _registry_customer(scope, customer_id)
+        if request_id is not None and actor is None:
+            raise ValueError("an idempotent promotion needs an actor: its answer is kept in the audit log")
+        with self._db.session() as session:
+            _lock_registry(session, now)
+            if request_id is not None:
+                details = _earlier_registry_call(session, _PROMOTED, request_id, fingerprint)
+                if details is not None:
+                    return Promotion(
+                        version=version,
+                        model=_slot_model(session, scope.value, customer, version),
+                        previous_version=details.get("previous_version", ""),
+                        customer_models=int(details.get("customer_models", "0")),
+                        forced=details.get("forced") == "true",
+                        overridden=details.get("overridden", ""),
+                    )
+            query = select(_M).options(defer(_M.artifact)).where(_M.version == version).order_by(_M.id)
+            if customer is not None:
+                query = query.where(*_slot(scope.value, customer))
+            run = list(session.scalars(query))
+            if not run:
+                raise NotFound(
+                    "no model has this scope, customer and version",
+                    reason="MODEL_NOT_FOUND",
+                    metadata={"version": version},
+                )
+            head = next((row for row in run if row.customer_id is None), run[0])
+            waiting = [row for row in run if row.status in _PROMOTABLE]
+            if head.scope == ModelScope.GLOBAL.value and head.status == ModelStatus.RETIRED.value:
+                raise _retired(version)
+            if not waiting:
+                if any(row.status == ModelStatus.ACTIVE.value for row in run):
+                    raise FailedPrecondition(
+                        "this version is already active",
+                        reason="MODEL_ALREADY_ACTIVE",
+                        metadata={"version": version},
+                    )
+                raise _retired(version)
+            metrics = _model(head, with_artifact=False).metrics
+            refusal = promotion_refusal(
+                metrics,
+                last_activation=_last_activation(session),
+                has_active=_has_active(session, scope, head),
+            )
+            if refusal is not None and not force:
+                raise FailedPrecondition(
+                    refusal, reason="CANDIDATE_NOT_BETTER", metadata={"version": version}
+                )
+            keys = [((row.scope, row.customer_id), version) for row in waiting]
+            for chunk in _chunks(keys, _CHUNK):
+                _activate_chunk(session, chunk, _utc(now))
+            _bump_generation(session, now)
+            # A run without a GLOBAL model has no one model to answer with: the active global model stays.
+            named = head.scope == scope.value
+            result = Promotion(
+                version=version,
+                model=_model(head, with_artifact=False) if named else None,
+                previous_version=_previous_version(session, head) if named else "",
+                customer_models=sum(1 for row in waiting if row.customer_id is not None),
+                forced=force,
+                overridden=refusal or "",
+            )
+            if actor is not None:
+                details = {
+                    "scope": scope.value,
+                    "previous_version": result.previous_version,
+                    "customer_models": str(result.customer_models),
+                    "forced": "true" if force else "false",
+                }
+                if result.overridden:
+                    details["overridden"] = result.overridden
+                for name in (METRIC_AP, METRIC_BASELINE_AP):
+                    if name in metrics:
+                        details[name] = repr(metrics[name])
+                _append_registry_event(
+                    session,
+                    _PROMOTED,
+                    actor,
+                    version,
+                    customer,
+                    details,
+                    reason,
+                    request_id,
+                    fingerprint,
+                    now,
+                )
+            return result
+
     def rollback(
         self,
         scope: ModelScope,
         customer_id: str,
         *,
+        version: str = "",
         now: datetime,
         actor: str | None = None,
         reason: str = "",
-    ) -> Activation:
-        """Re-activate the model that was active before the current one; the current one becomes RETIRED.
+        request_id: str | None = None,
+        fingerprint: str = "",
+    ) -> Rollback:
+        """Undo a training run (GLOBAL scope) or one customer's model (CUSTOMER scope).
 
-        Repeated rollbacks walk further back. ``previous_version`` in the answer is the version rolled
-        back. FailedPrecondition when the scope has no active model, or its active model replaced none.
+        GLOBAL scope rolls back the run ``version`` (default: the active global model's): every ACTIVE model
+        of it becomes RETIRED and the model it replaced (``previous_id``) ACTIVE again. A CUSTOMER model that
+        replaced nothing is retired without a replacement: its customer is scored by the global model alone.
+        The run's GLOBAL model, when active, must have replaced one (a registry is never left without a
+        global model). ``version`` names a run whose GLOBAL model is not the active one, e.g. an incremental
+        run that retrained customer models only. CUSTOMER scope goes back one model for that customer, and
+        takes no ``version``. One transaction, one generation bump; repeated rollbacks walk further back.
+
+        FailedPrecondition NO_ACTIVE_MODEL when there is nothing active to roll back (MODEL_NOT_ACTIVE for a
+        ``version`` with no active model), NO_PREVIOUS_MODEL when the GLOBAL or customer model replaced
+        none; NotFound when no model has ``version``. With an ``actor``, one ``model.rolled_back`` audit
+        event is appended in the same transaction; ``request_id`` makes retries replay as in ``promote``.
         """
         customer = _registry_customer(scope, customer_id)
+        if version and customer is not None:
+            raise InvalidArgument.field("version", "is only for the GLOBAL scope: a run is rolled back whole")
+        if request_id is not None and actor is None:
+            raise ValueError("an idempotent rollback needs an actor: its answer is kept in the audit log")
         with self._db.session() as session:
             _lock_registry(session, now)
-            current = session.scalar(
-                select(_M)
-                .options(defer(_M.artifact))
-                .where(*_slot(scope.value, customer), _M.status == ModelStatus.ACTIVE.value)
-            )
-            if current is None:
-                raise FailedPrecondition("there is no active model to roll back", reason="NO_ACTIVE_MODEL")
-            if current.previous_id is None:
+            if request_id is not None:
+                details = _earlier_registry_call(session, _ROLLED_BACK, request_id, fingerprint)
+                if details is not None:
+                    restored = details.get("restored_version", "")
+                    return Rollback(
+                        rolled_back_version=details["version"],
+                        model=_slot_model(session, scope.value, customer, restored) if restored else None,
+                        customer_models_restored=int(details.get("customer_models_restored", "0")),
+                        customer_models_retired=int(details.get("customer_models_retired", "0")),
+                    )
+            active = (_M.id, _M.scope, _M.customer_id, _M.version, _M.previous_id)
+            if not version:
+                current = session.execute(
+                    select(*active).where(
+                        *_slot(scope.value, customer), _M.status == ModelStatus.ACTIVE.value
+                    )
+                ).first()
+                if current is None:
+                    raise FailedPrecondition(
+                        "there is no active model to roll back", reason="NO_ACTIVE_MODEL"
+                    )
+                version = current.version
+            query = select(*active).where(_M.version == version, _M.status == ModelStatus.ACTIVE.value)
+            if customer is not None:
+                query = query.where(*_slot(scope.value, customer))
+            rolled = session.execute(query.order_by(_M.id)).all()
+            if not rolled:
+                if session.scalar(select(_M.id).where(_M.version == version).limit(1)) is None:
+                    raise NotFound(
+                        "no model has this version", reason="MODEL_NOT_FOUND", metadata={"version": version}
+                    )
                 raise FailedPrecondition(
-                    "the active model replaced no earlier model to roll back to", reason="NO_PREVIOUS_MODEL"
+                    "no model of this version is active",
+                    reason="MODEL_NOT_ACTIVE",
+                    metadata={"version": version},
                 )
-            previous = session.scalar(
-                select(_M).options(defer(_M.artifact)).where(_M.id == current.previous_id)
-            )
-            assert previous is not None  # a foreign key
-            current.status = ModelStatus.RETIRED.value
-            # Retire before activating: the partial unique index allows one ACTIVE at any moment.
-            session.flush()
-            previous.status = ModelStatus.ACTIVE.value
-            previous.activated_at = _utc(now)
-            session.flush()
-            result = Activation(_model(previous, with_artifact=False), current.version, changed=True)
+            # The row the answer is about: the GLOBAL model of the run, or the customer's model.
+            head = next((row for row in rolled if row.scope == scope.value), None)
+            if head is not None and head.previous_id is None:
+                raise FailedPrecondition(
+                    "the active model replaced no earlier model to roll back to",
+                    reason="NO_PREVIOUS_MODEL",
+                    metadata={"version": version},
+                )
+            for chunk in _chunks([row.id for row in rolled], _CHUNK):
+                session.execute(
+                    update(_MODELS).where(_MODELS.c.id.in_(chunk)).values(status=ModelStatus.RETIRED.value)
+                )
+            # Retire everything first: the partial unique indexes allow one ACTIVE per slot at any moment.
+            previous = [row.previous_id for row in rolled if row.previous_id is not None]
+            for chunk in _chunks(previous, _CHUNK):
+                session.execute(
+                    update(_MODELS)
+                    .where(_MODELS.c.id.in_(chunk))
+                    .values(status=ModelStatus.ACTIVE.value, activated_at=_utc(now))
+                )
             _bump_generation(session, now)
+            model = None
+            if head is not None:
+                row = session.scalar(
+                    select(_M)
+                    .options(defer(_M.artifact))
+                    .where(_M.id == head.previous_id)
+                    .execution_options(populate_existing=True)
+                )
+                assert row is not None  # a foreign key
+                model = _model(row, with_artifact=False)
+            customers = [row for row in rolled if row.customer_id is not None]
+            result = Rollback(
+                rolled_back_version=version,
+                model=model,
+                customer_models_restored=sum(1 for row in customers if row.previous_id is not None),
+                customer_models_retired=sum(1 for row in customers if row.previous_id is None),
+            )
             if actor is not None:
-                _audit_model(session, actor, "model.rolled_back", result, reason, now)
+                details = {
+                    "scope": scope.value,
+                    "version": version,
+                    "restored_version": model.version if model is not None else "",
+                    "customer_models_restored": str(result.customer_models_restored),
+                    "customer_models_retired": str(result.customer_models_retired),
+                }
+                _append_registry_event(
+                    session,
+                    _ROLLED_BACK,
+                    actor,
+                    version,
+                    customer,
+                    details,
+                    reason,
+                    request_id,
+                    fingerprint,
+                    now,
+                )
             return result
 
     def list_models(
@@ -1024,6 +1294,131 @@ class SqlRiskStore:
                 select(SqlRiskModelGeneration.generation).where(SqlRiskModelGeneration.id == _GENERATION_ID)
             )
             return int(value) if value is not None else 0
+
+    # -- shadow scoring -------------------------------------------------------------------------------
+    # One training run at a time (its one version: the GLOBAL model, if the run trained one, and its CUSTOMER
+    # models) can run in SHADOW: servers score every transaction with it too, answer with the active models,
+    # and store its score next to the transaction for comparison.
+
+    def set_shadow(self, version: str, *, now: datetime, actor: str | None, reason: str = "") -> int:
+        """Run a training run's CANDIDATE models in shadow; returns how many models became SHADOW.
+
+        A run that was in shadow before goes back to CANDIDATE (one shadow run at a time). Models of the
+        version that are not CANDIDATEs (ACTIVE, RETIRED) stay as they are. NotFound when no model has this
+        version, FailedPrecondition when none of them is a CANDIDATE. Bumps the generation, so servers
+        reload; with an ``actor``, a ``model.shadowed`` audit event is appended in the same transaction.
+        """
+        with self._db.session() as session:
+            _lock_registry(session, now)
+            counts: dict[str, int] = dict(
+                session.execute(
+                    select(_M.status, func.count()).where(_M.version == version).group_by(_M.status)
+                ).all()
+            )
+            if not counts:
+                raise NotFound(
+                    "no model has this version", reason="MODEL_NOT_FOUND", metadata={"version": version}
+                )
+            if not counts.get(ModelStatus.CANDIDATE.value):
+                raise FailedPrecondition(
+                    "no model of this version is a candidate: only candidates can run in shadow",
+                    reason="MODEL_NOT_CANDIDATE",
+                    metadata={"version": version},
+                )
+            previous = _shadow_versions(session)
+            session.execute(
+                update(_MODELS)
+                .where(_MODELS.c.status == ModelStatus.SHADOW.value, _MODELS.c.version != version)
+                .values(status=ModelStatus.CANDIDATE.value)
+            )
+            shadowed = _changed_rows(
+                session,
+                update(_MODELS)
+                .where(_MODELS.c.version == version, _MODELS.c.status == ModelStatus.CANDIDATE.value)
+                .values(status=ModelStatus.SHADOW.value),
+            )
+            _bump_generation(session, now)
+            if actor is not None:
+                details = {
+                    "models": str(shadowed),
+                    "previous_version": ",".join(v for v in previous if v != version),
+                }
+                if reason:
+                    details["reason"] = reason
+                append_event(
+                    session, actor=actor, action="model.shadowed", subject=version, details=details, now=now
+                )
+        return shadowed
+
+    def clear_shadow(self, *, now: datetime, actor: str | None, reason: str = "") -> int:
+        """Stop the shadow run: its SHADOW models go back to CANDIDATE; returns how many.
+
+        Nothing in shadow is a no-op (0, no generation bump, no audit event). Otherwise bumps the generation
+        and, with an ``actor``, appends a ``model.shadow_cleared`` audit event in the same transaction.
+        """
+        with self._db.session() as session:
+            _lock_registry(session, now)
+            versions = _shadow_versions(session)
+            if not versions:
+                return 0
+            cleared = _changed_rows(
+                session,
+                update(_MODELS)
+                .where(_MODELS.c.status == ModelStatus.SHADOW.value)
+                .values(status=ModelStatus.CANDIDATE.value),
+            )
+            _bump_generation(session, now)
+            if actor is not None:
+                details = {"models": str(cleared)}
+                if reason:
+                    details["reason"] = reason
+                append_event(
+                    session,
+                    actor=actor,
+                    action="model.shadow_cleared",
+                    subject=",".join(versions),
+                    details=details,
+                    now=now,
+                )
+        return cleared
+
+    def shadow_version(self) -> str | None:
+        """The version of the run in shadow, or None when none is."""
+        with self._db.session(read_only=True) as session:
+            return session.scalar(
+                select(_M.version).where(_M.status == ModelStatus.SHADOW.value).order_by(_M.id).limit(1)
+            )
+
+    def shadow_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
+        """The SHADOW model of a scope (and customer) with its artifact, or None."""
+        customer = _registry_customer(scope, customer_id)
+        with self._db.session(read_only=True) as session:
+            row = session.scalar(
+                select(_M).where(*_slot(scope.value, customer), _M.status == ModelStatus.SHADOW.value)
+            )
+            return _model(row, with_artifact=True) if row is not None else None
+
+    def shadow_pairs(self, version: str) -> ShadowPairs:
+        """Every transaction scored while ``version`` ran in shadow: both scores and the fraud label now."""
+        query = (
+            select(_T.transaction_id, _T.risk_score, _T.shadow_risk_score, _T.outcome)
+            .where(_T.shadow_version == version, _T.shadow_risk_score.is_not(None))
+            .order_by(_T.id)
+        )
+        ids: list[str] = []
+        active: list[float] = []
+        shadow: list[float] = []
+        fraud: list[bool] = []
+        with self._db.session(read_only=True) as session:
+            for transaction_id, risk_score, shadow_risk_score, outcome in session.execute(query):
+                # Only scored transactions carry a shadow score, and every scored one has a risk score.
+                assert risk_score is not None
+                assert shadow_risk_score is not None
+                ids.append(transaction_id)
+                active.append(risk_score)
+                shadow.append(shadow_risk_score)
+                fraud.append(outcome in _FRAUD_LABELS)
+        return ShadowPairs(tuple(ids), tuple(active), tuple(shadow), tuple(fraud))
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -1435,6 +1830,20 @@ def _activate_chunk(
     return results
 
 
+def _shadow_versions(session: Session) -> list[str]:
+    """The versions with models in SHADOW: one, or none (more only if the invariant was broken by hand)."""
+    return list(
+        session.scalars(
+            select(_M.version).distinct().where(_M.status == ModelStatus.SHADOW.value).order_by(_M.version)
+        )
+    )
+
+
+def _changed_rows(session: Session, statement: Any) -> int:
+    """Run an UPDATE and return how many rows it changed."""
+    return _summed_rowcount(session.connection().execute(statement).rowcount)
+
+
 def _audit_model(
     session: Session, actor: str, action: str, result: Activation, reason: str, now: datetime
 ) -> None:
@@ -1444,3 +1853,114 @@ def _audit_model(
     if reason:
         details["reason"] = reason
     append_event(session, actor=actor, action=action, subject=result.model.version, details=details, now=now)
+
+
+# Audit actions of the registry, also the idempotency methods of PromoteModel and RollbackModel.
+_PROMOTED = "model.promoted"
+_ROLLED_BACK = "model.rolled_back"
+_PROMOTABLE = (ModelStatus.CANDIDATE.value, ModelStatus.SHADOW.value)
+
+
+def _retired(version: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "a retired model cannot be promoted again; roll back instead",
+        reason="MODEL_RETIRED",
+        metadata={"version": version},
+    )
+
+
+def _last_activation(session: Session) -> datetime | None:
+    """When a model last became active (promotion or rollback); None before the first."""
+    value: datetime | None = session.scalar(select(func.max(_M.activated_at)))
+    if value is None:
+        return None
+    # An aggregate skips the column type's conversion on some backends: read a naive value as UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _has_active(session: Session, scope: ModelScope, head: SqlRiskModel) -> bool:
+    """Whether what a promotion would replace has an active model: the slot of ``head`` (the run's GLOBAL
+    model, or the customer's model), or, for a run without a GLOBAL model, any of its customers' slots."""
+    if head.customer_id is None or scope is ModelScope.CUSTOMER:
+        conditions = _slot(head.scope, head.customer_id)
+    else:
+        run_customers = select(_M.customer_id).where(
+            _M.version == head.version, _M.scope == ModelScope.CUSTOMER.value
+        )
+        conditions = [_M.scope == ModelScope.CUSTOMER.value, _M.customer_id.in_(run_customers)]
+    found = session.scalar(select(_M.id).where(*conditions, _M.status == ModelStatus.ACTIVE.value).limit(1))
+    return found is not None
+
+
+def _previous_version(session: Session, row: SqlRiskModel) -> str:
+    """The version of the model ``row`` replaced when it was activated ("" when it replaced none)."""
+    if row.previous_id is None:
+        return ""
+    return session.scalar(select(_M.version).where(_M.id == row.previous_id)) or ""
+
+
+def _slot_model(session: Session, scope: str, customer: str | None, version: str) -> ModelRecord | None:
+    """A replayed answer's model, as it is now (None for a run without a model in ``scope``)."""
+    row = session.scalar(
+        select(_M).options(defer(_M.artifact)).where(*_slot(scope, customer), _M.version == version)
+    )
+    return _model(row, with_artifact=False) if row is not None else None
+
+
+def _earlier_registry_call(
+    session: Session, method: str, request_id: str, fingerprint: str
+) -> dict[str, str] | None:
+    """The audit details of an earlier call with this ``request_id`` (its answer), or None.
+
+    The answer is kept where the call already wrote it, in its audit event (with the request_id among the
+    details); the idempotency key finds the event by its time. Another request under the same request_id is
+    an InvalidArgument.
+    """
+    done = session.get(SqlIdempotencyKey, (method, request_id))
+    if done is None:
+        return None
+    if done.fingerprint != fingerprint:
+        raise InvalidArgument.field(
+            "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
+        )
+    events = session.scalars(
+        select(SqlAuditEvent.details)
+        .where(SqlAuditEvent.action == method, SqlAuditEvent.occurred_at == done.created_at)
+        .order_by(SqlAuditEvent.sequence)
+    )
+    for text_ in events:
+        details = json.loads(text_)
+        if isinstance(details, dict) and details.get("request_id") == request_id:
+            return {str(key): str(value) for key, value in details.items()}
+    raise RuntimeError(f"the audit event of {method} request {request_id!r} is missing")
+
+
+def _append_registry_event(
+    session: Session,
+    method: str,
+    actor: str,
+    version: str,
+    customer: str | None,
+    details: dict[str, str],
+    reason: str,
+    request_id: str | None,
+    fingerprint: str,
+    now: datetime,
+) -> None:
+    """The one audit event of a promotion or rollback; with a ``request_id``, its idempotency key too."""
+    if customer is not None:
+        details["customer_id"] = customer
+    if reason:
+        details["reason"] = reason
+    if request_id is not None:
+        details["request_id"] = request_id
+        session.add(
+            SqlIdempotencyKey(
+                method=method,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                customer_id=customer or "",
+                created_at=_utc(now),
+            )
+        )
+    append_event(session, actor=actor, action=method, subject=version, details=details, now=now)
