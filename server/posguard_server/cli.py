@@ -413,6 +413,193 @@ def number_keys_rotate(settings: Settings) -> None:
     click.echo(f"number key version {ring.current} is now current; restart the servers to use it")
 
 
+# -- the model registry ------------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """The model registry: list, promote and roll back training runs and customer models."""
+
+
+@contextmanager
+def _model_store(settings: Settings) -> Iterator[Any]:
+    from posguard_server.app import prepare_database
+    from posguard_server.store.risk import SqlRiskStore
+
+    database = prepare_database(settings)
+    try:
+        yield SqlRiskStore(database)
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def _registry_errors() -> Iterator[None]:
+    """Refusals and bad input leave as one line on stderr and exit status 1."""
+    from posguard_server.domain.errors import InvalidArgument, PosguardError
+
+    try:
+        yield
+    except InvalidArgument as error:
+        problems = "; ".join(f"{v.field} {v.description}" for v in error.violations)
+        raise click.ClickException(problems) from None
+    except PosguardError as error:
+        raise click.ClickException(f"refused ({error.reason}): {error.message}") from None
+
+
+def _model_dict(model: Any) -> dict[str, Any]:
+    return {
+        "scope": model.scope.value,
+        "customer_id": model.customer_id,
+        "version": model.version,
+        "status": model.status.value,
+        "created_at": model.created_at.isoformat(),
+        "activated_at": model.activated_at.isoformat() if model.activated_at else None,
+        "training_window_start": model.training_window_start.isoformat(),
+        "training_window_end": model.training_window_end.isoformat(),
+        "sample_count": model.sample_count,
+        "metrics": dict(model.metrics),
+    }
+
+
+@models.command("list")
+@click.option(
+    "--scope", type=click.Choice(["customer", "global"]), default=None, help="Only models of this scope."
+)
+@click.option("--customer", "customer_id", default="", help="Only this customer's models.")
+@click.option("--active", "active_only", is_flag=True, help="Only the active models.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many models."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, with the metrics.")
+@click.pass_obj
+def models_list(
+    settings: Settings, scope: str | None, customer_id: str, active_only: bool, limit: int, as_json: bool
+) -> None:
+    """List registered models, newest first."""
+    from posguard_server.domain.risk import METRIC_AP, METRIC_BASELINE_AP, ModelScope
+
+    rows: list[Any] = []
+    after = None
+    with _model_store(settings) as store:
+        while len(rows) < limit:
+            page, after = store.list_models(
+                scope=ModelScope(scope.upper()) if scope else None,
+                customer_id=customer_id,
+                active_only=active_only,
+                limit=min(limit - len(rows), 500),
+                after_id=after,
+            )
+            rows.extend(page)
+            if after is None:
+                break
+    if as_json:
+        for model in rows:
+            click.echo(json.dumps(_model_dict(model)))
+        return
+    click.echo(f"{'VERSION':<34}{'SCOPE':<10}{'CUSTOMER':<30}{'STATUS':<11}{'SAMPLES':>9}  AP (BASELINE)")
+    for model in rows:
+        ap = model.metrics.get(METRIC_AP)
+        baseline = model.metrics.get(METRIC_BASELINE_AP)
+        quality = "-" if ap is None else f"{ap:.4f}" + (f" ({baseline:.4f})" if baseline is not None else "")
+        click.echo(
+            f"{model.version:<34}{model.scope.value:<10}{model.customer_id or '-':<30}"
+            f"{model.status.value:<11}{model.sample_count:>9}  {quality}"
+        )
+
+
+@models.command("promote")
+@click.argument("version")
+@click.option("--customer", "customer_id", default="", help="Promote this customer's model only.")
+@click.option("--force", is_flag=True, help="Promote even when the candidate is not shown to be no worse.")
+@click.option("--reason", required=True, help="Why; kept in the audit log.")
+@click.pass_obj
+def models_promote(settings: Settings, version: str, customer_id: str, force: bool, reason: str) -> None:
+    """Make the training run VERSION active (its global and customer models together), or one customer's.
+
+    Without --force, a run is promoted only when it was evaluated against the active models and is not
+    worse. Running servers pick the change up within their model refresh interval.
+    """
+    from datetime import UTC, datetime
+
+    from posguard_server.domain.risk import ModelScope
+
+    scope = ModelScope.CUSTOMER if customer_id else ModelScope.GLOBAL
+    with _model_store(settings) as store, _registry_errors():
+        result = store.promote(
+            scope, customer_id, version, force=force, now=datetime.now(UTC), actor="cli", reason=reason
+        )
+    replaced = f" (replacing {result.previous_version})" if result.previous_version else ""
+    if customer_id:
+        summary = f"promoted {version} for customer {customer_id}{replaced}"
+    elif result.model is not None:
+        summary = (
+            f"promoted run {version}: global model{replaced} and {result.customer_models} customer models"
+        )
+    else:
+        summary = f"promoted run {version}: {result.customer_models} customer models (no global model)"
+    if result.overridden:
+        summary += f"; forced over: {result.overridden}"
+    click.echo(summary)
+
+
+@models.command("rollback")
+@click.option("--customer", "customer_id", default="", help="Roll back this customer's model only.")
+@click.option(
+    "--version",
+    default="",
+    help="The training run to roll back (default: the active global model's), e.g. a customer-only run.",
+)
+@click.option("--reason", required=True, help="Why; kept in the audit log.")
+@click.pass_obj
+def models_rollback(settings: Settings, customer_id: str, version: str, reason: str) -> None:
+    """Roll back a training run (or one customer's model) to the models it replaced.
+
+    Customer models that replaced nothing are retired: those customers are scored by the global model.
+    """
+    from datetime import UTC, datetime
+
+    from posguard_server.domain.risk import ModelScope
+
+    scope = ModelScope.CUSTOMER if customer_id else ModelScope.GLOBAL
+    with _model_store(settings) as store, _registry_errors():
+        result = store.rollback(
+            scope, customer_id, version=version, now=datetime.now(UTC), actor="cli", reason=reason
+        )
+    restored = f"back to {result.model.version}" if result.model is not None else "global model unchanged"
+    if customer_id:
+        click.echo(f"rolled back {result.rolled_back_version} for customer {customer_id}: {restored}")
+        return
+    click.echo(
+        f"rolled back run {result.rolled_back_version}: {restored}; "
+        f"{result.customer_models_restored} customer models restored, "
+        f"{result.customer_models_retired} retired (scored by the global model)"
+    )
+
+
+@models.command("shadow")
+@click.argument("version", required=False, default="")
+@click.option("--clear", is_flag=True, help="Stop shadow scoring; the run becomes a candidate again.")
+@click.option("--reason", required=True, help="Why; kept in the audit log.")
+@click.pass_obj
+def models_shadow(settings: Settings, version: str, clear: bool, reason: str) -> None:
+    """Run the candidate run VERSION in shadow: servers score with it too, answer with the active models.
+
+    One run is in shadow at a time; its stored scores show in `posguard-server report --version VERSION`.
+    """
+    from datetime import UTC, datetime
+
+    if clear == bool(version):
+        raise click.UsageError("give a VERSION to put in shadow, or --clear")
+    with _model_store(settings) as store, _registry_errors():
+        if clear:
+            count = store.clear_shadow(now=datetime.now(UTC), actor="cli", reason=reason)
+            click.echo(f"shadow cleared: {count} models are candidates again")
+            return
+        count = store.set_shadow(version, now=datetime.now(UTC), actor="cli", reason=reason)
+    click.echo(f"run {version} is in shadow ({count} models)")
+
+
 # -- data path: import, train, evaluate ---------------------------------------------------------------
 
 
@@ -657,3 +844,214 @@ def evaluate(
             f"{seed.scored} scored, {seed.refused} refused; "
             + ", ".join(f"{k} {v:.0f}s" for k, v in seed.seconds.items())
         )
+
+
+# -- retraining -----------------------------------------------------------------------------------------
+
+
+def _customer_list(value: str) -> frozenset[str] | None:
+    names = frozenset(part.strip() for part in value.split(",") if part.strip())
+    return names or None
+
+
+@main.command()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--all",
+    "everyone",
+    is_flag=True,
+    help="Retrain every customer with enough history, and the global model.",
+)
+@click.option(
+    "--customers", default="", help="Comma-separated customer ids: retrain only these (no global model)."
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="Count new history from this UTC date instead of from each model's training window end.",
+)
+@click.option(
+    "--min-new",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="New transactions a customer needs since its model to be retrained.",
+)
+@click.option(
+    "--global-change",
+    type=click.FloatRange(min=0),
+    default=0.10,
+    show_default=True,
+    help="Retrain the global model when the rows since its window reach this share of its sample count.",
+)
+@click.option(
+    "--holdout-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="The latest days of history, kept out of training to compare candidate and active models on.",
+)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@click.option("--dask-scheduler", default=None, help="Fit on this Dask cluster (e.g. tcp://host:8786).")
+@click.option("--promote/--no-promote", default=True, show_default=True, help="Promote when not worse.")
+@click.option("--force", is_flag=True, help="Promote whatever the comparison says (recorded as forced).")
+@click.option("--shadow", is_flag=True, help="Run the candidate in shadow instead of promoting it.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write the evaluation report (index.html and PNG plots) into this folder.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_training_options
+@click.pass_obj
+def retrain(
+    settings: Settings,
+    /,
+    seed: int,
+    everyone: bool,
+    customers: str,
+    since: Any,
+    min_new: int,
+    global_change: float,
+    holdout_days: float,
+    jobs: int,
+    dask_scheduler: str | None,
+    promote: bool,
+    force: bool,
+    shadow: bool,
+    report_dir: Path | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Retrain what has new history, compare with the active models, and promote when not worse.
+
+    Incremental by default: customers without a model or with --min-new new transactions since theirs,
+    and the global model when the population grew by --global-change. Re-running with nothing new trains
+    nothing.
+    """
+    from datetime import UTC
+
+    from tqdm import tqdm
+
+    from posguard_server.pipeline.report import write_report
+    from posguard_server.pipeline.retrain import PromotionMode, RetrainOptions
+    from posguard_server.pipeline.retrain import retrain as run_retrain
+
+    if sum((force, shadow, not promote)) > 1:
+        raise click.UsageError("choose one of --force, --shadow and --no-promote")
+    promotion = (
+        PromotionMode.FORCE
+        if force
+        else PromotionMode.SHADOW
+        if shadow
+        else PromotionMode.AUTO
+        if promote
+        else PromotionMode.NEVER
+    )
+    options = RetrainOptions(
+        config=_training_config(seed, flags),
+        everyone=everyone,
+        customers=_customer_list(customers),
+        since=since.replace(tzinfo=UTC) if since is not None else None,
+        min_new=min_new,
+        global_change=global_change,
+        holdout_days=holdout_days,
+        jobs=jobs,
+        dask_scheduler=dask_scheduler,
+        promotion=promotion,
+    )
+
+    def bar(total: int) -> Any:
+        # Rate and ETA on a terminal; nothing in a nightly job's log file.
+        return tqdm(total=total, unit="model", desc="customer models", file=sys.stderr, disable=None)
+
+    with _risk_parts(settings) as (risk, _):
+        try:
+            result = run_retrain(risk, options, progress=bar)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+        written = None
+        if report_dir is not None and result.evaluation is not None and len(result.evaluation.candidate):
+            shadow_scores = _shadow_scores(risk, result.version)
+            written = write_report(
+                result.evaluation.report(
+                    result.version,
+                    review=settings.risk_review_threshold,
+                    decline=settings.risk_decline_threshold,
+                    summary=result.summary(),
+                    shadow=shadow_scores,
+                ),
+                report_dir,
+            )
+    if as_json:
+        out: dict[str, Any] = dict(result.summary())
+        out["metrics"] = result.evaluation.metrics if result.evaluation is not None else {}
+        click.echo(json.dumps(out))
+    else:
+        width = max(len(name) for name, _ in result.summary())
+        for name, value in result.summary():
+            click.echo(f"{name:<{width}}  {value}")
+    if written is not None:
+        click.echo(f"report: {written.html}")
+
+
+def _shadow_scores(risk: Any, version: str) -> Any:
+    """The live scores of a run in shadow, for the report (None when it never ran in shadow)."""
+    import numpy as np
+
+    from posguard_server.pipeline.report import ShadowScores
+
+    pairs = risk.shadow_pairs(version)
+    if not pairs.transaction_ids:
+        return None
+    return ShadowScores(
+        version=version,
+        active_risk=np.array(pairs.active_scores, dtype=np.float64),
+        shadow_risk=np.array(pairs.shadow_scores, dtype=np.float64),
+        fraud=np.array(pairs.fraud, dtype=np.bool_),
+    )
+
+
+@main.command()
+@click.option("--version", default="", help="The training run (default: the newest registered one).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for index.html and the PNG plots.",
+)
+@click.pass_obj
+def report(settings: Settings, version: str, out_dir: Path) -> None:
+    """Write the evaluation report of a training run against the active models (HTML and PNG plots).
+
+    Scores the run's held-out window again with the run's models and with the models active now; a run in
+    shadow also shows the live scores servers stored for it.
+    """
+    from posguard_server.pipeline.report import write_report
+    from posguard_server.pipeline.retrain import evaluate_run
+
+    with _risk_parts(settings) as (risk, _):
+        if not version:
+            newest, _cursor = risk.list_models(limit=1)
+            if not newest:
+                raise click.ClickException("no model is registered yet: run posguard-server retrain first")
+            version = newest[0].version
+        try:
+            evaluated = evaluate_run(risk, version)
+            written = write_report(
+                evaluated.report(
+                    version,
+                    review=settings.risk_review_threshold,
+                    decline=settings.risk_decline_threshold,
+                    summary=[("version", version)],
+                    shadow=_shadow_scores(risk, version),
+                ),
+                out_dir,
+            )
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+    click.echo(f"report: {written.html}")

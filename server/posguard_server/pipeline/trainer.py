@@ -7,12 +7,14 @@ half of the new customer models.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 
+from posguard_models.model import GlobalModel
+from posguard_models.retraining import CustomerFit
 from posguard_models.training import History, Trained, TrainingConfig, train
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.risk import ModelScope, NewModel, Outcome
@@ -66,39 +68,70 @@ def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: bool, actor: str) -> None:
+def run_models(
+    version: str,
+    *,
+    global_model: GlobalModel | None,
+    global_window: tuple[float, float],
+    global_samples: int,
+    global_metrics: Mapping[str, float],
+    customers: Sequence[CustomerFit],
+    customer_metrics: Mapping[str, float],
+) -> list[NewModel]:
+    """The registry rows of one training run: its global model (if it trained one) and its customer models."""
     now = datetime.now(UTC)
-    models = [
-        NewModel(
-            scope=ModelScope.GLOBAL,
-            customer_id="",
-            version=version,
-            created_at=now,
-            training_window_start=_utc(trained.window_start),
-            training_window_end=_utc(trained.window_end),
-            sample_count=trained.sample_count,
-            metrics=trained.metrics,
-            artifact=trained.global_model.to_bytes(),
+    models: list[NewModel] = []
+    if global_model is not None:
+        models.append(
+            NewModel(
+                scope=ModelScope.GLOBAL,
+                customer_id="",
+                version=version,
+                created_at=now,
+                training_window_start=_utc(global_window[0]),
+                training_window_end=_utc(global_window[1]),
+                sample_count=global_samples,
+                metrics=global_metrics,
+                artifact=global_model.to_bytes(),
+            )
         )
-    ]
     models += [
         NewModel(
             scope=ModelScope.CUSTOMER,
-            customer_id=model.customer,
+            customer_id=fit.customer,
             version=version,
             created_at=now,
-            training_window_start=_utc(model.window_start),
-            training_window_end=_utc(model.window_end),
-            sample_count=model.sample_count,
-            metrics={},
-            artifact=model.forest.to_bytes(),
+            training_window_start=_utc(fit.window_start),
+            training_window_end=_utc(fit.window_end),
+            sample_count=fit.sample_count,
+            metrics=customer_metrics,
+            artifact=fit.artifact,
         )
-        for model in trained.customer_models
+        for fit in customers
     ]
+    return models
+
+
+def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: bool, actor: str) -> None:
+    models = run_models(
+        version,
+        global_model=trained.global_model,
+        global_window=(trained.window_start, trained.window_end),
+        global_samples=trained.sample_count,
+        global_metrics=trained.metrics,
+        customers=[
+            CustomerFit(m.customer, m.forest.to_bytes(), m.sample_count, m.window_start, m.window_end)
+            for m in trained.customer_models
+        ],
+        customer_metrics={},
+    )
     store.add_models(models)
     if activate:
         store.activate_many(
-            [(m.scope, m.customer_id, m.version) for m in models], now=now, actor=actor, reason="trained"
+            [(m.scope, m.customer_id, m.version) for m in models],
+            now=models[0].created_at,
+            actor=actor,
+            reason="trained",
         )
 
 
