@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from posguard_models.forest import CompiledForest, _largest_float32_at_most
+from posguard_models.forest import FORMAT, CompiledForest, _largest_float32_at_most
 
 N_FEATURES = 8
 # Columns at very different scales, one of small integers (many ties) and one constant.
@@ -82,12 +82,59 @@ def sklearn_scores(model: IsolationForest, rows: Array) -> Array:
     return scores
 
 
+def v1_artifact(model: IsolationForest) -> bytes:
+    """The format-1 artifact that CompiledForest.to_bytes wrote for this model before format 2.
+
+    Built here from scikit-learn's arrays, as the format-1 compiler did (the bytes were checked to be the
+    same), because databases still hold such artifacts and the loader must keep reading them.
+    """
+    n_features = model.n_features_in_
+    names = ("left", "right", "feature", "threshold", "missing_left", "depth", "n_node_samples")
+    columns: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in names}
+    offsets = [0]
+    for estimator, features in zip(model.estimators_, model.estimators_features_, strict=True):
+        tree = estimator.tree_
+        leaf = tree.children_left == -1
+        base = offsets[-1]
+        local = tree.feature
+        used = local if len(features) == n_features else np.asarray(features)[np.where(leaf, 0, local)]
+        columns["left"].append(np.where(leaf, -1, tree.children_left + base))
+        columns["right"].append(np.where(leaf, -1, tree.children_right + base))
+        columns["feature"].append(np.where(leaf, -1, used))
+        columns["threshold"].append(np.where(leaf, np.float32(0), _largest_float32_at_most(tree.threshold)))
+        columns["missing_left"].append(tree.missing_go_to_left.astype(np.bool_) & ~leaf)
+        columns["depth"].append(np.where(leaf, tree.compute_node_depths() - 1, 0))
+        columns["n_node_samples"].append(np.where(leaf, tree.n_node_samples, 0))
+        offsets.append(base + tree.node_count)
+    meta = {
+        "format": FORMAT,
+        "format_version": 1,
+        "n_features": int(n_features),
+        "n_estimators": len(model.estimators_),
+        "max_samples": int(model.max_samples_),
+        "offset": float(model.offset_),
+    }
+    dtypes = {"threshold": np.float32, "missing_left": np.bool_, "depth": np.uint8}
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
+        tree_offsets=np.array(offsets, dtype=np.int32),
+        **{name: np.concatenate(columns[name]).astype(dtypes.get(name, np.int32)) for name in names},
+    )
+    return buffer.getvalue()
+
+
 def assert_parity(model: IsolationForest, forest: CompiledForest, rows: Array) -> None:
     expected = sklearn_scores(model, rows)
     batch = forest.score_samples(rows)
-    one_by_one = np.array([forest.score_one(row) for row in rows])
     assert batch.dtype == np.float64
     assert np.max(np.abs(batch - expected)) <= TOLERANCE
+    # What servers score with: the artifact read back, as written now (format 2) and as stored before (1).
+    loaded = CompiledForest.from_bytes(forest.to_bytes())
+    assert np.array_equal(loaded.score_samples(rows), batch)
+    assert np.array_equal(CompiledForest.from_bytes(v1_artifact(model)).score_samples(rows), batch)
+    one_by_one = np.array([loaded.score_one(row) for row in rows])
     assert np.max(np.abs(one_by_one - expected)) <= TOLERANCE
 
 
@@ -226,7 +273,27 @@ def test_round_trip_is_bit_identical_and_pickle_free(
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         assert all(archive[name].dtype != object for name in archive.files)
         meta = json.loads(archive["meta"].tobytes())
-    assert meta["n_estimators"] == forest.n_estimators
+    assert (meta["format_version"], meta["n_estimators"]) == (2, forest.n_estimators)
+
+
+def test_version_1_artifacts_load_as_the_same_forest() -> None:
+    # Databases hold format-1 artifacts: read back, they give the very forest that compiling gives now,
+    # down to the bytes it writes, so re-saving a stored model changes nothing but its size.
+    rng = np.random.default_rng(8)
+    data = training_data(rng, 600)
+    data[rng.random(data.shape) < 0.05] = np.nan
+    probe = probe_rows(IsolationForest(n_estimators=5, random_state=8).fit(data), rng)
+    for max_features, bootstrap in ((1.0, False), (0.5, True), (1, False)):
+        model = IsolationForest(
+            n_estimators=30, max_samples=128, max_features=max_features, bootstrap=bootstrap, random_state=8
+        ).fit(data)
+        compiled = CompiledForest.from_sklearn(model)
+        old = v1_artifact(model)
+        loaded = CompiledForest.from_bytes(old)
+        assert loaded.to_bytes() == compiled.to_bytes()
+        assert len(compiled.to_bytes()) < len(old) / 2
+        assert np.array_equal(loaded.score_samples(probe), sklearn_scores(model, probe))
+        assert (loaded.n_estimators, loaded.max_samples, loaded.offset) == (30, 128, model.offset_)
 
 
 def rewritten(data: bytes, **changes: Any) -> bytes:
@@ -248,11 +315,12 @@ def with_meta(data: bytes, **changes: Any) -> bytes:
     return rewritten(data, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
 
+@pytest.mark.parametrize("version", [2, 1])
 def test_corrupt_and_truncated_artifacts_raise_value_error(
-    model_and_forest: tuple[IsolationForest, CompiledForest],
+    model_and_forest: tuple[IsolationForest, CompiledForest], version: int
 ) -> None:
-    _, forest = model_and_forest
-    data = forest.to_bytes()
+    model, forest = model_and_forest
+    data = forest.to_bytes() if version == 2 else v1_artifact(model)
     rng = np.random.default_rng(4)
     for cut in [0, 1, 4, 30, 100, len(data) // 2, len(data) - 22, len(data) - 1]:
         with pytest.raises(ValueError, match="invalid compiled forest"):
@@ -278,11 +346,12 @@ def test_corrupt_and_truncated_artifacts_raise_value_error(
         CompiledForest.from_bytes(npy.getvalue())
 
 
-def test_inconsistent_artifacts_raise_value_error(
+def test_inconsistent_version_1_artifacts_raise_value_error(
     model_and_forest: tuple[IsolationForest, CompiledForest],
 ) -> None:
-    _, forest = model_and_forest
-    data = forest.to_bytes()
+    # Format 2's own cases are in test_forest_compact.py.
+    model, _ = model_and_forest
+    data = v1_artifact(model)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         left = archive["left"]
         right = archive["right"]
@@ -312,6 +381,7 @@ def test_inconsistent_artifacts_raise_value_error(
         "tree_offsets": rewritten(data, tree_offsets=offsets[:-1]),
         "rise strictly": rewritten(data, tree_offsets=patched(offsets, 1, offsets[2])),
         "format_version": with_meta(data, format_version=99),
+        "expected 1 or 2": with_meta(data, format_version=True),
         "n_features": with_meta(data, n_features=True),
         "offset": with_meta(data, offset="x"),
         "UTF-8 JSON": rewritten(data, meta=np.frombuffer(b"\xff{", dtype=np.uint8)),
