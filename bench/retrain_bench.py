@@ -5,11 +5,13 @@
 Builds the training jobs ``posguard-server retrain`` builds (each customer's usable feature rows, the default
 training configuration) for the first ``--customers`` customers with enough history in ``--data`` (default:
 the handbook development file when it is beside the repository, else the test sample), then times the fitting
-stage (fit, compile, serialise, return the artifact) three ways in the same run: one process; a joblib process
-pool of ``--workers``; a local Dask cluster of ``--workers`` single-process workers started as separate
+stage (fit, compile, serialise, return the artifact) in the same run: as a baseline, scikit-learn's
+``IsolationForest`` ensemble in one process; then posguard's fit in one process, on a joblib process pool of
+``--workers``, and on a local Dask cluster of ``--workers`` single-process workers started as separate
 processes (after one warm-up pass, so workers have imported the libraries). Reports the median of
-``--repeats`` passes of each as models per second, the ratio to one process, and the artifact size per
-customer model; and checks that every way produced the same forests.
+``--repeats`` passes of each as models per second, the ratio to posguard's fit in one process, and the
+artifact size per customer model; and checks that every way, the baseline included, produced the same
+forests.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from sklearn.ensemble import IsolationForest
 
 from posguard_models.features import batch_features
 from posguard_models.forest import CompiledForest
@@ -85,9 +88,23 @@ def main() -> None:
     probe = np.vstack([job.X[:5] for job in jobs[:50]])
     print(f"{len(jobs)} customers of {args.data.name}, {sum(len(j.X) for j in jobs):,} training rows")
 
+    def ensemble_fits() -> list[CustomerFit]:
+        """The baseline: scikit-learn's IsolationForest object, compiled and serialised the same way."""
+        out = []
+        for job in jobs:
+            model = IsolationForest(
+                n_estimators=config.customer_estimators,
+                max_samples=min(config.max_samples, len(job.X)),
+                random_state=config.seed,
+            ).fit(job.X)
+            artifact = CompiledForest.from_sklearn(model).to_bytes()
+            out.append(CustomerFit(job.customer, artifact, len(job.X), job.times[0], job.times[-1]))
+        return out
+
     serial = RetrainOptions(config=config)
     pooled = RetrainOptions(config=config, jobs=args.workers)
     results: list[tuple[str, float, list[CustomerFit]]] = []
+    results.append(("one process, IsolationForest ensemble", *timed(ensemble_fits, args.repeats)))
     results.append(("one process", *timed(lambda: fit_jobs(jobs, serial), args.repeats)))
     fit_jobs(jobs[: 4 * args.workers], pooled)  # start the pool's processes before timing
     pool_name = f"joblib, {args.workers} processes"
@@ -99,8 +116,8 @@ def main() -> None:
             (f"Dask, {args.workers} workers", *timed(lambda: fit_jobs(jobs, on_dask), args.repeats))
         )
 
-    base = results[0][1]
-    sizes = [len(f.artifact) for f in results[0][2]]
+    base = results[1][1]
+    sizes = [len(f.artifact) for f in results[1][2]]
     print()
     print("| how | median seconds | models / s | vs one process |")
     print("|---|---|---|---|")
@@ -111,7 +128,7 @@ def main() -> None:
         f"artifact bytes per customer model: median {int(np.median(sizes)):,}, max {max(sizes):,} "
         f"({config.customer_estimators} trees, max_samples {config.max_samples})"
     )
-    agree = all(same_forests(results[0][2], fits, probe) for _, _, fits in results[1:])
+    agree = all(same_forests(results[1][2], fits, probe) for _, _, fits in results)
     print("every way produced the same forests:", "yes" if agree else "NO")
 
 
