@@ -357,12 +357,10 @@ def _global_decision(
         return False, "only the customers asked for"
     new = int((history.times[usable] > active.training_window_end.timestamp()).sum())
     share = new / max(1, active.sample_count)
+    growth = f"{new} new transactions, {share:.0%} of its {active.sample_count}"
     if share >= options.global_change:
-        return True, f"{new} new transactions, {share:.0%} of its {active.sample_count}"
-    return (
-        False,
-        f"{new} new transactions, {share:.0%} of its {active.sample_count} (< {options.global_change:.0%})",
-    )
+        return True, growth
+    return False, f"{growth}, under {options.global_change:.0%}"
 
 
 # -- fitting, here or elsewhere -------------------------------------------------------------------------
@@ -414,7 +412,11 @@ def _fitted_chunks(chunks: list[list[CustomerJob]], options: RetrainOptions) -> 
 def _dask_chunks(chunks: list[list[CustomerJob]], config: TrainingConfig, address: str) -> Iterator[Any]:
     from distributed import Client, as_completed
 
-    with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
+    try:
+        client = Client(address, timeout="30s")  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError) as error:
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: {error}") from error
+    with client:
         # Chunks are plain data and fit_customers is pure: a chunk whose worker died is run again elsewhere
         # (the scheduler's allowed-failures), and nothing is written until every chunk is back here.
         futures = [client.submit(fit_customers, chunk, config, pure=False, retries=2) for chunk in chunks]
