@@ -272,10 +272,16 @@ async def stream_window(
 
         cpu = process.cpu_seconds()
         began = time.perf_counter()
-        async for _ in stream(items(), metadata=metadata, timeout=seconds + 60):
+        call = stream(items(), metadata=metadata, timeout=seconds + 60)
+        # Flow control lets the client queue far more than a slow server answers in the window: count the
+        # replies of the window and cancel the rest, or the window would last as long as the backlog.
+        async for _ in call:
             latencies.append(time.perf_counter() - sent[len(latencies)])
+            if time.perf_counter() >= stop:
+                break
         elapsed = time.perf_counter() - began
         cpu = process.cpu_seconds() - cpu
+        call.cancel()
     return _window(latencies, elapsed, cpu)
 
 

@@ -937,7 +937,7 @@ def retrain(
     from tqdm import tqdm
 
     from posguard_server.pipeline.report import write_report
-    from posguard_server.pipeline.retrain import PromotionMode, RetrainOptions
+    from posguard_server.pipeline.retrain import PromotionMode, RetrainOptions, live_shadow_scores
     from posguard_server.pipeline.retrain import retrain as run_retrain
 
     if sum((force, shadow, not promote)) > 1:
@@ -975,7 +975,7 @@ def retrain(
             raise click.ClickException(str(error)) from None
         written = None
         if report_dir is not None and result.evaluation is not None and len(result.evaluation.candidate):
-            shadow_scores = _shadow_scores(risk, result.version)
+            shadow_scores = live_shadow_scores(risk, result.version)
             written = write_report(
                 result.evaluation.report(
                     result.version,
@@ -998,23 +998,6 @@ def retrain(
         click.echo(f"report: {written.html}")
 
 
-def _shadow_scores(risk: Any, version: str) -> Any:
-    """The live scores of a run in shadow, for the report (None when it never ran in shadow)."""
-    import numpy as np
-
-    from posguard_server.pipeline.report import ShadowScores
-
-    pairs = risk.shadow_pairs(version)
-    if not pairs.transaction_ids:
-        return None
-    return ShadowScores(
-        version=version,
-        active_risk=np.array(pairs.active_scores, dtype=np.float64),
-        shadow_risk=np.array(pairs.shadow_scores, dtype=np.float64),
-        fraud=np.array(pairs.fraud, dtype=np.bool_),
-    )
-
-
 @main.command()
 @click.option("--version", default="", help="The training run (default: the newest registered one).")
 @click.option(
@@ -1032,7 +1015,7 @@ def report(settings: Settings, version: str, out_dir: Path) -> None:
     shadow also shows the live scores servers stored for it.
     """
     from posguard_server.pipeline.report import write_report
-    from posguard_server.pipeline.retrain import evaluate_run
+    from posguard_server.pipeline.retrain import evaluate_run, live_shadow_scores
 
     with _risk_parts(settings) as (risk, _):
         if not version:
@@ -1048,7 +1031,7 @@ def report(settings: Settings, version: str, out_dir: Path) -> None:
                     review=settings.risk_review_threshold,
                     decline=settings.risk_decline_threshold,
                     summary=[("version", version)],
-                    shadow=_shadow_scores(risk, version),
+                    shadow=live_shadow_scores(risk, version),
                 ),
                 out_dir,
             )

@@ -28,6 +28,8 @@ from posguard_models.training import TrainingConfig, train
 from posguard_server.domain.risk import ModelScope, ProfileSnapshot
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import CsvTransaction, Importer, read_outcomes, read_transactions
+from posguard_server.pipeline.report import write_report
+from posguard_server.pipeline.retrain import evaluate_run, live_shadow_scores
 from posguard_server.pipeline.trainer import load_history, register
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.migrate import upgrade
@@ -143,7 +145,7 @@ def _reloaded() -> None:
     time.sleep(3 * REFRESH_SECONDS)
 
 
-def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningServer) -> None:
+def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningServer, tmp_path: Path) -> None:
     rows = _import(running)
     store = SqlRiskStore(running.server.database)
     history = load_history(store)
@@ -183,6 +185,14 @@ def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningSer
         sum(a != s for a, s in zip(pairs.active_scores, pairs.shadow_scores, strict=True))
         > len(payments) // 2
     )
+    # The report of run 2 shows these live scores next to its offline comparison.
+    live = live_shadow_scores(store, "run-2")
+    assert live is not None
+    assert tuple(live.shadow_risk) == pairs.shadow_scores
+    report = evaluate_run(store, "run-2").report("run-2", review=0.99, decline=0.999, shadow=live)
+    files = write_report(report, tmp_path / "report")
+    assert (tmp_path / "report" / "shadow.png") in files.images
+    assert "run-2" in files.html.read_text()
     _rewind(running, "a", before)
 
     # B: nothing in shadow. The answers are exactly those given while run 2 was in shadow.

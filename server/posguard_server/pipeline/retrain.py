@@ -614,3 +614,16 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
         active,
         active_global.version if active_global else "",
     )
+
+
+def live_shadow_scores(store: SqlRiskStore, version: str) -> ShadowScores | None:
+    """What servers scored with a run while it was in shadow, for the report (None if it never was)."""
+    pairs = store.shadow_pairs(version)
+    if not pairs.transaction_ids:
+        return None
+    return ShadowScores(
+        version=version,
+        active_risk=np.array(pairs.active_scores, dtype=np.float64),
+        shadow_risk=np.array(pairs.shadow_scores, dtype=np.float64),
+        fraud=np.array(pairs.fraud, dtype=np.bool_),
+    )
