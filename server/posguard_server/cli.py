@@ -216,15 +216,21 @@ def audit() -> None:
 
 
 @contextmanager
-def _audit_store(settings: Settings) -> Iterator[Any]:
+def _store(settings: Settings, store_class: Callable[[Any], Any]) -> Iterator[Any]:
+    """A store on the configured database (migrated), disposed when the command is done."""
     from posguard_server.app import prepare_database
-    from posguard_server.store import SqlAuditStore
 
     database = prepare_database(settings)
     try:
-        yield SqlAuditStore(database)
+        yield store_class(database)
     finally:
         database.dispose()
+
+
+def _audit_store(settings: Settings) -> Any:
+    from posguard_server.store import SqlAuditStore
+
+    return _store(settings, SqlAuditStore)
 
 
 @audit.command("verify")
@@ -421,16 +427,10 @@ def models() -> None:
     """The model registry: list, promote and roll back training runs and customer models."""
 
 
-@contextmanager
-def _model_store(settings: Settings) -> Iterator[Any]:
-    from posguard_server.app import prepare_database
+def _model_store(settings: Settings) -> Any:
     from posguard_server.store.risk import SqlRiskStore
 
-    database = prepare_database(settings)
-    try:
-        yield SqlRiskStore(database)
-    finally:
-        database.dispose()
+    return _store(settings, SqlRiskStore)
 
 
 @contextmanager
