@@ -84,16 +84,20 @@ def blended_raw(
     history: History,
     X: npt.NDArray[np.float64],  # noqa: N803 - matrix
     rows: npt.NDArray[np.bool_],
-    models: ModelSet,
+    forest: CompiledForest,
+    customers: Mapping[str, CustomerForest],
+    n0: float,
 ) -> npt.NDArray[np.float64]:
-    """The blended anomaly score ``raw`` of the selected rows (NaN elsewhere), as ``GlobalModel.anomaly``."""
+    """The blended anomaly score ``raw`` of the selected rows (NaN elsewhere), as ``GlobalModel.anomaly``.
+
+    Takes the global forest rather than a whole global model: a retrain blends before its calibration exists.
+    """
     raw = np.full(len(X), np.nan)
     if not rows.any():
         return raw
-    raw[rows] = -models.global_model.forest.score_samples(X[rows])
-    n0 = models.global_model.combine_n0
+    raw[rows] = -forest.score_samples(X[rows])
     for start, end in customer_spans(history.customers):
-        own = models.customers.get(str(history.customers[start]))
+        own = customers.get(str(history.customers[start]))
         picked = np.flatnonzero(rows[start:end]) + start
         if own is None or len(picked) == 0:
             continue
@@ -113,7 +117,8 @@ def set_risk(
 
     ``counts`` caches the place counts per feedback window between calls on the same rows.
     """
-    raw = blended_raw(history, X, rows, models)[rows]
+    model = models.global_model
+    raw = blended_raw(history, X, rows, model.forest, models.customers, model.combine_n0)[rows]
     feedback = models.global_model.feedback
     if feedback is None:
         return models.global_model.risk_many(raw)

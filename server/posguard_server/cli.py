@@ -942,15 +942,13 @@ def retrain(
 
     if sum((force, shadow, not promote)) > 1:
         raise click.UsageError("choose one of --force, --shadow and --no-promote")
-    promotion = (
-        PromotionMode.FORCE
-        if force
-        else PromotionMode.SHADOW
-        if shadow
-        else PromotionMode.AUTO
-        if promote
-        else PromotionMode.NEVER
-    )
+    promotion = PromotionMode.AUTO
+    if force:
+        promotion = PromotionMode.FORCE
+    elif shadow:
+        promotion = PromotionMode.SHADOW
+    elif not promote:
+        promotion = PromotionMode.NEVER
     options = RetrainOptions(
         config=_training_config(seed, flags),
         everyone=everyone,

@@ -63,11 +63,11 @@ def _active_versions(store: SqlRiskStore) -> dict[tuple[ModelScope, str], str]:
 
 
 def _forests(store: SqlRiskStore, version: str) -> dict[str, CompiledForest]:
-    models, _ = store.list_models(limit=1000)
+    models, _ = store.list_models(version=version, limit=1000)
     return {
         m.customer_id: CompiledForest.from_bytes(store.get_model(m.scope, m.customer_id, version).artifact)  # type: ignore[union-attr,arg-type]
         for m in models
-        if m.version == version and m.scope is ModelScope.CUSTOMER
+        if m.scope is ModelScope.CUSTOMER
     }
 
 
@@ -152,6 +152,10 @@ def test_all_and_customers_override_the_incremental_choice(store: SqlRiskStore) 
     everyone = _run(store, everyone=True, promotion=PromotionMode.NEVER)
     assert everyone.trained == 30
     assert everyone.global_trained
+    # Three runs are registered now; a run's models are found by its version alone.
+    run, more = store.list_models(version=picked.version, limit=100)
+    assert more is None
+    assert sorted(m.customer_id for m in run) == sorted(some)
 
 
 def test_joblib_processes_give_the_same_models_as_one_process(store: SqlRiskStore) -> None:

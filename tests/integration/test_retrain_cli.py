@@ -36,6 +36,10 @@ def test_nightly_retrain_report_and_shadow_from_the_command_line(cli: Cli, tmp_p
     assert version in html
     assert {p.name for p in _pngs(tmp_path / "first")} >= {"score_distribution.png", "roc.png"}
 
+    both = cli(*data, "retrain", "--force", "--shadow")
+    assert both.returncode == 2
+    assert "choose one of --force, --shadow and --no-promote" in both.stderr
+
     again = cli(*data, "retrain", *SMALL, "--json", timeout=180)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)

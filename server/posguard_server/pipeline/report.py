@@ -31,6 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+from scipy.stats import spearmanr
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from posguard_models.evaluation import ALERT_RATE, Detection, detection
@@ -287,25 +288,11 @@ def _decision_changes(shadow: ShadowScores, review: float, decline: float) -> np
     return np.bincount(before * 3 + after, minlength=9).reshape(3, 3)
 
 
-def _average_ranks(values: FloatArray) -> FloatArray:
-    """Ranks from 1, ties sharing their mean rank (what Spearman's coefficient is defined on)."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
 def _spearman(a: FloatArray, b: FloatArray) -> float | None:
     """Rank correlation of two scorings of the same rows; None when one of them ranks nothing (constant)."""
-    if len(a) < 2:
+    if len(a) < 2 or np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
         return None
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    if ra.std() == 0.0 or rb.std() == 0.0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def _top_overlap(a: FloatArray, b: FloatArray, share: float) -> float:

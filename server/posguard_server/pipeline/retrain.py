@@ -261,8 +261,8 @@ def retrain(
     global_metrics: dict[str, float] = {}
     if retrain_global:
         forest = fit_global_forest(history, X, usable, options.config)
-        draft = ModelSet(_draft_global(forest, options.config), candidate_customers)
-        raw = blended_raw(history, X, np.ones(len(X), dtype=np.bool_), draft)
+        everything = np.ones(len(X), dtype=np.bool_)
+        raw = blended_raw(history, X, everything, forest, candidate_customers, options.config.combine_n0)
         candidate_global = global_model(
             history, X, usable, window, raw, forest, options.config, global_metrics
         )
@@ -447,21 +447,6 @@ def _active_set(active_global: ModelRecord | None, customers: dict[str, ModelRec
     return ModelSet(model, forests)
 
 
-def _draft_global(forest: CompiledForest, config: TrainingConfig) -> GlobalModel:
-    """Just enough of a global model to blend scores with, before its calibration exists."""
-    from posguard_models.model import Calibration
-
-    return GlobalModel(
-        forest=forest,
-        calibration=Calibration.fit([0.0]),
-        feature_quantiles=np.zeros((forest.n_features, 2)),
-        combine_n0=config.combine_n0,
-        customer_min_history=config.customer_min_history,
-        feedback=None,
-        meta={},
-    )
-
-
 def evaluate_sets(
     history: History,
     X: npt.NDArray[np.float64],  # noqa: N803 - matrix
@@ -573,11 +558,10 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
     retrained only some customers, is compared like for like). Without a stored window (a run of
     ``posguard-server train``), the last 7 days of history are used.
     """
-    models, cursor = store.list_models(limit=1000)
-    run: list[ModelRecord] = [m for m in models if m.version == version]
+    run, cursor = store.list_models(version=version, limit=1000)
     while cursor is not None:
-        models, cursor = store.list_models(limit=1000, after_id=cursor)
-        run += [m for m in models if m.version == version]
+        page, cursor = store.list_models(version=version, limit=1000, after_id=cursor)
+        run += page
     if not run:
         raise ValueError(f"no model has version {version}")
     metrics = run[0].metrics

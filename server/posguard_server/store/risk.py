@@ -261,6 +261,8 @@ class SqlRiskModel(Base):
             sqlite_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
             postgresql_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
         ),
+        # A training run is promoted, rolled back, put in shadow and reported on by its version.
+        Index("ix_risk_models_version", "version"),
         # Servers look for the shadow run on every reload; only the shadow run's rows are in this index.
         Index(
             "ix_risk_models_shadow_version",
@@ -1008,8 +1010,8 @@ class SqlRiskStore:
         Unless ``force``, a promotion ``promotion_refusal`` objects to is refused (FailedPrecondition
         CANDIDATE_NOT_BETTER), judged on the run's GLOBAL model's metrics, or a customer model's for a run
         without one and for CUSTOMER scope (a retrain stores the same run-level evaluation on every model of
-        the run), against the registry generation now, and on whether the scope has an active model (for a
-        run: the global slot; for a customer-only run: any of its customers' slots).
+        the run), against the latest activation in the registry, and on whether the scope has an active
+        model (for a run: the global slot; for a customer-only run: any of its customers' slots).
 
         NotFound when no model of the scope (and customer) has ``version``; FailedPrecondition
         MODEL_ALREADY_ACTIVE or MODEL_RETIRED when nothing of it is left to promote (or the run's GLOBAL
@@ -1240,6 +1242,7 @@ class SqlRiskStore:
         *,
         scope: ModelScope | None = None,
         customer_id: str = "",
+        version: str = "",
         active_only: bool = False,
         limit: int = 50,
         after_id: int | None = None,
@@ -1253,6 +1256,8 @@ class SqlRiskStore:
             query = query.where(_M.scope == scope.value)
         if customer_id:
             query = query.where(_M.customer_id == customer_id)
+        if version:
+            query = query.where(_M.version == version)
         if active_only:
             query = query.where(_M.status == ModelStatus.ACTIVE.value)
         if after_id is not None:

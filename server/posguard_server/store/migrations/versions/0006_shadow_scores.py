@@ -1,5 +1,5 @@
 """Shadow scoring: the shadow run's version and score next to each transaction scored while one was running,
-and an index that finds the run in shadow.
+an index that finds the run in shadow, and one that finds a training run's models by version.
 
 Revision ID: 0006
 Revises: 0005
@@ -29,6 +29,7 @@ def upgrade() -> None:
         sqlite_where=sa.text("shadow_version IS NOT NULL"),
         postgresql_where=sa.text("shadow_version IS NOT NULL"),
     )
+    op.create_index(op.f("ix_risk_models_version"), "risk_models", ["version"])
     op.create_index(
         op.f("ix_risk_models_shadow_version"),
         "risk_models",
@@ -40,6 +41,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index(op.f("ix_risk_models_shadow_version"), table_name="risk_models")
+    op.drop_index(op.f("ix_risk_models_version"), table_name="risk_models")
     op.drop_index(op.f("ix_risk_transactions_shadow_version"), table_name="risk_transactions")
     with op.batch_alter_table("risk_transactions") as batch:
         batch.drop_column("shadow_risk_score")
