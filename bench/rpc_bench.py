@@ -109,9 +109,9 @@ def _cli(settings: list[str], *args: str) -> str:
 
 
 @contextmanager
-def posguard(data_dir: Path, database_url: str | None) -> Iterator[tuple[Process, str]]:
-    """A trained posguard server (log level WARNING, no metrics) and a gateway key."""
-    settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled"]
+def posguard(data_dir: Path, database_url: str | None, *flags: str) -> Iterator[tuple[Process, str]]:
+    """A trained posguard server (log level WARNING, no metrics, ``flags`` added) and a gateway key."""
+    settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled", *flags]
     if database_url:
         settings += ["--database-url", database_url]
         _cli(settings, "db", "upgrade")

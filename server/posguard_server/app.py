@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -24,10 +26,18 @@ from posguard.v1 import (
 from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
 from posguard_server.api.customer_ids import CustomerIdsServicer
-from posguard_server.api.interceptors import AccessLogInterceptor, AuthInterceptor, ErrorInterceptor
+from posguard_server.api.enumeration import FailureGuard
+from posguard_server.api.interceptors import (
+    AccessLogInterceptor,
+    AdmissionInterceptor,
+    AuthInterceptor,
+    DecodeInterceptor,
+    ErrorInterceptor,
+)
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import build_risk_servicer
 from posguard_server.config import Settings
+from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.issuers import build_numbering
 from posguard_server.store import (
     Database,
@@ -119,8 +129,11 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_server(settings: Settings) -> tuple[PosguardServer, int]:
-    """Build the server (not started) and bind it; returns it with the port it listens on."""
+def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[PosguardServer, int]:
+    """Build the server (not started) and bind it; returns it with the port it listens on.
+
+    ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port (SO_REUSEPORT).
+    """
     numbering = build_numbering(settings)  # before the database: a bad key ring must not leave it open
     database = prepare_database(settings)
     keys = SqlApiKeyStore(database)
@@ -133,17 +146,29 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     metrics = Metrics()
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        # Without this, a second server on the same port would start silently and steal half the calls.
-        ("grpc.so_reuseport", 0),
+        # Off unless asked for: a second server started by mistake on the same port would otherwise start
+        # silently and steal half the calls.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = aio.server(
-        interceptors=[AccessLogInterceptor(metrics), ErrorInterceptor(), AuthInterceptor(authenticator)],
-        options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    interceptors = [
+        AdmissionInterceptor(settings.max_concurrent_rpcs, metrics),
+        AccessLogInterceptor(metrics),
+        ErrorInterceptor(),
+        AuthInterceptor(authenticator),
+        DecodeInterceptor(),
+    ]
+    server = aio.server(interceptors=interceptors, options=options)
+    # One guard for every RPC that verifies a number or redeems a code: failures count together per key.
+    guard = FailureGuard(
+        FailureLimit(settings.failure_limit, timedelta(seconds=settings.failure_window_seconds))
     )
-    customer_ids = CustomerIdsServicer(SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database))
+    customer_ids = CustomerIdsServicer(
+        SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database), guard
+    )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk_pb2_grpc.add_RiskServicer_to_server(build_risk_servicer(database, numbering, settings), server)
+    risk_pb2_grpc.add_RiskServicer_to_server(
+        build_risk_servicer(database, numbering, settings, metrics, guard), server
+    )
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, SqlRiskStore(database))
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()
@@ -163,11 +188,24 @@ def build_server(settings: Settings) -> tuple[PosguardServer, int]:
     return PosguardServer(settings, server, health_servicer, database, metrics), port
 
 
-async def _run(settings: Settings) -> None:
-    server, port = build_server(settings)
-    await server.start()
+def serving_line(settings: Settings, port: int) -> str:
+    """The line that says the service is up (scripts and tests read the port from it)."""
     host = settings.listen.rpartition(":")[0]
-    log.info("posguard serving on %s:%d (%s)", host, port, "TLS" if settings.tls_cert_file else "plaintext")
+    transport = "TLS" if settings.tls_cert_file else "plaintext"
+    workers = f", {settings.workers} workers" if settings.workers > 1 else ""
+    return f"posguard serving on {host}:{port} ({transport}{workers})"
+
+
+async def run_server(
+    settings: Settings, *, reuse_port: bool = False, serving: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT. ``serving(port)`` is told once the server is up (default: log it)."""
+    server, port = build_server(settings, reuse_port=reuse_port)
+    await server.start()
+    if serving is None:
+        log.info("%s", serving_line(settings, port))
+    else:
+        serving(port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -178,6 +216,14 @@ async def _run(settings: Settings) -> None:
     log.info("stopped")
 
 
-def serve(settings: Settings) -> None:
-    """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
-    asyncio.run(_run(settings))
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully; returns the exit status.
+
+    With ``settings.workers`` above 1, that many processes serve the one port (``posguard_server.workers``).
+    """
+    if settings.workers > 1:
+        from posguard_server.workers import serve_workers
+
+        return serve_workers(settings)
+    asyncio.run(run_server(settings))
+    return 0

@@ -22,6 +22,7 @@ import pydantic
 from pydantic import SecretStr
 
 from posguard_server.config import Settings
+from posguard_server.logs import configure_logging
 
 _FLAG_TYPES: dict[type, click.ParamType[Any]] = {
     int: click.INT,
@@ -54,17 +55,6 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level_number,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if settings.log_level != "DEBUG":
-        # Alembic narrates every migration step at INFO; operators need only our summary line.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @settings_options
 @click.pass_context
@@ -78,7 +68,7 @@ def main(ctx: click.Context, /, **flags: Any) -> None:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
         )
         raise click.UsageError(f"invalid settings: {problems}") from None
-    _configure_logging(settings)
+    configure_logging(settings.log_level_number, settings.log_format)
     ctx.obj = settings
 
 
@@ -90,11 +80,13 @@ def serve(settings: Settings) -> None:
     from posguard_server.app import serve as run
 
     try:
-        run(settings)
+        status = run(settings)
     except SchemaNotCurrentError as error:
         raise click.ClickException(str(error)) from None
     except ValueError as error:  # issuers file or key ring unusable; the message names the file, not keys
         raise click.ClickException(f"cannot start: {error}") from None
+    if status:
+        sys.exit(status)
 
 
 @main.group()
@@ -375,6 +367,9 @@ def audit_report(settings: Settings, dormant_days: int, top: int, as_json: bool)
         click.echo(f"\ncallers with failed verifications: {len(report.failing_callers)}")
         for caller, failures in report.failing_callers:
             click.echo(f"  {caller:<22}{failures:>8}")
+        click.echo(f"\ncallers refused for too many failures: {len(report.refused_callers)}")
+        for caller, times, refused_at in report.refused_callers:
+            click.echo(f"  {caller:<22}{times:>8}  last {refused_at.isoformat()}")
     if report.duplicates or report.one_keystroke_apart:
         sys.exit(1)
 
@@ -601,6 +596,65 @@ def models_shadow(settings: Settings, version: str, clear: bool, reason: str) ->
 
 
 # -- data path: import, train, evaluate ---------------------------------------------------------------
+
+
+# -- backup and restore ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _backup_errors() -> Iterator[None]:
+    """A refused backup or restore leaves as one line on stderr and exit status 1."""
+    from posguard_server.domain.errors import PosguardError
+    from posguard_server.pipeline.backup import BackupError
+
+    try:
+        yield
+    except BackupError as error:
+        raise click.ClickException(str(error)) from None
+    except PosguardError as error:  # the database is unreachable
+        raise click.ClickException(f"refused ({error.reason}): {error.message}") from None
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_obj
+def backup(settings: Settings, file: Path) -> None:
+    """Back up the database and the number key ring to FILE, a new file, while servers keep serving.
+
+    Every table is read from one consistent snapshot; model artifacts are in the database. FILE holds
+    secrets (the number keys, encrypted holder details, API key digests): it is written with mode 0600,
+    readable by its owner only. Keep it that way wherever it is copied.
+    """
+    from posguard_server.pipeline.backup import backup as run
+
+    with _backup_errors():
+        summary = run(settings, file)
+    versions = ", ".join(map(str, summary.key_versions)) or "none"
+    click.echo(
+        f"backup written to {summary.path} (mode 0600): {summary.rows} rows in {summary.tables} tables, "
+        f"schema {summary.schema_revision}, number key versions {versions}, {summary.seconds:.1f}s"
+    )
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def restore(settings: Settings, file: Path) -> None:
+    """Restore a backup made by `backup` into an EMPTY database and a fresh data directory.
+
+    The archive is checked first (checksums, row counts); a database that holds data, or a different
+    number key ring already in place, is refused and nothing is changed. The schema is brought to the
+    backup's revision, every table loaded in one transaction, then migrated to this release. Stop servers
+    of the target database while restoring.
+    """
+    from posguard_server.pipeline.backup import restore as run
+
+    with _backup_errors():
+        summary = run(settings, file)
+    click.echo(
+        f"restored {summary.rows} rows in {summary.tables} tables (schema {summary.schema_revision}, "
+        f"migrated to {summary.migrated_to}); number key ring {summary.key_ring}; {summary.seconds:.1f}s"
+    )
 
 
 @contextmanager
@@ -1036,3 +1090,97 @@ def report(settings: Settings, version: str, out_dir: Path) -> None:
         except ValueError as error:
             raise click.ClickException(str(error)) from None
     click.echo(f"report: {written.html}")
+
+
+# -- the demo -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    "demo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var") / "demo",
+    show_default=True,
+    help="Fresh data directory for the demo's database, keys, log and report (replaces a previous demo's).",
+)
+@click.option(
+    "--dataset",
+    default="handbook",
+    show_default=True,
+    help="handbook or sparkov (the development file in ../shared/data when there, else the sample in "
+    "tests/data), or the path of a labelled canonical transactions CSV.",
+)
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Use the first this many customers of the dataset (by reference).",
+)
+@click.option(
+    "--transactions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send at most this many of the day's transactions (default: all of them).",
+)
+@click.option(
+    "--day",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The day to play (default: the day of the later half with the most labelled fraud).",
+)
+@click.option(
+    "--labels/--no-labels",
+    default=True,
+    show_default=True,
+    help="Import the fraud labels known before the day (reported 7 days late) with the history.",
+)
+@click.option(
+    "--top", type=click.IntRange(min=1), default=5, show_default=True, help="Riskiest payments shown."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.pass_obj
+def demo(
+    settings: Settings,
+    /,
+    demo_dir: Path,
+    dataset: str,
+    customers: int,
+    transactions: int | None,
+    day: Any,
+    labels: bool,
+    top: int,
+    seed: int,
+) -> None:
+    """Play a payment gateway for one day against a real server, then show its decisions and reasons.
+
+    Starts `posguard-server serve` on a free loopback port with a fresh SQLite database in --data-dir (the
+    configured database, listen address and keys are not used; the risk thresholds are), imports the
+    dataset's history before the day, trains, sends the day's transactions through the Python client, and
+    prints the decisions against the dataset's fraud labels, the riskiest payments with their reasons, and the
+    path of the evaluation report it writes.
+    """
+    # The demo narrates on stdout; INFO lines of the parts it drives (from their import on) would only
+    # interleave with it.
+    if settings.log_level == "INFO":
+        logging.getLogger().setLevel(logging.WARNING)
+    from posguard_server.pipeline.demo import DemoError, DemoOptions, run_demo, summary_lines
+
+    options = DemoOptions(
+        data_dir=demo_dir,
+        dataset=dataset,
+        customers=customers,
+        transactions=transactions,
+        day=day.date() if day is not None else None,
+        labels=labels,
+        seed=seed,
+        review_threshold=settings.risk_review_threshold,
+        decline_threshold=settings.risk_decline_threshold,
+    )
+    try:
+        result = run_demo(options, click.echo)
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
+    for line in summary_lines(result, top=top):
+        click.echo(line)

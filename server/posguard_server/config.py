@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from posguard_server.logs import LOG_FORMATS
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -60,12 +62,41 @@ class Settings(BaseSettings):
         ),
     ] = None
     log_level: Annotated[str, Field(description="DEBUG, INFO, WARNING or ERROR.")] = "INFO"
+    log_format: Annotated[
+        str, Field(description="json (one object per line, for log collectors) or text (for people).")
+    ] = "json"
     grace_period: Annotated[
         float, Field(gt=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
     ] = 10.0
+    workers: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="Server processes sharing the listen port (SO_REUSEPORT); each has its own "
+            "database pool, caches and max_concurrent_rpcs, and worker i serves metrics on metrics_port + i.",
+        ),
+    ] = 1
     max_concurrent_rpcs: Annotated[
-        int, Field(gt=0, description="Calls in progress beyond which new ones get RESOURCE_EXHAUSTED.")
-    ] = 1000
+        int,
+        Field(
+            gt=0,
+            description="Calls in progress (per process; a stream counts as one) beyond which new ones get "
+            "RESOURCE_EXHAUSTED at once; size it as calls per second × latency budget.",
+        ),
+    ] = 64
+    failure_limit: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Verifications of never-issued numbers or redemptions of unknown codes (guesses) one "
+            "API key may make per failure_window_seconds before it is refused with RESOURCE_EXHAUSTED "
+            "(0: no limit).",
+        ),
+    ] = 100
+    failure_window_seconds: Annotated[
+        float, Field(gt=0, description="The window failure_limit counts in, in seconds.")
+    ] = 60.0
     auth_cache_seconds: Annotated[
         float,
         Field(ge=0, description="How long a verified API key is trusted before the database is asked again."),
@@ -102,6 +133,13 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value.lower() not in LOG_FORMATS:
+            raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+        return value.lower()
 
     @field_validator("listen")
     @classmethod

@@ -17,6 +17,7 @@ from grpc import aio
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
+from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
@@ -60,10 +61,17 @@ def _now() -> datetime:
 
 
 class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsServicer):
-    def __init__(self, store: SqlCustomerStore, numbering: Numbering, dynamic: SqlDynamicCodeStore) -> None:
+    def __init__(
+        self,
+        store: SqlCustomerStore,
+        numbering: Numbering,
+        dynamic: SqlDynamicCodeStore,
+        guard: FailureGuard,
+    ) -> None:
         self._store = store
         self._numbering = numbering
         self._dynamic = dynamic
+        self._guard = guard
         self._holders = HolderCipher(dict(numbering.keys.keys))
 
     # -- validation helpers ---------------------------------------------------------------------------
@@ -166,17 +174,17 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         )
         check.done()
         caller = current_principal().key_id
+        self._guard.check(caller, _now())
         recognised = self._numbering.recognise(request.number)
         if recognised.parsed is None:
             assert recognised.problem is not None
             reason = VERIFY_REASON[recognised.problem]
-            await asyncio.to_thread(
-                self._store.record_verification,
+            await self._record_verification(
                 request.number[:MAX_NUMBER_INPUT],
                 ok=False,
                 caller=caller,
                 reason=recognised.problem.name,
-                now=_now(),
+                guess=True,
             )
             return customer_ids_pb2.VerifyCustomerIdResponse(valid=False, reason=reason)
         number = recognised.parsed.number
@@ -184,14 +192,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         scheme = recognised.scheme
         assert scheme is not None
         if found is None:
-            await asyncio.to_thread(
-                self._store.record_verification,
-                number,
-                ok=False,
-                caller=caller,
-                reason="NOT_FOUND",
-                now=_now(),
-            )
+            await self._record_verification(number, ok=False, caller=caller, reason="NOT_FOUND", guess=True)
             return customer_ids_pb2.VerifyCustomerIdResponse(
                 valid=False,
                 reason=customer_ids_pb2.VERIFICATION_REASON_NOT_FOUND,
@@ -212,13 +213,8 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             if reason == customer_ids_pb2.VERIFICATION_REASON_OK and outside:
                 reason = customer_ids_pb2.VERIFICATION_REASON_OUT_OF_SCOPE
         ok = reason == customer_ids_pb2.VERIFICATION_REASON_OK
-        await asyncio.to_thread(
-            self._store.record_verification,
-            number,
-            ok=ok,
-            caller=caller,
-            reason=customer_ids_pb2.VerificationReason.Name(reason),
-            now=_now(),
+        await self._record_verification(
+            number, ok=ok, caller=caller, reason=customer_ids_pb2.VerificationReason.Name(reason)
         )
         return customer_ids_pb2.VerifyCustomerIdResponse(
             valid=ok,
@@ -232,6 +228,22 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             successor_number=stored.successor_number,
             primary_number=stored.primary_number,
         )
+
+    async def _record_verification(
+        self, number: str, *, ok: bool, caller: str, reason: str, guess: bool = False
+    ) -> None:
+        """Record the verification; a ``guess`` (not a number, or never issued) counts toward the caller's
+        failure limit. A suspended or revoked number is a real customer's, not a sign of enumeration."""
+        refused_until = await asyncio.to_thread(
+            self._store.record_verification,
+            number,
+            ok=ok,
+            caller=caller,
+            reason=reason,
+            now=_now(),
+            limit=self._guard.limit if guess else None,
+        )
+        self._guard.refuse(caller, refused_until)
 
     async def GetCustomer(
         self, request: customer_ids_pb2.GetCustomerRequest, context: Context

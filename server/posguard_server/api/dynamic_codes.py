@@ -18,6 +18,7 @@ from grpc import aio
 from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.api.convert import timestamp
+from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
@@ -34,6 +35,7 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import (
     Attempt,
+    RedemptionAnswer,
     Sealed,
     SqlDynamicCodeStore,
     StoredEnrollment,
@@ -64,12 +66,37 @@ def provisioning_uri(number: str, key_base32: str) -> str:
     )
 
 
+_GUESSES = frozenset({Reason.UNKNOWN_CODE, Reason.MALFORMED})
+
+
+async def count_refusal(
+    store: SqlCustomerStore,
+    guard: FailureGuard,
+    answer: RedemptionAnswer,
+    caller: str,
+    now: datetime,
+    method: str,
+) -> None:
+    """Count a redemption of a code that matches nothing against the caller's failure limit.
+
+    Only guesses count (an unknown or malformed code): an expired, already used or wrong customer's code
+    is a real customer's mistake, not enumeration. A replayed answer was counted the first time.
+    """
+    if answer.reason not in _GUESSES or answer.replayed or not guard.limit.enabled:
+        return
+    refused_until = await asyncio.to_thread(
+        store.record_caller_failure, caller, now=now, limit=guard.limit, method=method
+    )
+    guard.refuse(caller, refused_until)
+
+
 class DynamicCodesRpcs:
     """EnrollDynamicCodes, IssueDynamicCode and RedeemDynamicCode for the CustomerIds servicer."""
 
     _numbering: Numbering
     _store: SqlCustomerStore
     _dynamic: SqlDynamicCodeStore
+    _guard: FailureGuard
 
     @property
     def _secrets(self) -> SecretCipher:
@@ -189,6 +216,8 @@ class DynamicCodesRpcs:
             amount = (request.amount.amount_minor, request.amount.currency)
         check.done()
         now = _now()
+        caller = current_principal().key_id
+        self._guard.check(caller, now)
         cipher = self._secrets
         answer = await asyncio.to_thread(
             self._dynamic.redeem,
@@ -200,12 +229,13 @@ class DynamicCodesRpcs:
                 merchant_id=request.merchant_id,
                 terminal_id=request.terminal_id,
                 amount=amount,
-                actor=current_principal().key_id,
+                actor=caller,
             ),
             open_key=cipher.decrypt,
             now=now,
             now_step=time_step(now),
         )
+        await count_refusal(self._store, self._guard, answer, caller, now, "RedeemDynamicCode")
         return customer_ids_pb2.RedeemDynamicCodeResponse(
             redeemed=answer.reason is Reason.OK,
             reason=customer_ids_pb2.RedemptionReason.Value("REDEMPTION_REASON_" + answer.reason.name),

@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from posguard_server.domain.deadlines import current_deadline, latest_deadline
+
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
@@ -20,8 +22,10 @@ class GroupCommit(Generic[_Item, _Result]):
 
     ``run_batch`` returns one result or exception per item, in order; an exception it raises is every
     item's. ``workers`` batches may run at once (1 where the database has one writer). A caller that gives up
-    (its deadline passed) while its item waits takes the item out; once its batch has started, the item may
-    still be stored, exactly as a call whose answer was lost on the way back, and a retry replays it.
+    (its deadline passed) while its item waits takes the item out. A batch runs under the latest deadline of
+    its callers (``domain.deadlines``): it rolls back, writing nothing, only when every one of them has
+    given up. Otherwise an item whose caller left while its batch ran is stored whole, exactly as a call
+    whose answer was lost on the way back, and a retry replays it.
     """
 
     def __init__(
@@ -36,12 +40,12 @@ class GroupCommit(Generic[_Item, _Result]):
         self._run_batch = run_batch
         self._limit = limit
         self._workers = workers
-        self._pending: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        self._pending: list[tuple[_Item, float | None, asyncio.Future[_Result]]] = []
         self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: _Item) -> _Result:
         future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, current_deadline(), future))
         # Read done() now, not through a done-callback: callbacks run a loop turn late, and a worker that has
         # just finished would still be counted, leaving this item with nobody to run it.
         self._running = {task for task in self._running if not task.done()}
@@ -55,20 +59,26 @@ class GroupCommit(Generic[_Item, _Result]):
             batch = self._pending[: self._limit]
             del self._pending[: self._limit]
             # A caller that gave up while queued (its deadline passed) is dropped before anything is written.
-            batch = [(item, future) for item, future in batch if not future.done()]
+            batch = [entry for entry in batch if not entry[2].done()]
             if not batch:
                 continue
             results: Sequence[_Result | Exception]
             try:
-                results = await asyncio.to_thread(self._run_batch, [item for item, _ in batch])
+                results = await asyncio.to_thread(
+                    self._run, [item for item, _, _ in batch], [deadline for _, deadline, _ in batch]
+                )
                 if len(results) != len(batch):
                     raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
             except Exception as error:
                 results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _run(self, items: list[_Item], deadlines: list[float | None]) -> Sequence[_Result | Exception]:
+        with latest_deadline(deadlines):
+            return self._run_batch(items)

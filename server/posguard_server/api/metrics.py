@@ -6,12 +6,14 @@ import logging
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
 # Buckets around a payment authorisation budget: sub-millisecond to a few hundred milliseconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Scores are calibrated so 1 - score is an alert rate: the interesting resolution is in the top percent.
+SCORE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 
 
 class Metrics:
@@ -30,11 +32,45 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.scores = Histogram(
+            "posguard_risk_score",
+            "risk_score of newly scored transactions (not replays), by model scope.",
+            ("scope",),
+            buckets=SCORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "posguard_risk_decisions",
+            "Newly scored transactions by decision and model scope.",
+            ("decision", "scope"),
+            registry=self.registry,
+        )
+        self.models = Counter(
+            "posguard_risk_model_scores",
+            "Newly scored transactions by the model (scope and version) that decided: the versions in use.",
+            ("scope", "version"),
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "posguard_rpc_in_progress", "Calls being served (health checks excepted).", registry=self.registry
+        )
+        self.shed = Counter(
+            "posguard_rpc_shed",
+            "Calls refused with RESOURCE_EXHAUSTED because the server was at capacity, by method.",
+            ("method",),
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.calls.labels(method, code).inc()
         self.latency.labels(method, code).observe(seconds)
+
+    def observe_score(self, score: float, decision: str, scope: str, version: str) -> None:
+        """Count one newly scored transaction (a replayed answer is not a new decision)."""
+        self.scores.labels(scope).observe(score)
+        self.decisions.labels(decision, scope).inc()
+        self.models.labels(scope, version or "-").inc()
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the port it listens on."""

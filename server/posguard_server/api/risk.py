@@ -31,15 +31,17 @@ from posguard.dynamic_codes import time_step
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
-from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
+from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT, count_refusal
+from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.errors import status_for
 from posguard_server.api.group_commit import GroupCommit
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.interceptors import annotate_call, current_principal
+from posguard_server.api.metrics import Metrics
 from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.config import Settings
 from posguard_server.domain.currencies import is_money
-from posguard_server.domain.customers import ExternalRef, NumberKind, NumberStatus
+from posguard_server.domain.customers import ExternalRef, NumberKind, NumberStatus, mask
 from posguard_server.domain.dynamic_codes import Reason, SecretCipher, parse_code
 from posguard_server.domain.errors import (
     DeadlineExceeded,
@@ -79,8 +81,10 @@ _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")  # as CustomerIds checks
 _NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
 # Control characters a note for people may hold: line breaks and tabs.
 _NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
-# The redemption a score makes is kept under this prefix and a hash of the transaction id: a retry of the
-# transaction (with any request_id) replays it, and it never meets a RedeemDynamicCode request_id.
+# The redemption a score makes is kept under this prefix and a hash of the transaction id and the code: a
+# retry of the transaction (with any request_id) replays it, a retry with a corrected code is a new
+# redemption (the refused one must not take the transaction id), and it never meets a RedeemDynamicCode
+# request_id.
 _REDEMPTION_KEY_PREFIX = "risk.score:"
 _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
 # Most transactions of a ScoreTransactions stream committed together (see stream_batches), and most
@@ -326,9 +330,13 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         dynamic: SqlDynamicCodeStore,
         transactions: SqlRiskStore,
         *,
+        metrics: Metrics,
+        guard: FailureGuard,
         commit_workers: int = 1,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
+        self._guard = guard
         self._commits: GroupCommit[ScoreRequest, Scored] = GroupCommit(
             engine.score_many, limit=COMMIT_BATCH, workers=commit_workers
         )
@@ -358,7 +366,23 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
 
     async def _score(self, checked: _Checked) -> risk_pb2.ScoreTransactionResponse:
         stored, replayed = await self._commits.submit(await self._prepare(checked))
-        return score_response(stored, replayed)
+        response = self._answered(stored, replayed)
+        who = checked.who
+        annotate_call(
+            customer=mask(who.number) if who.number else response.customer_id,
+            model_version=response.model.version,
+        )
+        return response
+
+    def _answered(self, stored: StoredTransaction, replayed: bool) -> risk_pb2.ScoreTransactionResponse:
+        """The answer to send; a new decision (not a replay) is also counted in the metrics."""
+        response = score_response(stored, replayed)
+        answer = stored.answer
+        if not replayed and answer is not None:
+            self._metrics.observe_score(
+                answer.risk_score, answer.decision.value, answer.model_scope.value, answer.model_version
+            )
+        return response
 
     async def _prepare(self, checked: _Checked) -> ScoreRequest:
         customer_id, identity = await self._resolve(checked)
@@ -409,12 +433,26 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             # A retry (or a reuse) of a stored transaction id: the engine replays the stored answer or refuses
             # the reuse, and the code is left alone either way.
             return earlier.transaction.customer_id, None
-        key = hashlib.sha256(txn.transaction_id.encode()).hexdigest()
+        used = checked.request_id != "" and await asyncio.to_thread(
+            self._transactions.request_id_used, checked.request_id
+        )
+        if used:
+            # The engine would refuse it after the redemption below, which would burn the customer's code for
+            # a transaction that was never stored: refuse it first.
+            raise InvalidArgument.field(
+                "request_id", "was already used for a different transaction", reason="IDEMPOTENCY_CONFLICT"
+            )
+        presented = parse_code(code)
+        assert presented is not None  # validated
+        redemption = f"{txn.transaction_id}\n{presented.handle}{presented.totp}"
+        key = hashlib.sha256(redemption.encode()).hexdigest()
         now = _now()
+        caller = current_principal().key_id
+        self._guard.check(caller, now)
         try:
             answer = await asyncio.to_thread(
                 self._dynamic.redeem,
-                parse_code(code),
+                presented,
                 Attempt(
                     request_id=_REDEMPTION_KEY_PREFIX + key,
                     fingerprint=checked.fingerprint,
@@ -422,7 +460,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
                     merchant_id=txn.merchant_id,
                     terminal_id=txn.terminal_id,
                     amount=(txn.amount_minor, txn.currency),
-                    actor=current_principal().key_id,
+                    actor=caller,
                 ),
                 open_key=self._secrets.decrypt,
                 now=now,
@@ -437,6 +475,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
                 "was already used for a different transaction",
                 reason="IDEMPOTENCY_CONFLICT",
             ) from None
+        await count_refusal(self._store, self._guard, answer, caller, now, "ScoreTransaction")
         if answer.reason is Reason.OK:
             return answer.customer_id, None
         if not answer.customer_id:
@@ -503,7 +542,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             if isinstance(result, Exception):
                 reply.error.CopyFrom(stream_error(result))
             else:
-                reply.result.CopyFrom(score_response(*result))
+                reply.result.CopyFrom(self._answered(*result))
         return replies
 
     # -- outcomes and profiles ------------------------------------------------------------------------
@@ -586,7 +625,9 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         )
 
 
-def build_risk_servicer(database: Database, numbering: Numbering, settings: Settings) -> RiskServicer:
+def build_risk_servicer(
+    database: Database, numbering: Numbering, settings: Settings, metrics: Metrics, guard: FailureGuard
+) -> RiskServicer:
     """The Risk servicer and the engine behind it, on ``database``."""
     customers, dynamic, transactions = (
         SqlCustomerStore(database),
@@ -601,7 +642,14 @@ def build_risk_servicer(database: Database, numbering: Numbering, settings: Sett
         refresh_seconds=settings.model_refresh_seconds,
     )
     return RiskServicer(
-        engine, customers, numbering, dynamic, transactions, commit_workers=_COMMIT_WORKERS[database.dialect]
+        engine,
+        customers,
+        numbering,
+        dynamic,
+        transactions,
+        metrics=metrics,
+        guard=guard,
+        commit_workers=_COMMIT_WORKERS[database.dialect],
     )
 
 

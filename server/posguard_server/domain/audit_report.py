@@ -53,4 +53,6 @@ class AuditReport:
     most_verified: list[NumberActivity] = field(default_factory=list)
     most_failed: list[NumberActivity] = field(default_factory=list)
     failing_callers: list[tuple[str, int]] = field(default_factory=list)
+    # Keys refused for too many failures (enumeration defence): key id, times refused, last time.
+    refused_callers: list[tuple[str, int, datetime]] = field(default_factory=list)
     dormant: list[NumberActivity] = field(default_factory=list)

@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from posguard_server.domain.deadlines import check_deadline
 from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
 
 if TYPE_CHECKING:
@@ -27,6 +28,23 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
+
+
+class _HideRowValues(logging.Filter):
+    """Blanks the values of SQLAlchemy's DEBUG "Row %r" records and keeps the line.
+
+    With ``hide_parameters`` these are the one place stored values (customer numbers, idempotent answers)
+    still reach a log: whenever anyone sets the ``sqlalchemy.engine`` logger to DEBUG to look at queries.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Row %r":
+            record.msg, record.args = "Row [values hidden]", ()
+        return True
+
+
+# Engines without a logging_name (ours) log through this one logger; a filter on it sees every row record.
+logging.getLogger("sqlalchemy.engine.Engine").addFilter(_HideRowValues())
 
 _READ_ONLY_OPTION = "posguard_read_only"
 
@@ -122,14 +140,21 @@ class Database:
 
         Driver errors leave as domain errors (``AlreadyExists`` for a constraint violation, ``Unavailable``
         when the database cannot be reached); a ``PosguardError`` raised inside passes through unchanged.
+        Past the current call's deadline (``domain.deadlines``) the block does not start, or rolls back
+        with ``DeadlineExceeded`` instead of committing.
 
         ``read_only=True`` promises the block only reads. On SQLite it lets the transaction run concurrently
         with others; otherwise a transaction takes SQLite's write lock when it begins, so read-then-write
         logic (check, then insert or update) cannot interleave with another writer. PostgreSQL ignores it.
         """
+        check_deadline()  # a caller that has already given up gets no work done
         session = (self._read_sessions if read_only else self._sessions)()
         try:
             yield session
+            # The last moment to change course: past the caller's deadline, roll back rather than write an
+            # answer nobody will receive. (A deadline passing during the commit itself leaves a whole,
+            # committed unit of work, which a retry with the same request id replays.)
+            check_deadline()
             session.commit()
         except BaseException as exc:
             _rollback_quietly(session)

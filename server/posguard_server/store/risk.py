@@ -520,6 +520,11 @@ class SqlRiskStore:
             row = session.scalar(select(_T).where(_T.transaction_id == transaction_id))
             return _stored(row) if row is not None else None
 
+    def request_id_used(self, request_id: str) -> bool:
+        """Whether a stored transaction was scored under this idempotency key."""
+        with self._db.session(read_only=True) as session:
+            return session.scalar(select(_T.id).where(_T.request_id == request_id).limit(1)) is not None
+
     # -- history --------------------------------------------------------------------------------------
 
     def import_transactions(self, rows: Sequence[NewTransaction]) -> int:
