@@ -15,5 +15,10 @@ echo "== mypy"
 .venv/bin/mypy bench
 echo "== import contract"
 .venv/bin/lint-imports
+# The Node.js client's packages, for tests/integration/test_node_client.py (which fails in CI without them).
+if command -v npm >/dev/null; then
+  echo "== npm ci (clients/node)"
+  npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+fi
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
