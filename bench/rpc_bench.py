@@ -110,8 +110,13 @@ def _cli(settings: list[str], *args: str) -> str:
 
 @contextmanager
 def posguard(data_dir: Path, database_url: str | None, *flags: str) -> Iterator[tuple[Process, str]]:
-    """A trained posguard server (log level WARNING, no metrics, ``flags`` added) and a gateway key."""
-    settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled", *flags]
+    """A trained posguard server (log level WARNING, no metrics, ``flags`` added) and a gateway key.
+
+    Load shedding is off unless ``flags`` set it: this measures how much a server serves, not what it refuses.
+    """
+    no_shedding = ["--max-concurrent-rpcs", "100000"]
+    settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled", *no_shedding]
+    settings += flags
     if database_url:
         settings += ["--database-url", database_url]
         _cli(settings, "db", "upgrade")

@@ -22,23 +22,9 @@ from sklearn.metrics import average_precision_score
 from posguard_models.features import FEATURES, batch_features
 from posguard_models.forest import CompiledForest
 from posguard_models.model import Calibration, Feedback, GlobalModel, logit
+from posguard_models.training_config import TrainingConfig as TrainingConfig  # re-exported for callers
 
 DAY = 86400.0
-
-
-@dataclass(frozen=True, slots=True)
-class TrainingConfig:
-    """One configuration for every dataset; defaults are the measured ones of docs/risk-model.md."""
-
-    seed: int = 0
-    n_estimators: int = 100
-    max_samples: int = 256
-    customer_estimators: int = 50
-    customer_min_history: int = 50
-    # Weight of a customer's own forest is n / (n + combine_n0) for n training rows behind it.
-    combine_n0: float = 1000.0
-    feedback_windows_days: tuple[float, ...] = (7.0, 14.0, 28.0)
-    prior_strength: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

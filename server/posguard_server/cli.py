@@ -746,7 +746,7 @@ def _count_lines(file: Path) -> int:
 
 
 def _training_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    from posguard_models.training import TrainingConfig
+    from posguard_models.training_config import TrainingConfig  # not .training: no scikit-learn at start-up
 
     defaults = TrainingConfig()
     options = [
@@ -778,7 +778,7 @@ def _training_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _training_config(seed: int, flags: dict[str, Any]) -> Any:
-    from posguard_models.training import TrainingConfig
+    from posguard_models.training_config import TrainingConfig
 
     return TrainingConfig(
         seed=seed,

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
             description="Calls in progress (per process; a stream counts as one) beyond which new ones get "
             "RESOURCE_EXHAUSTED at once; size it as calls per second × latency budget.",
         ),
-    ] = 64
+    ] = 16
     failure_limit: Annotated[
         int,
         Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import subprocess
@@ -11,10 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
@@ -176,3 +182,88 @@ def serve_process() -> Iterator[ServeProcess]:
         process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+# -- certificates for TLS and mTLS tests -----------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(
+    subject: str,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    usage: x509.ObjectIdentifier | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _write(
+    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server and a client certificate it signed, and a client certificate of another CA."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = _issue("posguard test CA", None)
+    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
+    issuer = (ca_cert.subject, ca_key)
+    server_cert, server_key = _write(
+        directory, "server", *_issue("localhost", issuer, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    )
+    client_cert, client_key = _write(
+        directory, "client", *_issue("till-7", issuer, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    )
+    # A client certificate from a CA the server does not trust.
+    other_ca = _issue("someone else's CA", None)
+    stranger_cert, stranger_key = _write(
+        directory,
+        "stranger",
+        *_issue("stranger", (other_ca[0].subject, other_ca[1]), usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+    )
+    return Pki(ca_path, server_cert, server_key, client_cert, client_key, stranger_cert, stranger_key)

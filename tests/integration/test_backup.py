@@ -30,7 +30,7 @@ from posguard.v1 import admin_pb2, common_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.config import Settings
 from posguard_server.domain import keyring
 from posguard_server.domain.api_keys import Role, create_key, parse_token, secret_matches
-from posguard_server.pipeline.backup import BackupError, backup, restore
+from posguard_server.pipeline.backup import BackupError, backup, restore, table_member
 from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore
 from posguard_server.store.migrate import current_revision, head_revision, upgrade
 from posguard_server.store.risk import SqlRiskTransaction
@@ -361,11 +361,14 @@ def test_a_backup_under_concurrent_writes_is_one_snapshot(
         )
 
 
-def _rewrite(archive: Path, out: Path, change: Callable[[str, bytes], bytes]) -> None:
-    """A well-formed ZIP with members changed by ``change`` (its CRCs right, so only our checks notice)."""
+def _rewrite(archive: Path, out: Path, change: Callable[[str, bytes], bytes | None]) -> None:
+    """A well-formed ZIP with members changed by ``change``, or left out where it returns None (its CRCs
+    right, so only our checks notice)."""
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
         for info in source.infolist():
-            target.writestr(info.filename, change(info.filename, source.read(info.filename)))
+            changed = change(info.filename, source.read(info.filename))
+            if changed is not None:
+                target.writestr(info.filename, changed)
 
 
 def _flip_byte_inside(archive: Path, member: str, out: Path) -> None:
@@ -464,12 +467,16 @@ def test_a_backup_of_an_older_schema_is_restored_through_its_revision_then_migra
     backup(source, current)
 
     added_later = {"shadow_version", "shadow_risk_score"}  # by revision 0006
+    tables_added_later = {"caller_failures"}  # by revision 0007
 
-    def as_0005(name: str, data: bytes) -> bytes:
+    def as_0005(name: str, data: bytes) -> bytes | None:
+        if name in {table_member(table) for table in tables_added_later}:
+            return None
         if name != "manifest.json":
             return data
         manifest = json.loads(data)
         manifest["schema_revision"] = "0005"
+        manifest["tables"] = [t for t in manifest["tables"] if t["name"] not in tables_added_later]
         for table in manifest["tables"]:
             if table["name"] == "risk_transactions":
                 assert table["rows"] == 0

@@ -8,20 +8,14 @@ hide that the client was never exercised.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import posguard
 from posguard.v1 import common_pb2
@@ -29,7 +23,7 @@ from posguard.v1 import common_pb2
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .conftest import RunningServer
+    from .conftest import Pki, RunningServer
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 
@@ -131,67 +125,13 @@ def test_example_reports_a_wrong_key_with_its_code(node: str, server: RunningSer
     assert "UNAUTHENTICATED" in result.stderr
 
 
-def _certificate(
-    subject: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, usage: x509.ObjectIdentifier
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A one-day P-256 certificate; self-signed (a CA) when no issuer is given."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, issuer_key = issuer if issuer is not None else (name, key)
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256()), key
-
-
-def _write_pem(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
-def test_example_over_mutual_tls(
-    node: str, server_factory: Callable[..., RunningServer], tmp_path: Path
-) -> None:
-    ca_cert, ca_key = _certificate("node test CA", None, ExtendedKeyUsageOID.SERVER_AUTH)
-    _write_pem(tmp_path, "ca", ca_cert, ca_key)
-    ca = (ca_cert.subject, ca_key)
-    _write_pem(tmp_path, "server", *_certificate("localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH))
-    _write_pem(tmp_path, "client", *_certificate("till-7", ca, ExtendedKeyUsageOID.CLIENT_AUTH))
+def test_example_over_mutual_tls(node: str, server_factory: Callable[..., RunningServer], pki: Pki) -> None:
     running = server_factory(
-        tls_cert_file=tmp_path / "server.pem",
-        tls_key_file=tmp_path / "server.key",
-        tls_client_ca_file=tmp_path / "ca.pem",
+        tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca
     )
     key = running.key("gateway")
-    tls = {
-        "POSGUARD_CA_FILE": str(tmp_path / "ca.pem"),
-        "POSGUARD_SERVER_NAME": "localhost",
-    }
-    client_cert = {
-        "POSGUARD_CERT_FILE": str(tmp_path / "client.pem"),
-        "POSGUARD_KEY_FILE": str(tmp_path / "client.key"),
-    }
+    tls = {"POSGUARD_CA_FILE": str(pki.ca), "POSGUARD_SERVER_NAME": "localhost"}
+    client_cert = {"POSGUARD_CERT_FILE": str(pki.client_cert), "POSGUARD_KEY_FILE": str(pki.client_key)}
     assert_example_results(example_output(run_example(node, running.target, key, **tls, **client_cert)))
 
     # Without its client certificate the same client is turned away at the handshake.

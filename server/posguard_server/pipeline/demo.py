@@ -50,6 +50,7 @@ from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.risk import Outcome
 from posguard_server.issuers import build_numbering
+from posguard_server.pipeline.evaluate import transaction_message
 from posguard_server.pipeline.importer import (
     DEFAULT_NAMESPACE,
     CsvTransaction,
@@ -80,11 +81,6 @@ DATASETS: Final = {
 SERVER_START_SECONDS: Final = 90.0
 MODEL_PICKUP_SECONDS: Final = 30.0
 _SERVING = re.compile(r"posguard serving on \S+:(\d+)")
-_CHANNELS: Final = {
-    "pos": common_pb2.CHANNEL_POS,
-    "online": common_pb2.CHANNEL_ONLINE,
-    "mobile": common_pb2.CHANNEL_MOBILE,
-}
 DECISIONS: Final = ("APPROVE", "REVIEW", "DECLINE")
 
 Echo = Callable[[str], None]
@@ -490,24 +486,6 @@ def _await_models(gateway: posguard.Client, ref: str, version: str) -> None:
         time.sleep(0.1)
 
 
-def _message(row: CsvTransaction, number: str) -> risk_pb2.Transaction:
-    txn = row.transaction
-    message = risk_pb2.Transaction(
-        transaction_id=txn.transaction_id,
-        customer_number=number,
-        amount=common_pb2.Money(amount_minor=txn.amount_minor, currency=txn.currency),
-        merchant_id=txn.merchant_id,
-        terminal_id=txn.terminal_id,
-        mcc=txn.mcc,
-        channel=_CHANNELS.get(txn.channel.value, common_pb2.CHANNEL_UNSPECIFIED),
-    )
-    message.event_time.FromDatetime(txn.event_time)
-    if txn.latitude is not None and txn.longitude is not None:
-        message.location.latitude = txn.latitude
-        message.location.longitude = txn.longitude
-    return message
-
-
 def _model_text(model: risk_pb2.ModelInfo) -> str:
     scope = risk_pb2.ModelScope.Name(model.scope).removeprefix("MODEL_SCOPE_").lower()
     history = f"{model.history_size:,} transactions of history"
@@ -534,7 +512,7 @@ def _play_day(
         for row in today:
             request = risk_pb2.ScoreTransactionRequest(
                 request_id=f"demo-{row.transaction.transaction_id}"[:128],
-                transaction=_message(row, numbers[row.customer_ref]),
+                transaction=transaction_message(row, number=numbers[row.customer_ref]),
             )
             sent = time.perf_counter()
             try:

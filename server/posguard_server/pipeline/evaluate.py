@@ -255,22 +255,28 @@ def _pair(progress: Progress | None, stage: str) -> Callable[[int, int], None] |
     return lambda done, total: progress(stage, done, total)
 
 
-def _message(row: CsvTransaction, index: int) -> risk_pb2.ScoreTransactionsRequest:
+def transaction_message(row: CsvTransaction, *, number: str = "") -> risk_pb2.Transaction:
+    """``row`` as a gateway sends it: naming the customer by ``number``, or else by the row's external id."""
     txn = row.transaction
     message = risk_pb2.Transaction(
         transaction_id=txn.transaction_id,
-        external_id=common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=row.customer_ref),
         amount=common_pb2.Money(amount_minor=txn.amount_minor, currency=txn.currency),
         merchant_id=txn.merchant_id,
         terminal_id=txn.terminal_id,
         mcc=txn.mcc,
         channel=_CHANNELS.get(txn.channel.value, common_pb2.CHANNEL_UNSPECIFIED),
     )
+    if number:
+        message.customer_number = number
+    else:
+        message.external_id.CopyFrom(
+            common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=row.customer_ref)
+        )
     message.event_time.FromDatetime(txn.event_time)
     if txn.latitude is not None and txn.longitude is not None:
         message.location.latitude = txn.latitude
         message.location.longitude = txn.longitude
-    return risk_pb2.ScoreTransactionsRequest(request_id=f"eval-{index}", transaction=message)
+    return message
 
 
 async def _replay(
@@ -317,7 +323,9 @@ async def _replay(
                         reported += 1
                     if labels and row.is_fraud:
                         heapq.heappush(due, (now + delay, index, row.transaction.transaction_id))
-                    yield _message(row, index)
+                    yield risk_pb2.ScoreTransactionsRequest(
+                        request_id=f"eval-{index}", transaction=transaction_message(row)
+                    )
 
             async for response in client.score_transactions(requests(), timeout=STREAM_TIMEOUT):
                 if response.HasField("result"):
