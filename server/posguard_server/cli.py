@@ -73,12 +73,20 @@ def main(ctx: click.Context, /, **flags: Any) -> None:
 
 
 @main.command()
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Serve from this many processes on one port (the workers setting, given here for convenience).",
+)
 @click.pass_obj
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, workers: int | None) -> None:
     """Serve gRPC until SIGTERM or SIGINT (the embedded SQLite schema is migrated on start)."""
     from posguard_server.app import SchemaNotCurrentError
     from posguard_server.app import serve as run
 
+    if workers is not None:
+        settings = settings.model_copy(update={"workers": workers})
     try:
         status = run(settings)
     except SchemaNotCurrentError as error:

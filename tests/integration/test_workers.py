@@ -48,6 +48,7 @@ def _gone(pids: list[int], within: float) -> bool:
 def _start(tmp_path: Path, cli: Cli, serve_process: ServeProcess) -> tuple[subprocess.Popen[str], int, str]:
     created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", "--json")
     token = json.loads(created.stdout)["token"]
+    # The global flag (as POSGUARD_WORKERS); `posguard-server serve --workers 2` is the same setting.
     process, port = serve_process(tmp_path, "--workers", "2")
     return process, port, token
 
