@@ -84,6 +84,9 @@ def test_an_issuance_past_its_deadline_rolls_back_and_its_retry_issues_once(serv
         again = client.issue_customer_id(
             request_id=request_id, holder=customer_ids_pb2.Holder(name="Late Caller")
         )
+        # A late write the snapshot above missed (a slow machine) would make the retry a replay.
+        assert not retried.replayed
+        assert again.replayed
         assert again.customer.customer_id == retried.customer.customer_id
         assert _rows(server, "customers") == before["customers"] + 1
 
@@ -109,7 +112,7 @@ def test_a_score_past_its_deadline_is_not_stored_and_its_retry_scores_once(serve
 
         first = client.score_transaction(transaction=transaction)
         second = client.score_transaction(transaction=transaction)
-        assert not first.replayed
+        assert not first.replayed  # a late write the snapshot above missed would make this a replay
         assert second.replayed
         assert second.risk_score == first.risk_score
         assert _rows(server, "risk_transactions") == before["risk_transactions"] + 1

@@ -368,58 +368,75 @@ class DecodeInterceptor(_Interceptor):
     It must be the innermost interceptor: the lenient decoder replaces the method's own, and the check runs
     after authentication, so an unauthenticated caller learns nothing from sending garbage. A stream item
     that does not parse ends the stream with the same error, raised where the servicer reads it.
+
+    The registered handler of a method never changes, so its guarded version is built once per method, not
+    on every call.
     """
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        guarded = self._guarded.get(method)
+        if guarded is not None:
+            return guarded
         handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler  # type: ignore[return-value]
-        strict = handler.request_deserializer
+        guarded = self._guarded[method] = _guard_decoding(handler)
+        return guarded
 
-        def lenient(data: bytes) -> Any:
-            try:
-                return strict(data)
-            except Exception:  # protobuf's DecodeError, or an invalid UTF-8 string field
-                return _UNDECODABLE
 
-        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            def checked(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+def _guard_decoding(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with a decoder that marks bad bytes and a check that refuses what it marked."""
+    strict = handler.request_deserializer
+    assert strict is not None
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return strict(data)
+        except Exception:  # protobuf's DecodeError, or an invalid UTF-8 string field
+            return _UNDECODABLE
+
+    def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def checked(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if request is _UNDECODABLE:
+                raise _undecodable_request()
+            return inner(request, context)
+
+        return checked
+
+    def streaming(inner: Callable[..., Any]) -> Callable[..., Any]:
+        async def items(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
                 if request is _UNDECODABLE:
                     raise _undecodable_request()
-                return inner(request, context)
+                yield request
 
-            return checked
+        def checked(requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+            return inner(items(requests), context)
 
-        def streaming(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def items(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-                async for request in requests:
-                    if request is _UNDECODABLE:
-                        raise _undecodable_request()
-                    yield request
+        return checked
 
-            def checked(requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
-                return inner(items(requests), context)
-
-            return checked
-
-        serializer = handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), request_deserializer=lenient, response_serializer=serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                unary(handler.unary_stream), request_deserializer=lenient, response_serializer=serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                streaming(handler.stream_unary), request_deserializer=lenient, response_serializer=serializer
-            )
-        assert handler.stream_stream is not None  # a handler has exactly one of the four
-        return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream), request_deserializer=lenient, response_serializer=serializer
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), request_deserializer=lenient, response_serializer=serializer
         )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            unary(handler.unary_stream), request_deserializer=lenient, response_serializer=serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            streaming(handler.stream_unary), request_deserializer=lenient, response_serializer=serializer
+        )
+    assert handler.stream_stream is not None  # a handler has exactly one of the four
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream), request_deserializer=lenient, response_serializer=serializer
+    )
