@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,14 @@ def test_demo_plays_one_day_and_writes_its_report(cli: Cli, tmp_path: Path) -> N
     # The server was a real process with its own log, and it was shut down gracefully.
     log = (data_dir / "server.log").read_text(encoding="utf-8")
     assert "/posguard.v1.Risk/ScoreTransaction" in log
+    # Its JSON access log names the model that decided each score and only a masked customer.
+    trained = re.search(r"^training +version (\S+):", out, re.MULTILINE)
+    assert trained is not None, out
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    scores = [e for e in entries if e.get("method") == "/posguard.v1.Risk/ScoreTransaction"]
+    assert len(scores) == sent
+    assert {e["model_version"] for e in scores} == {trained.group(1)}
+    assert all("*" in e["customer"] for e in scores)
     assert "stopped" in log.splitlines()[-1]
 
 
