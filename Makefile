@@ -10,8 +10,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/posguard-server demo $(DEMO_ARGS)
 
 # Installed once, and again when the dependencies change; the stamp lives in the (ignored) virtualenv.
-$(VENV)/.installed: pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing posguard and its dependencies into $(VENV) (once; a minute or two)"
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e .
+$(VENV)/.installed: pyproject.toml uv.lock
+	@echo "installing posguard and its dependencies into $(VENV) from uv.lock (once; a minute or two)"
+	PYTHON=$(PYTHON) UV_PROJECT_ENVIRONMENT=$(VENV) bash scripts/setup.sh
 	touch $@

@@ -3,9 +3,7 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k health`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+bash scripts/setup.sh --dev
 # One command per line: under `set -e` a failure inside an `a && b` list would not stop the script.
 echo "== ruff"
 .venv/bin/ruff check .

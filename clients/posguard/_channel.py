@@ -107,7 +107,8 @@ def build_request(request_type: type[M], request: M | None, fields: dict[str, An
     elif not isinstance(request, request_type):
         raise TypeError(f"expected {request_type.__name__}, got {type(request).__name__}")
     if "request_id" in request.DESCRIPTOR.fields_by_name and not cast("Any", request).request_id:
-        filled = request_type(request_id=uuid.uuid4().hex)
+        filled = request_type()
+        cast("Any", filled).request_id = uuid.uuid4().hex
         filled.MergeFrom(request)  # proto3 merge keeps the filled id: the request's own is empty
         return filled
     return request
