@@ -510,15 +510,15 @@ def test_cli_lists_promotes_and_rolls_back(database: Database, database_url: str
     _register(database, "r2", ("c1", "c2"), metrics=r2_metrics)
     _register(database, "inc", ("c2",), with_global=False)
 
-    promoted = _cli(database_url, "promote", "r1", "--reason", "first run")
+    promoted = _cli(database_url, "promote", "--version", "r1", "--reason", "first run")
     assert promoted.exit_code == 0, promoted.output
-    assert promoted.output == "promoted run r1: global model and 1 customer models\n"
+    assert promoted.output == "promoted run r1: global model and 1 customer model\n"
 
-    refused = _cli(database_url, "promote", "r2", "--reason", "second run")
+    refused = _cli(database_url, "promote", "--version", "r2", "--reason", "second run")
     assert refused.exit_code == 1
     assert "CANDIDATE_NOT_BETTER" in refused.output
     assert "worse than the active model" in refused.output
-    forced = _cli(database_url, "promote", "r2", "--force", "--reason", "second run")
+    forced = _cli(database_url, "promote", "--version", "r2", "--force", "--reason", "second run")
     assert forced.exit_code == 0, forced.output
     assert forced.output.startswith(
         "promoted run r2: global model (replacing r1) and 2 customer models; forced over:"
@@ -551,14 +551,14 @@ def test_cli_lists_promotes_and_rolls_back(database: Database, database_url: str
     assert again.exit_code == 1
     assert "NO_PREVIOUS_MODEL" in again.output
 
-    inc = _cli(database_url, "promote", "inc", "--reason", "incremental")
-    assert inc.output == "promoted run inc: 1 customer models (no global model)\n"
+    inc = _cli(database_url, "promote", "--version", "inc", "--reason", "incremental")
+    assert inc.output == "promoted run inc: 1 customer model (no global model)\n"
     undone = _cli(database_url, "rollback", "--version", "inc", "--reason", "undo incremental")
     assert undone.output == (
         "rolled back run inc: global model unchanged; 0 customer models restored, 1 retired "
         "(scored by the global model)\n"
     )
-    missing = _cli(database_url, "promote", "nope", "--reason", "x")
+    missing = _cli(database_url, "promote", "--version", "nope", "--reason", "x")
     assert missing.exit_code == 1
     assert "MODEL_NOT_FOUND" in missing.output
 
@@ -579,4 +579,4 @@ def test_cli_reports_bad_input_without_a_traceback(database: Database, database_
     result = _cli(database_url, "rollback", "--customer", "c1", "--version", "r1", "--reason", "x")
     assert result.exit_code == 1
     assert "version is only for the GLOBAL scope" in result.output
-    assert _cli(database_url, "promote", "r1").exit_code == 2  # --reason is required
+    assert _cli(database_url, "promote", "--version", "r1").exit_code == 2  # --reason is required

@@ -271,7 +271,7 @@ def test_cli_verify_exits_0_when_intact(database_file: str) -> None:
     ],
     ids=["edited", "deleted"],
 )
-def test_cli_verify_exits_1_and_says_where_when_broken(
+def test_cli_verify_exits_3_and_says_where_when_broken(
     database_file: str, statement: str, problem: str, sequence: int
 ) -> None:
     database = Database(database_file)
@@ -281,11 +281,11 @@ def test_cli_verify_exits_1_and_says_where_when_broken(
     finally:
         database.dispose()
     result = _run(database_file, "verify")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert f"BROKEN at event {sequence} ({problem})" in result.output
     answer = json.loads(_run(database_file, "verify", "--json").output)
     assert (answer["intact"], answer["problem"], answer["first_bad_sequence"]) == (False, problem, sequence)
-    assert _run(database_file, "verify", "--json").exit_code == 1
+    assert _run(database_file, "verify", "--json").exit_code == 3
 
 
 def test_cli_verify_refuses_a_negative_start(database_file: str) -> None:

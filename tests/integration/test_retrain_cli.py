@@ -72,4 +72,4 @@ def test_nightly_retrain_report_and_shadow_from_the_command_line(cli: Cli, tmp_p
     assert "31 models are candidates again" in cleared.stdout
     refused = cli(*data, "models", "shadow", "--reason", "nothing named")
     assert refused.returncode == 2
-    assert "give a VERSION" in refused.stderr
+    assert "give --version VERSION" in refused.stderr
