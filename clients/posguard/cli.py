@@ -3,16 +3,26 @@
     posguard --api-key pgk_... verify "1564 2011 0212 3456 7890"
     posguard --json keys list --all
 
-Answers go to stdout (readable text, or JSON with ``--json``); errors go to stderr with exit code 1.
+Answers go to stdout (readable text, or JSON with ``--json``); errors go to stderr. The exit status says
+how it went, in the table ``posguard-server`` shares (docs/cli.md):
+
+    0  done, and the answer is yes
+    1  the call failed or was refused (any gRPC error), or the server could not be reached
+    2  usage error: a bad option or value
+    3  the call worked but the answer is no: a number that does not verify, a refused dynamic code, a
+       DECLINE, an audit log with a break
+    4  the call worked and the transaction is held for REVIEW
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import grpc
@@ -33,6 +43,8 @@ if TYPE_CHECKING:
     _ParamType = click.ParamType[Any, Any]
 else:
     _ParamType = click.ParamType
+
+M = TypeVar("M", bound="Message")
 
 
 class EnumName(_ParamType):
@@ -87,6 +99,27 @@ class Iso8601(_ParamType):
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses ``nan`` and ``inf``: ``nan`` passes every comparison click makes, and
+    an infinite deadline makes gRPC fail the call at once with a misleading DEADLINE_EXCEEDED."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# Exit statuses, shared with posguard-server (docs/cli.md); click exits 2 on usage errors by itself.
+EXIT_FAILED = 1
+EXIT_NO = 3
+EXIT_REVIEW = 4
+
+# Bounds of the proto integer types, so an out-of-range value is a usage error naming its option rather
+# than a ValueError from the protobuf runtime.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
 CHANNEL = EnumName(common_pb2.Channel.DESCRIPTOR)
 EXTERNAL = ExternalIdParam()
 # NONE is a scope the server reports for rule decisions; no model lives there.
@@ -106,31 +139,59 @@ class Globals:
     def client(self) -> posguard.Client:
         return posguard.Client(self.target, api_key=self.api_key, timeout=self.timeout, tls=self.tls or False)
 
-    def run(self, call: Callable[[posguard.Client], Message]) -> None:
-        """Make the call and print its answer, or report its error and exit 1."""
+    def run(
+        self,
+        call: Callable[[posguard.Client], M],
+        *,
+        verdict: Callable[[M], int] | None = None,
+        listing: Listing | None = None,
+    ) -> None:
+        """Make the call and print its answer, or report its error and exit 1.
+
+        ``verdict`` turns an answer into its exit status (a "no" is an answer, printed before exiting
+        non-zero); ``listing`` names the repeated field of a list answer, for its empty and paged cases.
+        """
         try:
             with self.client() as client:
                 answer = call(client)
         except errors.PosguardError as error:
             self.fail(error)
-        self.show(answer)
+        self.show(answer, listing)
+        status = verdict(answer) if verdict is not None else 0
+        if status:
+            sys.exit(status)
 
-    def show(self, answer: Message) -> None:
-        if self.as_json:
-            click.echo(json_format.MessageToJson(answer, preserving_proto_field_name=True))
-            return
+    def show(self, answer: Message, listing: Listing | None = None) -> None:
+        # Fields at their defaults are printed too, so ``valid: false`` or an empty list is there to read
+        # (and a script's JSON always has the same keys) rather than left out.
         fields = json_format.MessageToDict(
             answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-        for line in _text_lines(fields):
+        if self.as_json:
+            click.echo(json.dumps(fields, indent=2, ensure_ascii=False))
+            return
+        more = fields.pop("next_page_token", "") if listing is not None else ""
+        lines = list(_text_lines(fields))
+        for line in lines:
             click.echo(line)
+        if listing is not None and not fields.get(listing.field):
+            click.echo(listing.empty)
+        elif not lines:
+            click.echo("(empty answer)")
+        if more:
+            # Last, so that a person sees the list was cut off and how to go on.
+            click.echo(f"more: --page-token {more}")
 
     def fail(self, error: errors.PosguardError) -> NoReturn:
+        message = error.message
+        if error.code == grpc.StatusCode.UNAUTHENTICATED and not self.api_key:
+            # The server speaks of gRPC metadata; a person at a shell sets a variable or an option.
+            message = "no API key: set POSGUARD_API_KEY or pass --api-key"
         if self.as_json:
             report = {
                 "code": error.code.name,
                 "reason": error.reason,
-                "message": error.message,
+                "message": message,
                 "field_violations": [
                     {"field": v.field, "description": v.description} for v in error.field_violations
                 ],
@@ -138,10 +199,31 @@ class Globals:
             click.echo(json.dumps(report, indent=2), err=True)
         else:
             reason = f" ({error.reason})" if error.reason else ""
-            click.echo(f"error: {error.code.name}{reason}: {error.message}", err=True)
+            click.echo(f"error: {error.code.name}{reason}: {message}", err=True)
             for violation in error.field_violations:
                 click.echo(f"  {violation.field}: {violation.description}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A list answer: its repeated ``field``, and what to print when a page of it is ``empty``."""
+
+    field: str
+    empty: str
+
+
+def _yes_or_no(yes: bool) -> int:
+    return 0 if yes else EXIT_NO
+
+
+def _decision_status(answer: risk_pb2.ScoreTransactionResponse) -> int:
+    """APPROVE is a yes; DECLINE a no; REVIEW its own status, since a gateway handles it differently."""
+    if answer.decision == risk_pb2.DECISION_DECLINE:
+        return EXIT_NO
+    if answer.decision == risk_pb2.DECISION_REVIEW:
+        return EXIT_REVIEW
+    return 0
 
 
 def _text_lines(value: Any, indent: str = "") -> Iterator[str]:
@@ -185,11 +267,11 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
 
 def _page_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
-        "--page-token", default="", help="Token from the previous page's next_page_token."
+        "--page-token", default="", help="Token from the previous page (its last line, 'more: ...')."
     )(command)
-    return click.option("--page-size", type=click.IntRange(min=0), default=0, help="0 = the server default.")(
-        command
-    )
+    return click.option(
+        "--page-size", type=click.IntRange(0, INT32_MAX), default=0, help="0 = the server default."
+    )(command)
 
 
 @click.group("posguard", context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,7 +292,8 @@ def _page_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--timeout",
     envvar="POSGUARD_TIMEOUT",
-    type=click.FloatRange(min=0, min_open=True),
+    # A day is far beyond any call's need, and far below where gRPC's deadline arithmetic overflows.
+    type=FiniteFloatRange(min=0, min_open=True, max=86_400),
     default=_channel.DEFAULT_TIMEOUT,
     show_default=True,
     show_envvar=True,
@@ -344,8 +427,11 @@ def issue(
 @click.option("--channel", type=CHANNEL, default=None, help="Channel where it is presented.")
 @pass_globals
 def verify(g: Globals, number: str, merchant_id: str, channel: common_pb2.Channel.ValueType | None) -> None:
-    """Check a number: format, state and scope."""
-    g.run(lambda c: c.verify_customer_id(number=number, merchant_id=merchant_id, channel=channel))
+    """Check a number: format, state and scope; exit 3 when it does not verify."""
+    g.run(
+        lambda c: c.verify_customer_id(number=number, merchant_id=merchant_id, channel=channel),
+        verdict=lambda answer: _yes_or_no(answer.valid),
+    )
 
 
 @main.command()
@@ -381,7 +467,8 @@ def get(
 def customers(g: Globals, status: int | None, issuer: str, page_size: int, page_token: str) -> None:
     """List customers, oldest first, one page at a time."""
     g.run(
-        lambda c: c.list_customers(status=status, issuer=issuer, page_size=page_size, page_token=page_token)
+        lambda c: c.list_customers(status=status, issuer=issuer, page_size=page_size, page_token=page_token),
+        listing=Listing("customers", "no customers match"),
     )
 
 
@@ -476,15 +563,16 @@ def code(g: Globals, number: str) -> None:
 @main.command()
 @click.argument("code")
 @click.option("--expected-number", default="", help="Refuse the code unless it belongs to this number.")
-@click.option("--merchant-id", default="", help="The merchant redeeming it.")
+@click.option("--merchant-id", required=True, help="The merchant redeeming it.")
 @click.option("--terminal-id", default="", help="The terminal redeeming it.")
 @pass_globals
 def redeem(g: Globals, code: str, expected_number: str, merchant_id: str, terminal_id: str) -> None:
-    """Redeem a dynamic code at a till."""
+    """Redeem a dynamic code at a till; exit 3 when it is refused."""
     g.run(
         lambda c: c.redeem_dynamic_code(
             code=code, expected_number=expected_number, merchant_id=merchant_id, terminal_id=terminal_id
-        )
+        ),
+        verdict=lambda answer: _yes_or_no(answer.redeemed),
     )
 
 
@@ -496,15 +584,26 @@ def redeem(g: Globals, code: str, expected_number: str, merchant_id: str, termin
 @click.option("--number", help="Customer number of the payer.")
 @click.option("--code", help="Dynamic code of the payer (scoring redeems it).")
 @click.option("--external", type=EXTERNAL, help="External id of the payer.")
-@click.option("--amount-minor", type=int, required=True, help="Amount in minor units (cents, fen).")
+@click.option(
+    "--amount-minor",
+    type=click.IntRange(1, INT64_MAX),
+    required=True,
+    help="Amount in minor units (cents, fen); positive.",
+)
 @click.option("--currency", required=True, help="ISO 4217 code, e.g. CNY.")
-@click.option("--merchant-id", default="", help="The merchant.")
+@click.option("--merchant-id", required=True, help="The merchant.")
 @click.option("--terminal-id", default="", help="The terminal.")
 @click.option("--mcc", default="", help="Merchant category code, 4 digits.")
-@click.option("--time", "event_time", type=Iso8601(), default=None, help="When it happened [default: now].")
+@click.option(
+    "--time",
+    "event_time",
+    type=Iso8601(),
+    required=True,
+    help="When it happened, e.g. 2025-01-31T12:00:00Z (UTC if no offset is given).",
+)
 @click.option("--channel", type=CHANNEL, default=None, help="How it was paid.")
-@click.option("--lat", type=click.FloatRange(-90, 90), default=None, help="Latitude in degrees.")
-@click.option("--lon", type=click.FloatRange(-180, 180), default=None, help="Longitude in degrees.")
+@click.option("--lat", type=FiniteFloatRange(-90, 90), default=None, help="Latitude in degrees.")
+@click.option("--lon", type=FiniteFloatRange(-180, 180), default=None, help="Longitude in degrees.")
 @pass_globals
 def score(
     g: Globals,
@@ -517,12 +616,16 @@ def score(
     merchant_id: str,
     terminal_id: str,
     mcc: str,
-    event_time: datetime | None,
+    event_time: datetime,
     channel: common_pb2.Channel.ValueType | None,
     lat: float | None,
     lon: float | None,
 ) -> None:
-    """Score one transaction: risk score, decision and reasons."""
+    """Score one transaction: risk score, decision and reasons.
+
+    Exit 0 for APPROVE, 3 for DECLINE, 4 for REVIEW. Running the same command again replays the first
+    answer (replayed: true) and changes nothing.
+    """
     if (lat is None) != (lon is None):
         raise click.UsageError("give --lat and --lon together")
     payer = _one_of(
@@ -534,14 +637,24 @@ def score(
         merchant_id=merchant_id,
         terminal_id=terminal_id,
         mcc=mcc,
-        event_time=_timestamp(event_time or datetime.now(UTC)),
+        event_time=_timestamp(event_time),
         channel=channel or common_pb2.CHANNEL_UNSPECIFIED,
         location=common_pb2.Location(latitude=lat, longitude=lon)
         if lat is not None and lon is not None
         else None,
         **payer,
     )
-    g.run(lambda c: c.score_transaction(transaction=transaction))
+    # The server answers a transaction id it has seen with the stored answer when the transaction is the same
+    # (a fingerprint of every field), whatever the request_id. So a re-run replays only if it sends the same
+    # transaction: hence --time is required (a default of "now" would make every run a different
+    # transaction, refused as IDEMPOTENCY_CONFLICT), and the request_id is derived from the transaction
+    # rather than drawn at random, so that the whole request is the same. It is unique exactly when the
+    # transaction is, since the transaction id is part of it.
+    digest = hashlib.sha256(transaction.SerializeToString(deterministic=True)).hexdigest()
+    g.run(
+        lambda c: c.score_transaction(request_id=f"cli-score-{digest}", transaction=transaction),
+        verdict=_decision_status,
+    )
 
 
 @main.command()
@@ -598,7 +711,8 @@ def keys_list(g: Globals, include_revoked: bool, role: int | None, page_size: in
     g.run(
         lambda c: c.list_api_keys(
             include_revoked=include_revoked, role=role, page_size=page_size, page_token=page_token
-        )
+        ),
+        listing=Listing("keys", "no keys match"),
     )
 
 
@@ -618,14 +732,16 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--scope", type=SCOPE, default=None, help="Only models of this scope.")
-@click.option("--customer-id", default="", help="Only models of this customer.")
-@click.option("--active-only", is_flag=True, help="Only the active version of each scope.")
+@click.option("--customer", "customer_id", default="", help="Only models of this customer.")
+@click.option("--active", "active_only", is_flag=True, help="Only the active version of each scope.")
 @_page_options
 @pass_globals
 def models_list(
     g: Globals, scope: int | None, customer_id: str, active_only: bool, page_size: int, page_token: str
 ) -> None:
     """List model versions, newest first."""
+    if customer_id and scope == risk_pb2.MODEL_SCOPE_GLOBAL:
+        raise click.UsageError("--customer lists customer models; it cannot go with --scope global")
     g.run(
         lambda c: c.list_models(
             scope=scope,
@@ -633,37 +749,49 @@ def models_list(
             active_only=active_only,
             page_size=page_size,
             page_token=page_token,
-        )
+        ),
+        listing=Listing("models", "no models match"),
     )
 
 
+def _scope_of(customer_id: str) -> risk_pb2.ModelScope.ValueType:
+    """A customer's model when a customer is named, else the global one: the only two scopes that can be
+    promoted or rolled back, so naming the scope as well could only contradict --customer."""
+    return risk_pb2.MODEL_SCOPE_CUSTOMER if customer_id else risk_pb2.MODEL_SCOPE_GLOBAL
+
+
 @models.command("promote")
-@click.option("--scope", type=SCOPE, required=True, help="Which kind of model.")
 @click.option("--version", required=True, help="The version to make active.")
-@click.option("--customer-id", default="", help="The customer, for customer scope.")
+@click.option("--customer", "customer_id", default="", help="Promote this customer's model; else global.")
 @click.option("--force", is_flag=True, help="Promote even if it is worse than the active model.")
 @click.option("--reason", required=True, help="Why; recorded in the audit log.")
 @pass_globals
-def models_promote(g: Globals, scope: int, version: str, customer_id: str, force: bool, reason: str) -> None:
-    """Make a model version the active one of its scope (for global scope: the whole training run)."""
+def models_promote(g: Globals, version: str, customer_id: str, force: bool, reason: str) -> None:
+    """Make a model version active: one customer's model with --customer, else the whole training run."""
     g.run(
         lambda c: c.promote_model(
-            scope=scope, version=version, customer_id=customer_id, force=force, reason=reason
+            scope=_scope_of(customer_id), version=version, customer_id=customer_id, force=force, reason=reason
         )
     )
 
 
 @models.command("rollback")
-@click.option("--scope", type=SCOPE, required=True, help="Which kind of model.")
-@click.option("--customer-id", default="", help="The customer, for customer scope.")
+@click.option("--customer", "customer_id", default="", help="Roll back this customer's model; else global.")
 @click.option(
-    "--version", default="", help="Global scope: the training run to roll back (default: the active one's)."
+    "--version", default="", help="The training run to roll back (global only; default: the active one's)."
 )
 @click.option("--reason", required=True, help="Why; recorded in the audit log.")
 @pass_globals
-def models_rollback(g: Globals, scope: int, customer_id: str, version: str, reason: str) -> None:
-    """Make the previously active version of a scope active again (for global scope: the whole run)."""
-    g.run(lambda c: c.rollback_model(scope=scope, customer_id=customer_id, version=version, reason=reason))
+def models_rollback(g: Globals, customer_id: str, version: str, reason: str) -> None:
+    """Make the previously active version active again: one customer's model with --customer, else the
+    whole training run."""
+    if customer_id and version:
+        raise click.UsageError("--version names a training run to roll back; it cannot go with --customer")
+    g.run(
+        lambda c: c.rollback_model(
+            scope=_scope_of(customer_id), customer_id=customer_id, version=version, reason=reason
+        )
+    )
 
 
 @main.group()
@@ -682,13 +810,19 @@ def audit_list(g: Globals, action: str, actor: str, subject: str, page_size: int
     g.run(
         lambda c: c.list_audit_events(
             action=action, actor=actor, subject=subject, page_size=page_size, page_token=page_token
-        )
+        ),
+        listing=Listing("events", "no audit events match"),
     )
 
 
 @audit.command("verify")
-@click.option("--from-sequence", type=click.IntRange(min=0), default=0, help="Start here; 0 = the start.")
+@click.option(
+    "--from-sequence", type=click.IntRange(0, INT64_MAX), default=0, help="Start here; 0 = the start."
+)
 @pass_globals
 def audit_verify(g: Globals, from_sequence: int) -> None:
-    """Recompute the audit log's hash chain and report the first break."""
-    g.run(lambda c: c.verify_audit_log(from_sequence=from_sequence))
+    """Recompute the audit log's hash chain and report the first break; exit 3 if there is one."""
+    g.run(
+        lambda c: c.verify_audit_log(from_sequence=from_sequence),
+        verdict=lambda answer: _yes_or_no(answer.intact),
+    )

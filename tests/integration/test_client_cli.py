@@ -175,10 +175,15 @@ def test_unreachable_server_is_unavailable_not_a_traceback(server: RunningServer
             "1",
             "--currency",
             "CNY",
+            "--merchant-id",
+            "m-1",
+            "--time",
+            "2025-03-01T12:00:00",
             "--lat",
             "1",
         ],  # latitude without longitude
-        ["models", "promote", "--scope", "none", "--version", "1", "--reason", "r"],  # no models live there
+        ["models", "list", "--scope", "none"],  # no models live there
+        ["score", "--transaction-id", "t1", "--number", "1", "--amount-minor", "1", "--currency", "CNY"],
     ],
 )
 def test_usage_errors_exit_2_without_calling(server: RunningServer, args: list[str]) -> None:
@@ -191,7 +196,7 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
     # reaching them shows that the options turned into a request the stubs accept.
     gateway = server.key("gateway")
     verified = run(server, "--json", "verify", "1234", "--channel", "POS", key=gateway)
-    assert verified.exit_code == 0, verified.output
+    assert verified.exit_code == 3, verified.output  # an answer, but not a valid number
     assert json.loads(verified.stdout)["reason"] == "VERIFICATION_REASON_MALFORMED"
     missing = run(server, "get", "--external", "crm:acme:42", key=gateway)
     assert missing.exit_code == 1
@@ -217,6 +222,8 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
                 "100",
                 "--currency",
                 "CNY",
+                "--merchant-id",
+                "m-1",
                 "--time",
                 "2025-03-01T12:00:00",
                 "--channel",
@@ -226,7 +233,7 @@ def test_enum_names_and_selectors_reach_the_server(server: RunningServer) -> Non
                 "--lon",
                 "151.2",
             ],
-            "INVALID_ARGUMENT",  # no merchant, and "1" is not a dynamic code
+            "INVALID_ARGUMENT",  # "1" is not a dynamic code
         ),
         (["outcome", "t1", "chargeback"], "NOT_FOUND"),
     ):
