@@ -9,15 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
 from matplotlib.image import imread
+from matplotlib.lines import Line2D
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from posguard_server.pipeline import report
 from posguard_server.pipeline.report import (
     ReportFiles,
     ReportInput,
     ScoredSet,
     ShadowScores,
+    Standing,
     write_report,
 )
 
@@ -310,3 +317,136 @@ def test_bad_input_is_a_clear_value_error(change: dict[str, object], message: st
     with pytest.raises(ValueError, match=message):
         write_report(data, tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+# -- what the page calls the evaluated models -----------------------------------------------------------
+
+SINCE = datetime(2026, 11, 30, 9, 15, tzinfo=UTC)
+AGAINST_ACTIVE = " against the active models (version 2026-10-01) on the same rows."
+
+
+@pytest.mark.parametrize(
+    ("standing", "since", "with_active", "evaluated", "rest"),
+    [
+        (Standing.CANDIDATE, None, True, "candidate run v2", AGAINST_ACTIVE),
+        (Standing.CANDIDATE, None, False, "candidate run v2", ": nothing was active to compare it with."),
+        (Standing.SERVED, None, False, "the served models (version v2)", "."),
+        (Standing.SHADOW, SINCE, True, "run v2 (in shadow since 2026-11-30 09:15 UTC)", AGAINST_ACTIVE),
+        (Standing.SHADOW, None, True, "run v2 (in shadow)", AGAINST_ACTIVE),
+        (Standing.ACTIVE, SINCE, True, "run v2 (active since 2026-11-30 09:15 UTC)", AGAINST_ACTIVE),
+        (Standing.ROLLED_BACK, SINCE, True, "run v2 (rolled back on 2026-11-30 09:15 UTC)", AGAINST_ACTIVE),
+        (Standing.RETIRED, None, True, "run v2 (retired)", AGAINST_ACTIVE),
+    ],
+)
+def test_the_header_says_what_was_evaluated_against_what(
+    standing: Standing, since: datetime | None, with_active: bool, evaluated: str, rest: str, tmp_path: Path
+) -> None:
+    data = _input(with_active=with_active, with_shadow=False)
+    data = dataclasses.replace(
+        data,
+        candidate=ScoredSet(standing.value, "v2", data.candidate.risk),
+        standing=standing,
+        standing_since=since,
+    )
+    page = _page(write_report(data, tmp_path))
+    assert f'<p class="meta">Evaluation of {evaluated}{rest}</p>' in page
+    assert f"<tr><th>evaluated</th><td>{evaluated}</td></tr>" in page
+    assert "Evaluation of served" not in page
+
+
+def test_a_rolled_back_run_is_not_called_the_candidate(tmp_path: Path) -> None:
+    data = _input(with_shadow=False)
+    data = dataclasses.replace(
+        data,
+        candidate=ScoredSet(Standing.ROLLED_BACK.value, "v2", data.candidate.risk),
+        standing=Standing.ROLLED_BACK,
+        standing_since=SINCE,
+    )
+    page = _page(write_report(data, tmp_path))
+    assert "run v2 (rolled back on 2026-11-30 09:15 UTC)" in page
+    assert "<th>metric</th><th>active</th><th>rolled back</th><th>rolled back − active</th>" in page
+    assert "candidate" not in page
+    # The evaluated set keeps the candidate's colour whatever it is called.
+    assert _has_colour(tmp_path / "roc.png", CANDIDATE_ORANGE)
+
+
+def test_the_served_models_alone_are_not_a_first_training(tmp_path: Path) -> None:
+    data = _input(with_active=False, with_shadow=False)
+    served = dataclasses.replace(
+        data, candidate=ScoredSet("served", "v2", data.candidate.risk), standing=Standing.SERVED
+    )
+    page = _page(write_report(served, tmp_path))
+    assert "first training" not in page
+    assert "Nothing was active" not in page
+    assert "<th>metric</th><th>served</th></tr>" in page
+
+
+# -- threshold dots: in view, and never under a legend ---------------------------------------------------
+
+REVIEW_DOT = to_rgba(report._REVIEW_COLOUR)
+
+
+def _sharp(fraud: np.ndarray) -> np.ndarray:
+    """A candidate whose threshold dots sit where legends and axis spines are: REVIEW catches 85% of the
+    fraud at about 90% precision (the upper right of precision-recall), DECLINE 40% without one false
+    alarm (false-positive rate 0, on the ROC's left spine)."""
+    risk = 1.0 - (0.02 + 0.98 * np.random.default_rng(5).random(len(fraud)))  # below both thresholds
+    frauds, genuine = np.flatnonzero(fraud), np.flatnonzero(~fraud)
+    risk[frauds[: int(0.85 * len(frauds))]] = (REVIEW + DECLINE) / 2
+    risk[frauds[: int(0.4 * len(frauds))]] = (DECLINE + 1.0) / 2
+    risk[genuine[:8]] = (REVIEW + DECLINE) / 2
+    return risk
+
+
+def _drawn(figure: Figure) -> Figure:
+    FigureCanvasAgg(figure).draw()
+    return figure
+
+
+def _label_figures() -> list[Figure]:
+    data = _input(with_shadow=False)
+    data = dataclasses.replace(data, candidate=ScoredSet("candidate", "v2", _sharp(data.fraud)))
+    sets, thresholds = report._scored_sets(data), (REVIEW, DECLINE)
+    return [
+        _drawn(report._roc_figure(sets, data.fraud, thresholds)),
+        _drawn(report._precision_recall_figure(sets, data.fraud, thresholds)),
+    ]
+
+
+def _dots(axes: Axes) -> list[Line2D]:
+    """The threshold dots: one-point lines with a marker (the legend's own handles are not in axes.lines)."""
+    return [line for line in axes.get_lines() if line.get_marker() == "o" and len(line.get_xydata()) == 1]
+
+
+def _centre(axes: Axes, dot: Line2D) -> tuple[float, float]:
+    x, y = axes.transData.transform(dot.get_xydata()[0])
+    return float(x), float(y)
+
+
+def test_no_legend_covers_a_threshold_dot() -> None:
+    for figure in _label_figures():
+        for axes in figure.axes:
+            legend = axes.get_legend()
+            assert legend is not None
+            box = legend.get_window_extent()
+            dots = _dots(axes)
+            assert any(to_rgba(dot.get_markerfacecolor()) == REVIEW_DOT for dot in dots)
+            for dot in dots:
+                assert not box.contains(*_centre(axes, dot)), (axes.get_title(), dot.get_xydata())
+
+
+def test_threshold_dots_at_the_edge_of_the_range_show_whole() -> None:
+    roc, precision_recall = _label_figures()
+    linear, _ = roc.axes
+    assert linear.get_xlim()[0] < 0.0  # a dot at false-positive rate 0 has room to the left
+    for figure in (roc, precision_recall):
+        for axes in figure.axes:
+            frame = axes.get_window_extent()
+            for dot in _dots(axes):
+                x, y = _centre(axes, dot)
+                radius = dot.get_markersize() * figure.dpi / 72 / 2
+                where = (axes.get_title(), dot.get_xydata())
+                assert frame.x0 <= x - radius, where
+                assert x + radius <= frame.x1, where
+                assert frame.y0 <= y - radius, where
+                assert y + radius <= frame.y1, where

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
@@ -54,7 +54,13 @@ from posguard_server.domain.errors import (
     Unavailable,
 )
 from posguard_server.domain.numbering import Numbering
-from posguard_server.domain.risk import Decision, ModelScope, Outcome, StoredTransaction
+from posguard_server.domain.risk import (
+    Decision,
+    ModelScope,
+    Outcome,
+    StoredTransaction,
+    event_time_refusal,
+)
 from posguard_server.scoring import IdentityDecline, RiskEngine, ScoreRequest, Thresholds, TransactionInput
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
@@ -73,9 +79,6 @@ MAX_AMOUNT_MINOR = 10**15
 MAX_CUSTOMER_ID = 32
 MAX_NAMESPACE = 64
 MAX_EXTERNAL_VALUE = 256
-# Event times: history may be replayed, so the past is fine back to this; the future only by clock skew.
-EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
-CLOCK_SKEW = timedelta(minutes=5)
 _MCC = re.compile(r"[0-9]{4}")
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")  # as CustomerIds checks external ids
 _NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
@@ -139,7 +142,7 @@ def _now() -> datetime:
 def _time_field(
     check: Checker, message: Message, name: str, path: str, *, required: bool, now: datetime
 ) -> datetime | None:
-    """A Timestamp field as aware UTC between 2000-01-01 and a little after ``now``; None if unset/bad."""
+    """A Timestamp field as aware UTC, within ``event_time_refusal``'s range; None if unset or bad."""
     if not message.HasField(name):
         if required:
             check.fail(path, "is required")
@@ -149,10 +152,9 @@ def _time_field(
     except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
         check.fail(path, "must be a valid time")
         return None
-    if value < EARLIEST_TIME:
-        check.fail(path, "must not be before 2000-01-01")
-    elif value > now + CLOCK_SKEW:
-        check.fail(path, "must not be more than 5 minutes in the future")
+    refusal = event_time_refusal(value, now)
+    if refusal is not None:
+        check.fail(path, refusal)
     return value
 
 

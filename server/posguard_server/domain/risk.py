@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 
 class Channel(enum.Enum):
@@ -77,6 +77,24 @@ class NewTransaction:
     channel: Channel = Channel.UNSPECIFIED
     latitude: float | None = None
     longitude: float | None = None
+
+
+# Event times: history may be replayed, so the past is fine back to this; the future only by clock skew.
+EARLIEST_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def event_time_refusal(value: datetime, now: datetime) -> str | None:
+    """Why a transaction's (or an outcome's) time is refused, or None when it is accepted.
+
+    One rule for every way a time gets in, scored live or imported from a file, so history never holds a
+    row the API would have refused. The reason completes a sentence naming the field ("... must not ...").
+    """
+    if value < EARLIEST_EVENT_TIME:
+        return "must not be before 2000-01-01"
+    if value > now + CLOCK_SKEW:
+        return "must not be more than 5 minutes in the future"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

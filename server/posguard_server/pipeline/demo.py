@@ -60,7 +60,7 @@ from posguard_server.pipeline.importer import (
     open_text,
     read_transactions,
 )
-from posguard_server.pipeline.report import ReportInput, ScoredSet, write_report
+from posguard_server.pipeline.report import ReportInput, ScoredSet, Standing, write_report
 from posguard_server.pipeline.trainer import train_and_register
 from posguard_server.store import SqlApiKeyStore
 from posguard_server.store.customers import SqlCustomerStore
@@ -566,9 +566,13 @@ def _write_report(result: DemoResult, options: DemoOptions) -> Path | None:
             window_end=max(times),
             fraud=np.array([bool(p.row.is_fraud) for p in result.payments], dtype=np.bool_),
             candidate=ScoredSet(
-                "served", result.version, np.array([p.risk_score for p in result.payments], dtype=np.float64)
+                Standing.SERVED.value,
+                result.version,
+                np.array([p.risk_score for p in result.payments], dtype=np.float64),
             ),
+            # The day is the served models' own: nothing to compare with, and the page says so plainly.
             active=None,
+            standing=Standing.SERVED,
             review_threshold=options.review_threshold,
             decline_threshold=options.decline_threshold,
             summary=[

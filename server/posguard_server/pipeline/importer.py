@@ -4,6 +4,11 @@ Customers are found, or created with a fresh customer number, by their ``custome
 ID in one namespace. Rows are inserted in batches that skip transaction ids already stored, so an interrupted
 import is finished by running it again. Profiles of the customers touched are rebuilt from their full stored
 history at the end, exactly as live scoring would have built them.
+
+A row whose time ScoreTransaction would refuse (before 2000, or ahead of the clock: a year 9999 placeholder)
+is rejected, not stored: the summary keeps its line and why, and the rest of the file is imported. A row that
+cannot be read at all (a bad number, a missing field) still stops the import, naming its line: that is a
+broken file, not a transaction the service refuses. Messages name no file; the caller prefixes its name once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import io
 import math
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Final
@@ -25,13 +30,22 @@ from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.customers import ExternalRef
 from posguard_server.domain.errors import NotFound
 from posguard_server.domain.numbering import Numbering
-from posguard_server.domain.risk import Channel, NewTransaction, Outcome, ProfileSnapshot
+from posguard_server.domain.risk import (
+    Channel,
+    NewTransaction,
+    Outcome,
+    ProfileSnapshot,
+    event_time_refusal,
+)
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore
 from posguard_server.store.risk import SqlRiskStore
 
 REQUIRED_COLUMNS: Final = ("transaction_id", "customer_ref", "timestamp", "amount", "currency", "merchant_id")
 DEFAULT_NAMESPACE: Final = "source"
 ID_MAX: Final = 64
+# Rejected rows whose line and reason a summary keeps; past these it only counts, so a file of millions of
+# placeholder times cannot fill the memory with messages nobody reads.
+REJECTIONS_KEPT: Final = 100
 
 
 class ImportError_(ValueError):  # noqa: N801 - ImportError is a builtin
@@ -47,12 +61,56 @@ class CsvTransaction:
     scenario: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row left out of the import: its line in the file, the column, the value as read and why."""
+
+    line: int
+    column: str
+    value: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.column} {self.value} {self.reason}"
+
+
 @dataclass(slots=True)
 class ImportSummary:
-    rows: int = 0
+    rows: int = 0  # rows imported: ``new`` plus those already stored (rejected rows are not counted here)
     new: int = 0
     customers_created: int = 0
     profiles_rebuilt: int = 0
+    rejected: int = 0  # rows refused, all of them
+    rejections: list[Rejection] = field(default_factory=list)  # the first REJECTIONS_KEPT of them
+
+    @property
+    def read(self) -> int:
+        """Rows read from the file: imported or rejected."""
+        return self.rows + self.rejected
+
+    def reject(self, rejection: Rejection) -> None:
+        self.rejected += 1
+        if len(self.rejections) < REJECTIONS_KEPT:
+            self.rejections.append(rejection)
+
+    def rejection_messages(self) -> list[str]:
+        """One line per kept rejection, then the count ("1 row rejected"); empty when none was.
+
+        Without the file's name: the caller prefixes it once to each line.
+        """
+        if not self.rejected:
+            return []
+        lines = [str(rejection) for rejection in self.rejections]
+        unlisted = self.rejected - len(self.rejections)
+        if unlisted:
+            lines.append(f"... and {unlisted:,} more")
+        lines.append(f"{_rows(self.rejected)} rejected, not imported: ScoreTransaction refuses their time")
+        return lines
+
+
+def _rows(count: int) -> str:
+    """``count`` rows, in words: "1 row", "2 rows", "1,000 rows"."""
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
 
 
 Progress = Callable[[int], None]
@@ -68,7 +126,10 @@ def parse_time(text: str) -> datetime:
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         raise ValueError("timestamp has no time zone")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00: past the last representable UTC time
+        raise ValueError("it is after the year 9999 in UTC") from None
 
 
 def read_transactions(path: Path) -> Iterator[CsvTransaction]:
@@ -77,7 +138,7 @@ def read_transactions(path: Path) -> Iterator[CsvTransaction]:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ImportError_(f"{path.name}: missing columns {', '.join(missing)}")
+            raise ImportError_(f"missing column{'' if len(missing) == 1 else 's'} {', '.join(missing)}")
         for row in reader:
             yield _parse_row(row, reader.line_num)
 
@@ -217,19 +278,35 @@ class Importer:
         return customer_id, created
 
     def import_rows(
-        self, rows: Iterable[CsvTransaction], *, batch_size: int = 5000, progress: Progress | None = None
+        self,
+        rows: Iterable[CsvTransaction],
+        *,
+        batch_size: int = 5000,
+        progress: Progress | None = None,
+        now: datetime | None = None,
     ) -> ImportSummary:
+        """Import ``rows``, rejecting those whose time ScoreTransaction would refuse at ``now``.
+
+        A rejected row creates no customer and stores nothing; ``progress`` still counts it, as a row read.
+        """
         summary = ImportSummary()
         touched: set[str] = set()
+        checked_at = datetime.now(UTC) if now is None else now
         for batch in _batches(rows, batch_size):
             records = []
             for row in batch:
+                refusal = event_time_refusal(row.transaction.event_time, checked_at)
+                if refusal is not None:
+                    shown = row.transaction.event_time.isoformat()
+                    summary.reject(Rejection(row.line, "timestamp", shown, refusal))
+                    continue
                 customer_id, created = self.customer_for(row.customer_ref)
                 summary.customers_created += created
                 touched.add(customer_id)
                 records.append(replace(row.transaction, customer_id=customer_id))
-            summary.new += self._risk.import_transactions(records)
-            summary.rows += len(batch)
+            if records:
+                summary.new += self._risk.import_transactions(records)
+            summary.rows += len(records)
             if progress is not None:
                 progress(len(batch))
         summary.profiles_rebuilt = self.rebuild_profiles(sorted(touched))
@@ -314,4 +391,4 @@ def read_outcomes(path: Path, *, delay: timedelta) -> Iterator[tuple[str, Outcom
                         raise ImportError_(f"line {reader.line_num}: timestamp {error}") from None
                     yield (row["transaction_id"].strip(), Outcome.FRAUD, at)
         else:
-            raise ImportError_(f"{path.name}: needs an outcome column, or is_fraud and timestamp")
+            raise ImportError_("needs an outcome column, or is_fraud and timestamp")

@@ -22,8 +22,10 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -65,11 +67,49 @@ _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_BOTTOM, _MARGIN_TOP, _GAP = 0.8, 0.25, 0.6,
 _HIST_BINS = 50
 _LOG_COUNT_FLOOR = 0.7  # bottom of log count axes: a bin with one row still shows as a step
 
-_COLOURS = {"active": "tab:blue", "candidate": "tab:orange", "shadow": "tab:green"}
+_EVALUATED_COLOUR = "tab:orange"
+_COLOURS = {"active": "tab:blue", "candidate": _EVALUATED_COLOUR, "shadow": "tab:green"}
 _FALLBACK_COLOURS = ("tab:purple", "tab:brown", "tab:pink")
 _REVIEW_COLOUR = "goldenrod"
 _DECLINE_COLOUR = "firebrick"
 _DECISIONS = ("APPROVE", "REVIEW", "DECLINE")
+# Threshold dots, in points. The unit axes (ROC, precision-recall) reach this far past 0 and 1, as a share of
+# the range, so a dot at 0 or 1 (no false positive, nothing caught) shows whole, not halved by the spine.
+_DOT_SIZE = 6.0
+_UNIT_LIMITS = (-0.02, 1.02)
+_LegendPlace = Literal[
+    "upper right",
+    "lower right",
+    "lower left",
+    "upper left",
+    "center right",
+    "center left",
+    "upper center",
+    "lower center",
+]
+# Where a legend may go, in order of preference; the first that covers no threshold dot is taken.
+_LEGEND_PLACES: tuple[_LegendPlace, ...] = (
+    "upper right",
+    "lower right",
+    "lower left",
+    "upper left",
+    "center right",
+    "center left",
+    "upper center",
+    "lower center",
+)
+
+
+class Standing(Enum):
+    """Where the evaluated models stand, which the page's wording follows: a run that was promoted, put
+    in shadow or rolled back is not "the candidate". Values are the label of its column and plot lines."""
+
+    CANDIDATE = "candidate"  # registered, answering nothing: compared with the active models
+    SERVED = "served"  # the models that answered the traffic evaluated (the demo's day)
+    ACTIVE = "promoted"  # a promoted run, serving now
+    SHADOW = "shadow"  # scored next to the active models, answering nothing
+    ROLLED_BACK = "rolled back"  # was active, rolled back to the models it had replaced
+    RETIRED = "retired"  # was active, replaced by a later run
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +142,8 @@ class ReportInput:
     decline_threshold: float
     summary: Sequence[tuple[str, str]] = ()  # run facts shown as a table
     shadow: ShadowScores | None = None
+    standing: Standing = Standing.CANDIDATE  # what the ``candidate`` set is: the page names it so
+    standing_since: datetime | None = None  # when it took that standing (promoted, rolled back, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +383,31 @@ def _moment(moment: datetime | None) -> str:
     return "not given" if moment is None else moment.isoformat(sep=" ", timespec="seconds")
 
 
+def _day(moment: datetime) -> str:
+    """A date and minute in UTC, as a standing's "since" reads in a sentence."""
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _evaluated(data: ReportInput) -> str:
+    """What the evaluated set is, as a phrase: "candidate run V", "run V (rolled back on DATE)", ..."""
+    version = _version_text(data.candidate.version)
+    since = data.standing_since
+    if data.standing is Standing.CANDIDATE:
+        return f"candidate run {version}"
+    if data.standing is Standing.SERVED:
+        return f"the served models (version {version})"
+    state = {
+        Standing.ACTIVE: ("active", "since"),
+        Standing.SHADOW: ("in shadow", "since"),
+        Standing.ROLLED_BACK: ("rolled back", "on"),
+        Standing.RETIRED: ("retired", "on"),
+    }
+    what, preposition = state[data.standing]
+    return (
+        f"run {version} ({what})" if since is None else f"run {version} ({what} {preposition} {_day(since)})"
+    )
+
+
 def _risk_tick(u: float, _position: float) -> str:
     """Tick label of a log axis in ``u = 1 - risk_score``: show the risk_score people set thresholds in."""
     if u <= 0.0:
@@ -388,7 +455,11 @@ def _panels(name: str, count: int) -> tuple[Figure, list[Axes]]:
 
 
 def _colour(label: str, index: int) -> str:
-    return _COLOURS.get(label, _FALLBACK_COLOURS[index % len(_FALLBACK_COLOURS)])
+    # Whatever its standing, the evaluated set keeps the candidate's colour, so pages of different kinds
+    # read alike; only labels no standing uses fall back to other colours.
+    standing = {s.value for s in Standing} - set(_COLOURS)
+    fallback = _EVALUATED_COLOUR if label in standing else _FALLBACK_COLOURS[index % len(_FALLBACK_COLOURS)]
+    return _COLOURS.get(label, fallback)
 
 
 def _tail_floor(thresholds: tuple[float, float]) -> float:
@@ -534,40 +605,88 @@ def _operating_points(
     return points
 
 
+def _dot(axes: Axes, x: float, y: float, colour: str, edge: str) -> tuple[float, float]:
+    """A threshold's operating point; returns where it is, for the legend to stay clear of it."""
+    axes.plot(x, y, marker="o", markersize=_DOT_SIZE, color=colour, markeredgecolor=edge)
+    return x, y
+
+
+def _legend_clear_of(axes: Axes, dots: Sequence[tuple[float, float]], *, first: _LegendPlace) -> None:
+    """The legend where it covers the fewest threshold ``dots`` (data coordinates), then the fewest curve
+    vertices, then the earliest of ``first`` and ``_LEGEND_PLACES``.
+
+    Not matplotlib's "best": that weighs every vertex of every curve alike, so with curves over most of
+    the axes it may sit on a dot, the one thing the reader came to the plot for. Call it after the limits
+    are set: the dots' pixels depend on them.
+    """
+    figure = axes.get_figure()
+    assert isinstance(figure, Figure)
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        # Measuring the legend needs a renderer: the Agg canvas _save draws on, never pyplot's.
+        FigureCanvasAgg(figure)
+    # The dot's radius in pixels and a little air, so a legend edge does not graze it either.
+    margin = _DOT_SIZE * DPI / 72.0 / 2.0 + 2.0
+    marked = axes.transData.transform(np.asarray(dots, dtype=np.float64).reshape(-1, 2))
+    curves = [line.get_transform().transform(line.get_xydata()) for line in axes.get_lines()]
+    vertices = np.concatenate([marked, *curves]) if curves else marked
+    places = list(dict.fromkeys((first, *_LEGEND_PLACES)))
+    costs = []
+    for place in places:
+        box = axes.legend(fontsize="small", loc=place).get_window_extent().padded(margin)
+        costs.append((int(box.count_contains(marked)), int(box.count_contains(vertices))))
+    # min() keeps the first of equal costs: the order of preference.
+    axes.legend(fontsize="small", loc=places[costs.index(min(costs))])
+
+
 def _roc_figure(sets: list[ScoredSet], fraud: BoolArray, thresholds: tuple[float, float]) -> Figure:
     """ROC on a linear axis, and again on a log false-positive axis: alerts live below 1% false positives,
     a corner the linear plot squeezes into a few pixels."""
     figure, (linear, low) = _panels(ROC_PNG, 2)
     genuine = int((~fraud).sum())
+    # The log axis cannot show a false-positive rate of 0: such dots sit at half a false positive.
+    least = 0.5 / genuine
+    linear_dots, low_dots = [], []
     for index, scored in enumerate(sets):
         fpr, tpr, _ = roc_curve(fraud, scored.risk)
         colour = _colour(scored.label, index)
         linear.plot(fpr, tpr, color=colour, label=_curve_label(scored, detection(fraud, scored.risk)))
-        low.plot(np.maximum(fpr, 0.5 / genuine), tpr, color=colour)
+        low.plot(np.maximum(fpr, least), tpr, color=colour)
         for (x, y, _), marker in zip(
             _operating_points(scored.risk, fraud, thresholds), (_REVIEW_COLOUR, _DECLINE_COLOUR), strict=True
         ):
-            for axes in (linear, low):
-                axes.plot(max(x, 0.5 / genuine), y, marker="o", color=marker, markeredgecolor=colour)
+            linear_dots.append(_dot(linear, x, y, marker, colour))
+            low_dots.append(_dot(low, max(x, least), y, marker, colour))
     linear.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     linear.set(title="ROC", xlabel="false-positive rate", ylabel="recall (true-positive rate)")
-    linear.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02))
-    linear.legend(fontsize="small", loc="lower right")
+    linear.set(xlim=_UNIT_LIMITS, ylim=_UNIT_LIMITS)
+    _legend_clear_of(linear, linear_dots, first="lower right")
     low.set_xscale("log")
     low.set(title="ROC, low false-positive rates (log)", xlabel="false-positive rate", ylabel="recall")
-    low.set(xlim=(0.5 / genuine, 1.0), ylim=(0.0, 1.02))
-    _threshold_legend(low, thresholds)
+    # As on the linear axis, room for a whole dot at the least rate: 2% of the decades shown.
+    decades = math.log10(1.0 / least)
+    low.set(xlim=(least / 10.0 ** (0.02 * decades), 10.0 ** (0.02 * decades)), ylim=_UNIT_LIMITS)
+    _threshold_legend(low, thresholds, low_dots)
     return figure
 
 
-def _threshold_legend(axes: Axes, thresholds: tuple[float, float]) -> None:
+def _threshold_legend(
+    axes: Axes, thresholds: tuple[float, float], dots: Sequence[tuple[float, float]]
+) -> None:
     review, decline = thresholds
     for name, threshold, colour in (
         ("REVIEW", review, _REVIEW_COLOUR),
         ("DECLINE", decline, _DECLINE_COLOUR),
     ):
-        axes.plot([], [], marker="o", linestyle="", color=colour, label=f"at {name} ≥ {threshold:g}")
-    axes.legend(fontsize="small", loc="upper left")
+        axes.plot(
+            [],
+            [],
+            marker="o",
+            markersize=_DOT_SIZE,
+            linestyle="",
+            color=colour,
+            label=f"at {name} ≥ {threshold:g}",
+        )
+    _legend_clear_of(axes, dots, first="upper left")
 
 
 def _precision_recall_figure(
@@ -575,6 +694,7 @@ def _precision_recall_figure(
 ) -> Figure:
     """Precision-recall: with ~1% fraud it shows what ROC flatters, how many alerts are false."""
     figure, (axes,) = _panels(PRECISION_RECALL_PNG, 1)
+    dots = []
     for index, scored in enumerate(sets):
         precision, recall, _ = precision_recall_curve(fraud, scored.risk)
         colour = _colour(scored.label, index)
@@ -582,13 +702,15 @@ def _precision_recall_figure(
         for (_, x, y), marker in zip(
             _operating_points(scored.risk, fraud, thresholds), (_REVIEW_COLOUR, _DECLINE_COLOUR), strict=True
         ):
-            axes.plot(x, y, marker="o", color=marker, markeredgecolor=colour)
+            dots.append(_dot(axes, x, y, marker, colour))
     prevalence = float(fraud.mean())
     axes.axhline(
         prevalence, color="grey", linewidth=0.8, linestyle=":", label=f"fraud share {prevalence:.2%}"
     )
-    axes.set(title="precision-recall", xlabel="recall", ylabel="precision", xlim=(0.0, 1.0), ylim=(0.0, 1.02))
-    axes.legend(fontsize="small", loc="upper right")
+    axes.set(
+        title="precision-recall", xlabel="recall", ylabel="precision", xlim=_UNIT_LIMITS, ylim=_UNIT_LIMITS
+    )
+    _legend_clear_of(axes, dots, first="upper right")
     return figure
 
 
@@ -730,15 +852,24 @@ def _label_note(fraud: BoolArray, what: str) -> str | None:
     return None
 
 
-def _header(data: ReportInput, sets: Sequence[ScoredSet]) -> str:
+def _alone(data: ReportInput) -> bool:
+    """Evaluated on its own by design (the served models), rather than for want of active models."""
+    return data.active is None and data.standing is Standing.SERVED
+
+
+def _header(data: ReportInput) -> str:
+    evaluated = _evaluated(data)
     facts = [
         ("generated", _moment(data.generated_at)),
         ("evaluation window", f"{_moment(data.window_start)} → {_moment(data.window_end)}"),
-        ("candidate version", _version_text(data.candidate.version)),
-        (
-            "active version",
-            "nothing active (first training)" if data.active is None else _version_text(data.active.version),
-        ),
+        ("evaluated", evaluated),
+    ]
+    if not _alone(data):
+        active = "nothing active (first training)"
+        if data.active is not None:
+            active = _version_text(data.active.version)
+        facts.append(("active version", active))
+    facts += [
         ("REVIEW threshold", f"risk_score ≥ {_threshold_text(data.review_threshold)}"),
         ("DECLINE threshold", f"risk_score ≥ {_threshold_text(data.decline_threshold)}"),
         ("evaluation rows", f"{len(data.fraud):,} ({int(data.fraud.sum()):,} labelled fraud or chargeback)"),
@@ -746,11 +877,14 @@ def _header(data: ReportInput, sets: Sequence[ScoredSet]) -> str:
     if data.shadow is not None:
         facts.append(("shadow version", _version_text(data.shadow.version)))
     lines = "".join(f"<tr><th>{_e(key)}</th><td>{_e(value)}</td></tr>" for key, value in facts)
-    compared = " against ".join(_e(s.label) for s in reversed(sets))
-    return (
-        f'<h1>{_e(data.title)}</h1>\n<p class="meta">Evaluation of {compared} on the same rows.</p>\n'
-        f"<table>{lines}</table>"
-    )
+    if data.active is not None:
+        active = _version_text(data.active.version)
+        sentence = f"Evaluation of {evaluated} against the active models (version {active}) on the same rows."
+    elif _alone(data):
+        sentence = f"Evaluation of {evaluated}."
+    else:
+        sentence = f"Evaluation of {evaluated}: nothing was active to compare it with."
+    return f'<h1>{_e(data.title)}</h1>\n<p class="meta">{_e(sentence)}</p>\n<table>{lines}</table>'
 
 
 def _summary_section(summary: Sequence[tuple[str, str]]) -> str:
@@ -763,7 +897,7 @@ def _evaluation_section(data: ReportInput, sets: Sequence[ScoredSet], written: s
     review, decline = data.review_threshold, data.decline_threshold
     metrics = [_set_metrics(s.risk, data.fraud, review, decline) for s in sets]
     parts = ["<h2>Metrics</h2>", _metrics_table([s.label for s in sets], metrics, review, decline)]
-    if data.active is None:
+    if data.active is None and not _alone(data):
         parts.append(_note("Nothing was active before this run: there is no active set to compare with."))
     note = _label_note(data.fraud, "evaluation rows")
     if note is not None:
@@ -852,7 +986,7 @@ def _shadow_section(shadow: ShadowScores, review: float, decline: float) -> str:
 
 
 def _page(data: ReportInput, sets: Sequence[ScoredSet], written: set[str]) -> str:
-    body = [_header(data, sets), _summary_section(data.summary), _evaluation_section(data, sets, written)]
+    body = [_header(data), _summary_section(data.summary), _evaluation_section(data, sets, written)]
     if data.shadow is not None:
         body.append(_shadow_section(data.shadow, data.review_threshold, data.decline_threshold))
     return (

@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
@@ -69,8 +69,9 @@ from posguard_server.domain.risk import (
     METRIC_ROC_AUC,
     ModelRecord,
     ModelScope,
+    ModelStatus,
 )
-from posguard_server.pipeline.report import ReportInput, ScoredSet, ShadowScores
+from posguard_server.pipeline.report import ReportInput, ScoredSet, ShadowScores, Standing
 from posguard_server.pipeline.trainer import load_history, run_models
 from posguard_server.store.risk import SqlRiskStore
 
@@ -113,6 +114,9 @@ class Evaluated:
     active: npt.NDArray[np.float64] | None
     metrics: dict[str, float]
     active_version: str = ""  # the active global model's version when the comparison was made
+    # What the evaluated run is in the registry now, and since when (None where the registry cannot say).
+    standing: Standing = Standing.CANDIDATE
+    standing_since: datetime | None = None
 
     def report(
         self,
@@ -132,12 +136,14 @@ class Evaluated:
             window_start=self.window_start,
             window_end=self.window_end,
             fraud=self.fraud,
-            candidate=ScoredSet("candidate", version, self.candidate),
+            candidate=ScoredSet(self.standing.value, version, self.candidate),
             active=ScoredSet("active", self.active_version, self.active) if self.active is not None else None,
             review_threshold=review,
             decline_threshold=decline,
             summary=summary,
             shadow=shadow,
+            standing=self.standing,
+            standing_since=self.standing_since,
         )
 
 
@@ -590,7 +596,7 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
             )
     if candidate_global is None:
         raise ValueError("the run has no global model and none is active to score it with")
-    return evaluate_sets(
+    evaluated = evaluate_sets(
         history,
         X,
         rows,
@@ -598,6 +604,33 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
         active,
         active_global.version if active_global else "",
     )
+    standing, since = _standing(store, version, run)
+    return replace(evaluated, standing=standing, standing_since=since)
+
+
+def _standing(
+    store: SqlRiskStore, version: str, run: Sequence[ModelRecord]
+) -> tuple[Standing, datetime | None]:
+    """Where a run stands now, so its report does not call a promoted or rolled-back run the candidate.
+
+    A run with any model active is active (a customer-scope rollback of some of its models leaves it so);
+    one with none active or in shadow but retired models was rolled back, or replaced by a later run.
+    """
+    statuses = {model.status for model in run}
+    if ModelStatus.ACTIVE in statuses:
+        # The GLOBAL model's promotion is the run's; a customer-only run's models were promoted together.
+        active = [m for m in run if m.status is ModelStatus.ACTIVE and m.activated_at is not None]
+        head = next((m for m in active if m.scope is ModelScope.GLOBAL), None)
+        times = [m.activated_at for m in ([head] if head is not None else active) if m.activated_at]
+        return Standing.ACTIVE, min(times) if times else None
+    if ModelStatus.SHADOW in statuses:
+        return Standing.SHADOW, None  # the registry keeps no time for it
+    if ModelStatus.RETIRED in statuses:
+        rolled_back = store.rolled_back_at(version)
+        if rolled_back is not None:
+            return Standing.ROLLED_BACK, rolled_back
+        return Standing.RETIRED, None
+    return Standing.CANDIDATE, None
 
 
 def live_shadow_scores(store: SqlRiskStore, version: str) -> ShadowScores | None:

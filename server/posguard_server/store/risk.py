@@ -1399,6 +1399,24 @@ class SqlRiskStore:
                 select(_M.version).where(_M.status == ModelStatus.SHADOW.value).order_by(_M.id).limit(1)
             )
 
+    def rolled_back_at(self, version: str) -> datetime | None:
+        """When the run ``version`` was last rolled back as a whole, or None if it never was.
+
+        Read from the audit log: RETIRED alone cannot tell a run rolled back from one a later promotion
+        replaced. A rollback made without an actor leaves no event (the API and CLI always name one).
+        """
+        query = (
+            select(SqlAuditEvent.occurred_at, SqlAuditEvent.details)
+            .where(SqlAuditEvent.action == _ROLLED_BACK, SqlAuditEvent.subject == version)
+            .order_by(SqlAuditEvent.sequence.desc())
+        )
+        with self._db.session(read_only=True) as session:
+            for occurred_at, details in session.execute(query):
+                # A CUSTOMER-scope rollback of one of the run's models names the run too: not the run's.
+                if json.loads(details).get("scope") == ModelScope.GLOBAL.value:
+                    return occurred_at
+        return None
+
     def shadow_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
         """The SHADOW model of a scope (and customer) with its artifact, or None."""
         customer = _registry_customer(scope, customer_id)
