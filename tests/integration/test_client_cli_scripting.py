@@ -19,13 +19,13 @@ import posguard
 from posguard.cli import main
 from posguard.v1 import risk_pb2
 from posguard_models.training import TrainingConfig, train
-from posguard_server.domain.risk import ModelScope, NewModel
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import Importer, read_transactions
 from posguard_server.pipeline.trainer import load_history, register
 from posguard_server.store import SqlRiskStore
 from posguard_server.store.customers import SqlCustomer, SqlCustomerStore
 
+from .test_admin_models import _register as register_models
 from .test_client_cli import _CLIENT_VARIABLES, run
 
 if TYPE_CHECKING:
@@ -357,23 +357,7 @@ def test_a_wrong_key_keeps_the_servers_message(server: RunningServer) -> None:
 
 
 def _register(server: RunningServer, version: str, customers: tuple[str, ...]) -> None:
-    scopes = [(ModelScope.GLOBAL, "")] + [(ModelScope.CUSTOMER, c) for c in customers]
-    SqlRiskStore(server.server.database).add_models(
-        [
-            NewModel(
-                scope=scope,
-                customer_id=customer,
-                version=version,
-                created_at=T0,
-                training_window_start=T0 - timedelta(days=30),
-                training_window_end=T0,
-                sample_count=250,
-                metrics={},
-                artifact=b"not a real model",
-            )
-            for scope, customer in scopes
-        ]
-    )
+    register_models(server.server.database, version, customers)
 
 
 @pytest.fixture

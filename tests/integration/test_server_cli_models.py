@@ -4,12 +4,13 @@ note when ``--limit`` cuts a list off, and "no models match"."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from posguard_server.domain.risk import ModelScope, NewModel
-from posguard_server.store import Database, SqlRiskStore
+from posguard_server.store import Database
 from posguard_server.store.customers import SqlCustomer
+
+from .test_admin_models import _register as register_models
 
 if TYPE_CHECKING:
     import subprocess
@@ -27,23 +28,7 @@ def _register(database: Database, version: str, customers: tuple[str, ...]) -> N
             session.add(
                 SqlCustomer(customer_id=customer_id, issuer="t", created_at=T0, updated_at=T0, created_by="t")
             )
-    scopes = [(ModelScope.GLOBAL, "")] + [(ModelScope.CUSTOMER, c) for c in customers]
-    SqlRiskStore(database).add_models(
-        [
-            NewModel(
-                scope=scope,
-                customer_id=customer,
-                version=version,
-                created_at=T0,
-                training_window_start=T0 - timedelta(days=30),
-                training_window_end=T0,
-                sample_count=250,
-                metrics={},
-                artifact=b"not a real model",
-            )
-            for scope, customer in scopes
-        ]
-    )
+    register_models(database, version, customers)
 
 
 def _models(cli: Cli, url: str, *args: str) -> subprocess.CompletedProcess[str]:

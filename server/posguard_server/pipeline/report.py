@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -88,16 +88,7 @@ _LegendPlace = Literal[
     "lower center",
 ]
 # Where a legend may go, in order of preference; the first that covers no threshold dot is taken.
-_LEGEND_PLACES: tuple[_LegendPlace, ...] = (
-    "upper right",
-    "lower right",
-    "lower left",
-    "upper left",
-    "center right",
-    "center left",
-    "upper center",
-    "lower center",
-)
+_LEGEND_PLACES: tuple[_LegendPlace, ...] = get_args(_LegendPlace)
 
 
 class Standing(Enum):
