@@ -6,6 +6,7 @@ No model is trained here, so the engine answers from its cold-start policy: thes
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -23,6 +24,7 @@ import posguard
 from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.errors import from_rpc_error
 from posguard.v1 import common_pb2, customer_ids_pb2, risk_pb2, risk_pb2_grpc
+from posguard_models.features import Profile
 from posguard_server.domain.check_digits import compute
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.customers import SqlVerificationFailure
@@ -858,6 +860,67 @@ def test_profile_by_any_selector_counts_the_history(running: RunningServer) -> N
             customer=Selector(external_id=EXT(namespace="bank", value="acct-9"))
         )
         assert external == by_id
+
+
+def test_a_profile_stored_by_an_earlier_version_scores_alike_and_is_rewritten(running: RunningServer) -> None:
+    with posguard.Client(running.target, api_key=running.key("gateway")) as client:
+        old, new = issue(client), issue(client)
+        times = [next_time() for _ in range(4)]
+        amounts = (12_50, 9_00, 40_00, 75_00)
+        for customer in (old, new):
+            for when, amount in zip(times[:3], amounts[:3], strict=True):
+                score(
+                    client,
+                    txn(
+                        customer_number=customer.primary.number,
+                        event_time=when,
+                        amount=Money(amount_minor=amount, currency="CNY"),
+                    ),
+                )
+        # What releases before the binary format stored: the same state as JSON (format 1).
+        with running.server.database.session() as session:
+            row = session.get(SqlRiskProfile, old.customer_id)
+            assert row is not None
+            state = Profile.from_bytes(row.state)
+            row.state = json.dumps(
+                {
+                    "format": 1,
+                    "count": state.count,
+                    "first_time": state.first_time,
+                    "last_time": state.last_time,
+                    "sum_log_amount": state.sum_log_amount,
+                    "total_spend": state.total_spend,
+                    "recent": state.recent,
+                }
+            ).encode()
+        answers = [
+            score(
+                client,
+                txn(
+                    customer_number=customer.primary.number,
+                    event_time=times[3],
+                    amount=Money(amount_minor=amounts[3], currency="CNY"),
+                ),
+            )
+            for customer in (old, new)
+        ]
+    assert answers[0].risk_score == answers[1].risk_score
+    assert answers[0].model.history_size == answers[1].model.history_size == 3
+    with running.server.database.session(read_only=True) as session:
+        features = [
+            session.scalars(
+                select(SqlRiskTransaction.features)
+                .where(SqlRiskTransaction.customer_id == customer.customer_id)
+                .order_by(SqlRiskTransaction.event_time.desc())
+                .limit(1)
+            ).one()
+            for customer in (old, new)
+        ]
+        states = [session.get_one(SqlRiskProfile, c.customer_id).state for c in (old, new)]
+    assert features[0] == features[1]  # bit for bit
+    assert states[0] == states[1]
+    assert states[0][0] == 2  # rewritten in the binary format
+    assert Profile.from_bytes(states[0]).count == 4
 
 
 PROFILE_CASES: list[tuple[common_pb2.CustomerSelector | None, str]] = [
