@@ -149,6 +149,9 @@ class Unreadable(enum.Enum):
     MODEL = "unreadable"
 
 
+# The active global model and the shadow run of one registry generation.
+Serving = tuple[ActiveGlobal | None, ShadowRun | None]
+
 # A customer's model in the shadow run; None when the run has none for them (their active one stands in).
 ShadowCustomer = CustomerForest | None | Unreadable
 
@@ -322,13 +325,13 @@ class RiskEngine:
 
         One ``(stored, replayed)`` per request, or the error of a request that was refused.
         """
-        active, shadow = self.models.serving()
+        serving = self.models.serving()
         results: list[Scored | PosguardError | None] = [None] * len(requests)
         items: list[ScoreItem] = []
         slots: list[int] = []
         for slot, request in enumerate(requests):
             try:
-                items.append(self._item(request, active, shadow))
+                items.append(self.item(request, serving))
             except PosguardError as error:
                 results[slot] = error
             else:
@@ -337,9 +340,9 @@ class RiskEngine:
             results[slot] = result
         return [result for result in results if result is not None]
 
-    def _item(
-        self, request: ScoreRequest, active: ActiveGlobal | None, shadow: ShadowRun | None
-    ) -> ScoreItem:
+    def item(self, request: ScoreRequest, serving: Serving) -> ScoreItem:
+        """What the store runs to score ``request`` with ``serving``, the models of one generation."""
+        active, shadow = serving
         txn, identity = request.txn, request.identity
         event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
         model = active if identity is None else None
