@@ -22,8 +22,9 @@ import posguard
 from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.v1 import common_pb2, risk_pb2
 from posguard_server.domain.customers import Transition
-from posguard_server.domain.errors import Unavailable
-from posguard_server.scoring import RiskEngine
+from posguard_server.domain.errors import InvalidArgument, Unavailable
+from posguard_server.scoring import RiskEngine, TransactionInput
+from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringService
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeAttempt, SqlDynamicCodeUse
 from posguard_server.store.migrate import upgrade
@@ -231,3 +232,52 @@ def test_one_code_raced_by_many_transactions_pays_once(
     assert len([r for r in reasons if r != "DYNAMIC_CODE_REPLAYED"]) == 1
     assert count(running, SqlDynamicCodeUse) == 1
     assert count(running, SqlRiskTransaction) == 12
+
+
+@pytest.mark.usefixtures("_not_at_a_step_edge")
+def test_a_conflict_within_one_batch_spends_no_code(
+    running: RunningServer, clients: tuple[posguard.Client, posguard.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two transactions of one batch under one transaction id: the second is refused before its redemption."""
+    gateway, _ = clients
+    customer = gateway.issue_customer_id().customer
+    secret = gateway.enroll_dynamic_codes(number=customer.primary.number).secret
+    services: list[ScoringService] = []
+    score_in = ScoringService._score_in
+
+    def spy(service: ScoringService, *args: Any) -> list[Scoring]:
+        services.append(service)  # the server's own service, to hand it a batch of this test's making
+        return score_in(service, *args)
+
+    monkeypatch.setattr(ScoringService, "_score_in", spy)
+    gateway.score_transaction(transaction=txn(customer_number=customer.primary.number))
+    monkeypatch.undo()
+
+    def call(code: str, amount: int) -> ScoreCall:
+        money = (amount, "CNY")
+        transaction = TransactionInput(
+            transaction_id="tx-same",
+            amount_minor=money[0],
+            currency=money[1],
+            merchant_id="m-1",
+            terminal_id="t-1",
+            mcc="",
+            event_time=datetime.now(UTC),
+            channel="POS",
+            latitude=None,
+            longitude=None,
+        )
+        return ScoreCall(transaction, Payer(code=code), "", f"{amount:064d}", "test")
+
+    now_code = posguard.dynamic_code(secret)
+    next_code = posguard.dynamic_code(secret, at=time.time() + PERIOD_SECONDS)
+    first, second = services[0].score_many([call(now_code, 100), call(next_code, 200)])
+    assert not isinstance(first.result, Exception)
+    assert isinstance(second.result, InvalidArgument)
+    assert second.result.reason == "IDEMPOTENCY_CONFLICT"
+    assert second.redemption is None
+    assert count(running, SqlDynamicCodeUse) == 1
+    # The refused transaction's code is still good.
+    answer = gateway.score_transaction(transaction=txn(dynamic_code=next_code))
+    assert _reason(answer) != "DYNAMIC_CODE_REPLAYED"
+    assert count(running, SqlDynamicCodeUse) == 2

@@ -138,6 +138,7 @@ class ScoringService:
         now = datetime.now(UTC)
         unit.load_earlier([c.txn.transaction_id for c in calls], [c.request_id for c in calls])
         pending = [_first_look(unit, call) for call in calls]
+        _refuse_conflicts_within(pending)
         todo = [p for p in pending if p.error is None and p.replay is None]
         numbers = {p.call.payer.number for p in todo if p.call.payer.number is not None}
         externals = {p.call.payer.external for p in todo if p.call.payer.external is not None}
@@ -158,6 +159,9 @@ class ScoringService:
             payer = p.call.payer
             try:
                 if payer.number is not None:
+                    found = stored_numbers.get(payer.number)
+                    if found is not None and found[1] not in locked:
+                        raise _LinkMoved  # a number issued since the first read: its customer is not locked
                     p.customer, p.identity = _by_number(payer.number, stored_numbers, primaries, p.call.txn)
                 elif payer.external is not None:
                     p.customer = _linked(payer.external, linked, external_owners)
@@ -166,9 +170,6 @@ class ScoringService:
                     self._redeem(unit, p, primaries, locked, now)
             except PosguardError as error:
                 p.error = error
-                continue
-            if p.customer not in locked:
-                raise _LinkMoved  # a number issued since the first read: its customer is not locked
         items: list[ScoreItem] = []
         scored: list[_Pending] = []
         for p in pending:
@@ -212,11 +213,7 @@ class ScoringService:
             if error.reason != "IDEMPOTENCY_CONFLICT":
                 raise
             # The redemption is keyed by the transaction id: the id was used for another transaction.
-            raise InvalidArgument.field(
-                "transaction.transaction_id",
-                "was already used for a different transaction",
-                reason="IDEMPOTENCY_CONFLICT",
-            ) from None
+            raise _conflict("transaction.transaction_id") from None
         p.redemption = answer
         if not answer.customer_id:
             # UNKNOWN_CODE: no enrolment has this code (or it matches no time), so nobody to attribute to.
@@ -251,6 +248,33 @@ def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:
         p.code = parse_code(call.payer.code)
         assert p.code is not None  # validated
     return p
+
+
+def _conflict(field: str) -> InvalidArgument:
+    return InvalidArgument.field(
+        field, "was already used for a different transaction", reason="IDEMPOTENCY_CONFLICT"
+    )
+
+
+def _refuse_conflicts_within(pending: Sequence[_Pending]) -> None:
+    """Refuse a call that reuses an id of an earlier call of the same batch for another transaction.
+
+    The store would refuse it too, but only after its dynamic code was redeemed: a code spent on a
+    transaction that is never stored. (A repeat with the same fingerprint is a retry: the store replays it.)
+    """
+    fingerprints: dict[str, str] = {}
+    request_ids: dict[str, str] = {}
+    for p in pending:
+        txn_id, request_id = p.call.txn.transaction_id, p.call.request_id
+        if p.error is None and p.replay is None:
+            if fingerprints.get(txn_id, p.call.fingerprint) != p.call.fingerprint:
+                p.error = _conflict("transaction.transaction_id")
+            elif request_id and request_ids.get(request_id, txn_id) != txn_id:
+                p.error = _conflict("request_id")
+        if p.error is None:
+            fingerprints.setdefault(txn_id, p.call.fingerprint)
+            if request_id:
+                request_ids.setdefault(request_id, txn_id)
 
 
 def _by_number(
