@@ -177,12 +177,10 @@ class ScoringService:
                 continue
             customer = p.replay.transaction.customer_id if p.replay is not None else p.customer
             request = ScoreRequest(p.call.txn, customer, p.identity, p.call.request_id, p.call.fingerprint)
-            try:
-                items.append(self._engine.item(request, serving))
-            except PosguardError as error:
-                p.error = error
-            else:
-                scored.append(p)
+            # Not caught per call: what fails here now (loading a customer's model) fails the whole batch,
+            # so no redemption made above is kept without its transaction.
+            items.append(self._engine.item(request, serving))
+            scored.append(p)
         results = dict(zip((id(p) for p in scored), unit.score(items, now=now), strict=True))
         return [Scoring(p.error if p.error is not None else results[id(p)], p.redemption) for p in pending]
 
