@@ -12,6 +12,10 @@ that: a number's status, a sub number's primary, an external id's link, a code's
 (suspend, revoke, rotate) updates the customer row in its own transaction, so it either committed before the
 lock (and the read after it sees the change) or waits for this batch to commit. On SQLite the writer lock
 taken when the transaction begins serialises all of this anyway.
+
+Resolution is not shared with the CustomerIds use cases: VerifyCustomerId records every verification (a
+failure also per caller, and audited), which scoring must not do, and RedeemDynamicCode keys a redemption by
+its own request_id where scoring keys it by the transaction.
 """
 
 from __future__ import annotations
