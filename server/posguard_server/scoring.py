@@ -1,10 +1,10 @@
 """The risk engine: from a validated transaction to a stored, explained answer.
 
-The servicer validates and resolves the customer; the engine loads the active models (picking up promotions
-without a restart), computes the features from the customer's stored profile, scores, explains, decides, and
-hands the store one function to run inside the transaction that locks the customer, stores the transaction
-with its answer and advances the profile. Everything is synchronous: servicers call it through
-``asyncio.to_thread``.
+The scoring service (``services.scoring``) resolves the customer inside the transaction that will store the
+answer; the engine loads the active models (picking up promotions without a restart), computes the features
+from the customer's stored profile, scores, explains, decides, and hands the store one function to run inside
+that transaction, with the customer locked, which stores the transaction with its answer and advances the
+profile. Everything is synchronous: servicers call it through ``asyncio.to_thread``.
 
 When a training run is in shadow, every transaction a model scores is scored by the shadow run too, from the
 same features, and the shadow score is stored next to the answer for comparison; the answer is always the
@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import numpy as np
 
@@ -149,6 +150,9 @@ class Unreadable(enum.Enum):
     MODEL = "unreadable"
 
 
+# The active global model and the shadow run of one registry generation.
+Serving = tuple[ActiveGlobal | None, ShadowRun | None]
+
 # A customer's model in the shadow run; None when the run has none for them (their active one stands in).
 ShadowCustomer = CustomerForest | None | Unreadable
 
@@ -159,6 +163,11 @@ class ShadowPick:
 
     run: ShadowRun
     own: CustomerForest | None
+
+
+_Model = TypeVar("_Model")
+# A cached customer model and the registry generation it was loaded under (None: before the first read).
+_Entry = tuple[int | None, _Model]
 
 
 class ModelCache:
@@ -187,11 +196,11 @@ class ModelCache:
         self._generation: int | None = None
         self._checked = -float("inf")
         self._global: ActiveGlobal | None = None
-        self._customers: OrderedDict[str, CustomerForest | None] = OrderedDict()
+        self._customers: OrderedDict[str, _Entry[CustomerForest | None]] = OrderedDict()
         # Replaced as a whole, so a reader never sees the active model of one generation and the shadow run
         # of another.
         self._serving: tuple[ActiveGlobal | None, ShadowRun | None] = (None, None)
-        self._shadow_customers: OrderedDict[str, ShadowCustomer] = OrderedDict()
+        self._shadow_customers: OrderedDict[str, _Entry[ShadowCustomer]] = OrderedDict()
 
     def current(self) -> ActiveGlobal | None:
         return self.serving()[0]
@@ -201,8 +210,11 @@ class ModelCache:
         now = self._clock()
         if now - self._checked < self._refresh:
             return self._serving
-        generation = self._store.generation()
         with self._lock:
+            if now - self._checked < self._refresh:  # another thread refreshed while this one waited
+                return self._serving
+            # Read under the lock: a generation read before another thread's reload must not undo it.
+            generation = self._store.generation()
             self._checked = now
             if generation != self._generation:
                 self._global = self._load_global()
@@ -243,28 +255,43 @@ class ModelCache:
             return None
 
     def customer(self, customer_id: str) -> CustomerForest | None:
-        with self._lock:
-            if customer_id in self._customers:
-                self._customers.move_to_end(customer_id)
-                return self._customers[customer_id]
-        loaded = _customer_forest(self._store.active_model(ModelScope.CUSTOMER, customer_id))
-        with self._lock:
-            self._customers[customer_id] = loaded
-            while len(self._customers) > self._capacity:
-                self._customers.popitem(last=False)
-        return loaded
+        return self._cached(
+            self._customers,
+            customer_id,
+            lambda: _customer_forest(self._store.active_model(ModelScope.CUSTOMER, customer_id)),
+        )
 
     def shadow_customer(self, customer_id: str) -> ShadowCustomer:
         """The customer's model in the shadow run (read while a run is in shadow, see ``serving``)."""
+        return self._cached(
+            self._shadow_customers,
+            customer_id,
+            lambda: _shadow_forest(self._store.shadow_model(ModelScope.CUSTOMER, customer_id)),
+        )
+
+    def _cached(
+        self, cache: OrderedDict[str, _Entry[_Model]], customer_id: str, load: Callable[[], _Model]
+    ) -> _Model:
+        """The customer's model from ``cache``, loaded on a miss; each entry carries its generation.
+
+        The read runs outside the lock, so a promotion can clear the cache while it runs: what it read may
+        then be the model just replaced. It still answers the call that asked (whose models are of that
+        generation), but is kept only if the generation is unchanged, and an entry of another generation
+        is never served.
+        """
         with self._lock:
-            if customer_id in self._shadow_customers:
-                self._shadow_customers.move_to_end(customer_id)
-                return self._shadow_customers[customer_id]
-        loaded = _shadow_forest(self._store.shadow_model(ModelScope.CUSTOMER, customer_id))
+            generation = self._generation
+            entry = cache.get(customer_id)
+            if entry is not None and entry[0] == generation:
+                cache.move_to_end(customer_id)
+                return entry[1]
+        loaded = load()
         with self._lock:
-            self._shadow_customers[customer_id] = loaded
-            while len(self._shadow_customers) > self._capacity:
-                self._shadow_customers.popitem(last=False)
+            if self._generation == generation:
+                cache[customer_id] = (generation, loaded)
+                cache.move_to_end(customer_id)
+                while len(cache) > self._capacity:
+                    cache.popitem(last=False)
         return loaded
 
 
@@ -322,13 +349,13 @@ class RiskEngine:
 
         One ``(stored, replayed)`` per request, or the error of a request that was refused.
         """
-        active, shadow = self.models.serving()
+        serving = self.models.serving()
         results: list[Scored | PosguardError | None] = [None] * len(requests)
         items: list[ScoreItem] = []
         slots: list[int] = []
         for slot, request in enumerate(requests):
             try:
-                items.append(self._item(request, active, shadow))
+                items.append(self.item(request, serving))
             except PosguardError as error:
                 results[slot] = error
             else:
@@ -337,9 +364,9 @@ class RiskEngine:
             results[slot] = result
         return [result for result in results if result is not None]
 
-    def _item(
-        self, request: ScoreRequest, active: ActiveGlobal | None, shadow: ShadowRun | None
-    ) -> ScoreItem:
+    def item(self, request: ScoreRequest, serving: Serving) -> ScoreItem:
+        """What the store runs to score ``request`` with ``serving``, the models of one generation."""
+        active, shadow = serving
         txn, identity = request.txn, request.identity
         event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
         model = active if identity is None else None

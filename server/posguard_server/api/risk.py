@@ -1,22 +1,18 @@
 """The ``posguard.v1.Risk`` service: scoring transactions, taking outcome labels, showing risk profiles.
 
 Every request is validated in full before anything is touched (each bad field named, see ``validation``).
-Then the customer is resolved from what the transaction names (a number, a one-time dynamic code, or an
-external id) and the :class:`RiskEngine` scores, stores and answers in one database transaction.
+Then the scoring service (``services.scoring``) resolves the customer from what the transaction names (a
+number, a one-time dynamic code, or an external id), checks it may pay, scores, stores and answers, all in
+one database transaction; this module only translates between the wire and that service.
 
 A customer who is found but may not pay (a suspended, revoked or rotated number, a sub number outside its
-scope or whose primary is blocked, a used or expired dynamic code) is an answer, not an error: the engine
-declines by rule with the :class:`IdentityDecline` this module passes it.
-
-Customer resolution lives here rather than in a helper shared with the CustomerIds servicer: VerifyCustomerId
-records every verification (a failure also per caller and audited), which scoring must not do, and
-RedeemDynamicCode keys the redemption by its own request_id where scoring keys it by the transaction.
+scope or whose primary is blocked, a used or expired dynamic code) is an answer, not an error: a decline by
+rule.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import re
 from collections.abc import AsyncIterator
@@ -27,7 +23,6 @@ from typing import Any
 from google.protobuf.message import Message
 from grpc import aio
 
-from posguard.dynamic_codes import time_step
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
@@ -41,12 +36,11 @@ from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.config import Settings
 from posguard_server.domain.currencies import is_money
-from posguard_server.domain.customers import ExternalRef, NumberKind, NumberStatus, mask
-from posguard_server.domain.dynamic_codes import Reason, SecretCipher, parse_code
+from posguard_server.domain.customers import ExternalRef, mask
+from posguard_server.domain.dynamic_codes import SecretCipher, parse_code
 from posguard_server.domain.errors import (
     DeadlineExceeded,
     InvalidArgument,
-    NotFound,
     PermissionDenied,
     PosguardError,
     ResourceExhausted,
@@ -61,10 +55,11 @@ from posguard_server.domain.risk import (
     StoredTransaction,
     event_time_refusal,
 )
-from posguard_server.scoring import IdentityDecline, RiskEngine, ScoreRequest, Thresholds, TransactionInput
+from posguard_server.scoring import RiskEngine, Thresholds, TransactionInput
+from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringService
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
-from posguard_server.store.dynamic_codes import Attempt, SqlDynamicCodeStore
+from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.risk import (
     OUTCOME_NOTE_MAX,
     TERMINAL_ID_MAX,
@@ -84,11 +79,6 @@ _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")  # as CustomerIds checks
 _NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
 # Control characters a note for people may hold: line breaks and tabs.
 _NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
-# The redemption a score makes is kept under this prefix and a hash of the transaction id and the code: a
-# retry of the transaction (with any request_id) replays it, a retry with a corrected code is a new
-# redemption (the refused one must not take the transaction id), and it never meets a RedeemDynamicCode
-# request_id.
-_REDEMPTION_KEY_PREFIX = "risk.score:"
 _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
 # Most transactions of a ScoreTransactions stream committed together (see stream_batches), and most
 # concurrent ScoreTransaction calls (see group_commit).
@@ -115,21 +105,6 @@ OUTCOME_TO_PROTO: dict[Outcome, risk_pb2.Outcome.ValueType] = {
     Outcome.LEGITIMATE: risk_pb2.OUTCOME_LEGITIMATE,
 }
 OUTCOME_FROM_PROTO = {v: k for k, v in OUTCOME_TO_PROTO.items()}
-
-# What a refused dynamic code whose customer is known declines with.
-_CODE_DECLINES: dict[Reason, IdentityDecline] = {
-    Reason.ALREADY_USED: IdentityDecline(
-        "DYNAMIC_CODE_REPLAYED", "dynamic code was already used; a one-time code pays only once"
-    ),
-    Reason.EXPIRED: IdentityDecline("DYNAMIC_CODE_EXPIRED", "dynamic code has expired"),
-}
-_STATUS_DECLINES: dict[NumberStatus, IdentityDecline] = {
-    NumberStatus.SUSPENDED: IdentityDecline("NUMBER_SUSPENDED", "customer number is suspended"),
-    NumberStatus.REVOKED: IdentityDecline("NUMBER_REVOKED", "customer number is revoked"),
-    NumberStatus.ROTATED: IdentityDecline(
-        "NUMBER_ROTATED", "customer number was rotated and a successor number replaces it"
-    ),
-}
 
 
 def _now() -> datetime:
@@ -190,45 +165,36 @@ def _transaction_id(check: Checker, value: str, path: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Who:
-    """Whom a transaction names: exactly one of a canonical number, a dynamic code, an external id."""
-
-    number: str | None = None
-    code: str | None = None
-    external: ExternalRef | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class _Checked:
     """A transaction that passed validation, ready to resolve and score."""
 
     txn: TransactionInput
-    who: _Who
+    who: Payer
     request_id: str
     fingerprint: str
 
 
 def _check_transaction(
     numbering: Numbering, check: Checker, txn: risk_pb2.Transaction, now: datetime
-) -> tuple[_Who, TransactionInput | None]:
+) -> tuple[Payer, TransactionInput | None]:
     """Validate a Transaction at ``transaction``; the input for the engine when nothing was wrong."""
     before = len(check.violations)
     p = "transaction"
     _transaction_id(check, txn.transaction_id, f"{p}.transaction_id")
     which = txn.WhichOneof("customer")
-    who = _Who()
+    who = Payer()
     if which is None:
         check.fail(f"{p}.customer", "must name the customer by customer_number, dynamic_code or external_id")
     elif which == "customer_number":
-        who = _Who(number=_number(numbering, check, txn.customer_number, f"{p}.customer_number"))
+        who = Payer(number=_number(numbering, check, txn.customer_number, f"{p}.customer_number"))
     elif which == "dynamic_code":
         code_problems = len(check.violations)
         check.text(txn.dynamic_code, f"{p}.dynamic_code", required=True, max_length=MAX_CODE_INPUT)
         if len(check.violations) == code_problems and parse_code(txn.dynamic_code) is None:
             check.fail(f"{p}.dynamic_code", "is not a dynamic code (18 digits)")
-        who = _Who(code=txn.dynamic_code)
+        who = Payer(code=txn.dynamic_code)
     else:
-        who = _Who(external=_external_id(check, txn.external_id, f"{p}.external_id"))
+        who = Payer(external=_external_id(check, txn.external_id, f"{p}.external_id"))
     if not txn.HasField("amount"):
         check.fail(f"{p}.amount", "is required")
     else:
@@ -327,26 +293,23 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
     def __init__(
         self,
         engine: RiskEngine,
+        scoring: ScoringService,
         store: SqlCustomerStore,
         numbering: Numbering,
-        dynamic: SqlDynamicCodeStore,
-        transactions: SqlRiskStore,
         *,
         metrics: Metrics,
         guard: FailureGuard,
         commit_workers: int = 1,
     ) -> None:
         self._engine = engine
+        self._scoring = scoring
         self._metrics = metrics
         self._guard = guard
-        self._commits: GroupCommit[ScoreRequest, Scored] = GroupCommit(
-            engine.score_many, limit=COMMIT_BATCH, workers=commit_workers
+        self._commits: GroupCommit[ScoreCall, Scoring] = GroupCommit(
+            scoring.score_many, limit=COMMIT_BATCH, workers=commit_workers
         )
         self._store = store
         self._numbering = numbering
-        self._dynamic = dynamic
-        self._transactions = transactions
-        self._secrets = SecretCipher(dict(numbering.keys.keys))
 
     # -- scoring --------------------------------------------------------------------------------------
 
@@ -355,7 +318,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
     ) -> _Checked:
         check = Checker()
         check.request_id(request.request_id, required=False)
-        who, txn = _Who(), None
+        who, txn = Payer(), None
         if not request.HasField("transaction"):
             check.fail("transaction", "is required")
         else:
@@ -367,7 +330,8 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         return _Checked(txn, who, request.request_id, same)
 
     async def _score(self, checked: _Checked) -> risk_pb2.ScoreTransactionResponse:
-        stored, replayed = await self._commits.submit(await self._prepare(checked))
+        call = self._call(checked)
+        stored, replayed = await self._outcome(call, await self._commits.submit(call))
         response = self._answered(stored, replayed)
         who = checked.who
         annotate_call(
@@ -386,112 +350,23 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             )
         return response
 
-    async def _prepare(self, checked: _Checked) -> ScoreRequest:
-        customer_id, identity = await self._resolve(checked)
-        return ScoreRequest(checked.txn, customer_id, identity, checked.request_id, checked.fingerprint)
+    def _call(self, checked: _Checked) -> ScoreCall:
+        """What the scoring service takes; a caller refused for guessing codes may not present another."""
+        actor = ""
+        if checked.who.code is not None:
+            actor = current_principal().key_id
+            self._guard.check(actor, _now())
+        return ScoreCall(checked.txn, checked.who, checked.request_id, checked.fingerprint, actor)
 
-    async def _resolve(self, checked: _Checked) -> tuple[str, IdentityDecline | None]:
-        who = checked.who
-        if who.number is not None:
-            return await self._by_number(who.number, checked.txn)
-        if who.code is not None:
-            return await self._by_code(who.code, checked)
-        assert who.external is not None
-        customer_id, status = await asyncio.to_thread(self._store.primary_of_external, who.external)
-        # The customer pays under its current primary number; a blocked one blocks the customer.
-        return customer_id, _STATUS_DECLINES.get(status)
-
-    async def _by_number(self, number: str, txn: TransactionInput) -> tuple[str, IdentityDecline | None]:
-        found = await asyncio.to_thread(self._store.find_number, number)
-        if found is None:
-            raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
-        stored, customer_id = found
-        if stored.status is not NumberStatus.ACTIVE:
-            return customer_id, _STATUS_DECLINES[stored.status]
-        if stored.kind is NumberKind.SUB:
-            # A sub number is only as good as its customer's primary, and only inside its scope.
-            primary = await asyncio.to_thread(self._store.primary_status, customer_id)
-            if primary.status is not NumberStatus.ACTIVE:
-                return customer_id, IdentityDecline(
-                    _STATUS_DECLINES[primary.status].code,
-                    f"the primary number of this sub number is {primary.status.value}",
-                )
-            if stored.scope_merchant_id and stored.scope_merchant_id != txn.merchant_id:
-                return customer_id, IdentityDecline(
-                    "NUMBER_OUT_OF_SCOPE", "this sub number may not pay at this merchant"
-                )
-            if stored.scope_channel and stored.scope_channel != txn.channel:
-                return customer_id, IdentityDecline(
-                    "NUMBER_OUT_OF_SCOPE",
-                    f"this sub number may pay only through channel {stored.scope_channel}",
-                )
-        return customer_id, None
-
-    async def _by_code(self, code: str, checked: _Checked) -> tuple[str, IdentityDecline | None]:
-        """Redeem the code (its one use) as RedeemDynamicCode does, keyed by the transaction."""
-        txn = checked.txn
-        earlier = await asyncio.to_thread(self._transactions.get_transaction, txn.transaction_id)
-        if earlier is not None:
-            # A retry (or a reuse) of a stored transaction id: the engine replays the stored answer or refuses
-            # the reuse, and the code is left alone either way.
-            return earlier.transaction.customer_id, None
-        used = checked.request_id != "" and await asyncio.to_thread(
-            self._transactions.request_id_used, checked.request_id
-        )
-        if used:
-            # The engine would refuse it after the redemption below, which would burn the customer's code for
-            # a transaction that was never stored: refuse it first.
-            raise InvalidArgument.field(
-                "request_id", "was already used for a different transaction", reason="IDEMPOTENCY_CONFLICT"
+    async def _outcome(self, call: ScoreCall, scoring: Scoring) -> Scored:
+        """The stored answer of a call, or its error; a guessed dynamic code counts against the caller."""
+        if scoring.redemption is not None:
+            await count_refusal(
+                self._store, self._guard, scoring.redemption, call.actor, _now(), "ScoreTransaction"
             )
-        presented = parse_code(code)
-        assert presented is not None  # validated
-        redemption = f"{txn.transaction_id}\n{presented.handle}{presented.totp}"
-        key = hashlib.sha256(redemption.encode()).hexdigest()
-        now = _now()
-        caller = current_principal().key_id
-        self._guard.check(caller, now)
-        try:
-            answer = await asyncio.to_thread(
-                self._dynamic.redeem,
-                presented,
-                Attempt(
-                    request_id=_REDEMPTION_KEY_PREFIX + key,
-                    fingerprint=checked.fingerprint,
-                    expected_number=None,
-                    merchant_id=txn.merchant_id,
-                    terminal_id=txn.terminal_id,
-                    amount=(txn.amount_minor, txn.currency),
-                    actor=caller,
-                ),
-                open_key=self._secrets.decrypt,
-                now=now,
-                now_step=time_step(now),
-            )
-        except InvalidArgument as error:
-            if error.reason != "IDEMPOTENCY_CONFLICT":
-                raise
-            # The redemption is keyed by the transaction id: the id was used for another transaction.
-            raise InvalidArgument.field(
-                "transaction.transaction_id",
-                "was already used for a different transaction",
-                reason="IDEMPOTENCY_CONFLICT",
-            ) from None
-        await count_refusal(self._store, self._guard, answer, caller, now, "ScoreTransaction")
-        if answer.reason is Reason.OK:
-            return answer.customer_id, None
-        if not answer.customer_id:
-            # UNKNOWN_CODE: no enrolment has this code (or it matches no time), so nobody to attribute to.
-            raise NotFound("no customer has this dynamic code", reason="DYNAMIC_CODE_NOT_FOUND")
-        decline = _CODE_DECLINES.get(answer.reason)
-        if decline is None and answer.reason is Reason.NUMBER_NOT_ACTIVE:
-            found = await asyncio.to_thread(self._store.find_number, answer.number)
-            decline = _STATUS_DECLINES.get(found[0].status) if found is not None else None
-        if decline is None:
-            decline = IdentityDecline(
-                "DYNAMIC_CODE_INVALID", f"dynamic code was refused ({answer.reason.value.replace('_', ' ')})"
-            )
-        return answer.customer_id, decline
+        if isinstance(scoring.result, PosguardError):
+            raise scoring.result
+        return scoring.result
 
     async def ScoreTransaction(
         self, request: risk_pb2.ScoreTransactionRequest, context: Context
@@ -517,34 +392,36 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         self, batch: list[risk_pb2.ScoreTransactionsRequest], first_index: int
     ) -> list[risk_pb2.ScoreTransactionsResponse]:
         replies: list[risk_pb2.ScoreTransactionsResponse] = []
-        ready: list[tuple[risk_pb2.ScoreTransactionsResponse, ScoreRequest]] = []
+        ready: list[tuple[risk_pb2.ScoreTransactionsResponse, ScoreCall]] = []
         for offset, request in enumerate(batch):
             reply = risk_pb2.ScoreTransactionsResponse(
                 index=first_index + offset, transaction_id=_safe_id(request)
             )
             replies.append(reply)
             try:
-                ready.append((reply, await self._prepare(self._check_score(request))))
+                ready.append((reply, self._call(self._check_score(request))))
             except _CALL_ERRORS:
                 raise
             except Exception as error:  # one bad transaction does not end the stream
                 reply.error.CopyFrom(stream_error(error))
         if not ready:
             return replies
-        results: list[Scored | PosguardError] | list[Exception]
+        results: list[Scoring | Exception]
         try:
-            results = await asyncio.to_thread(self._engine.score_many, [request for _, request in ready])
+            results = list(await asyncio.to_thread(self._scoring.score_many, [call for _, call in ready]))
         except _CALL_ERRORS:
             raise
         except Exception as error:
-            results = [error] * len(ready)
-        for (reply, _), result in zip(ready, results, strict=True):
-            if isinstance(result, _CALL_ERRORS):
-                raise result
-            if isinstance(result, Exception):
-                reply.error.CopyFrom(stream_error(result))
-            else:
-                reply.result.CopyFrom(self._answered(*result))
+            results = [error for _ in ready]
+        for (reply, call), result in zip(ready, results, strict=True):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                reply.result.CopyFrom(self._answered(*await self._outcome(call, result)))
+            except _CALL_ERRORS:
+                raise
+            except Exception as error:
+                reply.error.CopyFrom(stream_error(error))
         return replies
 
     # -- outcomes and profiles ------------------------------------------------------------------------
@@ -643,12 +520,12 @@ def build_risk_servicer(
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
         refresh_seconds=settings.model_refresh_seconds,
     )
+    scoring = ScoringService(engine, transactions, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
     return RiskServicer(
         engine,
+        scoring,
         customers,
         numbering,
-        dynamic,
-        transactions,
         metrics=metrics,
         guard=guard,
         commit_workers=_COMMIT_WORKERS[database.dialect],

@@ -7,7 +7,7 @@ and a unique index on the number backs it up.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -795,6 +795,45 @@ def _find_customer(
     if row is None:
         raise NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
     return row
+
+
+# -- reads inside another store's transaction (scoring resolves its customers in its own) --------------
+
+
+def numbers_in(session: Session, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
+    """The stored numbers among ``numbers``, each with its customer id."""
+    if not numbers:
+        return {}
+    rows = session.scalars(select(SqlCustomerNumber).where(SqlCustomerNumber.number.in_(sorted(numbers))))
+    return {row.number: (_number(row), row.customer_id) for row in rows}
+
+
+def primaries_in(session: Session, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
+    """Each customer's current primary number (the static number that has not been replaced)."""
+    if not customer_ids:
+        return {}
+    rows = session.scalars(
+        select(SqlCustomerNumber).where(
+            SqlCustomerNumber.customer_id.in_(sorted(customer_ids)),
+            SqlCustomerNumber.kind == NumberKind.STATIC.value,
+            SqlCustomerNumber.successor_number.is_(None),
+        )
+    )
+    return {row.customer_id: _number(row) for row in rows}
+
+
+def externals_in(session: Session, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
+    """The customer each linked external id among ``refs`` names."""
+    found: dict[ExternalRef, str] = {}
+    for namespace in sorted({ref.namespace for ref in refs}):
+        values = sorted(ref.value for ref in refs if ref.namespace == namespace)
+        rows = session.execute(
+            select(SqlExternalId.value, SqlExternalId.customer_id).where(
+                SqlExternalId.namespace == namespace, SqlExternalId.value.in_(values)
+            )
+        )
+        found.update((ExternalRef(namespace, value), customer_id) for value, customer_id in rows)
+    return found
 
 
 def _number(row: SqlCustomerNumber) -> CustomerNumber:

@@ -7,7 +7,7 @@ kept under its request_id, so a retried redemption gets the first answer instead
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -274,72 +274,7 @@ class SqlDynamicCodeStore:
         self, code: PresentedCode | None, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
     ) -> RedemptionAnswer:
         with self._db.session() as session:
-            earlier = session.get(SqlDynamicCodeAttempt, attempt.request_id)
-            if earlier is not None:
-                if earlier.fingerprint != attempt.fingerprint:
-                    raise _conflict()
-                return RedemptionAnswer(
-                    Reason(earlier.reason), earlier.customer_id or "", earlier.number or "", replayed=True
-                )
-            reason, step, row, primary = self._judge(session, code, attempt, open_key, now_step)
-            attributed = row is not None and reason not in (Reason.UNKNOWN_CODE, Reason.MALFORMED)
-            customer_id = row.customer_id if attributed and row is not None else ""
-            number = primary if attributed else ""
-            if reason is Reason.OK:
-                assert code is not None
-                assert step is not None
-                session.add(
-                    SqlDynamicCodeUse(
-                        handle=code.handle,
-                        step=step,
-                        customer_id=customer_id,
-                        request_id=attempt.request_id,
-                        used_at=now,
-                    )
-                )
-            elif row is not None:
-                # Counted also for UNKNOWN_CODE: guesses against a known handle are a risk signal too.
-                session.execute(
-                    update(SqlDynamicEnrollment)
-                    .where(SqlDynamicEnrollment.id == row.id)
-                    .values(
-                        refusals=SqlDynamicEnrollment.refusals + 1,
-                        replays=SqlDynamicEnrollment.replays + (1 if reason is Reason.ALREADY_USED else 0),
-                        last_refused_at=now,
-                    )
-                )
-            session.add(
-                SqlDynamicCodeAttempt(
-                    request_id=attempt.request_id,
-                    fingerprint=attempt.fingerprint,
-                    reason=reason.value,
-                    handle=code.handle if code is not None else None,
-                    step=step,
-                    customer_id=customer_id or None,
-                    number=number or None,
-                    merchant_id=attempt.merchant_id,
-                    terminal_id=attempt.terminal_id,
-                    amount_minor=attempt.amount[0] if attempt.amount else None,
-                    currency=attempt.amount[1] if attempt.amount else None,
-                    attempted_at=now,
-                    attempted_by=attempt.actor,
-                )
-            )
-            session.flush()
-            if reason is not Reason.MALFORMED:
-                # Never the code: a refused code (e.g. WRONG_CUSTOMER) may still be redeemable.
-                details = {"reason": reason.name, "merchant_id": attempt.merchant_id}
-                if customer_id:
-                    details["customer_id"] = customer_id
-                append_event(
-                    session,
-                    actor=attempt.actor,
-                    action="dynamic_code.redeemed" if reason is Reason.OK else "dynamic_code.refused",
-                    subject=mask(number) if number else "unknown",
-                    details=details,
-                    now=now,
-                )
-            return RedemptionAnswer(reason, customer_id, number, replayed=False)
+            return redeem_in(session, code, attempt, open_key=open_key, now=now, now_step=now_step)
 
     @staticmethod
     def _judge(
@@ -372,6 +307,100 @@ class SqlDynamicCodeStore:
             already_used=used,
         )
         return reason, step, row, primary.number
+
+
+def redeem_in(
+    session: Session,
+    code: PresentedCode | None,
+    attempt: Attempt,
+    *,
+    open_key: OpenKey,
+    now: datetime,
+    now_step: int,
+) -> RedemptionAnswer:
+    """Judge a presented code (None when malformed) and record the answer, inside the caller's transaction.
+
+    The enrolment is locked until the caller commits, so concurrent redemptions of one code are judged one
+    after the other; nothing is kept unless the caller's transaction commits (a failed score spends no code).
+    """
+    earlier = session.get(SqlDynamicCodeAttempt, attempt.request_id)
+    if earlier is not None:
+        if earlier.fingerprint != attempt.fingerprint:
+            raise _conflict()
+        return RedemptionAnswer(
+            Reason(earlier.reason), earlier.customer_id or "", earlier.number or "", replayed=True
+        )
+    reason, step, row, primary = SqlDynamicCodeStore._judge(session, code, attempt, open_key, now_step)
+    attributed = row is not None and reason not in (Reason.UNKNOWN_CODE, Reason.MALFORMED)
+    customer_id = row.customer_id if attributed and row is not None else ""
+    number = primary if attributed else ""
+    if reason is Reason.OK:
+        assert code is not None
+        assert step is not None
+        session.add(
+            SqlDynamicCodeUse(
+                handle=code.handle,
+                step=step,
+                customer_id=customer_id,
+                request_id=attempt.request_id,
+                used_at=now,
+            )
+        )
+    elif row is not None:
+        # Counted also for UNKNOWN_CODE: guesses against a known handle are a risk signal too.
+        session.execute(
+            update(SqlDynamicEnrollment)
+            .where(SqlDynamicEnrollment.id == row.id)
+            .values(
+                refusals=SqlDynamicEnrollment.refusals + 1,
+                replays=SqlDynamicEnrollment.replays + (1 if reason is Reason.ALREADY_USED else 0),
+                last_refused_at=now,
+            )
+        )
+    session.add(
+        SqlDynamicCodeAttempt(
+            request_id=attempt.request_id,
+            fingerprint=attempt.fingerprint,
+            reason=reason.value,
+            handle=code.handle if code is not None else None,
+            step=step,
+            customer_id=customer_id or None,
+            number=number or None,
+            merchant_id=attempt.merchant_id,
+            terminal_id=attempt.terminal_id,
+            amount_minor=attempt.amount[0] if attempt.amount else None,
+            currency=attempt.amount[1] if attempt.amount else None,
+            attempted_at=now,
+            attempted_by=attempt.actor,
+        )
+    )
+    session.flush()
+    if reason is not Reason.MALFORMED:
+        # Never the code: a refused code (e.g. WRONG_CUSTOMER) may still be redeemable.
+        details = {"reason": reason.name, "merchant_id": attempt.merchant_id}
+        if customer_id:
+            details["customer_id"] = customer_id
+        append_event(
+            session,
+            actor=attempt.actor,
+            action="dynamic_code.redeemed" if reason is Reason.OK else "dynamic_code.refused",
+            subject=mask(number) if number else "unknown",
+            details=details,
+            now=now,
+        )
+    return RedemptionAnswer(reason, customer_id, number, replayed=False)
+
+
+def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, str]:
+    """The customer enrolled under each handle that is in use (read without a lock)."""
+    if not handles:
+        return {}
+    rows = session.execute(
+        select(SqlDynamicEnrollment.handle, SqlDynamicEnrollment.customer_id).where(
+            SqlDynamicEnrollment.handle.in_(sorted(handles))
+        )
+    )
+    return {row.handle: row.customer_id for row in rows}
 
 
 def _enrollment(row: SqlDynamicEnrollment) -> StoredEnrollment:

@@ -16,7 +16,8 @@ serialised across processes on the generation row.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -48,6 +49,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, defer, mapped_column
 
+from posguard_server.domain.customers import CustomerNumber, ExternalRef
+from posguard_server.domain.dynamic_codes import PresentedCode
 from posguard_server.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -83,7 +86,21 @@ from posguard_server.domain.risk import (
     promotion_refusal,
 )
 from posguard_server.store.audit import SqlAuditEvent, append_event
-from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer, SqlIdempotencyKey
+from posguard_server.store.customers import (
+    CUSTOMER_ID_MAX,
+    SqlCustomer,
+    SqlIdempotencyKey,
+    externals_in,
+    numbers_in,
+    primaries_in,
+)
+from posguard_server.store.dynamic_codes import (
+    Attempt,
+    OpenKey,
+    RedemptionAnswer,
+    enrolment_owners,
+    redeem_in,
+)
 from posguard_server.store.schema import REQUEST_ID_MAX, Base
 
 if TYPE_CHECKING:
@@ -427,7 +444,12 @@ class SqlRiskStore:
         """
         for attempt in range(_ATTEMPTS):
             try:
-                return self._score_batch(items, now)
+                with self.scoring_unit() as unit:
+                    unit.load_earlier(
+                        [item.record.transaction_id for item in items], [item.request_id for item in items]
+                    )
+                    unit.lock_customers({item.record.customer_id for item in items})
+                    return unit.score(items, now=now)
             except AlreadyExists:
                 # A concurrent call (another replica) stored one of these transaction ids or request ids
                 # first; the re-run finds its row and replays it, or reports the conflict.
@@ -435,85 +457,11 @@ class SqlRiskStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _score_batch(self, items: Sequence[ScoreItem], now: datetime) -> list[Scored | PosguardError]:
-        results: list[Scored | PosguardError] = []
+    @contextmanager
+    def scoring_unit(self) -> Iterator[ScoringUnit]:
+        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit."""
         with self._db.session() as session:
-            # Every customer of the batch, locked up front in one order, so two batches cannot deadlock.
-            known = _lock_customers(session, {item.record.customer_id for item in items})
-            earlier = _Earlier.load(session, items)
-            profiles = _profiles(session, known)
-            # Places of rows added since the last flush; the rest is written in one go at commit.
-            places_written: set[tuple[str, str]] = set()
-            for item in items:
-                record = item.record
-                if record.customer_id not in known:
-                    results.append(NotFound("no such customer", reason="CUSTOMER_NOT_FOUND"))
-                    continue
-                try:
-                    replay = earlier.check(item)
-                except InvalidArgument as conflict:
-                    results.append(conflict)
-                    continue
-                if replay is not None:
-                    results.append((_stored(replay), True))
-                    continue
-                profile = profiles.get(record.customer_id)
-                place = shadow_place = None
-                if item.place_since is not None or item.shadow_place_since is not None:
-                    key = _place_key(record)
-                    if key in places_written:
-                        # An earlier item of this batch paid here: it must count, so write it out first.
-                        session.flush()
-                        places_written.clear()
-                    with session.no_autoflush:
-                        if item.place_since is not None:
-                            place = _place_activity(
-                                session,
-                                record.terminal_id,
-                                record.merchant_id,
-                                item.place_since,
-                                _utc(record.event_time),
-                            )
-                        if item.shadow_place_since is not None:
-                            shadow_place = _place_activity(
-                                session,
-                                record.terminal_id,
-                                record.merchant_id,
-                                item.shadow_place_since,
-                                _utc(record.event_time),
-                            )
-                snapshot = _snapshot(profile) if profile is not None else None
-                if item.shadow_place_since is None:
-                    evaluation = item.evaluate(snapshot, place)
-                else:
-                    evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
-                # Both or neither: a version without a score would count as compared.
-                has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
-                row = SqlRiskTransaction(
-                    **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
-                    fingerprint=item.fingerprint,
-                    request_id=item.request_id or None,
-                    scored_at=_utc(now),
-                    risk_score=evaluation.risk_score,
-                    decision=evaluation.decision.value,
-                    reasons=_reasons_json(evaluation.reasons),
-                    model_scope=evaluation.model_scope.value,
-                    model_version=evaluation.model_version,
-                    history_size=evaluation.history_size,
-                    cold_start=evaluation.cold_start,
-                    features=evaluation.features,
-                    shadow_version=evaluation.shadow_version if has_shadow else None,
-                    shadow_risk_score=evaluation.shadow_risk_score if has_shadow else None,
-                )
-                session.add(row)
-                earlier.add(row)
-                places_written.add(_place_key(record))
-                if evaluation.new_state is not None:
-                    profiles[record.customer_id] = _advance_profile(
-                        session, profile, record, evaluation, evaluation.new_state, now
-                    )
-                results.append((_stored(row), False))
-        return results
+            yield ScoringUnit(session)
 
     def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
         with self._db.session(read_only=True) as session:
@@ -1452,6 +1400,129 @@ class SqlRiskStore:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
+class ScoringUnit:
+    """A batch of scores in one open database transaction: what decides each score is read in it.
+
+    The caller loads the stored transactions the batch names, reads whom it names, locks those customers
+    (``lock_customers``, once, in one order), reads again what may have changed before the lock (a number's
+    status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
+    kept unless the whole block commits.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._earlier = _Earlier({}, set())
+        self._locked: set[str] = set()
+
+    def load_earlier(self, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> None:
+        self._earlier = _Earlier.load(self._session, transaction_ids, request_ids)
+
+    def replay_of(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
+        """The stored transaction a retry replays; None for a new one; InvalidArgument on a conflict."""
+        row = self._earlier.check(transaction_id, fingerprint, request_id)
+        return _stored(row) if row is not None else None
+
+    def lock_customers(self, customer_ids: set[str]) -> set[str]:
+        """Lock the customers until commit; those that exist. Called once per unit, so the order holds."""
+        self._locked = _lock_customers(self._session, customer_ids)
+        return self._locked
+
+    def numbers(self, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
+        return numbers_in(self._session, numbers)
+
+    def primaries(self, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
+        return primaries_in(self._session, customer_ids)
+
+    def externals(self, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
+        return externals_in(self._session, refs)
+
+    def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
+        return enrolment_owners(self._session, handles)
+
+    def redeem(
+        self, code: PresentedCode, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
+    ) -> RedemptionAnswer:
+        return redeem_in(self._session, code, attempt, open_key=open_key, now=now, now_step=now_step)
+
+    def score(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
+        """Store each item with its answer, in order, among the customers locked; one result per item."""
+        session, earlier, known = self._session, self._earlier, self._locked
+        results: list[Scored | PosguardError] = []
+        # Places of rows added since the last flush; the rest is written in one go at commit.
+        places_written: set[tuple[str, str]] = set()
+        profiles = _profiles(session, {item.record.customer_id for item in items} & known)
+        for item in items:
+            record = item.record
+            if record.customer_id not in known:
+                results.append(NotFound("no such customer", reason="CUSTOMER_NOT_FOUND"))
+                continue
+            try:
+                replay = earlier.check(record.transaction_id, item.fingerprint, item.request_id)
+            except InvalidArgument as conflict:
+                results.append(conflict)
+                continue
+            if replay is not None:
+                results.append((_stored(replay), True))
+                continue
+            profile = profiles.get(record.customer_id)
+            place = shadow_place = None
+            if item.place_since is not None or item.shadow_place_since is not None:
+                key = _place_key(record)
+                if key in places_written:
+                    # An earlier item of this batch paid here: it must count, so write it out first.
+                    session.flush()
+                    places_written.clear()
+                with session.no_autoflush:
+                    if item.place_since is not None:
+                        place = _place_activity(
+                            session,
+                            record.terminal_id,
+                            record.merchant_id,
+                            item.place_since,
+                            _utc(record.event_time),
+                        )
+                    if item.shadow_place_since is not None:
+                        shadow_place = _place_activity(
+                            session,
+                            record.terminal_id,
+                            record.merchant_id,
+                            item.shadow_place_since,
+                            _utc(record.event_time),
+                        )
+            snapshot = _snapshot(profile) if profile is not None else None
+            if item.shadow_place_since is None:
+                evaluation = item.evaluate(snapshot, place)
+            else:
+                evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
+            # Both or neither: a version without a score would count as compared.
+            has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
+            row = SqlRiskTransaction(
+                **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
+                fingerprint=item.fingerprint,
+                request_id=item.request_id or None,
+                scored_at=_utc(now),
+                risk_score=evaluation.risk_score,
+                decision=evaluation.decision.value,
+                reasons=_reasons_json(evaluation.reasons),
+                model_scope=evaluation.model_scope.value,
+                model_version=evaluation.model_version,
+                history_size=evaluation.history_size,
+                cold_start=evaluation.cold_start,
+                features=evaluation.features,
+                shadow_version=evaluation.shadow_version if has_shadow else None,
+                shadow_risk_score=evaluation.shadow_risk_score if has_shadow else None,
+            )
+            session.add(row)
+            earlier.add(row)
+            places_written.add(_place_key(record))
+            if evaluation.new_state is not None:
+                profiles[record.customer_id] = _advance_profile(
+                    session, profile, record, evaluation, evaluation.new_state, now
+                )
+            results.append((_stored(row), False))
+        return results
+
+
 def _utc(value: datetime) -> datetime:
     """The same instant in UTC, as the database gives it back, so a first answer equals its replay."""
     if value.tzinfo is None or value.utcoffset() is None:
@@ -1540,9 +1611,9 @@ class _Earlier:
         self._request_ids = request_ids
 
     @classmethod
-    def load(cls, session: Session, items: Sequence[ScoreItem]) -> _Earlier:
-        ids = sorted({item.record.transaction_id for item in items})
-        request_ids = sorted({item.request_id for item in items if item.request_id})
+    def load(cls, session: Session, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> _Earlier:
+        ids = sorted(set(transaction_ids))
+        wanted = sorted({request_id for request_id in request_ids if request_id})
         rows: dict[str, SqlRiskTransaction] = {}
         used: set[str] = set()
         for chunk in _chunks(ids, _CHUNK):
@@ -1550,21 +1621,21 @@ class _Earlier:
                 (row.transaction_id, row)
                 for row in session.scalars(select(_T).where(_T.transaction_id.in_(chunk)))
             )
-        for chunk in _chunks(request_ids, _CHUNK):
+        for chunk in _chunks(wanted, _CHUNK):
             used.update(session.scalars(select(_T.request_id).where(_T.request_id.in_(chunk))))
         return cls(rows, used)
 
-    def check(self, item: ScoreItem) -> SqlRiskTransaction | None:
-        """The stored row ``item`` retries; None for a new transaction; InvalidArgument on a conflict."""
-        row = self._rows.get(item.record.transaction_id)
+    def check(self, transaction_id: str, fingerprint: str, request_id: str) -> SqlRiskTransaction | None:
+        """The stored row a call retries; None for a new transaction; InvalidArgument on a conflict."""
+        row = self._rows.get(transaction_id)
         if row is not None:
             if row.source != TransactionSource.SCORE.value:
                 # Imported history has no stored answer to replay, and scoring it again would duplicate it.
                 raise _transaction_conflict("belongs to imported history")
-            if row.fingerprint != item.fingerprint:
+            if row.fingerprint != fingerprint:
                 raise _transaction_conflict("was already used for a different transaction")
             return row
-        if item.request_id and item.request_id in self._request_ids:
+        if request_id and request_id in self._request_ids:
             raise _request_conflict("was already used for a different transaction")
         return None
 

@@ -1,0 +1,145 @@
+"""The model cache against promotions: a customer model read before a promotion is never served after it.
+
+A real thread loads while the test promotes: the loader is held right after its registry read (so it holds
+the model being replaced), the promotion lands and is noticed, then the loader is let go.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from posguard_models.training import History, Trained, TrainingConfig, train
+from posguard_server.domain.risk import ModelRecord, ModelScope, ModelStatus
+from posguard_server.scoring import CustomerForest, ModelCache
+
+G, C = ModelScope.GLOBAL, ModelScope.CUSTOMER
+ACTIVE, SHADOW = ModelStatus.ACTIVE, ModelStatus.SHADOW
+WHEN = datetime(2025, 3, 1, 12, tzinfo=UTC)
+
+
+def _run(seed: int) -> Trained:
+    rng = np.random.default_rng(seed)
+    customers = np.repeat(np.array(["c1"], dtype=object), 80)
+    times = np.sort(rng.uniform(0, 60 * 86400, 80)) + 1.7e9
+    history = History(
+        customers=customers,
+        times=times,
+        amounts=rng.lognormal(3.0, 0.6, 80),
+        keys=np.array(["t1"] * 80, dtype=object),
+        fraud=np.zeros(80, dtype=bool),
+        label_times=np.full(80, np.nan),
+    )
+    return train(history, TrainingConfig(seed=seed, n_estimators=10, customer_estimators=10))
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Trained]:
+    return {"v1": _run(1), "v2": _run(2)}
+
+
+def _record(scope: ModelScope, customer: str, version: str, status: ModelStatus, blob: bytes) -> ModelRecord:
+    return ModelRecord(
+        id=0,
+        scope=scope,
+        customer_id=customer,
+        version=version,
+        status=status,
+        created_at=WHEN,
+        training_window_start=WHEN,
+        training_window_end=WHEN,
+        sample_count=80,
+        metrics={},
+        activated_at=None,
+        artifact=blob,
+    )
+
+
+class Registry:
+    """The registry reads the cache makes; a customer read can be held after it has read."""
+
+    def __init__(self) -> None:
+        self.generation_value = 0
+        self.models: dict[tuple[ModelStatus, ModelScope, str], ModelRecord] = {}
+        self.hold = False
+        self.has_read = threading.Event()
+        self.let_go = threading.Event()
+        self.customer_reads = 0
+
+    def promote(self, run: Trained, version: str, status: ModelStatus) -> None:
+        self.models[(status, G, "")] = _record(G, "", version, status, run.global_model.to_bytes())
+        (model,) = run.customer_models
+        self.models[(status, C, "c1")] = _record(C, "c1", version, status, model.forest.to_bytes())
+        self.generation_value += 1
+
+    def generation(self) -> int:
+        return self.generation_value
+
+    def _customer_read(self, status: ModelStatus, scope: ModelScope, customer_id: str) -> ModelRecord | None:
+        record = self.models.get((status, scope, customer_id))
+        if scope is C:
+            self.customer_reads += 1
+            if self.hold:
+                self.has_read.set()
+                assert self.let_go.wait(10)
+        return record
+
+    def active_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
+        return self._customer_read(ACTIVE, scope, customer_id)
+
+    def shadow_version(self) -> str | None:
+        versions = {r.version for (status, _, _), r in self.models.items() if status is SHADOW}
+        return min(versions) if versions else None
+
+    def shadow_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
+        return self._customer_read(SHADOW, scope, customer_id)
+
+
+def _version(model: object) -> str:
+    assert isinstance(model, CustomerForest)
+    return model.version
+
+
+@pytest.mark.parametrize("status", [ACTIVE, SHADOW])
+def test_a_load_racing_a_promotion_is_not_served_after_it(
+    runs: dict[str, Trained], status: ModelStatus
+) -> None:
+    registry = Registry()
+    registry.promote(runs["v1"], "v1", ACTIVE)
+    if status is SHADOW:
+        registry.promote(runs["v1"], "v1", SHADOW)
+    cache = ModelCache(registry, refresh_seconds=0.0)  # type: ignore[arg-type]
+    cache.serving()
+    lookup = cache.customer if status is ACTIVE else cache.shadow_customer
+
+    registry.hold = True
+    raced: list[object] = []
+    loader = threading.Thread(target=lambda: raced.append(lookup("c1")))
+    loader.start()
+    assert registry.has_read.wait(10)  # the loader holds v1, not yet cached
+    registry.promote(runs["v2"], "v2", status)
+    active, shadow = cache.serving()  # this server notices the promotion (and clears the cache)
+    assert (active if status is ACTIVE else shadow) is not None
+    registry.hold = False
+    registry.let_go.set()
+    loader.join(10)
+    assert not loader.is_alive()
+    assert _version(raced[0]) == "v1"  # the call that asked before the promotion got its generation's model
+
+    assert _version(lookup("c1")) == "v2"
+    reads = registry.customer_reads
+    assert _version(lookup("c1")) == "v2"
+    assert registry.customer_reads == reads  # v2 is cached
+
+
+def test_models_loaded_in_one_generation_are_cached(runs: dict[str, Trained]) -> None:
+    registry = Registry()
+    registry.promote(runs["v1"], "v1", ACTIVE)
+    cache = ModelCache(registry, refresh_seconds=0.0)  # type: ignore[arg-type]
+    cache.serving()
+    assert _version(cache.customer("c1")) == "v1"
+    assert _version(cache.customer("c1")) == "v1"
+    assert registry.customer_reads == 1
