@@ -16,6 +16,8 @@ from posguard_models.training import History, Trained, TrainingConfig, train
 from posguard_server.domain.risk import ModelRecord, ModelScope, ModelStatus
 from posguard_server.scoring import CustomerForest, ModelCache
 
+from .test_shadow_models import _record
+
 G, C = ModelScope.GLOBAL, ModelScope.CUSTOMER
 ACTIVE, SHADOW = ModelStatus.ACTIVE, ModelStatus.SHADOW
 WHEN = datetime(2025, 3, 1, 12, tzinfo=UTC)
@@ -39,23 +41,6 @@ def _run(seed: int) -> Trained:
 @pytest.fixture(scope="module")
 def runs() -> dict[str, Trained]:
     return {"v1": _run(1), "v2": _run(2)}
-
-
-def _record(scope: ModelScope, customer: str, version: str, status: ModelStatus, blob: bytes) -> ModelRecord:
-    return ModelRecord(
-        id=0,
-        scope=scope,
-        customer_id=customer,
-        version=version,
-        status=status,
-        created_at=WHEN,
-        training_window_start=WHEN,
-        training_window_end=WHEN,
-        sample_count=80,
-        metrics={},
-        activated_at=None,
-        artifact=blob,
-    )
 
 
 class Registry:
