@@ -1,6 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
+        [--only score,stream,verify] [--py-spy DIR]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
 it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
@@ -8,7 +9,9 @@ the size posguard sends), and measures each in turn with the same load generator
 ``--seconds``, requests serialised in advance and replies left unparsed, so the client costs the same for
 both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median over ``--repeats``
 windows, with posguard's ratio to the echo baseline. ``--postgres`` (a server URL) adds ScoreTransaction on a
-fresh PostgreSQL database. Linux only (server CPU is read from /proc).
+fresh PostgreSQL database. ``--only`` measures some of the RPCs. ``--py-spy DIR`` records each posguard server
+under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
+``bench/profile_top.py``. Linux only (server CPU is read from /proc).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,10 +113,13 @@ def _cli(settings: list[str], *args: str) -> str:
 
 
 @contextmanager
-def posguard(data_dir: Path, database_url: str | None, *flags: str) -> Iterator[tuple[Process, str]]:
+def posguard(
+    data_dir: Path, database_url: str | None, *flags: str, profile: Path | None = None
+) -> Iterator[tuple[Process, str]]:
     """A trained posguard server (log level WARNING, no metrics, ``flags`` added) and a gateway key.
 
     Load shedding is off unless ``flags`` set it: this measures how much a server serves, not what it refuses.
+    With ``profile``, py-spy records the server's stacks there until it stops.
     """
     no_shedding = ["--max-concurrent-rpcs", "100000"]
     settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled", *no_shedding]
@@ -127,10 +134,25 @@ def posguard(data_dir: Path, database_url: str | None, *flags: str) -> Iterator[
         [*SERVER, *settings, "--listen", "127.0.0.1:0", "--log-level", "INFO", "serve"],
         r"posguard serving on 127\.0\.0\.1:(\d+)",
     )
+    spy = _py_spy(process, profile) if profile is not None else None
     try:
         yield process, token
     finally:
         process.stop()
+        if spy is not None:
+            spy.wait(60)
+
+
+def _py_spy(process: Process, output: Path) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--py-spy needs py-spy on PATH")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 @contextmanager
@@ -392,22 +414,29 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             _progress(rows[-1])
 
     with tempfile.TemporaryDirectory(prefix="posguard-bench-") as tmp:
-        with posguard(Path(tmp) / "sqlite", None) as (server, token):
+        sqlite_profile = args.py_spy / "sqlite.txt" if args.py_spy else None
+        with posguard(Path(tmp) / "sqlite", None, profile=sqlite_profile) as (server, token):
             requests.numbers = await fetch_numbers(server.port, token, requests.refs)
             with echo(await _reply_size(server, token, requests)) as baseline:
-                await unary("ScoreTransaction", "SQLite", SCORE, server, baseline, token, requests.scores)
-                base, ours = [], []
-                for _ in range(args.repeats):
-                    batch = requests.stream_items(need * 4)
-                    base.append(await stream_window(baseline, ECHO_STREAM, token, batch, args.seconds))
-                    ours.append(await stream_window(server, SCORE_STREAM, token, batch, args.seconds))
-                rows.append(row("ScoreTransactions (stream)", "SQLite", "stream", base, ours))
-                _progress(rows[-1])
-                await unary("VerifyCustomerId", "SQLite", VERIFY, server, baseline, token, requests.verifies)
+                if "score" in args.only:
+                    await unary("ScoreTransaction", "SQLite", SCORE, server, baseline, token, requests.scores)
+                if "stream" in args.only:
+                    base, ours = [], []
+                    for _ in range(args.repeats):
+                        batch = requests.stream_items(need * 4)
+                        base.append(await stream_window(baseline, ECHO_STREAM, token, batch, args.seconds))
+                        ours.append(await stream_window(server, SCORE_STREAM, token, batch, args.seconds))
+                    rows.append(row("ScoreTransactions (stream)", "SQLite", "stream", base, ours))
+                    _progress(rows[-1])
+                if "verify" in args.only:
+                    await unary(
+                        "VerifyCustomerId", "SQLite", VERIFY, server, baseline, token, requests.verifies
+                    )
         if args.postgres:
+            pg_profile = args.py_spy / "postgresql.txt" if args.py_spy else None
             with (
                 scratch_postgres_database(args.postgres, "posguard_bench") as url,
-                posguard(Path(tmp) / "pg", url) as (server, token),
+                posguard(Path(tmp) / "pg", url, profile=pg_profile) as (server, token),
                 echo(await _reply_size(server, token, requests)) as baseline,
             ):
                 await unary("ScoreTransaction", "PostgreSQL", SCORE, server, baseline, token, requests.scores)
@@ -441,6 +470,15 @@ def main() -> None:
     )
     parser.add_argument("--postgres", default="", help="PostgreSQL server URL; a fresh database is made")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default={"score", "stream", "verify"},
+        help="which SQLite measurements: score,stream,verify (--postgres adds its own)",
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, help="record each posguard server with py-spy into this folder"
+    )
     args = parser.parse_args()
     rows = asyncio.run(measure(args))
     print(markdown(rows))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -81,6 +81,10 @@ def prepare_database(settings: Settings) -> Database:
     return database
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class PosguardServer:
     """A built, not yet started, posguard server and the parts it owns."""
 
@@ -91,8 +95,11 @@ class PosguardServer:
         health_servicer: health_aio.HealthServicer,
         database: Database,
         metrics: Metrics,
+        *,
+        writers: Sequence[Closable] = (),
     ) -> None:
         self.settings = settings
+        self._writers = writers
         self.grpc_server = grpc_server
         self.database = database
         self.metrics = metrics
@@ -112,6 +119,9 @@ class PosguardServer:
         """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
+        for writer in self._writers:
+            # Off the loop: a writer may still be committing the batch of a call the grace period cut off.
+            await asyncio.to_thread(writer.close)
         self.metrics.stop_http()
         self.database.dispose()
 
@@ -166,9 +176,8 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database), guard
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk_pb2_grpc.add_RiskServicer_to_server(
-        build_risk_servicer(database, numbering, settings, metrics, guard), server
-    )
+    risk = build_risk_servicer(database, numbering, settings, metrics, guard)
+    risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, SqlRiskStore(database))
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()
@@ -185,7 +194,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     if not port:
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
-    return PosguardServer(settings, server, health_servicer, database, metrics), port
+    return PosguardServer(settings, server, health_servicer, database, metrics, writers=[risk]), port
 
 
 def serving_line(settings: Settings, port: int) -> str:

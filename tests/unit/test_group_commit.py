@@ -98,7 +98,8 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
     async def run() -> list[str]:
         commits = GroupCommit(runner, limit=8)
         first = asyncio.create_task(commits.submit("a"))
-        await asyncio.sleep(0)  # the first batch starts with "a" alone
+        while not runner.batches:  # the first batch starts with "a" alone
+            await asyncio.sleep(0.001)
         impatient = asyncio.create_task(commits.submit("b"))
         patient = asyncio.create_task(commits.submit("c"))
         await asyncio.sleep(0)
@@ -157,3 +158,43 @@ def test_a_call_right_after_a_worker_finished_still_runs() -> None:
 def test_limits_must_be_positive(limit: int, workers: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         GroupCommit(Recorder(), limit=limit, workers=workers)
+
+
+def test_submit_many_returns_each_items_result_or_error_in_order() -> None:
+    runner = Recorder(0)
+
+    async def run() -> list[str | Exception]:
+        return await GroupCommit(runner, limit=2).submit_many(["a", "bad", "c"])
+
+    a, bad, c = asyncio.run(run())
+    assert (a, c) == ("A", "C")
+    assert isinstance(bad, ValueError)
+    assert runner.batches == [["a", "bad"], ["c"]]
+
+
+def test_one_long_lived_writer_runs_every_batch_and_close_stops_it() -> None:
+    runner = Recorder(0)
+    threads: set[threading.Thread] = set()
+
+    def run_batch(items: Sequence[str]) -> list[str | Exception]:
+        threads.add(threading.current_thread())
+        return runner(items)
+
+    commits = GroupCommit(run_batch, limit=4)
+
+    async def run() -> None:
+        for i in range(5):
+            await commits.submit(str(i))
+
+    asyncio.run(run())
+    assert len(runner.batches) == 5
+    (writer,) = threads
+    assert writer.name == "posguard-writer-0"
+    commits.close()
+    assert not writer.is_alive()
+
+    async def after() -> None:
+        await commits.submit("late")
+
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(after())

@@ -3,29 +3,48 @@
 Every score must be durable before it is answered, and on SQLite a durable commit is a sync to disk that
 only one writer at a time may do. Alone, a call gets a batch of one and waits for nothing. Under load, the
 calls that arrive while a batch is committing form the next batch, so one sync serves many callers.
+
+The batches run on long-lived writer threads fed by a queue, not on a thread borrowed per batch: the event
+loop only enqueues and never blocks, a writer picks up whatever has queued when it is free, and one
+callback per batch hands the answers back to the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from posguard_server.domain.deadlines import current_deadline, latest_deadline
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
+_T = TypeVar("_T")
+_Answer = tuple[asyncio.Future[_Result], _Result | Exception]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry(Generic[_Item, _Result]):
+    item: _Item
+    deadline: float | None
+    future: asyncio.Future[_Result]
+    loop: asyncio.AbstractEventLoop
 
 
 class GroupCommit(Generic[_Item, _Result]):
-    """Runs ``run_batch`` (blocking: on a worker thread) over the items of concurrent ``submit`` calls.
+    """Runs ``run_batch`` (blocking) on ``workers`` writer threads over the items of concurrent callers.
 
     ``run_batch`` returns one result or exception per item, in order; an exception it raises is every
-    item's. ``workers`` batches may run at once (1 where the database has one writer). A caller that gives up
-    (its deadline passed) while its item waits takes the item out. A batch runs under the latest deadline of
-    its callers (``domain.deadlines``): it rolls back, writing nothing, only when every one of them has
-    given up. Otherwise an item whose caller left while its batch ran is stored whole, exactly as a call
-    whose answer was lost on the way back, and a retry replays it.
+    item's. ``workers`` batches may run at once (1 where the database has one writer), each of at most
+    ``limit`` items. A caller that gives up (its deadline passed) while its item waits takes the item out.
+    A batch runs under the latest deadline of its callers (``domain.deadlines``): it rolls back, writing
+    nothing, only when every one of them has given up. Otherwise an item whose caller left while its batch
+    ran is stored whole, exactly as a call whose answer was lost on the way back, and a retry replays it.
+    The writers start with the first call; ``close`` stops them once the queue is drained.
     """
 
     def __init__(
@@ -34,51 +53,140 @@ class GroupCommit(Generic[_Item, _Result]):
         *,
         limit: int,
         workers: int = 1,
+        name: str = "posguard-writer",
     ) -> None:
         if limit < 1 or workers < 1:
             raise ValueError("limit and workers must be at least 1")
         self._run_batch = run_batch
         self._limit = limit
         self._workers = workers
-        self._pending: list[tuple[_Item, float | None, asyncio.Future[_Result]]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._name = name
+        # Lists of entries, one per turn of the event loop; None tells a writer to stop.
+        self._queue: queue.SimpleQueue[list[_Entry[_Item, _Result]] | None] = queue.SimpleQueue()
+        self._arriving: list[_Entry[_Item, _Result]] = []
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
+        self._closed = False
 
     async def submit(self, item: _Item) -> _Result:
-        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, current_deadline(), future))
-        # Read done() now, not through a done-callback: callbacks run a loop turn late, and a worker that has
-        # just finished would still be counted, leaving this item with nobody to run it.
-        self._running = {task for task in self._running if not task.done()}
-        if len(self._running) < self._workers:
-            self._running.add(asyncio.create_task(self._drain()))
-        # A caller cancelled while waiting cancels its future; the worker then drops that result.
+        """The result for ``item``, once its batch has committed; its exception if it was refused."""
+        future = self._enqueue([item])[0]
+        # A caller cancelled while waiting cancels its future; the writer then skips or drops it.
         return await future
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._limit]
-            del self._pending[: self._limit]
-            # A caller that gave up while queued (its deadline passed) is dropped before anything is written.
-            batch = [entry for entry in batch if not entry[2].done()]
-            if not batch:
-                continue
-            results: Sequence[_Result | Exception]
-            try:
-                results = await asyncio.to_thread(
-                    self._run, [item for item, _, _ in batch], [deadline for _, deadline, _ in batch]
-                )
-                if len(results) != len(batch):
-                    raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
-            except Exception as error:
-                results = [error] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+    async def submit_many(self, items: Sequence[_Item]) -> list[_Result | Exception]:
+        """``submit`` for several items at once (a stream's batch), in order; errors are returned."""
+        futures = self._enqueue(items)
+        try:
+            await asyncio.wait(futures)
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for the answered; the rest are dropped by the writer
+        results: list[_Result | Exception] = []
+        for future in futures:
+            outcome = _outcome(future)
+            results.append(outcome)
+        return results
 
-    def _run(self, items: list[_Item], deadlines: list[float | None]) -> Sequence[_Result | Exception]:
-        with latest_deadline(deadlines):
-            return self._run_batch(items)
+    def close(self) -> None:
+        """Stop the writers after what is queued has run; calls after this are refused."""
+        with self._start_lock:
+            self._closed = True
+            threads = list(self._threads)
+        self._flush()
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _enqueue(self, items: Sequence[_Item]) -> list[asyncio.Future[_Result]]:
+        if not self._threads:
+            self._start()
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        futures = [loop.create_future() for _ in items]
+        if not self._arriving:
+            # Handed over once this turn of the loop is done: the calls that arrive together go together.
+            loop.call_soon(self._flush)
+        self._arriving.extend(_Entry(i, deadline, f, loop) for i, f in zip(items, futures, strict=True))
+        return futures
+
+    def _flush(self) -> None:
+        arriving, self._arriving = self._arriving, []
+        # In batch-sized pieces, so that every writer can take one.
+        for start in range(0, len(arriving), self._limit):
+            self._queue.put(arriving[start : start + self._limit])
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._threads or self._closed:
+                return
+            for n in range(self._workers):
+                thread = threading.Thread(target=self._write, name=f"{self._name}-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _write(self) -> None:
+        waiting: list[_Entry[_Item, _Result]] = []
+        stop = False
+        while waiting or not stop:
+            if not waiting:
+                arrived = self._queue.get()
+                if arrived is None:
+                    return
+                waiting = arrived
+            # Whatever else has queued joins, up to the limit; the rest waits for the next batch.
+            while len(waiting) < self._limit and not stop:
+                try:
+                    arrived = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if arrived is None:
+                    stop = True
+                else:
+                    waiting.extend(arrived)
+            batch, waiting = waiting[: self._limit], waiting[self._limit :]
+            # A caller that gave up while queued is dropped before anything is written. (Its future is read
+            # from this thread: at worst a caller leaving right now is stored, as if its answer was lost.)
+            batch = [entry for entry in batch if not entry.future.done()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Entry[_Item, _Result]]) -> None:
+        results: Sequence[_Result | Exception]
+        try:
+            with latest_deadline([entry.deadline for entry in batch]):
+                results = self._run_batch([entry.item for entry in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
+        except Exception as error:
+            results = [error] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Answer[_Result]]] = {}
+        for entry, result in zip(batch, results, strict=True):
+            by_loop.setdefault(entry.loop, []).append((entry.future, result))
+        for loop, answers in by_loop.items():
+            # A loop that has closed (RuntimeError) has nobody waiting for these answers any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, answers)
+
+
+def _deliver(answers: list[_Answer[_Result]]) -> None:
+    for future, result in answers:
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _outcome(future: asyncio.Future[_T]) -> _T | Exception:
+    if future.cancelled():
+        # Only the caller cancels a future, and then it never reads the outcome.
+        return RuntimeError("the call was cancelled")
+    error = future.exception()
+    if error is not None:
+        return error if isinstance(error, Exception) else RuntimeError(str(error))
+    return future.result()

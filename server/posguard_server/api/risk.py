@@ -311,6 +311,10 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         self._store = store
         self._numbering = numbering
 
+    def close(self) -> None:
+        """Stop the writer once what is queued has committed (after the server has stopped taking calls)."""
+        self._commits.close()
+
     # -- scoring --------------------------------------------------------------------------------------
 
     def _check_score(
@@ -408,7 +412,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             return replies
         results: list[Scoring | Exception]
         try:
-            results = list(await asyncio.to_thread(self._scoring.score_many, [call for _, call in ready]))
+            results = await self._commits.submit_many([call for _, call in ready])
         except _CALL_ERRORS:
             raise
         except Exception as error:
