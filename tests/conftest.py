@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
 
 from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.migrate import upgrade
+from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.scratch import scratch_postgres_database
 
 if TYPE_CHECKING:
@@ -50,3 +53,16 @@ def database(database_url: str) -> Iterator[Database]:
         yield db
     finally:
         db.dispose()
+
+
+@dataclass(frozen=True, slots=True)
+class RiskStores:
+    """The risk stores on one database, for the store tests that use several of them."""
+
+    risk: SqlRiskStore
+    scoring: SqlScoringStore
+
+
+@pytest.fixture
+def risk_stores(database: Database) -> RiskStores:
+    return RiskStores(risk=SqlRiskStore(database), scoring=SqlScoringStore(database))

@@ -45,7 +45,8 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import PlaceActivity, Scored, ScoreItem, SqlRiskStore
+from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.scoring_writes import PlaceActivity, Scored, ScoreItem, SqlScoringStore
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ class RiskEngine:
     def __init__(
         self,
         store: SqlRiskStore,
+        writes: SqlScoringStore,
         customers: SqlCustomerStore,
         dynamic: SqlDynamicCodeStore,
         *,
@@ -337,6 +339,7 @@ class RiskEngine:
         refresh_seconds: float,
     ) -> None:
         self._store = store
+        self._writes = writes
         self._customers = customers
         self._dynamic = dynamic
         self._thresholds = thresholds
@@ -360,7 +363,7 @@ class RiskEngine:
                 results[slot] = error
             else:
                 slots.append(slot)
-        for slot, result in zip(slots, self._store.score_many(items, now=datetime.now(UTC)), strict=True):
+        for slot, result in zip(slots, self._writes.score_many(items, now=datetime.now(UTC)), strict=True):
             results[slot] = result
         return [result for result in results if result is not None]
 

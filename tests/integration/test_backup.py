@@ -33,7 +33,7 @@ from posguard_server.domain.api_keys import Role, create_key, parse_token, secre
 from posguard_server.pipeline.backup import BackupError, backup, restore, table_member
 from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore
 from posguard_server.store.migrate import current_revision, head_revision, upgrade
-from posguard_server.store.risk import SqlRiskTransaction
+from posguard_server.store.risk_tables import SqlRiskTransaction
 from posguard_server.store.scratch import scratch_postgres_database
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ import posguard
 from posguard.v1 import common_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.store.customers import SqlCustomer, SqlCustomerNumber, SqlNumberCounter
 from posguard_server.store.db import Database
-from posguard_server.store.risk import SqlRiskTransaction
+from posguard_server.store.risk_tables import SqlRiskTransaction
 
 if TYPE_CHECKING:
     from .conftest import Cli, ServeProcess

@@ -22,6 +22,7 @@ from posguard_server.pipeline.importer import (
 )
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.scoring_writes import SqlScoringStore
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -48,10 +49,12 @@ def _csv(tmp_path: Path, rows: list[str]) -> Path:
 
 
 @pytest.fixture
-def parts(database: Database, tmp_path: Path) -> tuple[Importer, SqlRiskStore, SqlCustomerStore]:
-    risk, customers = SqlRiskStore(database), SqlCustomerStore(database)
-    importer = Importer(risk, customers, build_numbering(Settings(data_dir=tmp_path / "data")))
-    return importer, risk, customers
+def parts(database: Database, tmp_path: Path) -> tuple[Importer, SqlScoringStore, SqlCustomerStore]:
+    customers = SqlCustomerStore(database)
+    importer = Importer(
+        SqlRiskStore(database), customers, build_numbering(Settings(data_dir=tmp_path / "data"))
+    )
+    return importer, SqlScoringStore(database), customers
 
 
 def _customer_exists(customers: SqlCustomerStore, ref: str) -> bool:
@@ -63,9 +66,9 @@ def _customer_exists(customers: SqlCustomerStore, ref: str) -> bool:
 
 
 def test_rows_the_rpc_would_refuse_are_rejected_by_line_and_the_rest_stored(
-    parts: tuple[Importer, SqlRiskStore, SqlCustomerStore], tmp_path: Path
+    parts: tuple[Importer, SqlScoringStore, SqlCustomerStore], tmp_path: Path
 ) -> None:
-    importer, risk, customers = parts
+    importer, transactions, customers = parts
     seen: list[int] = []
     summary = importer.import_rows(read_transactions(_csv(tmp_path, ROWS)), progress=seen.append, now=NOW)
 
@@ -80,9 +83,9 @@ def test_rows_the_rpc_would_refuse_are_rejected_by_line_and_the_rest_stored(
     assert sum(seen) == 6  # a progress bar over the file's lines still reaches its end
 
     for stored in ("t-good-1", "t-good-2", "t-good-3"):
-        assert risk.get_transaction(stored) is not None, stored
+        assert transactions.get_transaction(stored) is not None, stored
     for refused in ("t-9999", "t-1999", "t-ahead"):
-        assert risk.get_transaction(refused) is None, refused
+        assert transactions.get_transaction(refused) is None, refused
     assert not _customer_exists(customers, "C9")
     assert not _customer_exists(customers, "C3")
     assert _customer_exists(customers, "C2")

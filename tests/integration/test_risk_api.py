@@ -30,7 +30,7 @@ from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.customers import SqlVerificationFailure
 from posguard_server.store.dynamic_codes import SqlDynamicCodeAttempt, SqlDynamicCodeUse
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.risk import SqlRiskOutcomeReport, SqlRiskProfile, SqlRiskTransaction
+from posguard_server.store.risk_tables import SqlRiskOutcomeReport, SqlRiskProfile, SqlRiskTransaction
 
 if TYPE_CHECKING:
     from .conftest import RunningServer

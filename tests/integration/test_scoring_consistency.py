@@ -28,7 +28,8 @@ from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringS
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeAttempt, SqlDynamicCodeUse
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.risk import ScoringUnit, SqlRiskTransaction
+from posguard_server.store.risk_tables import SqlRiskTransaction
+from posguard_server.store.scoring_writes import ScoringUnit
 
 if TYPE_CHECKING:
     from .conftest import RunningServer

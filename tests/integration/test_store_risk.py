@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import func, insert, select, update
@@ -24,25 +25,22 @@ from posguard_server.domain.risk import (
     StoredTransaction,
     TransactionSource,
 )
-from posguard_server.store import Database, SqlAuditStore, SqlRiskStore
+from posguard_server.store import Database, SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
-from posguard_server.store.risk import (
-    Evaluate,
-    PlaceActivity,
-    ScoreItem,
-    SqlRiskModel,
-    SqlRiskProfile,
-    SqlRiskTransaction,
-)
+from posguard_server.store.risk_tables import SqlRiskModel, SqlRiskProfile, SqlRiskTransaction
+from posguard_server.store.scoring_writes import Evaluate, PlaceActivity, ScoreItem
+
+if TYPE_CHECKING:
+    from ..conftest import RiskStores
 
 T0 = datetime(2025, 3, 1, 8, 0, 0, 250000, tzinfo=UTC)
 NOW = datetime(2025, 3, 2, 9, 30, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def store(database: Database) -> SqlRiskStore:
+def store(database: Database, risk_stores: RiskStores) -> RiskStores:
     _add_customers(database, "c1", "c2", "c3")
-    return SqlRiskStore(database)
+    return risk_stores
 
 
 def _add_customers(database: Database, *customer_ids: str) -> None:
@@ -101,14 +99,14 @@ def _counting(
 
 
 def _score(
-    store: SqlRiskStore,
+    store: RiskStores,
     record: NewTransaction,
     *,
     fingerprint: str = "f" * 64,
     request_id: str = "",
     evaluate: Evaluate | None = None,
 ) -> tuple[StoredTransaction, bool]:
-    return store.score(
+    return store.scoring.score(
         record,
         fingerprint=fingerprint,
         request_id=request_id,
@@ -145,7 +143,7 @@ def _count(database: Database, model: type[SqlRiskTransaction | SqlRiskProfile |
 # -- scoring -------------------------------------------------------------------------------------------
 
 
-def test_score_stores_the_answer_and_updates_the_profile(store: SqlRiskStore) -> None:
+def test_score_stores_the_answer_and_updates_the_profile(store: RiskStores) -> None:
     stored, replayed = _score(store, _tx("tx-1", minutes=5), request_id="req-1")
 
     assert not replayed
@@ -160,10 +158,10 @@ def test_score_stores_the_answer_and_updates_the_profile(store: SqlRiskStore) ->
     assert stored.answer.model_scope is ModelScope.GLOBAL
     assert stored.answer.scored_at == NOW
     assert stored.features == b"\x00" * 16
-    assert store.get_transaction("tx-1") == stored
+    assert store.scoring.get_transaction("tx-1") == stored
 
     _score(store, _tx("tx-2", minutes=1), evaluate=_counting(Decision.REVIEW))
-    profile = store.profile("c1")
+    profile = store.risk.profile("c1")
     assert profile == ProfileSnapshot(
         state=b"2",
         transaction_count=2,
@@ -172,24 +170,22 @@ def test_score_stores_the_answer_and_updates_the_profile(store: SqlRiskStore) ->
         declines=0,
         reviews=1,
     )
-    assert store.profile("c2") is None
+    assert store.risk.profile("c2") is None
 
 
-def test_timestamps_come_back_in_utc(store: SqlRiskStore) -> None:
+def test_timestamps_come_back_in_utc(store: RiskStores) -> None:
     local = timezone(timedelta(hours=8))
     record = NewTransaction("tx-1", "c1", T0.astimezone(local), 100, "CNY", "m1")
-    stored, _ = store.score(
+    stored, _ = store.scoring.score(
         record, fingerprint="f", request_id="", evaluate=_counting(), now=NOW.astimezone(local)
     )
     assert stored.transaction.event_time.tzinfo is UTC
-    assert stored == store.get_transaction("tx-1")
+    assert stored == store.scoring.get_transaction("tx-1")
 
 
-def test_replay_returns_the_stored_answer_and_changes_nothing(
-    store: SqlRiskStore, database: Database
-) -> None:
+def test_replay_returns_the_stored_answer_and_changes_nothing(store: RiskStores, database: Database) -> None:
     first, _ = _score(store, _tx("tx-1"), request_id="req-1")
-    profile = store.profile("c1")
+    profile = store.risk.profile("c1")
 
     def never(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
         raise AssertionError("a replay must not score again")
@@ -199,10 +195,10 @@ def test_replay_returns_the_stored_answer_and_changes_nothing(
     assert replayed
     assert again == first
     assert _count(database, SqlRiskTransaction) == 1
-    assert store.profile("c1") == profile
+    assert store.risk.profile("c1") == profile
 
 
-def test_a_reused_transaction_id_with_another_fingerprint_is_a_conflict(store: SqlRiskStore) -> None:
+def test_a_reused_transaction_id_with_another_fingerprint_is_a_conflict(store: RiskStores) -> None:
     _score(store, _tx("tx-1"))
 
     with pytest.raises(InvalidArgument) as caught:
@@ -212,8 +208,8 @@ def test_a_reused_transaction_id_with_another_fingerprint_is_a_conflict(store: S
     assert caught.value.violations[0].field == "transaction.transaction_id"
 
 
-def test_scoring_an_imported_transaction_id_is_a_conflict(store: SqlRiskStore) -> None:
-    store.import_transactions([_tx("old-1")])
+def test_scoring_an_imported_transaction_id_is_a_conflict(store: RiskStores) -> None:
+    store.risk.import_transactions([_tx("old-1")])
 
     with pytest.raises(InvalidArgument) as caught:
         _score(store, _tx("old-1"))
@@ -222,7 +218,7 @@ def test_scoring_an_imported_transaction_id_is_a_conflict(store: SqlRiskStore) -
     assert caught.value.violations[0].description == "belongs to imported history"
 
 
-def test_a_request_id_reused_for_another_transaction_is_a_conflict(store: SqlRiskStore) -> None:
+def test_a_request_id_reused_for_another_transaction_is_a_conflict(store: RiskStores) -> None:
     _score(store, _tx("tx-1"), request_id="req-1")
 
     with pytest.raises(InvalidArgument) as caught:
@@ -232,14 +228,14 @@ def test_a_request_id_reused_for_another_transaction_is_a_conflict(store: SqlRis
     assert caught.value.violations[0].field == "request_id"
 
 
-def test_scoring_for_an_unknown_customer_is_not_found(store: SqlRiskStore) -> None:
+def test_scoring_for_an_unknown_customer_is_not_found(store: RiskStores) -> None:
     with pytest.raises(NotFound):
         _score(store, _tx("tx-1", customer_id="nobody"))
 
 
-def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: SqlRiskStore) -> None:
+def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: RiskStores) -> None:
     _score(store, _tx("tx-1"))
-    before = store.profile("c1")
+    before = store.risk.profile("c1")
 
     stored, _ = _score(
         store, _tx("tx-2", minutes=9), evaluate=_counting(Decision.DECLINE, counts=False, keep_state=True)
@@ -248,13 +244,13 @@ def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: SqlRis
     assert stored.answer is not None
     assert stored.answer.decision is Decision.DECLINE
     assert not stored.in_history
-    assert store.profile("c1") == before
-    assert [b.transaction_ids for b in store.history()] == [("tx-1",)]
-    summary = store.profile_summary("c1")
+    assert store.risk.profile("c1") == before
+    assert [b.transaction_ids for b in store.risk.history()] == [("tx-1",)]
+    summary = store.risk.profile_summary("c1")
     assert (summary.transaction_count, summary.declines) == (1, 1)
 
 
-def test_concurrent_retries_of_one_transaction_store_it_once(store: SqlRiskStore, database: Database) -> None:
+def test_concurrent_retries_of_one_transaction_store_it_once(store: RiskStores, database: Database) -> None:
     threads_n = 6
     answers: list[tuple[StoredTransaction, bool]] = []
 
@@ -262,12 +258,12 @@ def test_concurrent_retries_of_one_transaction_store_it_once(store: SqlRiskStore
     assert _count(database, SqlRiskTransaction) == 1
     assert len({stored for stored, _ in answers}) == 1
     assert sorted(replayed for _, replayed in answers) == [False] + [True] * (threads_n - 1)
-    profile = store.profile("c1")
+    profile = store.risk.profile("c1")
     assert profile is not None
     assert (profile.transaction_count, profile.state) == (1, b"1")
 
 
-def test_concurrent_scores_of_one_customer_are_serialised(store: SqlRiskStore) -> None:
+def test_concurrent_scores_of_one_customer_are_serialised(store: RiskStores) -> None:
     threads_n, per_thread = 4, 5
 
     def run(worker: int) -> None:
@@ -275,16 +271,14 @@ def test_concurrent_scores_of_one_customer_are_serialised(store: SqlRiskStore) -
             _score(store, _tx(f"tx-{worker}-{i}", minutes=i))
 
     assert _together(threads_n, run) == []
-    profile = store.profile("c1")
+    profile = store.risk.profile("c1")
     assert profile is not None
     # The state counts what each scorer saw: a lost update would leave it below the row count.
     assert profile.transaction_count == threads_n * per_thread
     assert profile.state == str(threads_n * per_thread).encode()
 
 
-def test_score_many_commits_a_batch_and_isolates_refused_items(
-    store: SqlRiskStore, database: Database
-) -> None:
+def test_score_many_commits_a_batch_and_isolates_refused_items(store: RiskStores, database: Database) -> None:
     _score(store, _tx("tx-0"))
     items = [
         ScoreItem(_tx("tx-1", minutes=1), "f" * 64, "", _counting()),
@@ -295,7 +289,7 @@ def test_score_many_commits_a_batch_and_isolates_refused_items(
         ScoreItem(_tx("tx-0"), "f" * 64, "", _counting()),  # a retry replays
     ]
 
-    results = store.score_many(items, now=NOW)
+    results = store.scoring.score_many(items, now=NOW)
 
     assert isinstance(results[1], NotFound)
     assert isinstance(results[2], InvalidArgument)
@@ -310,13 +304,13 @@ def test_score_many_commits_a_batch_and_isolates_refused_items(
     # tx-3 saw tx-1 earlier in the same batch: the state counts every transaction of the customer.
     assert stored[1][0].answer is not None
     assert stored[1][0].answer.history_size == 2
-    profile = store.profile("c1")
+    profile = store.risk.profile("c1")
     assert profile is not None
     assert (profile.transaction_count, profile.state) == (3, b"3")
     assert _count(database, SqlRiskTransaction) == 4
 
 
-def test_a_batch_that_fails_as_a_whole_stores_nothing(store: SqlRiskStore, database: Database) -> None:
+def test_a_batch_that_fails_as_a_whole_stores_nothing(store: RiskStores, database: Database) -> None:
     def broken(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
         raise RuntimeError("scorer bug")
 
@@ -326,13 +320,13 @@ def test_a_batch_that_fails_as_a_whole_stores_nothing(store: SqlRiskStore, datab
     ]
 
     with pytest.raises(RuntimeError):
-        store.score_many(items, now=NOW)
+        store.scoring.score_many(items, now=NOW)
 
     assert _count(database, SqlRiskTransaction) == 0
-    assert store.profile("c1") is None
+    assert store.risk.profile("c1") is None
 
 
-def test_place_activity_inside_a_batch_counts_earlier_items(store: SqlRiskStore) -> None:
+def test_place_activity_inside_a_batch_counts_earlier_items(store: RiskStores) -> None:
     seen: list[PlaceActivity | None] = []
 
     def recording(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
@@ -344,13 +338,13 @@ def test_place_activity_inside_a_batch_counts_earlier_items(store: SqlRiskStore)
         ScoreItem(_tx(f"tx-{i}", customer_id=c, minutes=2 * i), "f" * 64, "", recording, since)
         for i, c in enumerate(["c1", "c2", "c3"])
     ]
-    store.score_many(items, now=NOW)
+    store.scoring.score_many(items, now=NOW)
 
     # All three pay at terminal t0 (even minutes): each sees the customers stored before it, in the batch.
     assert seen == [(0, 0), (0, 1), (0, 2)]
 
 
-def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: SqlRiskStore) -> None:
+def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: RiskStores) -> None:
     threads_n, rounds = 4, 5
 
     def run(worker: int) -> None:
@@ -360,12 +354,12 @@ def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: SqlRi
             items = [
                 ScoreItem(_tx(f"tx-{worker}-{r}-{c}", c, minutes=r), "f" * 64, "", _counting()) for c in order
             ]
-            results = store.score_many(items, now=NOW)
+            results = store.scoring.score_many(items, now=NOW)
             assert all(isinstance(result, tuple) for result in results)
 
     assert _together(threads_n, run) == []
     for customer in ("c1", "c2", "c3"):
-        profile = store.profile(customer)
+        profile = store.risk.profile(customer)
         assert profile is not None
         assert profile.state == str(threads_n * rounds).encode()
 
@@ -373,38 +367,38 @@ def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: SqlRi
 # -- import and history --------------------------------------------------------------------------------
 
 
-def test_import_is_idempotent_and_counts_new_rows(store: SqlRiskStore, database: Database) -> None:
+def test_import_is_idempotent_and_counts_new_rows(store: RiskStores, database: Database) -> None:
     rows = [_tx(f"h-{i}", "c1" if i % 2 else "c2", minutes=i) for i in range(1200)]
 
-    assert store.import_transactions(rows[:700]) == 700
-    assert store.import_transactions(rows) == 500
-    assert store.import_transactions(rows) == 0
-    assert store.import_transactions([_tx("dup"), _tx("dup", amount=5)]) == 1
+    assert store.risk.import_transactions(rows[:700]) == 700
+    assert store.risk.import_transactions(rows) == 500
+    assert store.risk.import_transactions(rows) == 0
+    assert store.risk.import_transactions([_tx("dup"), _tx("dup", amount=5)]) == 1
     assert _count(database, SqlRiskTransaction) == 1201
-    stored = store.get_transaction("h-3")
+    stored = store.scoring.get_transaction("h-3")
     assert stored is not None
     assert (stored.source, stored.answer, stored.in_history) == (TransactionSource.IMPORT, None, True)
     assert stored.transaction == rows[3]
-    assert store.get_transaction("dup") is not None
-    assert store.get_transaction("dup").transaction.amount_minor == 1250  # type: ignore[union-attr]
+    assert store.scoring.get_transaction("dup") is not None
+    assert store.scoring.get_transaction("dup").transaction.amount_minor == 1250  # type: ignore[union-attr]
 
 
 def test_import_for_an_unknown_customer_is_not_found_and_stores_nothing(
-    store: SqlRiskStore, database: Database
+    store: RiskStores, database: Database
 ) -> None:
     with pytest.raises(NotFound) as caught:
-        store.import_transactions([_tx("h-1"), _tx("h-2", customer_id="ghost")])
+        store.risk.import_transactions([_tx("h-1"), _tx("h-2", customer_id="ghost")])
     assert caught.value.metadata == {"customer_id": "ghost"}
     assert _count(database, SqlRiskTransaction) == 0
 
 
-def test_history_is_ordered_and_keeps_customers_whole(store: SqlRiskStore) -> None:
+def test_history_is_ordered_and_keeps_customers_whole(store: RiskStores) -> None:
     rows = [_tx(f"a-{i}", "c1", minutes=100 - i) for i in range(7)]
     rows += [_tx(f"b-{i}", "c2", minutes=i) for i in range(3)]
     rows += [_tx(f"c-{i}", "c3", minutes=i) for i in range(2)]
-    store.import_transactions(rows)
+    store.risk.import_transactions(rows)
 
-    batches = list(store.history(batch_rows=3))
+    batches = list(store.risk.history(batch_rows=3))
 
     seen = [tid for batch in batches for tid in batch.transaction_ids]
     assert seen == [f"a-{i}" for i in reversed(range(7))] + ["b-0", "b-1", "b-2", "c-0", "c-1"]
@@ -422,9 +416,9 @@ def test_history_is_ordered_and_keeps_customers_whole(store: SqlRiskStore) -> No
     assert len(batch) == len(batch.transaction_ids)
 
 
-def test_history_filters(store: SqlRiskStore) -> None:
-    store.import_transactions([_tx(f"h-{i}", "c1" if i < 5 else "c2", minutes=i) for i in range(10)])
-    store.bulk_outcomes(
+def test_history_filters(store: RiskStores) -> None:
+    store.risk.import_transactions([_tx(f"h-{i}", "c1" if i < 5 else "c2", minutes=i) for i in range(10)])
+    store.risk.bulk_outcomes(
         [
             ("h-1", Outcome.FRAUD, NOW),
             ("h-2", Outcome.CHARGEBACK, NOW + timedelta(days=2)),
@@ -433,7 +427,7 @@ def test_history_filters(store: SqlRiskStore) -> None:
     )
 
     def ids(**kwargs: object) -> list[str]:
-        return [tid for batch in store.history(**kwargs) for tid in batch.transaction_ids]  # type: ignore[arg-type]
+        return [tid for batch in store.risk.history(**kwargs) for tid in batch.transaction_ids]  # type: ignore[arg-type]
 
     assert ids() == ["h-0", "h-3", "h-4", "h-5", "h-6", "h-7", "h-8", "h-9"]
     assert ids(exclude_labelled_fraud=False) == [f"h-{i}" for i in range(10)]
@@ -443,16 +437,16 @@ def test_history_filters(store: SqlRiskStore) -> None:
     assert ids(until=T0 + timedelta(minutes=4)) == ["h-0", "h-3"]
     assert ids(customer_ids=["c2"]) == ["h-5", "h-6", "h-7", "h-8", "h-9"]
     assert ids(customer_ids=[]) == []
-    labelled = next(iter(store.history(exclude_labelled_fraud=False)))
+    labelled = next(iter(store.risk.history(exclude_labelled_fraud=False)))
     assert labelled.outcomes[1:4] == (Outcome.FRAUD, Outcome.CHARGEBACK, Outcome.LEGITIMATE)
     assert labelled.outcome_ats[:4] == (None, NOW, NOW + timedelta(days=2), NOW)
 
 
-def test_history_streams_a_customer_larger_than_a_batch(store: SqlRiskStore) -> None:
-    store.import_transactions([_tx(f"h-{i:02d}", "c1", minutes=i) for i in range(11)])
-    store.import_transactions([_tx("x-0", "c2")])
+def test_history_streams_a_customer_larger_than_a_batch(store: RiskStores) -> None:
+    store.risk.import_transactions([_tx(f"h-{i:02d}", "c1", minutes=i) for i in range(11)])
+    store.risk.import_transactions([_tx("x-0", "c2")])
 
-    batches = list(store.history(batch_rows=4))
+    batches = list(store.risk.history(batch_rows=4))
 
     assert [len(batch) for batch in batches] == [11, 1]
     assert batches[0].transaction_ids == tuple(f"h-{i:02d}" for i in range(11))
@@ -461,11 +455,11 @@ def test_history_streams_a_customer_larger_than_a_batch(store: SqlRiskStore) -> 
 # -- outcomes ------------------------------------------------------------------------------------------
 
 
-def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: SqlRiskStore) -> None:
+def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: RiskStores) -> None:
     _score(store, _tx("tx-1"))
 
     def report(outcome: Outcome, request_id: str, fingerprint: str = "a") -> tuple[object, bool]:
-        return store.report_outcome(
+        return store.risk.report_outcome(
             "tx-1",
             outcome,
             reported_at=NOW + timedelta(hours=1),
@@ -481,14 +475,14 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: SqlRi
 
     _, replayed = report(Outcome.CHARGEBACK, "r2", fingerprint="b")
     assert not replayed
-    stored = store.get_transaction("tx-1")
+    stored = store.scoring.get_transaction("tx-1")
     assert stored is not None
     assert stored.outcome is Outcome.CHARGEBACK
     assert stored.outcome_at == NOW + timedelta(hours=1)
 
     # A late retry of the first report replays it and does not write its label back.
     assert report(Outcome.LEGITIMATE, "r1") == (first, True)
-    assert store.get_transaction("tx-1").outcome is Outcome.CHARGEBACK  # type: ignore[union-attr]
+    assert store.scoring.get_transaction("tx-1").outcome is Outcome.CHARGEBACK  # type: ignore[union-attr]
 
     with pytest.raises(InvalidArgument) as caught:
         report(Outcome.FRAUD, "r1", fingerprint="other")
@@ -496,17 +490,17 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: SqlRi
     assert caught.value.violations[0].field == "request_id"
 
 
-def test_report_outcome_for_an_unknown_transaction_is_not_found(store: SqlRiskStore) -> None:
+def test_report_outcome_for_an_unknown_transaction_is_not_found(store: RiskStores) -> None:
     with pytest.raises(NotFound):
-        store.report_outcome(
+        store.risk.report_outcome(
             "nope", Outcome.FRAUD, reported_at=NOW, note="", request_id="r1", fingerprint="a", now=NOW
         )
 
 
-def test_bulk_outcomes_and_labelled(store: SqlRiskStore) -> None:
-    store.import_transactions([_tx(f"h-{i}", minutes=i) for i in range(4)])
+def test_bulk_outcomes_and_labelled(store: RiskStores) -> None:
+    store.risk.import_transactions([_tx(f"h-{i}", minutes=i) for i in range(4)])
 
-    matched = store.bulk_outcomes(
+    matched = store.risk.bulk_outcomes(
         [
             ("h-0", Outcome.FRAUD, NOW),
             ("h-1", Outcome.LEGITIMATE, NOW),
@@ -516,19 +510,19 @@ def test_bulk_outcomes_and_labelled(store: SqlRiskStore) -> None:
     )
 
     assert matched == 3
-    assert [item.transaction_id for item in store.labelled()] == ["h-0", "h-2"]
-    assert [item.transaction_id for item in store.labelled(since=NOW + timedelta(hours=1))] == ["h-2"]
-    assert [item.transaction_id for item in store.labelled(until=NOW + timedelta(hours=1))] == ["h-0"]
-    first = store.labelled()[0]
+    assert [item.transaction_id for item in store.risk.labelled()] == ["h-0", "h-2"]
+    assert [item.transaction_id for item in store.risk.labelled(since=NOW + timedelta(hours=1))] == ["h-2"]
+    assert [item.transaction_id for item in store.risk.labelled(until=NOW + timedelta(hours=1))] == ["h-0"]
+    first = store.risk.labelled()[0]
     assert (first.customer_id, first.merchant_id, first.terminal_id) == ("c1", "m0", "t0")
     assert (first.outcome, first.outcome_at, first.event_time) == (Outcome.FRAUD, NOW, T0)
 
 
-def test_place_activity_counts_customers_and_reported_fraud(store: SqlRiskStore) -> None:
+def test_place_activity_counts_customers_and_reported_fraud(store: RiskStores) -> None:
     def at(tid: str, customer: str, minutes: int, terminal: str, merchant: str = "m1") -> NewTransaction:
         return NewTransaction(tid, customer, T0 + timedelta(minutes=minutes), 100, "CNY", merchant, terminal)
 
-    store.import_transactions(
+    store.risk.import_transactions(
         [
             at("a", "c1", 1, "t1"),
             at("b", "c2", 2, "t1"),
@@ -540,10 +534,10 @@ def test_place_activity_counts_customers_and_reported_fraud(store: SqlRiskStore)
             at("h", "c2", 7, "", merchant="m2"),
         ]
     )
-    store.bulk_outcomes([("b", Outcome.FRAUD, T0 + timedelta(minutes=20)), ("d", Outcome.FRAUD, NOW)])
+    store.risk.bulk_outcomes([("b", Outcome.FRAUD, T0 + timedelta(minutes=20)), ("d", Outcome.FRAUD, NOW)])
 
     def activity(terminal: str, merchant: str = "m1") -> tuple[int, int]:
-        return store.place_activity(
+        return store.scoring.place_activity(
             terminal_id=terminal, merchant_id=merchant, since=T0, until=T0 + timedelta(minutes=30)
         )
 
@@ -558,29 +552,29 @@ def test_place_activity_counts_customers_and_reported_fraud(store: SqlRiskStore)
 # -- profiles ------------------------------------------------------------------------------------------
 
 
-def test_put_profiles_inserts_and_replaces(store: SqlRiskStore) -> None:
+def test_put_profiles_inserts_and_replaces(store: RiskStores) -> None:
     one = ProfileSnapshot(b"s1", 3, T0, T0 + timedelta(days=1), declines=1, reviews=2)
     two = ProfileSnapshot(b"s2", 0, None, None)
 
-    store.put_profiles([("c1", one), ("c2", two)], now=NOW)
-    assert store.profile("c1") == one
-    assert store.profile("c2") == two
+    store.risk.put_profiles([("c1", one), ("c2", two)], now=NOW)
+    assert store.risk.profile("c1") == one
+    assert store.risk.profile("c2") == two
 
-    store.put_profiles([("c1", two)], now=NOW)
-    assert store.profile("c1") == two
+    store.risk.put_profiles([("c1", two)], now=NOW)
+    assert store.risk.profile("c1") == two
     with pytest.raises(NotFound):
-        store.put_profiles([("ghost", one)], now=NOW)
+        store.risk.put_profiles([("ghost", one)], now=NOW)
 
 
-def test_profile_summary_counts_the_customers_transactions(store: SqlRiskStore) -> None:
-    assert store.profile_summary("c1").transaction_count == 0
-    store.import_transactions([_tx(f"h-{i}", minutes=i, amount=100 * (i + 1)) for i in range(5)])
+def test_profile_summary_counts_the_customers_transactions(store: RiskStores) -> None:
+    assert store.risk.profile_summary("c1").transaction_count == 0
+    store.risk.import_transactions([_tx(f"h-{i}", minutes=i, amount=100 * (i + 1)) for i in range(5)])
     _score(store, _tx("tx-1", minutes=60, amount=50), evaluate=_counting(Decision.REVIEW))
     _score(
         store, _tx("tx-2", minutes=61), evaluate=_counting(Decision.DECLINE, counts=False, keep_state=True)
     )
 
-    summary = store.profile_summary("c1")
+    summary = store.risk.profile_summary("c1")
 
     assert summary.transaction_count == 6
     assert (summary.first_seen, summary.last_seen) == (T0, T0 + timedelta(minutes=60))
@@ -607,72 +601,74 @@ def _model(scope: ModelScope, customer_id: str, version: str) -> NewModel:
     )
 
 
-def test_activation_rollback_and_generation(store: SqlRiskStore) -> None:
+def test_activation_rollback_and_generation(store: RiskStores) -> None:
     g = ModelScope.GLOBAL
-    store.add_models([_model(g, "", v) for v in ("g1", "g2", "g3")])
-    assert store.generation() == 0
-    assert store.active_model(g, "") is None
+    store.risk.add_models([_model(g, "", v) for v in ("g1", "g2", "g3")])
+    assert store.risk.generation() == 0
+    assert store.risk.active_model(g, "") is None
 
-    first = store.activate(g, "", "g1", now=NOW)
+    first = store.risk.activate(g, "", "g1", now=NOW)
     assert (first.model.version, first.previous_version, first.changed) == ("g1", "", True)
     assert first.model.status is ModelStatus.ACTIVE
     assert first.model.activated_at == NOW
-    assert store.generation() == 1
+    assert store.risk.generation() == 1
 
-    assert not store.activate(g, "", "g1", now=NOW).changed
-    assert store.generation() == 1
+    assert not store.risk.activate(g, "", "g1", now=NOW).changed
+    assert store.risk.generation() == 1
 
-    second = store.activate(g, "", "g2", now=NOW + timedelta(hours=1))
+    second = store.risk.activate(g, "", "g2", now=NOW + timedelta(hours=1))
     assert second.previous_version == "g1"
-    third = store.activate(g, "", "g3", now=NOW + timedelta(hours=2))
+    third = store.risk.activate(g, "", "g3", now=NOW + timedelta(hours=2))
     assert third.previous_version == "g2"
-    assert store.generation() == 3
-    active = store.active_model(g, "")
+    assert store.risk.generation() == 3
+    active = store.risk.active_model(g, "")
     assert active is not None
     assert (active.version, active.artifact, active.metrics) == ("g3", b"artifact g3", {"roc_auc": 0.91})
 
-    back = store.rollback(g, "", now=NOW + timedelta(hours=3))
+    back = store.risk.rollback(g, "", now=NOW + timedelta(hours=3))
     assert back.model is not None
     assert (back.model.version, back.rolled_back_version) == ("g2", "g3")
-    assert store.generation() == 4
+    assert store.risk.generation() == 4
     # Rolling back again walks further back, never to the version just rolled back.
-    assert store.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"  # type: ignore[union-attr]
+    assert store.risk.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"  # type: ignore[union-attr]
     with pytest.raises(FailedPrecondition) as caught:
-        store.rollback(g, "", now=NOW)
+        store.risk.rollback(g, "", now=NOW)
     assert caught.value.reason == "NO_PREVIOUS_MODEL"
     with pytest.raises(FailedPrecondition) as caught:
-        store.activate(g, "", "g3", now=NOW)
+        store.risk.activate(g, "", "g3", now=NOW)
     assert caught.value.reason == "MODEL_RETIRED"
-    statuses = {m.version: m.status for m in store.list_models(limit=10)[0]}
+    statuses = {m.version: m.status for m in store.risk.list_models(limit=10)[0]}
     assert statuses == {"g1": ModelStatus.ACTIVE, "g2": ModelStatus.RETIRED, "g3": ModelStatus.RETIRED}
 
 
-def test_registry_errors(store: SqlRiskStore) -> None:
-    store.add_models([_model(ModelScope.GLOBAL, "", "v1"), _model(ModelScope.CUSTOMER, "c1", "v1")])
+def test_registry_errors(store: RiskStores) -> None:
+    store.risk.add_models([_model(ModelScope.GLOBAL, "", "v1"), _model(ModelScope.CUSTOMER, "c1", "v1")])
 
     with pytest.raises(AlreadyExists):
-        store.add_models([_model(ModelScope.GLOBAL, "", "v1")])
+        store.risk.add_models([_model(ModelScope.GLOBAL, "", "v1")])
     with pytest.raises(AlreadyExists):
-        store.add_models([_model(ModelScope.CUSTOMER, "c1", "v2"), _model(ModelScope.CUSTOMER, "c1", "v2")])
-    store.add_models([_model(ModelScope.CUSTOMER, "c2", "v1")])  # the same version for another customer
+        store.risk.add_models(
+            [_model(ModelScope.CUSTOMER, "c1", "v2"), _model(ModelScope.CUSTOMER, "c1", "v2")]
+        )
+    store.risk.add_models([_model(ModelScope.CUSTOMER, "c2", "v1")])  # the same version for another customer
     with pytest.raises(NotFound):
-        store.add_models([_model(ModelScope.CUSTOMER, "ghost", "v1")])
+        store.risk.add_models([_model(ModelScope.CUSTOMER, "ghost", "v1")])
     with pytest.raises(InvalidArgument):
-        store.add_models([_model(ModelScope.GLOBAL, "c1", "v9")])
+        store.risk.add_models([_model(ModelScope.GLOBAL, "c1", "v9")])
     with pytest.raises(InvalidArgument):
-        store.add_models([_model(ModelScope.CUSTOMER, "", "v9")])
+        store.risk.add_models([_model(ModelScope.CUSTOMER, "", "v9")])
     with pytest.raises(InvalidArgument):
-        store.activate(ModelScope.NONE, "", "v1", now=NOW)
+        store.risk.activate(ModelScope.NONE, "", "v1", now=NOW)
     with pytest.raises(NotFound):
-        store.activate(ModelScope.CUSTOMER, "c1", "nope", now=NOW)
+        store.risk.activate(ModelScope.CUSTOMER, "c1", "nope", now=NOW)
     with pytest.raises(FailedPrecondition) as caught:
-        store.rollback(ModelScope.CUSTOMER, "c1", now=NOW)
+        store.risk.rollback(ModelScope.CUSTOMER, "c1", now=NOW)
     assert caught.value.reason == "NO_ACTIVE_MODEL"
-    assert store.generation() == 0
+    assert store.risk.generation() == 0
 
 
 def test_a_training_run_larger_than_a_chunk_registers_and_activates(
-    store: SqlRiskStore, database: Database
+    store: RiskStores, database: Database
 ) -> None:
     """A run's models share one version: more of them than one insert chunk must not look taken."""
     customers = [f"k{i:04d}" for i in range(1200)]
@@ -681,22 +677,22 @@ def test_a_training_run_larger_than_a_chunk_registers_and_activates(
         _model(ModelScope.CUSTOMER, c, "run-1") for c in customers
     ]
 
-    store.add_models(models)
-    store.activate_many([(m.scope, m.customer_id, m.version) for m in models], now=NOW)
+    store.risk.add_models(models)
+    store.risk.activate_many([(m.scope, m.customer_id, m.version) for m in models], now=NOW)
 
-    assert len(store.active_models(ModelScope.CUSTOMER)) == 1200
+    assert len(store.risk.active_models(ModelScope.CUSTOMER)) == 1200
     with pytest.raises(AlreadyExists):
-        store.add_models(models[-1:])
+        store.risk.add_models(models[-1:])
 
 
-def test_activate_many_is_one_change(store: SqlRiskStore) -> None:
-    store.add_models(
+def test_activate_many_is_one_change(store: RiskStores) -> None:
+    store.risk.add_models(
         [_model(ModelScope.CUSTOMER, c, v) for c in ("c1", "c2", "c3") for v in ("v1", "v2")]
         + [_model(ModelScope.GLOBAL, "", "v1")]
     )
-    store.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
+    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
 
-    results = store.activate_many(
+    results = store.risk.activate_many(
         [
             (ModelScope.CUSTOMER, "c1", "v2"),
             (ModelScope.CUSTOMER, "c2", "v2"),
@@ -712,8 +708,8 @@ def test_activate_many_is_one_change(store: SqlRiskStore) -> None:
         ("c3", "v1", ""),
         ("", "v1", ""),
     }
-    assert store.generation() == 2
-    active = store.active_models()
+    assert store.risk.generation() == 2
+    active = store.risk.active_models()
     assert sorted((m.scope.value, m.customer_id, m.version) for m in active) == [
         ("CUSTOMER", "c1", "v2"),
         ("CUSTOMER", "c2", "v2"),
@@ -721,42 +717,46 @@ def test_activate_many_is_one_change(store: SqlRiskStore) -> None:
         ("GLOBAL", "", "v1"),
     ]
     assert all(m.artifact is not None for m in active)
-    assert [m.version for m in store.active_models(ModelScope.GLOBAL)] == ["v1"]
+    assert [m.version for m in store.risk.active_models(ModelScope.GLOBAL)] == ["v1"]
     # All or nothing: one unknown version refuses the whole call.
     with pytest.raises(NotFound):
-        store.activate_many([(ModelScope.CUSTOMER, "c3", "v2"), (ModelScope.CUSTOMER, "c2", "v9")], now=NOW)
-    assert store.active_model(ModelScope.CUSTOMER, "c3").version == "v1"  # type: ignore[union-attr]
-    assert store.generation() == 2
+        store.risk.activate_many(
+            [(ModelScope.CUSTOMER, "c3", "v2"), (ModelScope.CUSTOMER, "c2", "v9")], now=NOW
+        )
+    assert store.risk.active_model(ModelScope.CUSTOMER, "c3").version == "v1"  # type: ignore[union-attr]
+    assert store.risk.generation() == 2
 
 
-def test_list_models_pages_newest_first_without_artifacts(store: SqlRiskStore) -> None:
-    store.add_models([_model(ModelScope.CUSTOMER, "c1", f"v{i}") for i in range(5)])
-    store.add_models([_model(ModelScope.GLOBAL, "", "g")])
-    store.activate(ModelScope.CUSTOMER, "c1", "v3", now=NOW)
+def test_list_models_pages_newest_first_without_artifacts(store: RiskStores) -> None:
+    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", f"v{i}") for i in range(5)])
+    store.risk.add_models([_model(ModelScope.GLOBAL, "", "g")])
+    store.risk.activate(ModelScope.CUSTOMER, "c1", "v3", now=NOW)
 
     pages: list[list[str]] = []
     after: int | None = None
     while True:
-        page, after = store.list_models(scope=ModelScope.CUSTOMER, customer_id="c1", limit=2, after_id=after)
+        page, after = store.risk.list_models(
+            scope=ModelScope.CUSTOMER, customer_id="c1", limit=2, after_id=after
+        )
         pages.append([m.version for m in page])
         assert all(m.artifact is None for m in page)
         if after is None:
             break
 
     assert pages == [["v4", "v3"], ["v2", "v1"], ["v0"]]
-    active, _ = store.list_models(active_only=True, limit=10)
+    active, _ = store.risk.list_models(active_only=True, limit=10)
     assert [(m.version, m.active) for m in active] == [("v3", True)]
-    assert [m.version for m in store.list_models(scope=ModelScope.GLOBAL, limit=10)[0]] == ["g"]
-    model = store.get_model(ModelScope.CUSTOMER, "c1", "v1")
+    assert [m.version for m in store.risk.list_models(scope=ModelScope.GLOBAL, limit=10)[0]] == ["g"]
+    model = store.risk.get_model(ModelScope.CUSTOMER, "c1", "v1")
     assert model is not None
     assert model.artifact == b"artifact v1"
 
 
-def test_the_database_allows_one_active_model_per_scope(store: SqlRiskStore, database: Database) -> None:
-    store.add_models([_model(ModelScope.GLOBAL, "", v) for v in ("g1", "g2")])
-    store.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
-    store.activate(ModelScope.GLOBAL, "", "g1", now=NOW)
-    store.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
+def test_the_database_allows_one_active_model_per_scope(store: RiskStores, database: Database) -> None:
+    store.risk.add_models([_model(ModelScope.GLOBAL, "", v) for v in ("g1", "g2")])
+    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
+    store.risk.activate(ModelScope.GLOBAL, "", "g1", now=NOW)
+    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
 
     for version in ("g2", "v2"):
         with pytest.raises(AlreadyExists), database.session() as session:
@@ -781,24 +781,24 @@ def test_the_database_allows_one_active_model_per_scope(store: SqlRiskStore, dat
         )
 
 
-def test_concurrent_activations_leave_one_active(store: SqlRiskStore) -> None:
+def test_concurrent_activations_leave_one_active(store: RiskStores) -> None:
     versions = [f"v{i}" for i in range(4)]
-    store.add_models([_model(ModelScope.GLOBAL, "", v) for v in versions])
+    store.risk.add_models([_model(ModelScope.GLOBAL, "", v) for v in versions])
 
     def run(worker: int) -> None:
-        store.activate(ModelScope.GLOBAL, "", versions[worker], now=NOW)
+        store.risk.activate(ModelScope.GLOBAL, "", versions[worker], now=NOW)
 
     assert _together(len(versions), run) == []
-    statuses = sorted(m.status.value for m in store.list_models(limit=10)[0])
+    statuses = sorted(m.status.value for m in store.risk.list_models(limit=10)[0])
     assert statuses == ["ACTIVE"] + ["RETIRED"] * 3
-    assert store.generation() == 4
+    assert store.risk.generation() == 4
 
 
-def test_promotions_are_audited_with_the_change(store: SqlRiskStore, database: Database) -> None:
-    store.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
-    store.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW, actor="trainer-1", reason="nightly")
-    store.activate(ModelScope.CUSTOMER, "c1", "v2", now=NOW, actor="trainer-1", reason="nightly")
-    store.rollback(ModelScope.CUSTOMER, "c1", now=NOW, actor="admin-1", reason="alert rate doubled")
+def test_promotions_are_audited_with_the_change(store: RiskStores, database: Database) -> None:
+    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
+    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW, actor="trainer-1", reason="nightly")
+    store.risk.activate(ModelScope.CUSTOMER, "c1", "v2", now=NOW, actor="trainer-1", reason="nightly")
+    store.risk.rollback(ModelScope.CUSTOMER, "c1", now=NOW, actor="admin-1", reason="alert rate doubled")
 
     events, _ = SqlAuditStore(database).list(limit=10)
     assert [(e.action, e.actor, e.subject) for e in events] == [

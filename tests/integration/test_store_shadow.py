@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import select
@@ -19,9 +20,13 @@ from posguard_server.domain.risk import (
     Outcome,
     ProfileSnapshot,
 )
-from posguard_server.store import Database, SqlAuditStore, SqlRiskStore
+from posguard_server.store import Database, SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
-from posguard_server.store.risk import PlaceActivity, ScoreItem, SqlRiskTransaction
+from posguard_server.store.risk_tables import SqlRiskTransaction
+from posguard_server.store.scoring_writes import PlaceActivity, ScoreItem
+
+if TYPE_CHECKING:
+    from ..conftest import RiskStores
 
 T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC)
 NOW = datetime(2025, 3, 2, 9, 30, 0, tzinfo=UTC)
@@ -29,7 +34,7 @@ G, C = ModelScope.GLOBAL, ModelScope.CUSTOMER
 
 
 @pytest.fixture
-def store(database: Database) -> SqlRiskStore:
+def store(database: Database, risk_stores: RiskStores) -> RiskStores:
     with database.session() as session:
         for customer_id in ("c1", "c2", "c3"):
             session.add(
@@ -37,7 +42,7 @@ def store(database: Database) -> SqlRiskStore:
                     customer_id=customer_id, issuer="test", created_at=T0, updated_at=T0, created_by="test"
                 )
             )
-    return SqlRiskStore(database)
+    return risk_stores
 
 
 def _model(scope: ModelScope, customer_id: str, version: str) -> NewModel:
@@ -54,16 +59,16 @@ def _model(scope: ModelScope, customer_id: str, version: str) -> NewModel:
     )
 
 
-def _runs(store: SqlRiskStore) -> None:
+def _runs(store: RiskStores) -> None:
     """v1: the active run (global, c1, c2); v2: a full run (global, c1); v3: an incremental run (c2 only)."""
-    store.add_models([_model(G, "", "v1"), _model(C, "c1", "v1"), _model(C, "c2", "v1")])
-    store.add_models([_model(G, "", "v2"), _model(C, "c1", "v2")])
-    store.add_models([_model(C, "c2", "v3")])
-    store.activate_many([(G, "", "v1"), (C, "c1", "v1"), (C, "c2", "v1")], now=NOW)
+    store.risk.add_models([_model(G, "", "v1"), _model(C, "c1", "v1"), _model(C, "c2", "v1")])
+    store.risk.add_models([_model(G, "", "v2"), _model(C, "c1", "v2")])
+    store.risk.add_models([_model(C, "c2", "v3")])
+    store.risk.activate_many([(G, "", "v1"), (C, "c1", "v1"), (C, "c2", "v1")], now=NOW)
 
 
-def _statuses(store: SqlRiskStore) -> dict[tuple[str, str], ModelStatus]:
-    return {(m.version, m.customer_id): m.status for m in store.list_models(limit=100)[0]}
+def _statuses(store: RiskStores) -> dict[tuple[str, str], ModelStatus]:
+    return {(m.version, m.customer_id): m.status for m in store.risk.list_models(limit=100)[0]}
 
 
 def _tx(transaction_id: str, customer_id: str = "c1", *, minutes: int = 0) -> NewTransaction:
@@ -108,34 +113,34 @@ def _scorer(risk_score: float, shadow_version: str = "", shadow_risk_score: floa
 # -- the registry's shadow run -------------------------------------------------------------------------
 
 
-def test_set_shadow_puts_one_run_in_shadow_and_moves_the_previous_one_out(store: SqlRiskStore) -> None:
+def test_set_shadow_puts_one_run_in_shadow_and_moves_the_previous_one_out(store: RiskStores) -> None:
     _runs(store)
-    assert store.generation() == 1
-    assert store.shadow_version() is None
-    assert store.shadow_model(G, "") is None
+    assert store.risk.generation() == 1
+    assert store.risk.shadow_version() is None
+    assert store.risk.shadow_model(G, "") is None
 
-    assert store.set_shadow("v2", now=NOW, actor=None) == 2
+    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 2
 
-    assert store.generation() == 2
-    assert store.shadow_version() == "v2"
-    shadow_global = store.shadow_model(G, "")
+    assert store.risk.generation() == 2
+    assert store.risk.shadow_version() == "v2"
+    shadow_global = store.risk.shadow_model(G, "")
     assert shadow_global is not None
     assert (shadow_global.version, shadow_global.status) == ("v2", ModelStatus.SHADOW)
     assert shadow_global.artifact == b"artifact v2 "
-    shadow_c1 = store.shadow_model(C, "c1")
+    shadow_c1 = store.risk.shadow_model(C, "c1")
     assert shadow_c1 is not None
     assert (shadow_c1.version, shadow_c1.artifact) == ("v2", b"artifact v2 c1")
-    assert store.shadow_model(C, "c2") is None
+    assert store.risk.shadow_model(C, "c2") is None
     # The active models are untouched: shadow never changes what answers.
-    assert [m.version for m in store.active_models()] == ["v1", "v1", "v1"]
+    assert [m.version for m in store.risk.active_models()] == ["v1", "v1", "v1"]
 
     # One shadow run at a time: shadowing v3 sends v2 back to the candidates.
-    assert store.set_shadow("v3", now=NOW, actor=None) == 1
-    assert store.generation() == 3
-    assert store.shadow_version() == "v3"
-    assert store.shadow_model(G, "") is None
-    assert store.shadow_model(C, "c1") is None
-    shadow_c2 = store.shadow_model(C, "c2")
+    assert store.risk.set_shadow("v3", now=NOW, actor=None) == 1
+    assert store.risk.generation() == 3
+    assert store.risk.shadow_version() == "v3"
+    assert store.risk.shadow_model(G, "") is None
+    assert store.risk.shadow_model(C, "c1") is None
+    shadow_c2 = store.risk.shadow_model(C, "c2")
     assert shadow_c2 is not None
     assert shadow_c2.version == "v3"
     assert _statuses(store) == {
@@ -148,70 +153,70 @@ def test_set_shadow_puts_one_run_in_shadow_and_moves_the_previous_one_out(store:
     }
 
 
-def test_set_shadow_refuses_unknown_versions_and_runs_without_candidates(store: SqlRiskStore) -> None:
+def test_set_shadow_refuses_unknown_versions_and_runs_without_candidates(store: RiskStores) -> None:
     _runs(store)
 
     with pytest.raises(NotFound) as not_found:
-        store.set_shadow("v9", now=NOW, actor="admin")
+        store.risk.set_shadow("v9", now=NOW, actor="admin")
     assert (not_found.value.reason, not_found.value.metadata) == ("MODEL_NOT_FOUND", {"version": "v9"})
     with pytest.raises(FailedPrecondition) as active:
-        store.set_shadow("v1", now=NOW, actor="admin")
+        store.risk.set_shadow("v1", now=NOW, actor="admin")
     assert (active.value.reason, active.value.metadata) == ("MODEL_NOT_CANDIDATE", {"version": "v1"})
-    assert store.generation() == 1
+    assert store.risk.generation() == 1
 
-    store.set_shadow("v2", now=NOW, actor=None)
+    store.risk.set_shadow("v2", now=NOW, actor=None)
     # Already in shadow: nothing of it is a candidate any more.
     with pytest.raises(FailedPrecondition) as again:
-        store.set_shadow("v2", now=NOW, actor=None)
+        store.risk.set_shadow("v2", now=NOW, actor=None)
     assert again.value.reason == "MODEL_NOT_CANDIDATE"
-    assert store.generation() == 2
-    assert store.shadow_version() == "v2"
+    assert store.risk.generation() == 2
+    assert store.risk.shadow_version() == "v2"
     with pytest.raises(InvalidArgument):
-        store.shadow_model(ModelScope.NONE, "")
+        store.risk.shadow_model(ModelScope.NONE, "")
     with pytest.raises(InvalidArgument):
-        store.shadow_model(C, "")
+        store.risk.shadow_model(C, "")
 
 
-def test_set_shadow_takes_only_the_candidates_of_a_partly_promoted_run(store: SqlRiskStore) -> None:
+def test_set_shadow_takes_only_the_candidates_of_a_partly_promoted_run(store: RiskStores) -> None:
     _runs(store)
-    store.activate(G, "", "v2", now=NOW)
+    store.risk.activate(G, "", "v2", now=NOW)
 
-    assert store.set_shadow("v2", now=NOW, actor=None) == 1
+    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 1
 
     statuses = _statuses(store)
     assert (statuses[("v2", "")], statuses[("v2", "c1")]) == (ModelStatus.ACTIVE, ModelStatus.SHADOW)
-    assert store.shadow_model(G, "") is None
+    assert store.risk.shadow_model(G, "") is None
     # A shadow model is promoted like a candidate, and is then no longer in shadow.
-    store.activate(C, "c1", "v2", now=NOW)
-    assert store.shadow_version() is None
+    store.risk.activate(C, "c1", "v2", now=NOW)
+    assert store.risk.shadow_version() is None
 
 
-def test_clear_shadow_returns_the_run_to_the_candidates(store: SqlRiskStore) -> None:
+def test_clear_shadow_returns_the_run_to_the_candidates(store: RiskStores) -> None:
     _runs(store)
-    assert store.clear_shadow(now=NOW, actor=None) == 0
-    assert store.generation() == 1  # nothing was in shadow: no reload
+    assert store.risk.clear_shadow(now=NOW, actor=None) == 0
+    assert store.risk.generation() == 1  # nothing was in shadow: no reload
 
-    store.set_shadow("v2", now=NOW, actor=None)
-    assert store.clear_shadow(now=NOW, actor=None) == 2
+    store.risk.set_shadow("v2", now=NOW, actor=None)
+    assert store.risk.clear_shadow(now=NOW, actor=None) == 2
 
-    assert store.generation() == 3
-    assert store.shadow_version() is None
-    assert store.shadow_model(G, "") is None
+    assert store.risk.generation() == 3
+    assert store.risk.shadow_version() is None
+    assert store.risk.shadow_model(G, "") is None
     assert _statuses(store)[("v2", "")] is ModelStatus.CANDIDATE
     assert _statuses(store)[("v2", "c1")] is ModelStatus.CANDIDATE
-    assert store.clear_shadow(now=NOW, actor=None) == 0
-    assert store.generation() == 3
+    assert store.risk.clear_shadow(now=NOW, actor=None) == 0
+    assert store.risk.generation() == 3
     # Cleared runs are candidates again, so they can go back into shadow.
-    assert store.set_shadow("v2", now=NOW, actor=None) == 2
+    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 2
 
 
-def test_shadow_changes_are_audited_with_the_change(store: SqlRiskStore, database: Database) -> None:
+def test_shadow_changes_are_audited_with_the_change(store: RiskStores, database: Database) -> None:
     _runs(store)
-    store.set_shadow("v2", now=NOW, actor="trainer-1", reason="nightly")
-    store.set_shadow("v3", now=NOW, actor="trainer-1")
-    store.clear_shadow(now=NOW, actor="admin-1", reason="enough traffic seen")
-    store.clear_shadow(now=NOW, actor="admin-1")  # nothing in shadow: not an event
-    store.set_shadow("v2", now=NOW, actor=None)  # no actor: not audited
+    store.risk.set_shadow("v2", now=NOW, actor="trainer-1", reason="nightly")
+    store.risk.set_shadow("v3", now=NOW, actor="trainer-1")
+    store.risk.clear_shadow(now=NOW, actor="admin-1", reason="enough traffic seen")
+    store.risk.clear_shadow(now=NOW, actor="admin-1")  # nothing in shadow: not an event
+    store.risk.set_shadow("v2", now=NOW, actor=None)  # no actor: not audited
 
     audit = SqlAuditStore(database)
     events, _ = audit.list(limit=10)
@@ -227,7 +232,7 @@ def test_shadow_changes_are_audited_with_the_change(store: SqlRiskStore, databas
 
 
 def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
-    store: SqlRiskStore, database: Database
+    store: RiskStores, database: Database
 ) -> None:
     scored = [
         ("tx-1", "c1", _scorer(0.10, "v2", 0.30)),
@@ -237,7 +242,7 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
         ("tx-5", "c3", _scorer(0.70, "v2", None)),  # a version without a score is not a comparison
         ("tx-6", "c3", _scorer(0.80, "v2", 0.95)),
     ]
-    results = store.score_many(
+    results = store.scoring.score_many(
         [
             ScoreItem(_tx(tid, customer, minutes=i), "f" * 64, "", evaluate)  # type: ignore[arg-type]
             for i, (tid, customer, evaluate) in enumerate(scored)
@@ -245,19 +250,19 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
         now=NOW,
     )
     assert all(isinstance(result, tuple) for result in results)
-    store.import_transactions([_tx("h-1", "c1", minutes=-5)])
-    store.bulk_outcomes([("tx-1", Outcome.FRAUD, NOW), ("tx-4", Outcome.LEGITIMATE, NOW)])
-    store.bulk_outcomes([("tx-6", Outcome.CHARGEBACK, NOW), ("h-1", Outcome.FRAUD, NOW)])
+    store.risk.import_transactions([_tx("h-1", "c1", minutes=-5)])
+    store.risk.bulk_outcomes([("tx-1", Outcome.FRAUD, NOW), ("tx-4", Outcome.LEGITIMATE, NOW)])
+    store.risk.bulk_outcomes([("tx-6", Outcome.CHARGEBACK, NOW), ("h-1", Outcome.FRAUD, NOW)])
 
-    pairs = store.shadow_pairs("v2")
+    pairs = store.risk.shadow_pairs("v2")
 
     assert len(pairs) == 3
     assert pairs.transaction_ids == ("tx-1", "tx-4", "tx-6")
     assert pairs.active_scores == (0.10, 0.60, 0.80)
     assert pairs.shadow_scores == (0.30, 0.0, 0.95)
     assert pairs.fraud == (True, False, True)
-    assert store.shadow_pairs("v3").transaction_ids == ("tx-3",)
-    assert len(store.shadow_pairs("v9")) == 0
+    assert store.risk.shadow_pairs("v3").transaction_ids == ("tx-3",)
+    assert len(store.risk.shadow_pairs("v9")) == 0
     with database.session(read_only=True) as session:
         rows = {
             tid: (version, score)
@@ -273,21 +278,21 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
     assert rows["tx-5"] == (None, None)
     assert rows["h-1"] == (None, None)
     # A retry replays the stored answer and stores nothing twice.
-    again = store.score_many([ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", _scorer(0.99))], now=NOW)  # type: ignore[arg-type]
+    again = store.scoring.score_many([ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", _scorer(0.99))], now=NOW)  # type: ignore[arg-type]
     assert again[0][1] is True  # type: ignore[index]
-    assert store.shadow_pairs("v2").transaction_ids == ("tx-1", "tx-4", "tx-6")
+    assert store.risk.shadow_pairs("v2").transaction_ids == ("tx-1", "tx-4", "tx-6")
 
 
-def test_a_shadow_feedback_window_reads_the_place_over_its_own_window(store: SqlRiskStore) -> None:
+def test_a_shadow_feedback_window_reads_the_place_over_its_own_window(store: RiskStores) -> None:
     # Fraud was reported for c2 at terminal t1 three days ago and for c3 ten days ago.
-    store.import_transactions(
+    store.risk.import_transactions(
         [
             _tx("h-c2", "c2", minutes=-3 * 24 * 60),
             _tx("h-c3", "c3", minutes=-10 * 24 * 60),
         ]
     )
-    store.bulk_outcomes([("h-c2", Outcome.FRAUD, T0 - timedelta(days=1))])
-    store.bulk_outcomes([("h-c3", Outcome.FRAUD, T0 - timedelta(days=1))])
+    store.risk.bulk_outcomes([("h-c2", Outcome.FRAUD, T0 - timedelta(days=1))])
+    store.risk.bulk_outcomes([("h-c3", Outcome.FRAUD, T0 - timedelta(days=1))])
     calls: list[tuple[PlaceActivity | None, str, PlaceActivity | None]] = []
 
     def recording(
@@ -308,7 +313,7 @@ def test_a_shadow_feedback_window_reads_the_place_over_its_own_window(store: Sql
         return _scorer(0.5)(snapshot, place)  # type: ignore[operator]
 
     week, month = T0 - timedelta(days=7), T0 - timedelta(days=28)
-    store.score_many(
+    store.scoring.score_many(
         [
             ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", recording, week, month),
             ScoreItem(_tx("tx-2", "c1", minutes=1), "f" * 64, "", recording, None, week),

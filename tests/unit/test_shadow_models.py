@@ -78,7 +78,7 @@ def _record(
 
 
 class Registry:
-    """The registry reads of SqlRiskStore the engine makes; ``score_many`` runs each item's scorer."""
+    """The registry reads the engine makes, and its writes: ``score_many`` runs each item's scorer."""
 
     def __init__(self) -> None:
         self.generation_value = 0
@@ -122,6 +122,7 @@ class Registry:
 
 def _engine(registry: Registry) -> RiskEngine:
     return RiskEngine(
+        registry,  # type: ignore[arg-type]
         registry,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]

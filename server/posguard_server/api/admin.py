@@ -25,7 +25,8 @@ from posguard_server.domain.api_keys import ApiKeyRepository, create_key
 from posguard_server.domain.audit import ACTION_MAX, ACTOR_MAX, SUBJECT_MAX, AuditLog
 from posguard_server.domain.risk import ModelScope
 from posguard_server.store.customers import CUSTOMER_ID_MAX
-from posguard_server.store.risk import MODEL_VERSION_MAX, SqlRiskStore
+from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.risk_tables import MODEL_VERSION_MAX
 
 log = logging.getLogger(__name__)
 

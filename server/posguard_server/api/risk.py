@@ -60,13 +60,9 @@ from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringS
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import (
-    OUTCOME_NOTE_MAX,
-    TERMINAL_ID_MAX,
-    TRANSACTION_ID_MAX,
-    Scored,
-    SqlRiskStore,
-)
+from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.risk_tables import OUTCOME_NOTE_MAX, TERMINAL_ID_MAX, TRANSACTION_ID_MAX
+from posguard_server.store.scoring_writes import Scored, SqlScoringStore
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -512,19 +508,21 @@ def build_risk_servicer(
     database: Database, numbering: Numbering, settings: Settings, metrics: Metrics, guard: FailureGuard
 ) -> RiskServicer:
     """The Risk servicer and the engine behind it, on ``database``."""
-    customers, dynamic, transactions = (
+    customers, dynamic, transactions, writes = (
         SqlCustomerStore(database),
         SqlDynamicCodeStore(database),
         SqlRiskStore(database),
+        SqlScoringStore(database),
     )
     engine = RiskEngine(
         transactions,
+        writes,
         customers,
         dynamic,
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
         refresh_seconds=settings.model_refresh_seconds,
     )
-    scoring = ScoringService(engine, transactions, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
+    scoring = ScoringService(engine, writes, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
     return RiskServicer(
         engine,
         scoring,

@@ -39,7 +39,7 @@ from posguard_server.scoring import (
     major_amount,
 )
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer
-from posguard_server.store.risk import Scored, ScoreItem, ScoringUnit, SqlRiskStore
+from posguard_server.store.scoring_writes import Scored, ScoreItem, ScoringUnit, SqlScoringStore
 
 # How often a batch is run again after losing a race: a unique constraint (a code or a transaction id
 # stored concurrently elsewhere), or a link that moved between the first read and the lock. The re-run sees
@@ -116,7 +116,7 @@ class _Pending:
 
 
 class ScoringService:
-    def __init__(self, engine: RiskEngine, store: SqlRiskStore, *, open_key: OpenKey) -> None:
+    def __init__(self, engine: RiskEngine, store: SqlScoringStore, *, open_key: OpenKey) -> None:
         self._engine = engine
         self._store = store
         self._open_key = open_key

@@ -11,6 +11,7 @@ from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.scoring_writes import SqlScoringStore
 
 __all__ = [
     "Database",
@@ -19,4 +20,5 @@ __all__ = [
     "SqlCustomerStore",
     "SqlDynamicCodeStore",
     "SqlRiskStore",
+    "SqlScoringStore",
 ]

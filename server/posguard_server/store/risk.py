@@ -1,10 +1,5 @@
-"""Storage of transaction risk: scored and imported transactions, customer profiles, outcome labels and the
-model registry.
-
-Scoring is one database transaction per call: the customer row is locked first (``FOR NO KEY UPDATE`` on
-PostgreSQL, SQLite's ``BEGIN IMMEDIATE`` serialises writers anyway), so concurrent scores of one customer
-see each other's profile updates, and a retry of a transaction id finds the first answer. The unique index
-on ``transaction_id`` backs this up across customers and replicas.
+"""Storage of transaction risk: imported history, customer profiles, outcome labels and the model registry.
+Scoring writes are in ``scoring_writes``, the tables in ``risk_tables``.
 
 The model registry keeps at most one ACTIVE model per scope and customer (checked here, and by partial
 unique indexes on both backends); every change of an active model bumps a one-row generation counter in the
@@ -16,56 +11,20 @@ serialised across processes on the generation row.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    Double,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    and_,
-    bindparam,
-    case,
-    distinct,
-    func,
-    insert,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Mapped, defer, mapped_column
+from sqlalchemy import and_, bindparam, case, distinct, func, insert, or_, select, update
+from sqlalchemy.orm import defer
 
-from posguard_server.domain.customers import CustomerNumber, ExternalRef
-from posguard_server.domain.dynamic_codes import PresentedCode
-from posguard_server.domain.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PosguardError,
-)
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.domain.risk import (
     METRIC_AP,
     METRIC_BASELINE_AP,
     Activation,
-    Answer,
     Channel,
     Decision,
-    Evaluation,
     HistoryBatch,
     LabelledTransaction,
     ModelRecord,
@@ -80,28 +39,33 @@ from posguard_server.domain.risk import (
     Promotion,
     Rollback,
     ShadowPairs,
-    StoredReason,
-    StoredTransaction,
     TransactionSource,
     promotion_refusal,
 )
 from posguard_server.store.audit import SqlAuditEvent, append_event
-from posguard_server.store.customers import (
-    CUSTOMER_ID_MAX,
-    SqlCustomer,
-    SqlIdempotencyKey,
-    externals_in,
-    numbers_in,
-    primaries_in,
+from posguard_server.store.customers import SqlIdempotencyKey
+from posguard_server.store.risk_tables import (
+    ATTEMPTS,
+    CHUNK,
+    FRAUD_LABELS,
+    GENERATION,
+    MODELS,
+    PROFILES,
+    TRANSACTIONS,
+    SqlRiskModel,
+    SqlRiskModelGeneration,
+    SqlRiskOutcomeReport,
+    SqlRiskProfile,
+    SqlRiskTransaction,
+    chunks,
+    insert_for,
+    profile_snapshot,
+    request_conflict,
+    require_customers,
+    summed_rowcount,
+    transaction_values,
+    utc,
 )
-from posguard_server.store.dynamic_codes import (
-    Attempt,
-    OpenKey,
-    RedemptionAnswer,
-    enrolment_owners,
-    redeem_in,
-)
-from posguard_server.store.schema import REQUEST_ID_MAX, Base
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement
@@ -109,227 +73,9 @@ if TYPE_CHECKING:
 
     from posguard_server.store.db import Database
 
-# Widths callers validate against. The contract allows transaction ids and notes this long.
-TRANSACTION_ID_MAX = 128
-MERCHANT_ID_MAX = 64
-TERMINAL_ID_MAX = 64
-MCC_LENGTH = 4
-CURRENCY_LENGTH = 3
-FINGERPRINT_MAX = 64
-OUTCOME_NOTE_MAX = 1000
-MODEL_VERSION_MAX = 64
-
-# How often a write that lost a race on a unique constraint is re-run; the re-run sees the winner.
-_ATTEMPTS = 3
-# Rows per executemany and values per IN list: well below SQLite's limit on bound parameters.
-_CHUNK = 500
 _HISTORY_BATCH_ROWS = 50_000
-_FRAUD_LABELS = (Outcome.FRAUD.value, Outcome.CHARGEBACK.value)
 # The generation counter's only row.
 _GENERATION_ID = 1
-
-_Item = TypeVar("_Item")
-
-
-def _in_list(column: str, values: Iterable[str]) -> str:
-    quoted = ", ".join(f"'{value}'" for value in values)
-    return f"{column} IN ({quoted})"
-
-
-class SqlRiskTransaction(Base):
-    """One transaction, imported as history or scored live; a scored one carries its answer."""
-
-    __tablename__ = "risk_transactions"
-    __table_args__ = (
-        # Feature history and training read a customer's transactions in event-time order.
-        Index("ix_risk_transactions_customer_time", "customer_id", "event_time", "id"),
-        Index("ix_risk_transactions_outcome", "outcome", "outcome_at"),
-        # Label feedback asks, per score, who paid at a terminal (or a terminal-less merchant) lately.
-        Index("ix_risk_transactions_terminal_time", "terminal_id", "event_time"),
-        Index(
-            "ix_risk_transactions_merchant_time",
-            "merchant_id",
-            "event_time",
-            sqlite_where=text("terminal_id = ''"),
-            postgresql_where=text("terminal_id = ''"),
-        ),
-        # The shadow comparison reads one run's transactions; only transactions scored in shadow are indexed.
-        Index(
-            "ix_risk_transactions_shadow_version",
-            "shadow_version",
-            sqlite_where=text("shadow_version IS NOT NULL"),
-            postgresql_where=text("shadow_version IS NOT NULL"),
-        ),
-        CheckConstraint(_in_list("source", (s.value for s in TransactionSource)), name="source"),
-        CheckConstraint(_in_list("channel", (c.value for c in Channel)), name="channel"),
-        CheckConstraint(_in_list("decision", (d.value for d in Decision)), name="decision"),
-        CheckConstraint(_in_list("model_scope", (s.value for s in ModelScope)), name="model_scope"),
-        CheckConstraint(_in_list("outcome", (o.value for o in Outcome)), name="outcome"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    transaction_id: Mapped[str] = mapped_column(String(TRANSACTION_ID_MAX), unique=True)
-    customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id"))
-    event_time: Mapped[datetime]
-    amount_minor: Mapped[int] = mapped_column(BigInteger)
-    currency: Mapped[str] = mapped_column(String(CURRENCY_LENGTH))
-    merchant_id: Mapped[str] = mapped_column(String(MERCHANT_ID_MAX))
-    terminal_id: Mapped[str] = mapped_column(String(TERMINAL_ID_MAX))
-    mcc: Mapped[str] = mapped_column(String(MCC_LENGTH))
-    channel: Mapped[str] = mapped_column(String(16))
-    latitude: Mapped[float | None] = mapped_column(Double)
-    longitude: Mapped[float | None] = mapped_column(Double)
-    source: Mapped[str] = mapped_column(String(8))
-    # False for a transaction kept only for replay and reports (e.g. a rule decline): not training data.
-    in_history: Mapped[bool] = mapped_column(Boolean)
-    # The scored request's fingerprint: a retry must match it to be answered from the stored answer.
-    fingerprint: Mapped[str | None] = mapped_column(String(FINGERPRINT_MAX))
-    # Unique so that an idempotency key reused for another transaction is refused; NULLs do not collide.
-    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX), unique=True)
-    scored_at: Mapped[datetime | None]
-    risk_score: Mapped[float | None] = mapped_column(Double)
-    decision: Mapped[str | None] = mapped_column(String(16))
-    # JSON list of {"code", "message", "weight"}.
-    reasons: Mapped[str | None] = mapped_column(Text)
-    model_scope: Mapped[str | None] = mapped_column(String(16))
-    model_version: Mapped[str | None] = mapped_column(String(MODEL_VERSION_MAX))
-    history_size: Mapped[int | None] = mapped_column(Integer)
-    cold_start: Mapped[bool | None] = mapped_column(Boolean)
-    # The feature vector as float64 bytes, for reports and evaluation.
-    features: Mapped[bytes | None] = mapped_column(LargeBinary)
-    outcome: Mapped[str | None] = mapped_column(String(16))
-    outcome_at: Mapped[datetime | None]
-    outcome_note: Mapped[str | None] = mapped_column(String(OUTCOME_NOTE_MAX))
-    # The report that set the current label (the full log is risk_outcome_reports).
-    outcome_request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX))
-    # The shadow run scoring alongside the answer's models, and its score (NULL when none was running): for
-    # comparing the two in reports, never part of the answer.
-    shadow_version: Mapped[str | None] = mapped_column(String(MODEL_VERSION_MAX))
-    shadow_risk_score: Mapped[float | None] = mapped_column(Double)
-
-
-class SqlRiskOutcomeReport(Base):
-    """One ReportOutcome call, kept under its request_id so that a retry replays it.
-
-    A log rather than columns on the transaction: a later report may overwrite the label, and a retry of the
-    earlier one must still be recognised as a retry instead of writing its label back.
-    """
-
-    __tablename__ = "risk_outcome_reports"
-    __table_args__ = (CheckConstraint(_in_list("outcome", (o.value for o in Outcome)), name="outcome"),)
-
-    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
-    transaction_id: Mapped[str] = mapped_column(
-        String(TRANSACTION_ID_MAX), ForeignKey("risk_transactions.transaction_id"), index=True
-    )
-    outcome: Mapped[str] = mapped_column(String(16))
-    outcome_at: Mapped[datetime]
-    note: Mapped[str] = mapped_column(String(OUTCOME_NOTE_MAX))
-    received_at: Mapped[datetime]
-
-
-class SqlRiskProfile(Base):
-    """A customer's feature profile. ``state`` is opaque here: the features module encodes and reads it."""
-
-    __tablename__ = "risk_profiles"
-
-    customer_id: Mapped[str] = mapped_column(
-        String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id"), primary_key=True
-    )
-    state: Mapped[bytes] = mapped_column(LargeBinary)
-    transaction_count: Mapped[int] = mapped_column(Integer)
-    first_seen: Mapped[datetime | None]
-    last_seen: Mapped[datetime | None]
-    declines: Mapped[int] = mapped_column(Integer, default=0)
-    reviews: Mapped[int] = mapped_column(Integer, default=0)
-    updated_at: Mapped[datetime]
-
-
-class SqlRiskModel(Base):
-    """A model version in the registry.
-
-    GLOBAL models have a NULL customer_id, so CUSTOMER models keep their foreign key. NULLs never collide in
-    a unique index, so the GLOBAL rows get partial unique indexes of their own (``WHERE customer_id IS
-    NULL``); SQLite and PostgreSQL both support them. The same goes for "at most one ACTIVE".
-    """
-
-    __tablename__ = "risk_models"
-    __table_args__ = (
-        UniqueConstraint("scope", "customer_id", "version", name="uq_risk_models_scope_customer_version"),
-        Index(
-            "uq_risk_models_global_version",
-            "version",
-            unique=True,
-            sqlite_where=text("customer_id IS NULL"),
-            postgresql_where=text("customer_id IS NULL"),
-        ),
-        Index(
-            "uq_risk_models_active_customer",
-            "customer_id",
-            unique=True,
-            sqlite_where=text("status = 'ACTIVE'"),
-            postgresql_where=text("status = 'ACTIVE'"),
-        ),
-        Index(
-            "uq_risk_models_active_global",
-            "scope",
-            unique=True,
-            sqlite_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
-            postgresql_where=text("status = 'ACTIVE' AND customer_id IS NULL"),
-        ),
-        # A training run is promoted, rolled back, put in shadow and reported on by its version.
-        Index("ix_risk_models_version", "version"),
-        # Servers look for the shadow run on every reload; only the shadow run's rows are in this index.
-        Index(
-            "ix_risk_models_shadow_version",
-            "version",
-            sqlite_where=text("status = 'SHADOW'"),
-            postgresql_where=text("status = 'SHADOW'"),
-        ),
-        CheckConstraint("scope IN ('CUSTOMER', 'GLOBAL')", name="scope"),
-        CheckConstraint(_in_list("status", (s.value for s in ModelStatus)), name="status"),
-        CheckConstraint(
-            "(scope = 'GLOBAL' AND customer_id IS NULL) OR (scope = 'CUSTOMER' AND customer_id IS NOT NULL)",
-            name="scope_customer",
-        ),
-    )
-
-    # Ordered by registration: listing is newest first by id.
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    scope: Mapped[str] = mapped_column(String(16))
-    customer_id: Mapped[str | None] = mapped_column(
-        String(CUSTOMER_ID_MAX), ForeignKey("customers.customer_id")
-    )
-    version: Mapped[str] = mapped_column(String(MODEL_VERSION_MAX))
-    status: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime]
-    training_window_start: Mapped[datetime]
-    training_window_end: Mapped[datetime]
-    sample_count: Mapped[int] = mapped_column(Integer)
-    # JSON object of metric name → value.
-    metrics: Mapped[str] = mapped_column(Text)
-    activated_at: Mapped[datetime | None]
-    # The model that was active when this one was activated: where a rollback returns to.
-    previous_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("risk_models.id"))
-    artifact: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class SqlRiskModelGeneration(Base):
-    """One row counting changes of active models; servers compare it to decide whether to reload."""
-
-    __tablename__ = "risk_model_generation"
-    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    generation: Mapped[int] = mapped_column(Integer)
-    changed_at: Mapped[datetime]
-
-
-_TRANSACTIONS = cast(Table, SqlRiskTransaction.__table__)
-_PROFILES = cast(Table, SqlRiskProfile.__table__)
-_MODELS = cast(Table, SqlRiskModel.__table__)
-_GENERATION = cast(Table, SqlRiskModelGeneration.__table__)
 
 _T = SqlRiskTransaction
 _M = SqlRiskModel
@@ -352,126 +98,13 @@ _HISTORY_COLUMNS = (
     _T.outcome_at,
 )
 
-# (customers with fraud reported, customers) at the transaction's place in the feedback window; see
-# ``SqlRiskStore.place_activity``. None when no place was asked for.
-PlaceActivity = tuple[int, int]
-
-
-class Evaluate(Protocol):
-    """The profile the scorer saw (None for a customer without one), the place's activity → what it decided.
-
-    ``shadow_place`` is passed only for an item with ``shadow_place_since``: the place's activity over the
-    shadow run's label-feedback window.
-    """
-
-    def __call__(
-        self,
-        snapshot: ProfileSnapshot | None,
-        place: PlaceActivity | None,
-        /,
-        *,
-        shadow_place: PlaceActivity | None = None,
-    ) -> Evaluation: ...
-
-
-# A stored transaction and whether it was an earlier answer replayed.
-Scored = tuple[StoredTransaction, bool]
 # (scope, customer_id ("" for GLOBAL), version)
 ModelKey = tuple[ModelScope, str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class ScoreItem:
-    """One transaction to score: ``evaluate`` runs inside the transaction, with the customer locked."""
-
-    record: NewTransaction
-    fingerprint: str
-    request_id: str  # "" for none
-    evaluate: Evaluate
-    # Read the place's activity over [place_since, the transaction's time), inside the transaction, so it
-    # counts the transactions stored before this one in the same batch. None: not needed.
-    place_since: datetime | None = None
-    # The same over the shadow run's window, when it differs from ``place_since``'s (each training run picks
-    # its own); handed to ``evaluate`` as ``shadow_place``. None: not needed.
-    shadow_place_since: datetime | None = None
-
-
-def _transaction_conflict(message: str) -> InvalidArgument:
-    return InvalidArgument.field("transaction.transaction_id", message, reason="IDEMPOTENCY_CONFLICT")
-
-
-def _request_conflict(message: str) -> InvalidArgument:
-    return InvalidArgument.field("request_id", message, reason="IDEMPOTENCY_CONFLICT")
 
 
 class SqlRiskStore:
     def __init__(self, database: Database) -> None:
         self._db = database
-
-    # -- scoring --------------------------------------------------------------------------------------
-
-    def score(
-        self,
-        record: NewTransaction,
-        *,
-        fingerprint: str,
-        request_id: str,
-        evaluate: Evaluate,
-        now: datetime,
-        place_since: datetime | None = None,
-    ) -> Scored:
-        """Score and store one transaction and update the customer's profile, all in one transaction.
-
-        Returns ``(stored, replayed)``. A retry of ``record.transaction_id`` with the same ``fingerprint``
-        returns the stored answer and changes nothing, also when it raced the original on another replica.
-        ``evaluate`` runs inside the transaction with the customer locked: it must be quick, must not touch
-        the database, and may be called again if the write lost a race. ``request_id`` "" means none.
-        """
-        (result,) = self.score_many(
-            [ScoreItem(record, fingerprint, request_id, evaluate, place_since)], now=now
-        )
-        if isinstance(result, PosguardError):
-            raise result
-        return result
-
-    def score_many(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
-        """``score`` for several transactions, in order, committed together: one commit, one sync to disk.
-
-        An item that is refused (unknown customer, idempotency conflict) is returned as its error and
-        changes nothing; the others are stored. Each item sees what the items before it stored. Errors of
-        the whole transaction (the database is unavailable, a bug in ``evaluate``) raise, and then nothing of
-        the batch was stored.
-        """
-        for attempt in range(_ATTEMPTS):
-            try:
-                with self.scoring_unit() as unit:
-                    unit.load_earlier(
-                        [item.record.transaction_id for item in items], [item.request_id for item in items]
-                    )
-                    unit.lock_customers({item.record.customer_id for item in items})
-                    return unit.score(items, now=now)
-            except AlreadyExists:
-                # A concurrent call (another replica) stored one of these transaction ids or request ids
-                # first; the re-run finds its row and replays it, or reports the conflict.
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    @contextmanager
-    def scoring_unit(self) -> Iterator[ScoringUnit]:
-        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit."""
-        with self._db.session() as session:
-            yield ScoringUnit(session)
-
-    def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
-        with self._db.session(read_only=True) as session:
-            row = session.scalar(select(_T).where(_T.transaction_id == transaction_id))
-            return _stored(row) if row is not None else None
-
-    def request_id_used(self, request_id: str) -> bool:
-        """Whether a stored transaction was scored under this idempotency key."""
-        with self._db.session(read_only=True) as session:
-            return session.scalar(select(_T.id).where(_T.request_id == request_id).limit(1)) is not None
 
     # -- history --------------------------------------------------------------------------------------
 
@@ -488,22 +121,20 @@ class SqlRiskStore:
             return 0
         added = 0
         with self._db.session() as session:
-            _require_customers(session, {row.customer_id for row in unique.values()})
+            require_customers(session, {row.customer_id for row in unique.values()})
             # ON CONFLICT rather than a read of the ids first: a statement PostgreSQL prepared while the
             # table was small keeps its plan, a scan, for the rest of a long import.
             statement = (
-                _dialect_insert(session)(_TRANSACTIONS)
+                insert_for(session)(TRANSACTIONS)
                 .on_conflict_do_nothing(index_elements=["transaction_id"])
                 .execution_options(preserve_rowcount=True)
             )
             connection = session.connection()
-            for chunk in _chunks(list(unique.values()), _CHUNK):
-                values = [
-                    _transaction_values(row, TransactionSource.IMPORT, in_history=True) for row in chunk
-                ]
+            for chunk in chunks(list(unique.values()), CHUNK):
+                values = [transaction_values(row, TransactionSource.IMPORT, in_history=True) for row in chunk]
                 # A plain executemany (no RETURNING) is the fastest path on both drivers, and both sum its
                 # row counts: skipped rows count 0.
-                added += _summed_rowcount(connection.execute(statement, values).rowcount)
+                added += summed_rowcount(connection.execute(statement, values).rowcount)
         return added
 
     def history(
@@ -529,7 +160,7 @@ class SqlRiskStore:
         if until is not None:
             conditions.append(_T.event_time < until)
         if exclude_labelled_fraud:
-            labelled: ColumnElement[bool] = _T.outcome.in_(_FRAUD_LABELS)
+            labelled: ColumnElement[bool] = _T.outcome.in_(FRAUD_LABELS)
             if labels_known_at is not None:
                 labelled = and_(labelled, _T.outcome_at <= labels_known_at)
             conditions.append(or_(_T.outcome.is_(None), ~labelled))
@@ -537,7 +168,7 @@ class SqlRiskStore:
             groups: Iterable[list[ColumnElement[bool]]] = [conditions]
         else:
             wanted = sorted(set(customer_ids))
-            groups = ([*conditions, _T.customer_id.in_(chunk)] for chunk in _chunks(wanted, _CHUNK))
+            groups = ([*conditions, _T.customer_id.in_(chunk)] for chunk in chunks(wanted, CHUNK))
         pending: list[Any] = []
         for group in groups:
             for page in self._customer_pages(group, batch_rows):
@@ -594,7 +225,7 @@ class SqlRiskStore:
     def profile(self, customer_id: str) -> ProfileSnapshot | None:
         with self._db.session(read_only=True) as session:
             row = session.get(SqlRiskProfile, customer_id)
-            return _snapshot(row) if row is not None else None
+            return profile_snapshot(row) if row is not None else None
 
     def put_profiles(self, profiles: Sequence[tuple[str, ProfileSnapshot]], *, now: datetime) -> None:
         """Insert or replace customers' profiles in one transaction (rebuilding them after an import)."""
@@ -602,9 +233,9 @@ class SqlRiskStore:
         if not latest:
             return
         with self._db.session() as session:
-            _require_customers(session, set(latest))
-            dialect_insert = _dialect_insert(session)
-            statement = dialect_insert(_PROFILES)
+            require_customers(session, set(latest))
+            dialect_insert = insert_for(session)
+            statement = dialect_insert(PROFILES)
             statement = statement.on_conflict_do_update(
                 index_elements=["customer_id"],
                 set_={
@@ -621,7 +252,7 @@ class SqlRiskStore:
                 },
             )
             items = list(latest.items())
-            for chunk in _chunks(items, _CHUNK):
+            for chunk in chunks(items, CHUNK):
                 session.execute(
                     statement,
                     [
@@ -685,18 +316,6 @@ class SqlRiskStore:
             typical_currency=currency,
         )
 
-    def place_activity(
-        self, *, terminal_id: str, merchant_id: str, since: datetime, until: datetime
-    ) -> tuple[int, int]:
-        """``(customers with fraud reported by until, customers)`` who paid at a place in ``[since, until)``.
-
-        The place is the terminal, or the merchant when there is no terminal id: the key training's label
-        feedback uses. Fraud means FRAUD or CHARGEBACK reported at or before ``until``. Counts transactions
-        that are in history, like the training data.
-        """
-        with self._db.session(read_only=True) as session:
-            return _place_activity(session, terminal_id, merchant_id, since, until)
-
     # -- outcomes -------------------------------------------------------------------------------------
 
     def report_outcome(
@@ -716,7 +335,7 @@ class SqlRiskStore:
         retry with the same ``request_id`` and ``fingerprint`` returns what that report set and changes
         nothing, even after a later report replaced its label.
         """
-        for attempt in range(_ATTEMPTS):
+        for attempt in range(ATTEMPTS):
             try:
                 return self._report_once(
                     transaction_id,
@@ -729,7 +348,7 @@ class SqlRiskStore:
                 )
             except AlreadyExists:
                 # The same request_id committed concurrently: the re-run replays it.
-                if attempt == _ATTEMPTS - 1:
+                if attempt == ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
@@ -748,7 +367,7 @@ class SqlRiskStore:
             earlier = session.get(SqlRiskOutcomeReport, request_id)
             if earlier is not None:
                 if earlier.fingerprint != fingerprint:
-                    raise _request_conflict("was already used for a different request")
+                    raise request_conflict("was already used for a different request")
                 customer_id = session.scalar(
                     select(_T.customer_id).where(_T.transaction_id == earlier.transaction_id)
                 )
@@ -762,7 +381,7 @@ class SqlRiskStore:
                     ),
                     True,
                 )
-            outcome_at = _utc(reported_at)
+            outcome_at = utc(reported_at)
             customer_id = session.scalar(
                 update(_T)
                 .where(_T.transaction_id == transaction_id)
@@ -784,7 +403,7 @@ class SqlRiskStore:
                     outcome=outcome.value,
                     outcome_at=outcome_at,
                     note=note,
-                    received_at=_utc(now),
+                    received_at=utc(now),
                 )
             )
             session.flush()
@@ -799,18 +418,18 @@ class SqlRiskStore:
         if not latest:
             return 0
         statement = (
-            update(_TRANSACTIONS)
-            .where(_TRANSACTIONS.c.transaction_id == bindparam("tid"))
+            update(TRANSACTIONS)
+            .where(TRANSACTIONS.c.transaction_id == bindparam("tid"))
             .values(outcome=bindparam("label"), outcome_at=bindparam("at"))
         )
         matched = 0
         with self._db.session() as session:
             connection = session.connection()
-            for chunk in _chunks(list(latest.items()), _CHUNK):
-                params = [{"tid": tid, "label": label.value, "at": _utc(at)} for tid, (label, at) in chunk]
+            for chunk in chunks(list(latest.items()), CHUNK):
+                params = [{"tid": tid, "label": label.value, "at": utc(at)} for tid, (label, at) in chunk]
                 # Both drivers sum the row counts of an executemany (the dialects declare it); unknown ids
                 # count 0. Reading the ids first would risk the scan described in import_transactions.
-                matched += _summed_rowcount(connection.execute(statement, params).rowcount)
+                matched += summed_rowcount(connection.execute(statement, params).rowcount)
         return matched
 
     def labelled(
@@ -827,7 +446,7 @@ class SqlRiskStore:
                 _T.outcome,
                 _T.outcome_at,
             )
-            .where(_T.outcome.in_(_FRAUD_LABELS))
+            .where(_T.outcome.in_(FRAUD_LABELS))
             .order_by(_T.outcome_at, _T.id)
         )
         if since is not None:
@@ -879,18 +498,18 @@ class SqlRiskStore:
                 }
             )
         with self._db.session() as session:
-            _require_customers(session, {v["customer_id"] for v in values if v["customer_id"] is not None})
+            require_customers(session, {v["customer_id"] for v in values if v["customer_id"] is not None})
             # Check everything before inserting anything: a training run's models share one version, so a
             # check after the first chunk's insert would find that chunk.
-            for chunk in _chunks(sorted({v["version"] for v in values}), _CHUNK):
+            for chunk in chunks(sorted({v["version"] for v in values}), CHUNK):
                 taken = session.execute(
                     select(_M.scope, _M.customer_id, _M.version).where(_M.version.in_(chunk))
                 )
                 for scope, customer, version in taken:
                     if (scope, customer, version) in keys:
                         raise _version_taken(version)
-            for rows in _chunks(values, _CHUNK):
-                session.execute(insert(_MODELS), rows)
+            for rows in chunks(values, CHUNK):
+                session.execute(insert(MODELS), rows)
 
     def activate(
         self,
@@ -929,8 +548,8 @@ class SqlRiskStore:
         results: list[Activation] = []
         with self._db.session() as session:
             _lock_registry(session, now)
-            for chunk in _chunks(list(wanted.items()), _CHUNK):
-                results.extend(_activate_chunk(session, chunk, _utc(now)))
+            for chunk in chunks(list(wanted.items()), CHUNK):
+                results.extend(_activate_chunk(session, chunk, utc(now)))
             if any(result.changed for result in results):
                 _bump_generation(session, now)
                 if actor is not None:
@@ -1021,8 +640,8 @@ class SqlRiskStore:
                     refusal, reason="CANDIDATE_NOT_BETTER", metadata={"version": version}
                 )
             keys = [((row.scope, row.customer_id), version) for row in waiting]
-            for chunk in _chunks(keys, _CHUNK):
-                _activate_chunk(session, chunk, _utc(now))
+            for chunk in chunks(keys, CHUNK):
+                _activate_chunk(session, chunk, utc(now))
             _bump_generation(session, now)
             # A run without a GLOBAL model has no one model to answer with: the active global model stays.
             named = head.scope == scope.value
@@ -1138,17 +757,17 @@ class SqlRiskStore:
                     reason="NO_PREVIOUS_MODEL",
                     metadata={"version": version},
                 )
-            for chunk in _chunks([row.id for row in rolled], _CHUNK):
+            for chunk in chunks([row.id for row in rolled], CHUNK):
                 session.execute(
-                    update(_MODELS).where(_MODELS.c.id.in_(chunk)).values(status=ModelStatus.RETIRED.value)
+                    update(MODELS).where(MODELS.c.id.in_(chunk)).values(status=ModelStatus.RETIRED.value)
                 )
             # Retire everything first: the partial unique indexes allow one ACTIVE per slot at any moment.
             previous = [row.previous_id for row in rolled if row.previous_id is not None]
-            for chunk in _chunks(previous, _CHUNK):
+            for chunk in chunks(previous, CHUNK):
                 session.execute(
-                    update(_MODELS)
-                    .where(_MODELS.c.id.in_(chunk))
-                    .values(status=ModelStatus.ACTIVE.value, activated_at=_utc(now))
+                    update(MODELS)
+                    .where(MODELS.c.id.in_(chunk))
+                    .values(status=ModelStatus.ACTIVE.value, activated_at=utc(now))
                 )
             _bump_generation(session, now)
             model = None
@@ -1285,14 +904,14 @@ class SqlRiskStore:
                 )
             previous = _shadow_versions(session)
             session.execute(
-                update(_MODELS)
-                .where(_MODELS.c.status == ModelStatus.SHADOW.value, _MODELS.c.version != version)
+                update(MODELS)
+                .where(MODELS.c.status == ModelStatus.SHADOW.value, MODELS.c.version != version)
                 .values(status=ModelStatus.CANDIDATE.value)
             )
             shadowed = _changed_rows(
                 session,
-                update(_MODELS)
-                .where(_MODELS.c.version == version, _MODELS.c.status == ModelStatus.CANDIDATE.value)
+                update(MODELS)
+                .where(MODELS.c.version == version, MODELS.c.status == ModelStatus.CANDIDATE.value)
                 .values(status=ModelStatus.SHADOW.value),
             )
             _bump_generation(session, now)
@@ -1321,8 +940,8 @@ class SqlRiskStore:
                 return 0
             cleared = _changed_rows(
                 session,
-                update(_MODELS)
-                .where(_MODELS.c.status == ModelStatus.SHADOW.value)
+                update(MODELS)
+                .where(MODELS.c.status == ModelStatus.SHADOW.value)
                 .values(status=ModelStatus.CANDIDATE.value),
             )
             _bump_generation(session, now)
@@ -1393,386 +1012,8 @@ class SqlRiskStore:
                 ids.append(transaction_id)
                 active.append(risk_score)
                 shadow.append(shadow_risk_score)
-                fraud.append(outcome in _FRAUD_LABELS)
+                fraud.append(outcome in FRAUD_LABELS)
         return ShadowPairs(tuple(ids), tuple(active), tuple(shadow), tuple(fraud))
-
-
-# -- helpers ------------------------------------------------------------------------------------------
-
-
-class ScoringUnit:
-    """A batch of scores in one open database transaction: what decides each score is read in it.
-
-    The caller loads the stored transactions the batch names, reads whom it names, locks those customers
-    (``lock_customers``, once, in one order), reads again what may have changed before the lock (a number's
-    status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
-    kept unless the whole block commits.
-    """
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self._earlier = _Earlier({}, set())
-        self._locked: set[str] = set()
-
-    def load_earlier(self, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> None:
-        self._earlier = _Earlier.load(self._session, transaction_ids, request_ids)
-
-    def replay_of(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
-        """The stored transaction a retry replays; None for a new one; InvalidArgument on a conflict."""
-        row = self._earlier.check(transaction_id, fingerprint, request_id)
-        return _stored(row) if row is not None else None
-
-    def lock_customers(self, customer_ids: set[str]) -> set[str]:
-        """Lock the customers until commit; those that exist. Called once per unit, so the order holds."""
-        self._locked = _lock_customers(self._session, customer_ids)
-        return self._locked
-
-    def numbers(self, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
-        return numbers_in(self._session, numbers)
-
-    def primaries(self, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
-        return primaries_in(self._session, customer_ids)
-
-    def externals(self, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
-        return externals_in(self._session, refs)
-
-    def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
-        return enrolment_owners(self._session, handles)
-
-    def redeem(
-        self, code: PresentedCode, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
-    ) -> RedemptionAnswer:
-        return redeem_in(self._session, code, attempt, open_key=open_key, now=now, now_step=now_step)
-
-    def score(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
-        """Store each item with its answer, in order, among the customers locked; one result per item."""
-        session, earlier, known = self._session, self._earlier, self._locked
-        results: list[Scored | PosguardError] = []
-        # Places of rows added since the last flush; the rest is written in one go at commit.
-        places_written: set[tuple[str, str]] = set()
-        profiles = _profiles(session, {item.record.customer_id for item in items} & known)
-        for item in items:
-            record = item.record
-            if record.customer_id not in known:
-                results.append(NotFound("no such customer", reason="CUSTOMER_NOT_FOUND"))
-                continue
-            try:
-                replay = earlier.check(record.transaction_id, item.fingerprint, item.request_id)
-            except InvalidArgument as conflict:
-                results.append(conflict)
-                continue
-            if replay is not None:
-                results.append((_stored(replay), True))
-                continue
-            profile = profiles.get(record.customer_id)
-            place = shadow_place = None
-            if item.place_since is not None or item.shadow_place_since is not None:
-                key = _place_key(record)
-                if key in places_written:
-                    # An earlier item of this batch paid here: it must count, so write it out first.
-                    session.flush()
-                    places_written.clear()
-                with session.no_autoflush:
-                    if item.place_since is not None:
-                        place = _place_activity(
-                            session,
-                            record.terminal_id,
-                            record.merchant_id,
-                            item.place_since,
-                            _utc(record.event_time),
-                        )
-                    if item.shadow_place_since is not None:
-                        shadow_place = _place_activity(
-                            session,
-                            record.terminal_id,
-                            record.merchant_id,
-                            item.shadow_place_since,
-                            _utc(record.event_time),
-                        )
-            snapshot = _snapshot(profile) if profile is not None else None
-            if item.shadow_place_since is None:
-                evaluation = item.evaluate(snapshot, place)
-            else:
-                evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
-            # Both or neither: a version without a score would count as compared.
-            has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
-            row = SqlRiskTransaction(
-                **_transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
-                fingerprint=item.fingerprint,
-                request_id=item.request_id or None,
-                scored_at=_utc(now),
-                risk_score=evaluation.risk_score,
-                decision=evaluation.decision.value,
-                reasons=_reasons_json(evaluation.reasons),
-                model_scope=evaluation.model_scope.value,
-                model_version=evaluation.model_version,
-                history_size=evaluation.history_size,
-                cold_start=evaluation.cold_start,
-                features=evaluation.features,
-                shadow_version=evaluation.shadow_version if has_shadow else None,
-                shadow_risk_score=evaluation.shadow_risk_score if has_shadow else None,
-            )
-            session.add(row)
-            earlier.add(row)
-            places_written.add(_place_key(record))
-            if evaluation.new_state is not None:
-                profiles[record.customer_id] = _advance_profile(
-                    session, profile, record, evaluation, evaluation.new_state, now
-                )
-            results.append((_stored(row), False))
-        return results
-
-
-def _utc(value: datetime) -> datetime:
-    """The same instant in UTC, as the database gives it back, so a first answer equals its replay."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(UTC)
-
-
-def _chunks(items: Sequence[_Item], size: int) -> Iterator[Sequence[_Item]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _summed_rowcount(count: int) -> int:
-    if count < 0:
-        # Guards a driver change: psycopg 3 and sqlite3 both sum the counts of an executemany.
-        raise RuntimeError("the database driver did not report how many rows it changed")
-    return count
-
-
-def _dialect_insert(session: Session) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
-def _place_key(record: NewTransaction) -> tuple[str, str]:
-    """Where label feedback counts a transaction: its terminal, or its merchant when it has none."""
-    return (record.terminal_id, "") if record.terminal_id else ("", record.merchant_id)
-
-
-def _place_activity(
-    session: Session, terminal_id: str, merchant_id: str, since: datetime, until: datetime
-) -> PlaceActivity:
-    place = (
-        _T.terminal_id == terminal_id
-        if terminal_id
-        else and_(_T.terminal_id == "", _T.merchant_id == merchant_id)
-    )
-    fraud = and_(_T.outcome.in_(_FRAUD_LABELS), _T.outcome_at <= until)
-    frauds, customers = session.execute(
-        select(
-            func.count(distinct(case((fraud, _T.customer_id)))),
-            func.count(distinct(_T.customer_id)),
-        ).where(place, _T.event_time >= since, _T.event_time < until, _T.in_history.is_(True))
-    ).one()
-    return int(frauds), int(customers)
-
-
-def _lock_customers(session: Session, customer_ids: set[str]) -> set[str]:
-    """Lock the customers' rows until commit, so one customer's scores run one after the other; ids found.
-
-    Rows are locked in id order, so batches that share customers wait for each other instead of deadlocking.
-    ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) still lets other transactions insert rows that reference the
-    customer (numbers, enrolments) meanwhile. SQLite ignores it: ``BEGIN IMMEDIATE`` serialises writers.
-    """
-    found: set[str] = set()
-    for chunk in _chunks(sorted(customer_ids), _CHUNK):
-        found.update(
-            session.scalars(
-                select(SqlCustomer.customer_id)
-                .where(SqlCustomer.customer_id.in_(chunk))
-                .order_by(SqlCustomer.customer_id)
-                .with_for_update(key_share=True)
-            )
-        )
-    return found
-
-
-def _require_customers(session: Session, customer_ids: set[str]) -> None:
-    """NotFound naming a missing customer, instead of a foreign key violation that reads as a conflict."""
-    wanted = sorted(customer_ids)
-    for chunk in _chunks(wanted, _CHUNK):
-        known = set(
-            session.scalars(select(SqlCustomer.customer_id).where(SqlCustomer.customer_id.in_(chunk)))
-        )
-        missing = [customer_id for customer_id in chunk if customer_id not in known]
-        if missing:
-            raise NotFound(
-                "no such customer", reason="CUSTOMER_NOT_FOUND", metadata={"customer_id": missing[0]}
-            )
-
-
-class _Earlier:
-    """The stored transactions a batch's ids and request ids already name, kept up to date as it stores."""
-
-    def __init__(self, rows: dict[str, SqlRiskTransaction], request_ids: set[str]) -> None:
-        self._rows = rows
-        self._request_ids = request_ids
-
-    @classmethod
-    def load(cls, session: Session, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> _Earlier:
-        ids = sorted(set(transaction_ids))
-        wanted = sorted({request_id for request_id in request_ids if request_id})
-        rows: dict[str, SqlRiskTransaction] = {}
-        used: set[str] = set()
-        for chunk in _chunks(ids, _CHUNK):
-            rows.update(
-                (row.transaction_id, row)
-                for row in session.scalars(select(_T).where(_T.transaction_id.in_(chunk)))
-            )
-        for chunk in _chunks(wanted, _CHUNK):
-            used.update(session.scalars(select(_T.request_id).where(_T.request_id.in_(chunk))))
-        return cls(rows, used)
-
-    def check(self, transaction_id: str, fingerprint: str, request_id: str) -> SqlRiskTransaction | None:
-        """The stored row a call retries; None for a new transaction; InvalidArgument on a conflict."""
-        row = self._rows.get(transaction_id)
-        if row is not None:
-            if row.source != TransactionSource.SCORE.value:
-                # Imported history has no stored answer to replay, and scoring it again would duplicate it.
-                raise _transaction_conflict("belongs to imported history")
-            if row.fingerprint != fingerprint:
-                raise _transaction_conflict("was already used for a different transaction")
-            return row
-        if request_id and request_id in self._request_ids:
-            raise _request_conflict("was already used for a different transaction")
-        return None
-
-    def add(self, row: SqlRiskTransaction) -> None:
-        self._rows[row.transaction_id] = row
-        if row.request_id:
-            self._request_ids.add(row.request_id)
-
-
-def _profiles(session: Session, customer_ids: set[str]) -> dict[str, SqlRiskProfile]:
-    found: dict[str, SqlRiskProfile] = {}
-    for chunk in _chunks(sorted(customer_ids), _CHUNK):
-        found.update(
-            (p.customer_id, p)
-            for p in session.scalars(select(SqlRiskProfile).where(SqlRiskProfile.customer_id.in_(chunk)))
-        )
-    return found
-
-
-def _transaction_values(
-    record: NewTransaction, source: TransactionSource, in_history: bool
-) -> dict[str, Any]:
-    return {
-        "transaction_id": record.transaction_id,
-        "customer_id": record.customer_id,
-        "event_time": _utc(record.event_time),
-        "amount_minor": record.amount_minor,
-        "currency": record.currency,
-        "merchant_id": record.merchant_id,
-        "terminal_id": record.terminal_id,
-        "mcc": record.mcc,
-        "channel": record.channel.value,
-        "latitude": record.latitude,
-        "longitude": record.longitude,
-        "source": source.value,
-        "in_history": in_history,
-    }
-
-
-def _advance_profile(
-    session: Session,
-    profile: SqlRiskProfile | None,
-    record: NewTransaction,
-    evaluation: Evaluation,
-    new_state: bytes,
-    now: datetime,
-) -> SqlRiskProfile:
-    if profile is None:
-        profile = SqlRiskProfile(
-            customer_id=record.customer_id,
-            transaction_count=0,
-            first_seen=None,
-            last_seen=None,
-            declines=0,
-            reviews=0,
-        )
-        session.add(profile)
-    profile.state = new_state
-    profile.updated_at = _utc(now)
-    if evaluation.counts_in_history:
-        event_time = _utc(record.event_time)
-        profile.transaction_count += 1
-        # Transactions can arrive out of event-time order (a gateway's retries, a late batch).
-        profile.first_seen = event_time if profile.first_seen is None else min(profile.first_seen, event_time)
-        profile.last_seen = event_time if profile.last_seen is None else max(profile.last_seen, event_time)
-    if evaluation.decision is Decision.DECLINE:
-        profile.declines += 1
-    elif evaluation.decision is Decision.REVIEW:
-        profile.reviews += 1
-    return profile
-
-
-def _snapshot(row: SqlRiskProfile) -> ProfileSnapshot:
-    return ProfileSnapshot(
-        state=row.state,
-        transaction_count=row.transaction_count,
-        first_seen=row.first_seen,
-        last_seen=row.last_seen,
-        declines=row.declines,
-        reviews=row.reviews,
-    )
-
-
-def _reasons_json(reasons: Sequence[StoredReason]) -> str:
-    return json.dumps(
-        [{"code": r.code, "message": r.message, "weight": r.weight} for r in reasons],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _reasons(raw: str | None) -> tuple[StoredReason, ...]:
-    if not raw:
-        return ()
-    return tuple(
-        StoredReason(item["code"], item["message"], float(item["weight"])) for item in json.loads(raw)
-    )
-
-
-def _stored(row: SqlRiskTransaction) -> StoredTransaction:
-    answer: Answer | None = None
-    if row.source == TransactionSource.SCORE.value:
-        assert row.scored_at is not None
-        assert row.risk_score is not None
-        assert row.decision is not None
-        assert row.model_scope is not None
-        answer = Answer(
-            risk_score=row.risk_score,
-            decision=Decision(row.decision),
-            reasons=_reasons(row.reasons),
-            model_scope=ModelScope(row.model_scope),
-            model_version=row.model_version or "",
-            history_size=row.history_size or 0,
-            cold_start=bool(row.cold_start),
-            scored_at=row.scored_at,
-        )
-    return StoredTransaction(
-        transaction=NewTransaction(
-            transaction_id=row.transaction_id,
-            customer_id=row.customer_id,
-            event_time=row.event_time,
-            amount_minor=row.amount_minor,
-            currency=row.currency,
-            merchant_id=row.merchant_id,
-            terminal_id=row.terminal_id,
-            mcc=row.mcc,
-            channel=Channel(row.channel),
-            latitude=row.latitude,
-            longitude=row.longitude,
-        ),
-        source=TransactionSource(row.source),
-        answer=answer,
-        in_history=row.in_history,
-        features=row.features,
-        outcome=Outcome(row.outcome) if row.outcome is not None else None,
-        outcome_at=row.outcome_at,
-    )
 
 
 def _history_batch(rows: list[Any]) -> HistoryBatch:
@@ -1848,10 +1089,10 @@ def _model(row: SqlRiskModel, *, with_artifact: bool) -> ModelRecord:
 
 def _lock_registry(session: Session, now: datetime) -> None:
     """Serialise registry changes across replicas on the generation row (created on first use)."""
-    dialect_insert = _dialect_insert(session)
+    dialect_insert = insert_for(session)
     session.execute(
-        dialect_insert(_GENERATION)
-        .values(id=_GENERATION_ID, generation=0, changed_at=_utc(now))
+        dialect_insert(GENERATION)
+        .values(id=_GENERATION_ID, generation=0, changed_at=utc(now))
         .on_conflict_do_nothing(index_elements=["id"])
     )
     session.execute(
@@ -1861,9 +1102,9 @@ def _lock_registry(session: Session, now: datetime) -> None:
 
 def _bump_generation(session: Session, now: datetime) -> None:
     session.execute(
-        update(_GENERATION)
-        .where(_GENERATION.c.id == _GENERATION_ID)
-        .values(generation=_GENERATION.c.generation + 1, changed_at=_utc(now))
+        update(GENERATION)
+        .where(GENERATION.c.id == _GENERATION_ID)
+        .values(generation=GENERATION.c.generation + 1, changed_at=utc(now))
     )
 
 
@@ -1940,7 +1181,7 @@ def _shadow_versions(session: Session) -> list[str]:
 
 def _changed_rows(session: Session, statement: Any) -> int:
     """Run an UPDATE and return how many rows it changed."""
-    return _summed_rowcount(session.connection().execute(statement).rowcount)
+    return summed_rowcount(session.connection().execute(statement).rowcount)
 
 
 def _audit_model(
@@ -2059,7 +1300,7 @@ def _append_registry_event(
                 request_id=request_id,
                 fingerprint=fingerprint,
                 customer_id=customer or "",
-                created_at=_utc(now),
+                created_at=utc(now),
             )
         )
     append_event(session, actor=actor, action=method, subject=version, details=details, now=now)
