@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from posguard.dynamic_codes import time_step
 from posguard_server.domain.customers import CustomerNumber, ExternalRef, NumberKind, NumberStatus
 from posguard_server.domain.dynamic_codes import PresentedCode, Reason, parse_code
-from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, PosguardError
+from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
 from posguard_server.domain.risk import StoredTransaction
 from posguard_server.scoring import (
     IdentityDecline,
@@ -42,8 +42,8 @@ from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnsw
 from posguard_server.store.scoring_writes import Scored, ScoreItem, ScoringUnit, SqlScoringStore
 
 # How often a batch is run again after losing a race: a unique constraint (a code or a transaction id
-# stored concurrently elsewhere), or a link that moved between the first read and the lock. The re-run sees
-# the winner.
+# stored concurrently elsewhere), a profile written by another writer since it was read, or a link that
+# moved between the first read and the lock. The re-run sees the winner.
 _ATTEMPTS = 3
 # The redemption a score makes is kept under this prefix and a hash of the transaction id and the code: a
 # retry of the transaction (with any request_id) replays it, a retry with a corrected code is a new
@@ -133,7 +133,7 @@ class ScoringService:
             try:
                 with self._store.scoring_unit() as unit:
                     return self._score_in(unit, calls, serving)
-            except (AlreadyExists, _LinkMoved):
+            except (AlreadyExists, Aborted, _LinkMoved):
                 if attempt == _ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    bindparam,
     func,
     select,
     update,
@@ -44,7 +45,7 @@ from posguard_server.store.audit import append_event
 from posguard_server.store.schema import PRINCIPAL_MAX, Base
 
 if TYPE_CHECKING:
-    from sqlalchemy import Select
+    from sqlalchemy import Connection, Select
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -800,43 +801,49 @@ def _find_customer(
 # -- reads inside another store's transaction (scoring resolves its customers in its own) --------------
 
 
-def numbers_in(session: Session, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
+# The scoring path's reads, as Core statements built once: rows, not ORM objects, and no identity map.
+_NUMBERS_IN = select(SqlCustomerNumber.__table__).where(
+    SqlCustomerNumber.number.in_(bindparam("numbers", expanding=True))
+)
+_PRIMARIES_IN = select(SqlCustomerNumber.__table__).where(
+    SqlCustomerNumber.customer_id.in_(bindparam("customers", expanding=True)),
+    SqlCustomerNumber.kind == NumberKind.STATIC.value,
+    SqlCustomerNumber.successor_number.is_(None),
+)
+_EXTERNALS_IN = select(SqlExternalId.value, SqlExternalId.customer_id).where(
+    SqlExternalId.namespace == bindparam("namespace"),
+    SqlExternalId.value.in_(bindparam("values", expanding=True)),
+)
+
+
+def numbers_in(connection: Connection, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
     """The stored numbers among ``numbers``, each with its customer id."""
     if not numbers:
         return {}
-    rows = session.scalars(select(SqlCustomerNumber).where(SqlCustomerNumber.number.in_(sorted(numbers))))
-    return {row.number: (_number(row), row.customer_id) for row in rows}
+    rows = connection.execute(_NUMBERS_IN, {"numbers": sorted(numbers)})
+    return {row.number: (_number(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
 
 
-def primaries_in(session: Session, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
+def primaries_in(connection: Connection, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
     """Each customer's current primary number (the static number that has not been replaced)."""
     if not customer_ids:
         return {}
-    rows = session.scalars(
-        select(SqlCustomerNumber).where(
-            SqlCustomerNumber.customer_id.in_(sorted(customer_ids)),
-            SqlCustomerNumber.kind == NumberKind.STATIC.value,
-            SqlCustomerNumber.successor_number.is_(None),
-        )
-    )
-    return {row.customer_id: _number(row) for row in rows}
+    rows = connection.execute(_PRIMARIES_IN, {"customers": sorted(customer_ids)})
+    return {row.customer_id: _number(cast(SqlCustomerNumber, row)) for row in rows}
 
 
-def externals_in(session: Session, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
+def externals_in(connection: Connection, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
     """The customer each linked external id among ``refs`` names."""
     found: dict[ExternalRef, str] = {}
     for namespace in sorted({ref.namespace for ref in refs}):
         values = sorted(ref.value for ref in refs if ref.namespace == namespace)
-        rows = session.execute(
-            select(SqlExternalId.value, SqlExternalId.customer_id).where(
-                SqlExternalId.namespace == namespace, SqlExternalId.value.in_(values)
-            )
-        )
+        rows = connection.execute(_EXTERNALS_IN, {"namespace": namespace, "values": values})
         found.update((ExternalRef(namespace, value), customer_id) for value, customer_id in rows)
     return found
 
 
 def _number(row: SqlCustomerNumber) -> CustomerNumber:
+    # Also given Core rows (cast to the class): they have the same attribute names.
     return CustomerNumber(
         number=row.number,
         kind=NumberKind(row.kind),

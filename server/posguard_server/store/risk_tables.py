@@ -180,6 +180,9 @@ class SqlRiskProfile(Base):
     declines: Mapped[int] = mapped_column(Integer, default=0)
     reviews: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime]
+    # Moved on by one with every write; a write names the version it read, so two writers of one profile
+    # (processes, replicas) cannot both succeed from the same read: the loser finds no row and starts over.
+    version: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class SqlRiskModel(Base):

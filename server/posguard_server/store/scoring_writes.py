@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import and_, case, distinct, func, select
+from sqlalchemy import and_, bindparam, case, distinct, func, insert, select, update
 
 from posguard_server.domain.customers import CustomerNumber, ExternalRef
 from posguard_server.domain.dynamic_codes import PresentedCode
-from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, PosguardError
+from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
 from posguard_server.domain.risk import (
     Answer,
     Channel,
@@ -45,21 +45,24 @@ from posguard_server.store.risk_tables import (
     ATTEMPTS,
     CHUNK,
     FRAUD_LABELS,
-    SqlRiskProfile,
+    PROFILES,
+    TRANSACTIONS,
     SqlRiskTransaction,
     chunks,
-    profile_snapshot,
     request_conflict,
+    summed_rowcount,
     transaction_values,
     utc,
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, Connection, Select
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
 
 _T = SqlRiskTransaction
+_TX, _PROFILES = TRANSACTIONS, PROFILES
 
 
 # (customers with fraud reported, customers) at the transaction's place in the feedback window; see
@@ -154,9 +157,9 @@ class SqlScoringStore:
                     )
                     unit.lock_customers({item.record.customer_id for item in items})
                     return unit.score(items, now=now)
-            except AlreadyExists:
-                # A concurrent call (another replica) stored one of these transaction ids or request ids
-                # first; the re-run finds its row and replays it, or reports the conflict.
+            except (AlreadyExists, Aborted):
+                # A concurrent call (another replica) stored one of these transaction ids or request ids, or
+                # a profile, first; the re-run finds its row and replays it, or reports the conflict.
                 if attempt == ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
@@ -187,7 +190,7 @@ class SqlScoringStore:
         that are in history, like the training data.
         """
         with self._db.session(read_only=True) as session:
-            return _place_activity(session, terminal_id, merchant_id, since, until)
+            return _place_activity(session.connection(), terminal_id, merchant_id, since, until)
 
 
 class ScoringUnit:
@@ -197,34 +200,38 @@ class ScoringUnit:
     (``lock_customers``, once, in one order), reads again what may have changed before the lock (a number's
     status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
     kept unless the whole block commits.
+
+    The statements are SQLAlchemy Core, built once, on the session's connection: no ORM objects, no unit of
+    work, no reading back what was just written. A batch's transactions go in one executemany (a multi-row
+    INSERT on PostgreSQL), its profiles in one more. Only a dynamic code's redemption uses the ORM session.
     """
 
     def __init__(self, session: Session) -> None:
         self._session = session
+        self._connection = session.connection()
         self._earlier = _Earlier({}, set())
         self._locked: set[str] = set()
 
     def load_earlier(self, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> None:
-        self._earlier = _Earlier.load(self._session, transaction_ids, request_ids)
+        self._earlier = _Earlier.load(self._connection, transaction_ids, request_ids)
 
     def replay_of(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
         """The stored transaction a retry replays; None for a new one; InvalidArgument on a conflict."""
-        row = self._earlier.check(transaction_id, fingerprint, request_id)
-        return _stored(row) if row is not None else None
+        return self._earlier.check(transaction_id, fingerprint, request_id)
 
     def lock_customers(self, customer_ids: set[str]) -> set[str]:
         """Lock the customers until commit; those that exist. Called once per unit, so the order holds."""
-        self._locked = _lock_customers(self._session, customer_ids)
+        self._locked = _lock_customers(self._connection, customer_ids)
         return self._locked
 
     def numbers(self, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
-        return numbers_in(self._session, numbers)
+        return numbers_in(self._connection, numbers)
 
     def primaries(self, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
-        return primaries_in(self._session, customer_ids)
+        return primaries_in(self._connection, customer_ids)
 
     def externals(self, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
-        return externals_in(self._session, refs)
+        return externals_in(self._connection, refs)
 
     def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
         return enrolment_owners(self._session, handles)
@@ -236,11 +243,13 @@ class ScoringUnit:
 
     def score(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
         """Store each item with its answer, in order, among the customers locked; one result per item."""
-        session, earlier, known = self._session, self._earlier, self._locked
+        connection, earlier, known = self._connection, self._earlier, self._locked
         results: list[Scored | PosguardError] = []
-        # Places of rows added since the last flush; the rest is written in one go at commit.
-        places_written: set[tuple[str, str]] = set()
-        profiles = _profiles(session, {item.record.customer_id for item in items} & known)
+        scored_at = utc(now)
+        rows: list[dict[str, Any]] = []
+        # Places of rows not yet written; a place read for one of them writes them out first.
+        places_pending: set[tuple[str, str]] = set()
+        profiles = _Profiles.load(connection, {item.record.customer_id for item in items} & known)
         for item in items:
             record = item.record
             if record.customer_id not in known:
@@ -252,65 +261,95 @@ class ScoringUnit:
                 results.append(conflict)
                 continue
             if replay is not None:
-                results.append((_stored(replay), True))
+                results.append((replay, True))
                 continue
-            profile = profiles.get(record.customer_id)
             place = shadow_place = None
             if item.place_since is not None or item.shadow_place_since is not None:
-                key = _place_key(record)
-                if key in places_written:
+                if _place_key(record) in places_pending:
                     # An earlier item of this batch paid here: it must count, so write it out first.
-                    session.flush()
-                    places_written.clear()
-                with session.no_autoflush:
-                    if item.place_since is not None:
-                        place = _place_activity(
-                            session,
-                            record.terminal_id,
-                            record.merchant_id,
-                            item.place_since,
-                            utc(record.event_time),
-                        )
-                    if item.shadow_place_since is not None:
-                        shadow_place = _place_activity(
-                            session,
-                            record.terminal_id,
-                            record.merchant_id,
-                            item.shadow_place_since,
-                            utc(record.event_time),
-                        )
-            snapshot = profile_snapshot(profile) if profile is not None else None
+                    _insert_transactions(connection, rows)
+                    rows, places_pending = [], set()
+                until = utc(record.event_time)
+                if item.place_since is not None:
+                    place = _place_activity(
+                        connection, record.terminal_id, record.merchant_id, item.place_since, until
+                    )
+                if item.shadow_place_since is not None:
+                    shadow_place = _place_activity(
+                        connection, record.terminal_id, record.merchant_id, item.shadow_place_since, until
+                    )
+            profile = profiles.get(record.customer_id)
+            snapshot = profile.snapshot() if profile is not None else None
             if item.shadow_place_since is None:
                 evaluation = item.evaluate(snapshot, place)
             else:
                 evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
-            # Both or neither: a version without a score would count as compared.
-            has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
-            row = SqlRiskTransaction(
-                **transaction_values(record, TransactionSource.SCORE, evaluation.counts_in_history),
-                fingerprint=item.fingerprint,
-                request_id=item.request_id or None,
-                scored_at=utc(now),
-                risk_score=evaluation.risk_score,
-                decision=evaluation.decision.value,
-                reasons=_reasons_json(evaluation.reasons),
-                model_scope=evaluation.model_scope.value,
-                model_version=evaluation.model_version,
-                history_size=evaluation.history_size,
-                cold_start=evaluation.cold_start,
-                features=evaluation.features,
-                shadow_version=evaluation.shadow_version if has_shadow else None,
-                shadow_risk_score=evaluation.shadow_risk_score if has_shadow else None,
-            )
-            session.add(row)
-            earlier.add(row)
-            places_written.add(_place_key(record))
+            stored = _scored_transaction(record, evaluation, scored_at)
+            rows.append(_scored_values(stored, evaluation, item))
+            earlier.add(stored, item.fingerprint, item.request_id)
+            places_pending.add(_place_key(record))
             if evaluation.new_state is not None:
-                profiles[record.customer_id] = _advance_profile(
-                    session, profile, record, evaluation, evaluation.new_state, now
-                )
-            results.append((_stored(row), False))
+                profiles.advance(record, evaluation, evaluation.new_state, scored_at)
+            results.append((stored, False))
+        _insert_transactions(connection, rows)
+        profiles.write(connection)
         return results
+
+
+def _scored_transaction(
+    record: NewTransaction, evaluation: Evaluation, scored_at: datetime
+) -> StoredTransaction:
+    """The transaction as it is stored and as its replay will read it back (times in UTC)."""
+    return StoredTransaction(
+        transaction=replace(record, event_time=utc(record.event_time)),
+        source=TransactionSource.SCORE,
+        answer=Answer(
+            risk_score=evaluation.risk_score,
+            decision=evaluation.decision,
+            reasons=tuple(evaluation.reasons),
+            model_scope=evaluation.model_scope,
+            model_version=evaluation.model_version,
+            history_size=evaluation.history_size,
+            cold_start=evaluation.cold_start,
+            scored_at=scored_at,
+        ),
+        in_history=evaluation.counts_in_history,
+        features=evaluation.features,
+        outcome=None,
+        outcome_at=None,
+    )
+
+
+def _scored_values(stored: StoredTransaction, evaluation: Evaluation, item: ScoreItem) -> dict[str, Any]:
+    answer = stored.answer
+    assert answer is not None
+    # Both or neither: a version without a score would count as compared.
+    has_shadow = bool(evaluation.shadow_version) and evaluation.shadow_risk_score is not None
+    return {
+        **transaction_values(stored.transaction, TransactionSource.SCORE, stored.in_history),
+        "fingerprint": item.fingerprint,
+        "request_id": item.request_id or None,
+        "scored_at": answer.scored_at,
+        "risk_score": answer.risk_score,
+        "decision": answer.decision.value,
+        "reasons": _reasons_json(answer.reasons),
+        "model_scope": answer.model_scope.value,
+        "model_version": answer.model_version,
+        "history_size": answer.history_size,
+        "cold_start": answer.cold_start,
+        "features": stored.features,
+        "shadow_version": evaluation.shadow_version if has_shadow else None,
+        "shadow_risk_score": evaluation.shadow_risk_score if has_shadow else None,
+    }
+
+
+# Every column a scored row sets, so that every row of an executemany has the same keys.
+_INSERT_TRANSACTION = insert(_TX)
+
+
+def _insert_transactions(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        connection.execute(_INSERT_TRANSACTION, rows)
 
 
 def _place_key(record: NewTransaction) -> tuple[str, str]:
@@ -318,25 +357,43 @@ def _place_key(record: NewTransaction) -> tuple[str, str]:
     return (record.terminal_id, "") if record.terminal_id else ("", record.merchant_id)
 
 
-def _place_activity(
-    session: Session, terminal_id: str, merchant_id: str, since: datetime, until: datetime
-) -> PlaceActivity:
-    place = (
-        _T.terminal_id == terminal_id
-        if terminal_id
-        else and_(_T.terminal_id == "", _T.merchant_id == merchant_id)
+def _place_query(place: ColumnElement[bool]) -> Select[int, int]:
+    fraud = and_(_T.outcome.in_(FRAUD_LABELS), _T.outcome_at <= bindparam("until"))
+    return select(
+        func.count(distinct(case((fraud, _T.customer_id)))),
+        func.count(distinct(_T.customer_id)),
+    ).where(
+        place,
+        _T.event_time >= bindparam("since"),
+        _T.event_time < bindparam("until"),
+        _T.in_history.is_(True),
     )
-    fraud = and_(_T.outcome.in_(FRAUD_LABELS), _T.outcome_at <= until)
-    frauds, customers = session.execute(
-        select(
-            func.count(distinct(case((fraud, _T.customer_id)))),
-            func.count(distinct(_T.customer_id)),
-        ).where(place, _T.event_time >= since, _T.event_time < until, _T.in_history.is_(True))
-    ).one()
+
+
+_TERMINAL_ACTIVITY = _place_query(_T.terminal_id == bindparam("terminal_id"))
+_MERCHANT_ACTIVITY = _place_query(and_(_T.terminal_id == "", _T.merchant_id == bindparam("merchant_id")))
+
+
+def _place_activity(
+    connection: Connection, terminal_id: str, merchant_id: str, since: datetime, until: datetime
+) -> PlaceActivity:
+    if terminal_id:
+        statement, key = _TERMINAL_ACTIVITY, {"terminal_id": terminal_id}
+    else:
+        statement, key = _MERCHANT_ACTIVITY, {"merchant_id": merchant_id}
+    frauds, customers = connection.execute(statement, {**key, "since": since, "until": until}).one()
     return int(frauds), int(customers)
 
 
-def _lock_customers(session: Session, customer_ids: set[str]) -> set[str]:
+_LOCK_CUSTOMERS = (
+    select(SqlCustomer.customer_id)
+    .where(SqlCustomer.customer_id.in_(bindparam("customers", expanding=True)))
+    .order_by(SqlCustomer.customer_id)
+    .with_for_update(key_share=True)
+)
+
+
+def _lock_customers(connection: Connection, customer_ids: set[str]) -> set[str]:
     """Lock the customers' rows until commit, so one customer's scores run one after the other; ids found.
 
     Rows are locked in id order, so batches that share customers wait for each other instead of deadlocking.
@@ -345,100 +402,201 @@ def _lock_customers(session: Session, customer_ids: set[str]) -> set[str]:
     """
     found: set[str] = set()
     for chunk in chunks(sorted(customer_ids), CHUNK):
-        found.update(
-            session.scalars(
-                select(SqlCustomer.customer_id)
-                .where(SqlCustomer.customer_id.in_(chunk))
-                .order_by(SqlCustomer.customer_id)
-                .with_for_update(key_share=True)
-            )
-        )
+        found.update(connection.scalars(_LOCK_CUSTOMERS, {"customers": chunk}))
     return found
+
+
+_EARLIER = select(_TX).where(_T.transaction_id.in_(bindparam("ids", expanding=True)))
+_USED_REQUEST_IDS = select(_T.request_id).where(_T.request_id.in_(bindparam("ids", expanding=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A stored transaction as far as a retry's check needs it."""
+
+    source: TransactionSource
+    fingerprint: str | None
+    stored: StoredTransaction
 
 
 class _Earlier:
     """The stored transactions a batch's ids and request ids already name, kept up to date as it stores."""
 
-    def __init__(self, rows: dict[str, SqlRiskTransaction], request_ids: set[str]) -> None:
+    def __init__(self, rows: dict[str, _Known], request_ids: set[str]) -> None:
         self._rows = rows
         self._request_ids = request_ids
 
     @classmethod
-    def load(cls, session: Session, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> _Earlier:
+    def load(
+        cls, connection: Connection, transaction_ids: Iterable[str], request_ids: Iterable[str]
+    ) -> _Earlier:
         ids = sorted(set(transaction_ids))
         wanted = sorted({request_id for request_id in request_ids if request_id})
-        rows: dict[str, SqlRiskTransaction] = {}
+        rows: dict[str, _Known] = {}
         used: set[str] = set()
         for chunk in chunks(ids, CHUNK):
-            rows.update(
-                (row.transaction_id, row)
-                for row in session.scalars(select(_T).where(_T.transaction_id.in_(chunk)))
-            )
+            for row in connection.execute(_EARLIER, {"ids": chunk}):
+                stored = _stored(cast(SqlRiskTransaction, row))  # a Core row has the class's attribute names
+                rows[row.transaction_id] = _Known(stored.source, row.fingerprint, stored)
         for chunk in chunks(wanted, CHUNK):
-            used.update(session.scalars(select(_T.request_id).where(_T.request_id.in_(chunk))))
+            used.update(connection.scalars(_USED_REQUEST_IDS, {"ids": chunk}))
         return cls(rows, used)
 
-    def check(self, transaction_id: str, fingerprint: str, request_id: str) -> SqlRiskTransaction | None:
-        """The stored row a call retries; None for a new transaction; InvalidArgument on a conflict."""
-        row = self._rows.get(transaction_id)
-        if row is not None:
-            if row.source != TransactionSource.SCORE.value:
+    def check(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
+        """The stored transaction a call retries; None for a new one; InvalidArgument on a conflict."""
+        known = self._rows.get(transaction_id)
+        if known is not None:
+            if known.source is not TransactionSource.SCORE:
                 # Imported history has no stored answer to replay, and scoring it again would duplicate it.
                 raise _transaction_conflict("belongs to imported history")
-            if row.fingerprint != fingerprint:
+            if known.fingerprint != fingerprint:
                 raise _transaction_conflict("was already used for a different transaction")
-            return row
+            return known.stored
         if request_id and request_id in self._request_ids:
             raise request_conflict("was already used for a different transaction")
         return None
 
-    def add(self, row: SqlRiskTransaction) -> None:
-        self._rows[row.transaction_id] = row
-        if row.request_id:
-            self._request_ids.add(row.request_id)
+    def add(self, stored: StoredTransaction, fingerprint: str, request_id: str) -> None:
+        self._rows[stored.transaction.transaction_id] = _Known(TransactionSource.SCORE, fingerprint, stored)
+        if request_id:
+            self._request_ids.add(request_id)
 
 
-def _profiles(session: Session, customer_ids: set[str]) -> dict[str, SqlRiskProfile]:
-    found: dict[str, SqlRiskProfile] = {}
-    for chunk in chunks(sorted(customer_ids), CHUNK):
-        found.update(
-            (p.customer_id, p)
-            for p in session.scalars(select(SqlRiskProfile).where(SqlRiskProfile.customer_id.in_(chunk)))
+@dataclass(slots=True)
+class _Profile:
+    """A customer's profile row as read (``version`` None: no row yet) and as the batch moves it on."""
+
+    customer_id: str
+    state: bytes
+    transaction_count: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+    declines: int
+    reviews: int
+    version: int | None
+    updated_at: datetime | None = None
+
+    def snapshot(self) -> ProfileSnapshot:
+        return ProfileSnapshot(
+            state=self.state,
+            transaction_count=self.transaction_count,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            declines=self.declines,
+            reviews=self.reviews,
         )
-    return found
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "customer_id": self.customer_id,
+            "state": self.state,
+            "transaction_count": self.transaction_count,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "declines": self.declines,
+            "reviews": self.reviews,
+            "updated_at": self.updated_at,
+        }
 
 
-def _advance_profile(
-    session: Session,
-    profile: SqlRiskProfile | None,
-    record: NewTransaction,
-    evaluation: Evaluation,
-    new_state: bytes,
-    now: datetime,
-) -> SqlRiskProfile:
-    if profile is None:
-        profile = SqlRiskProfile(
-            customer_id=record.customer_id,
-            transaction_count=0,
-            first_seen=None,
-            last_seen=None,
-            declines=0,
-            reviews=0,
-        )
-        session.add(profile)
-    profile.state = new_state
-    profile.updated_at = utc(now)
-    if evaluation.counts_in_history:
-        event_time = utc(record.event_time)
-        profile.transaction_count += 1
-        # Transactions can arrive out of event-time order (a gateway's retries, a late batch).
-        profile.first_seen = event_time if profile.first_seen is None else min(profile.first_seen, event_time)
-        profile.last_seen = event_time if profile.last_seen is None else max(profile.last_seen, event_time)
-    if evaluation.decision is Decision.DECLINE:
-        profile.declines += 1
-    elif evaluation.decision is Decision.REVIEW:
-        profile.reviews += 1
-    return profile
+_PROFILE_ROWS = select(_PROFILES).where(_PROFILES.c.customer_id.in_(bindparam("customers", expanding=True)))
+_INSERT_PROFILE = insert(_PROFILES).values(version=0)
+# Names the version read: a writer that read the same version and committed first leaves no row to update.
+_UPDATE_PROFILE = (
+    update(_PROFILES)
+    .where(
+        _PROFILES.c.customer_id == bindparam("b_customer_id"), _PROFILES.c.version == bindparam("b_version")
+    )
+    .values(
+        {
+            **{
+                name: bindparam(name)
+                for name in (
+                    "state",
+                    "transaction_count",
+                    "first_seen",
+                    "last_seen",
+                    "declines",
+                    "reviews",
+                    "updated_at",
+                )
+            },
+            "version": _PROFILES.c.version + 1,
+        }
+    )
+)
+
+
+class _Profiles:
+    """The batch's customers' profiles: read once, moved on in memory, written once at the end."""
+
+    def __init__(self, profiles: dict[str, _Profile]) -> None:
+        self._profiles = profiles
+        self._changed: set[str] = set()
+
+    @classmethod
+    def load(cls, connection: Connection, customer_ids: set[str]) -> _Profiles:
+        found: dict[str, _Profile] = {}
+        for chunk in chunks(sorted(customer_ids), CHUNK):
+            for row in connection.execute(_PROFILE_ROWS, {"customers": chunk}):
+                found[row.customer_id] = _Profile(
+                    row.customer_id,
+                    row.state,
+                    row.transaction_count,
+                    row.first_seen,
+                    row.last_seen,
+                    row.declines,
+                    row.reviews,
+                    row.version,
+                )
+        return cls(found)
+
+    def get(self, customer_id: str) -> _Profile | None:
+        return self._profiles.get(customer_id)
+
+    def advance(
+        self, record: NewTransaction, evaluation: Evaluation, new_state: bytes, scored_at: datetime
+    ) -> None:
+        profile = self._profiles.get(record.customer_id)
+        if profile is None:
+            profile = _Profile(record.customer_id, b"", 0, None, None, 0, 0, None)
+            self._profiles[record.customer_id] = profile
+        self._changed.add(record.customer_id)
+        profile.state = new_state
+        profile.updated_at = scored_at
+        if evaluation.counts_in_history:
+            event_time = utc(record.event_time)
+            profile.transaction_count += 1
+            # Transactions can arrive out of event-time order (a gateway's retries, a late batch).
+            first, last = profile.first_seen, profile.last_seen
+            profile.first_seen = event_time if first is None else min(first, event_time)
+            profile.last_seen = event_time if last is None else max(last, event_time)
+        if evaluation.decision is Decision.DECLINE:
+            profile.declines += 1
+        elif evaluation.decision is Decision.REVIEW:
+            profile.reviews += 1
+
+    def write(self, connection: Connection) -> None:
+        """Insert the new profiles and update the others, each naming the version it read."""
+        changed = [self._profiles[customer_id] for customer_id in sorted(self._changed)]
+        new = [profile.values() for profile in changed if profile.version is None]
+        moved = [
+            {**profile.values(), "b_customer_id": profile.customer_id, "b_version": profile.version}
+            for profile in changed
+            if profile.version is not None
+        ]
+        if new:
+            # A profile made meanwhile by another writer fails this with a unique violation: the batch is
+            # then run again and reads it.
+            connection.execute(_INSERT_PROFILE, new)
+        if moved:
+            updated = summed_rowcount(connection.execute(_UPDATE_PROFILE, moved).rowcount)
+            if updated != len(moved):
+                raise Aborted(
+                    "a customer's risk profile changed while this batch was scored; retry",
+                    reason="PROFILE_CHANGED",
+                )
+        self._changed.clear()
 
 
 def _reasons_json(reasons: Sequence[StoredReason]) -> str:
