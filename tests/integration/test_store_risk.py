@@ -278,6 +278,44 @@ def test_concurrent_scores_of_one_customer_are_serialised(store: RiskStores) -> 
     assert profile.state == str(threads_n * per_thread).encode()
 
 
+def test_a_profile_written_between_read_and_write_makes_the_batch_run_again(
+    store: RiskStores, database: Database
+) -> None:
+    """The profile's version: a writer that does not take the customer's lock cannot be overwritten."""
+    if database.dialect == "sqlite":
+        pytest.skip("SQLite's writer lock leaves no room for a write in between")
+    _score(store, _tx("tx-0"))
+    other = Database(str(database.engine.url.render_as_string(hide_password=False)))
+    calls: list[int] = []
+    counting = _counting()
+
+    def evaluate(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
+        calls.append(1)
+        if len(calls) == 1:
+            # Another process rewrites the profile after this batch read it (the state as if it had seen 41).
+            with other.session() as session:
+                session.execute(
+                    update(SqlRiskProfile)
+                    .where(SqlRiskProfile.customer_id == "c1")
+                    .values(state=b"41", version=SqlRiskProfile.version + 1)
+                )
+        return counting(snapshot, place)
+
+    try:
+        stored, replayed = _score(store, _tx("tx-1", minutes=1), evaluate=evaluate)
+    finally:
+        other.dispose()
+
+    assert len(calls) == 2  # the first attempt found its version gone and ran again
+    assert not replayed
+    assert stored.answer is not None
+    assert stored.answer.history_size == 41  # the second attempt saw the other write
+    profile = store.risk.profile("c1")
+    assert profile is not None
+    assert (profile.state, profile.transaction_count) == (b"42", 2)
+    assert _count(database, SqlRiskTransaction) == 2
+
+
 def test_score_many_commits_a_batch_and_isolates_refused_items(store: RiskStores, database: Database) -> None:
     _score(store, _tx("tx-0"))
     items = [
