@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +53,12 @@ _READ_ONLY_OPTION = "posguard_read_only"
 _PG_CONNECT_TIMEOUT_S = 3
 # Waiting longer than this for a pooled connection means the service is overloaded; fail fast instead.
 _POOL_TIMEOUT_S = 5.0
-# Recycle before typical server/proxy idle cut-offs, so pre-ping rarely has to discard a connection.
+# Recycle before typical server/proxy idle cut-offs, so a ping rarely has to discard a connection.
 _POOL_RECYCLE_S = 1800
 _SQLITE_BUSY_TIMEOUT_MS = 5000
+# A PostgreSQL connection idle this long is pinged before use (see _ping_idle_connections).
+_PING_AFTER_IDLE_S = 10.0
+_IDLE_SINCE = "posguard_idle_since"
 
 
 def normalize_url(url: str) -> str:
@@ -112,11 +116,9 @@ class Database:
             connect_args["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
         if "application_name" not in self._url.query:
             connect_args["application_name"] = "posguard"
-        return create_engine(
+        engine = create_engine(
             self._url,
             connect_args=connect_args,
-            # A server restart or failover leaves dead connections in the pool; test each before use.
-            pool_pre_ping=True,
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_timeout=_POOL_TIMEOUT_S,
@@ -124,6 +126,8 @@ class Database:
             # Parameters can hold secrets and customer numbers; keep them out of exception text and logs.
             hide_parameters=True,
         )
+        _ping_idle_connections(engine)
+        return engine
 
     @property
     def dialect(self) -> str:
@@ -218,6 +222,33 @@ def _rollback_quietly(session: Session) -> None:
     except Exception:
         # The original exception matters more; a dead connection often cannot roll back anyway.
         log.debug("rollback failed", exc_info=True)
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Test a pooled connection before use only when it has been idle a while, not on every checkout.
+
+    A ping per checkout is a round trip per unit of work. A connection in steady use needs none: if the server
+    restarted meanwhile, the first statement fails, the call answers UNAVAILABLE and SQLAlchemy discards
+    every connection of the pool made before the failure. An idle one (a quiet night, a failover while
+    nobody called) is pinged, and one that does not answer is replaced before anything runs on it.
+    """
+
+    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        idle_since = record.info.get(_IDLE_SINCE)
+        if idle_since is None or time.monotonic() - idle_since < _PING_AFTER_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa_exc.DisconnectionError("an idle pooled connection did not answer") from exc
+        if not alive:
+            raise sa_exc.DisconnectionError("an idle pooled connection did not answer")
+
+    event.listen(engine, "checkin", checkin)
+    event.listen(engine, "checkout", checkout)
 
 
 def _on_sqlite_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
