@@ -39,9 +39,11 @@ def explain(
     currency: str,
     terminal: tuple[int, int] | None = None,
     window_days: float | None = None,
+    rarity: npt.NDArray[np.float64] | None = None,
 ) -> list[Reason]:
-    """Up to three reasons, strongest first."""
-    rarity = model.rarity(x)
+    """Up to three reasons, strongest first. ``rarity``: ``model.rarity(x)``, when already computed."""
+    if rarity is None:
+        rarity = model.rarity(x)
     candidates: list[tuple[str, str, float]] = []
     for index, name in enumerate(FEATURES):
         if rarity[index] >= REASON_RARITY:

@@ -19,11 +19,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from posguard_models.explain import explain
 from posguard_models.features import FEATURES, Event, Profile
@@ -165,6 +166,45 @@ class ShadowPick:
     run: ShadowRun
     own: CustomerForest | None
 
+
+@dataclass(slots=True)
+class Prepared:
+    """One transaction between the two steps of scoring a batch (see ``RiskEngine.item`` and ``finish``).
+
+    First, in order, each transaction's features against its customer's profile and the profile after it
+    (the next transaction of that customer in the batch starts from there). Then ``finish`` scores the batch
+    at once and sets ``evaluation``; it is set from the start when nothing is left to score (an identity
+    decline, no active model).
+    """
+
+    new_state: bytes | None
+    x: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    profile: Profile = field(default_factory=Profile)  # before this transaction, for the explanation
+    event: Event = field(default_factory=lambda: Event(0.0, 0.0))
+    currency: str = ""
+    active: ActiveGlobal | None = None
+    own: CustomerForest | None = None
+    terminal: tuple[int, int] | None = None
+    shadow_version: str = ""
+    shadow_risk_score: float | None = None
+    evaluation: Evaluation | None = None
+
+    @property
+    def counts_in_history(self) -> bool:
+        return self.evaluation.counts_in_history if self.evaluation is not None else True
+
+    @classmethod
+    def decided(cls, evaluation: Evaluation) -> Prepared:
+        return cls(new_state=evaluation.new_state, evaluation=evaluation)
+
+
+def _as_prepared(item: object) -> Prepared:
+    if not isinstance(item, Prepared):
+        raise TypeError(f"finish takes what the engine's items prepared, not {type(item).__name__}")
+    return item
+
+
+_NO_MODEL = "no risk model is active yet: the transaction was not scored"
 
 _Model = TypeVar("_Model")
 # A cached customer model and the registry generation it was loaded under (None: before the first read).
@@ -363,7 +403,8 @@ class RiskEngine:
                 results[slot] = error
             else:
                 slots.append(slot)
-        for slot, result in zip(slots, self._writes.score_many(items, now=datetime.now(UTC)), strict=True):
+        stored = self._writes.score_many(items, finish=self.finish, now=datetime.now(UTC))
+        for slot, result in zip(slots, stored, strict=True):
             results[slot] = result
         return [result for result in results if result is not None]
 
@@ -400,32 +441,34 @@ class RiskEngine:
             longitude=txn.longitude,
         )
 
-        def evaluate(
+        def prepare(
             snapshot: ProfileSnapshot | None,
             place: PlaceActivity | None,
             /,
             *,
             shadow_place: PlaceActivity | None = None,
-        ) -> Evaluation:
+        ) -> Prepared:
             profile = Profile.from_bytes(snapshot.state) if snapshot is not None else Profile()
             if identity is not None:
-                return Evaluation(
-                    risk_score=1.0,
-                    decision=Decision.DECLINE,
-                    reasons=(StoredReason(identity.code, identity.message, 1.0),),
-                    model_scope=ModelScope.NONE,
-                    model_version="",
-                    history_size=profile.count,
-                    cold_start=False,
-                    features=None,
-                    new_state=None,
-                    counts_in_history=False,
+                return Prepared.decided(
+                    Evaluation(
+                        risk_score=1.0,
+                        decision=Decision.DECLINE,
+                        reasons=(StoredReason(identity.code, identity.message, 1.0),),
+                        model_scope=ModelScope.NONE,
+                        model_version="",
+                        history_size=profile.count,
+                        cold_start=False,
+                        features=None,
+                        new_state=None,
+                        counts_in_history=False,
+                    )
                 )
             shadow_terminal = shadow_place if shadow_place_since is not None else place
-            return self._evaluate(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
+            return self._prepare(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
 
         return ScoreItem(
-            record, request.fingerprint, request.request_id, evaluate, place_since, shadow_place_since
+            record, request.fingerprint, request.request_id, prepare, place_since, shadow_place_since
         )
 
     def _shadow_pick(
@@ -440,7 +483,7 @@ class RiskEngine:
             mine = own if active is not None else self.models.customer(customer_id)
         return ShadowPick(shadow, mine)
 
-    def _evaluate(
+    def _prepare(
         self,
         profile: Profile,
         event: Event,
@@ -450,9 +493,9 @@ class RiskEngine:
         terminal: tuple[int, int] | None,
         shadow: ShadowPick | None = None,
         shadow_terminal: tuple[int, int] | None = None,
-    ) -> Evaluation:
+    ) -> Prepared:
+        """The features against the profile and the profile after this transaction; scored in ``finish``."""
         x = profile.features(event)
-        history = profile.count
         shadow_version, shadow_risk = "", None
         if shadow is not None:
             # The very call the answer would make with this run active: the same features, the same place's
@@ -462,41 +505,98 @@ class RiskEngine:
                 x, mine.forest if mine else None, mine.sample_count if mine else 0, shadow_terminal
             )
             shadow_version, shadow_risk = shadow.run.version, shadow_score.risk_score
-        if active is None:
-            reasons: tuple[StoredReason, ...] = (
-                StoredReason("NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0),
-            )
-            scope, version, risk_score = ModelScope.NONE, "", 0.0
-            decision = Decision.APPROVE
-        else:
-            model = active.model
-            score = model.score(x, own.forest if own else None, own.sample_count if own else 0, terminal)
-            risk_score = score.risk_score
-            decision = self._thresholds.decide(risk_score)
-            window = model.feedback.window_days if model.feedback is not None else None
-            reasons = tuple(
-                StoredReason(r.code, r.message, r.weight)
-                for r in explain(
-                    model, x, score, profile, event, currency=currency, terminal=terminal, window_days=window
-                )
-            )
-            scope = ModelScope.CUSTOMER if own is not None else ModelScope.GLOBAL
-            version = own.version if own is not None else active.version
-        features = x.astype(np.float64).tobytes()
-        profile.update(event)
-        return Evaluation(
-            risk_score=risk_score,
-            decision=decision,
-            reasons=reasons,
-            model_scope=scope,
-            model_version=version,
-            history_size=history,
-            cold_start=own is None,
-            features=features,
-            new_state=profile.to_bytes(),
+        # The profile as it was stays for the explanation; the copy moves on (update replaces ``recent``).
+        after = replace(profile, recent=list(profile.recent))
+        after.update(event)
+        prepared = Prepared(
+            new_state=after.to_bytes(),
+            x=x,
+            profile=profile,
+            event=event,
+            currency=currency,
+            active=active,
+            own=own,
+            terminal=terminal,
             shadow_version=shadow_version,
             shadow_risk_score=shadow_risk,
         )
+        if active is None:
+            prepared.evaluation = Evaluation(
+                risk_score=0.0,
+                decision=Decision.APPROVE,
+                reasons=(
+                    StoredReason(
+                        "NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0
+                    ),
+                ),
+                model_scope=ModelScope.NONE,
+                model_version="",
+                history_size=profile.count,
+                cold_start=own is None,
+                features=x.astype(np.float64).tobytes(),
+                new_state=prepared.new_state,
+                shadow_version=shadow_version,
+                shadow_risk_score=shadow_risk,
+            )
+        return prepared
+
+    def finish(self, batch: Sequence[object]) -> list[Evaluation]:
+        """Score, explain and decide a batch of ``Prepared`` items at once: one forest pass per model."""
+        prepared = [_as_prepared(item) for item in batch]
+        by_model: dict[int, list[int]] = {}
+        for row, item in enumerate(prepared):
+            if item.evaluation is None:
+                assert item.active is not None
+                by_model.setdefault(id(item.active.model), []).append(row)
+        for rows in by_model.values():
+            self._finish_rows([prepared[row] for row in rows])
+        evaluations = [item.evaluation for item in prepared]
+        assert all(evaluation is not None for evaluation in evaluations)
+        return cast(list[Evaluation], evaluations)
+
+    def _finish_rows(self, items: list[Prepared]) -> None:
+        """Score rows of one active model together, then explain and decide each."""
+        active = items[0].active
+        assert active is not None
+        model = active.model
+        X = np.stack([item.x for item in items])  # noqa: N806 - a matrix
+        scores = model.score_many(
+            X,
+            [item.own.forest if item.own else None for item in items],
+            [item.own.sample_count if item.own else 0 for item in items],
+            [item.terminal for item in items],
+        )
+        rarity = model.rarity_many(X)
+        window = model.feedback.window_days if model.feedback is not None else None
+        for item, score, row_rarity in zip(items, scores, rarity, strict=True):
+            own = item.own
+            reasons = tuple(
+                StoredReason(r.code, r.message, r.weight)
+                for r in explain(
+                    model,
+                    item.x,
+                    score,
+                    item.profile,
+                    item.event,
+                    currency=item.currency,
+                    terminal=item.terminal,
+                    window_days=window,
+                    rarity=row_rarity,
+                )
+            )
+            item.evaluation = Evaluation(
+                risk_score=score.risk_score,
+                decision=self._thresholds.decide(score.risk_score),
+                reasons=reasons,
+                model_scope=ModelScope.CUSTOMER if own is not None else ModelScope.GLOBAL,
+                model_version=own.version if own is not None else active.version,
+                history_size=item.profile.count,
+                cold_start=own is None,
+                features=item.x.astype(np.float64).tobytes(),
+                new_state=item.new_state,
+                shadow_version=item.shadow_version,
+                shadow_risk_score=item.shadow_risk_score,
+            )
 
     # -- outcomes and profiles ------------------------------------------------------------------------
 

@@ -174,7 +174,7 @@ def _fail_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("scoring failed")
 
-    monkeypatch.setattr(RiskEngine, "_evaluate", broken)
+    monkeypatch.setattr(RiskEngine, "finish", broken)
 
 
 def _fail_write(monkeypatch: pytest.MonkeyPatch) -> None:

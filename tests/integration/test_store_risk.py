@@ -28,7 +28,7 @@ from posguard_server.domain.risk import (
 from posguard_server.store import Database, SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
 from posguard_server.store.risk_tables import SqlRiskModel, SqlRiskProfile, SqlRiskTransaction
-from posguard_server.store.scoring_writes import Evaluate, PlaceActivity, ScoreItem
+from posguard_server.store.scoring_writes import Evaluate, PlaceActivity, ScoreItem, evaluated
 
 if TYPE_CHECKING:
     from ..conftest import RiskStores
@@ -112,6 +112,7 @@ def _score(
         request_id=request_id,
         evaluate=evaluate or _counting(),
         now=NOW,
+        finish=evaluated,
     )
 
 
@@ -177,7 +178,12 @@ def test_timestamps_come_back_in_utc(store: RiskStores) -> None:
     local = timezone(timedelta(hours=8))
     record = NewTransaction("tx-1", "c1", T0.astimezone(local), 100, "CNY", "m1")
     stored, _ = store.scoring.score(
-        record, fingerprint="f", request_id="", evaluate=_counting(), now=NOW.astimezone(local)
+        record,
+        fingerprint="f",
+        request_id="",
+        evaluate=_counting(),
+        now=NOW.astimezone(local),
+        finish=evaluated,
     )
     assert stored.transaction.event_time.tzinfo is UTC
     assert stored == store.scoring.get_transaction("tx-1")
@@ -327,7 +333,7 @@ def test_score_many_commits_a_batch_and_isolates_refused_items(store: RiskStores
         ScoreItem(_tx("tx-0"), "f" * 64, "", _counting()),  # a retry replays
     ]
 
-    results = store.scoring.score_many(items, now=NOW)
+    results = store.scoring.score_many(items, now=NOW, finish=evaluated)
 
     assert isinstance(results[1], NotFound)
     assert isinstance(results[2], InvalidArgument)
@@ -358,7 +364,7 @@ def test_a_batch_that_fails_as_a_whole_stores_nothing(store: RiskStores, databas
     ]
 
     with pytest.raises(RuntimeError):
-        store.scoring.score_many(items, now=NOW)
+        store.scoring.score_many(items, now=NOW, finish=evaluated)
 
     assert _count(database, SqlRiskTransaction) == 0
     assert store.risk.profile("c1") is None
@@ -376,7 +382,7 @@ def test_place_activity_inside_a_batch_counts_earlier_items(store: RiskStores) -
         ScoreItem(_tx(f"tx-{i}", customer_id=c, minutes=2 * i), "f" * 64, "", recording, since)
         for i, c in enumerate(["c1", "c2", "c3"])
     ]
-    store.scoring.score_many(items, now=NOW)
+    store.scoring.score_many(items, now=NOW, finish=evaluated)
 
     # All three pay at terminal t0 (even minutes): each sees the customers stored before it, in the batch.
     assert seen == [(0, 0), (0, 1), (0, 2)]
@@ -392,7 +398,7 @@ def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: RiskS
             items = [
                 ScoreItem(_tx(f"tx-{worker}-{r}-{c}", c, minutes=r), "f" * 64, "", _counting()) for c in order
             ]
-            results = store.scoring.score_many(items, now=NOW)
+            results = store.scoring.score_many(items, now=NOW, finish=evaluated)
             assert all(isinstance(result, tuple) for result in results)
 
     assert _together(threads_n, run) == []

@@ -23,7 +23,7 @@ from posguard_server.domain.risk import (
 from posguard_server.store import Database, SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
 from posguard_server.store.risk_tables import SqlRiskTransaction
-from posguard_server.store.scoring_writes import PlaceActivity, ScoreItem
+from posguard_server.store.scoring_writes import PlaceActivity, ScoreItem, evaluated
 
 if TYPE_CHECKING:
     from ..conftest import RiskStores
@@ -248,6 +248,7 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
             for i, (tid, customer, evaluate) in enumerate(scored)
         ],
         now=NOW,
+        finish=evaluated,
     )
     assert all(isinstance(result, tuple) for result in results)
     store.risk.import_transactions([_tx("h-1", "c1", minutes=-5)])
@@ -278,7 +279,9 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
     assert rows["tx-5"] == (None, None)
     assert rows["h-1"] == (None, None)
     # A retry replays the stored answer and stores nothing twice.
-    again = store.scoring.score_many([ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", _scorer(0.99))], now=NOW)  # type: ignore[arg-type]
+    again = store.scoring.score_many(
+        [ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", _scorer(0.99))], now=NOW, finish=evaluated
+    )  # type: ignore[arg-type]
     assert again[0][1] is True  # type: ignore[index]
     assert store.risk.shadow_pairs("v2").transaction_ids == ("tx-1", "tx-4", "tx-6")
 
@@ -320,6 +323,7 @@ def test_a_shadow_feedback_window_reads_the_place_over_its_own_window(store: Ris
             ScoreItem(_tx("tx-3", "c1", minutes=2), "f" * 64, "", legacy, month),
         ],
         now=NOW,
+        finish=evaluated,
     )
 
     assert calls == [

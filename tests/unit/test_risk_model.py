@@ -141,3 +141,43 @@ def test_terminal_counts_match_a_direct_count() -> None:
     assert (frauds[0], seen[0]) == (0, 0)
     # Row 5 (day 5) sees days 2-4: c, a, b; b's fraud (day 1) is outside the window.
     assert (frauds[5], seen[5]) == (0, 3)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["anomaly only", "with label feedback"])
+def test_scoring_a_batch_gives_the_row_by_row_scores_and_reasons_bit_for_bit(
+    handbook: dict[str, np.ndarray], labels: bool
+) -> None:
+    """The server scores a batch at once; the answers must be exactly those of scoring each row alone."""
+    start = handbook["times"].min()
+    history = handbook["times"] < start + 72 * DAY
+    trained = train(_history(handbook, history, labels=labels), CONFIG)
+    model = trained.global_model
+    assert (model.feedback is not None) is labels
+    own = {m.customer: m for m in trained.customer_models}
+    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])
+    rows = np.flatnonzero(~history)[:400]
+    X = x[rows]  # noqa: N806 - a matrix
+    X[::37, 2] = np.nan  # a missing value takes the forests' other branch
+    # Every fifth row as a customer without a model of their own (the global forest alone).
+    forests = [own[c].forest if i % 5 else None for i, c in enumerate(handbook["customers"][rows])]
+    histories = [own[c].sample_count if i % 5 else 0 for i, c in enumerate(handbook["customers"][rows])]
+    rng = np.random.default_rng(0)
+    terminals = [
+        (int(f), int(f + n)) if i % 3 else None
+        for i, (f, n) in enumerate(
+            zip(rng.integers(0, 4, len(rows)), rng.integers(1, 30, len(rows)), strict=True)
+        )
+    ]
+    assert len({id(f) for f in forests if f is not None}) > 1
+
+    batch = model.score_many(X, forests, histories, terminals)
+    alone = [model.score(X[i], forests[i], histories[i], terminals[i]) for i in range(len(rows))]
+
+    def bits(value: float) -> bytes:
+        return np.float64(value).tobytes()
+
+    assert [tuple(map(bits, (s.raw, s.anomaly_risk, s.risk_score, s.evidence))) for s in batch] == [
+        tuple(map(bits, (s.raw, s.anomaly_risk, s.risk_score, s.evidence))) for s in alone
+    ]
+    assert [s.used_customer_model for s in batch] == [s.used_customer_model for s in alone]
+    assert np.array_equal(model.rarity_many(X), np.stack([model.rarity(row) for row in X]), equal_nan=True)

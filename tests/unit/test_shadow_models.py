@@ -116,8 +116,8 @@ class Registry:
         self.reads["shadow_model"] += 1
         return self.models.get((SHADOW, scope, customer_id))
 
-    def score_many(self, items: Any, *, now: datetime) -> list[Evaluation]:
-        return [item.evaluate(None, None) for item in items]
+    def score_many(self, items: Any, *, now: datetime, finish: Any) -> list[Evaluation]:
+        return list(finish([item.evaluate(None, None) for item in items]))
 
 
 def _engine(registry: Registry) -> RiskEngine:

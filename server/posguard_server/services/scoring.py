@@ -185,7 +185,9 @@ class ScoringService:
             # so no redemption made above is kept without its transaction.
             items.append(self._engine.item(request, serving))
             scored.append(p)
-        results = dict(zip((id(p) for p in scored), unit.score(items, now=now), strict=True))
+        results = dict(
+            zip((id(p) for p in scored), unit.score(items, now=now, finish=self._engine.finish), strict=True)
+        )
         return [Scoring(p.error if p.error is not None else results[id(p)], p.redemption) for p in pending]
 
     def _redeem(

@@ -70,8 +70,21 @@ _TX, _PROFILES = TRANSACTIONS, PROFILES
 PlaceActivity = tuple[int, int]
 
 
+class Prepared(Protocol):
+    """What the scorer made of one transaction before the batch is scored: the customer's profile after it.
+
+    An ``Evaluation`` is one (already decided); the engine's own carries what ``Finish`` needs.
+    """
+
+    @property
+    def new_state(self) -> bytes | None: ...
+
+    @property
+    def counts_in_history(self) -> bool: ...
+
+
 class Evaluate(Protocol):
-    """The profile the scorer saw (None for a customer without one), the place's activity → what it decided.
+    """The profile the scorer saw (None for a customer without one), the place's activity → its features.
 
     ``shadow_place`` is passed only for an item with ``shadow_place_since``: the place's activity over the
     shadow run's label-feedback window.
@@ -84,7 +97,20 @@ class Evaluate(Protocol):
         /,
         *,
         shadow_place: PlaceActivity | None = None,
-    ) -> Evaluation: ...
+    ) -> Prepared: ...
+
+
+class Finish(Protocol):
+    """Scores prepared transactions at once: one ``Evaluation`` each, in order."""
+
+    def __call__(self, prepared: Sequence[Prepared], /) -> Sequence[Evaluation]: ...
+
+
+def evaluated(prepared: Sequence[Prepared]) -> list[Evaluation]:
+    """The ``Finish`` of items whose ``evaluate`` decides at once (returns an ``Evaluation``)."""
+    if not all(isinstance(item, Evaluation) for item in prepared):
+        raise TypeError("items that prepare must be finished by their scorer's finish")
+    return cast(list[Evaluation], list(prepared))
 
 
 # A stored transaction and whether it was an earlier answer replayed.
@@ -93,7 +119,8 @@ Scored = tuple[StoredTransaction, bool]
 
 @dataclass(frozen=True, slots=True)
 class ScoreItem:
-    """One transaction to score: ``evaluate`` runs inside the transaction, with the customer locked."""
+    """One transaction to score: ``evaluate`` (then the batch's ``Finish``) runs inside the transaction, with
+    the customer locked."""
 
     record: NewTransaction
     fingerprint: str
@@ -126,6 +153,7 @@ class SqlScoringStore:
         evaluate: Evaluate,
         now: datetime,
         place_since: datetime | None = None,
+        finish: Finish,
     ) -> Scored:
         """Score and store one transaction and update the customer's profile, all in one transaction.
 
@@ -135,13 +163,15 @@ class SqlScoringStore:
         the database, and may be called again if the write lost a race. ``request_id`` "" means none.
         """
         (result,) = self.score_many(
-            [ScoreItem(record, fingerprint, request_id, evaluate, place_since)], now=now
+            [ScoreItem(record, fingerprint, request_id, evaluate, place_since)], now=now, finish=finish
         )
         if isinstance(result, PosguardError):
             raise result
         return result
 
-    def score_many(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
+    def score_many(
+        self, items: Sequence[ScoreItem], *, now: datetime, finish: Finish
+    ) -> list[Scored | PosguardError]:
         """``score`` for several transactions, in order, committed together: one commit, one sync to disk.
 
         An item that is refused (unknown customer, idempotency conflict) is returned as its error and
@@ -156,7 +186,7 @@ class SqlScoringStore:
                         [item.record.transaction_id for item in items], [item.request_id for item in items]
                     )
                     unit.lock_customers({item.record.customer_id for item in items})
-                    return unit.score(items, now=now)
+                    return unit.score(items, now=now, finish=finish)
             except (AlreadyExists, Aborted):
                 # A concurrent call (another replica) stored one of these transaction ids or request ids, or
                 # a profile, first; the re-run finds its row and replays it, or reports the conflict.
@@ -241,34 +271,61 @@ class ScoringUnit:
     ) -> RedemptionAnswer:
         return redeem_in(self._session, code, attempt, open_key=open_key, now=now, now_step=now_step)
 
-    def score(self, items: Sequence[ScoreItem], *, now: datetime) -> list[Scored | PosguardError]:
-        """Store each item with its answer, in order, among the customers locked; one result per item."""
+    def score(
+        self, items: Sequence[ScoreItem], *, now: datetime, finish: Finish
+    ) -> list[Scored | PosguardError]:
+        """Store each item with its answer, in order, among the customers locked; one result per item.
+
+        Each item's features are prepared in order (an item sees the profile the items before it left), then
+        ``finish`` scores them together. A batch is split only where an item must see an earlier one stored:
+        a retry of it, or a place-activity read where it paid.
+        """
         connection, earlier, known = self._connection, self._earlier, self._locked
-        results: list[Scored | PosguardError] = []
+        results: list[Scored | PosguardError | None] = [None] * len(items)
         scored_at = utc(now)
-        rows: list[dict[str, Any]] = []
-        # Places of rows not yet written; a place read for one of them writes them out first.
-        places_pending: set[tuple[str, str]] = set()
         profiles = _Profiles.load(connection, {item.record.customer_id for item in items} & known)
-        for item in items:
+        waiting: list[tuple[int, ScoreItem, Prepared]] = []  # prepared, not yet scored
+        rows: list[dict[str, Any]] = []  # scored, not yet written
+        # What waits or is unwritten: the transaction ids, and the places they paid at.
+        ids_pending: set[str] = set()
+        places_pending: set[tuple[str, str]] = set()
+
+        def settle(*, write: bool) -> None:
+            evaluations = finish([prepared for _, _, prepared in waiting]) if waiting else []
+            for (slot, item, _), evaluation in zip(waiting, evaluations, strict=True):
+                stored = _scored_transaction(item.record, evaluation, scored_at)
+                rows.append(_scored_values(stored, evaluation, item))
+                earlier.add(stored, item.fingerprint, item.request_id)
+                if evaluation.new_state is not None:
+                    profiles.count(item.record, evaluation, scored_at)
+                results[slot] = (stored, False)
+            waiting.clear()
+            ids_pending.clear()
+            if write:
+                _insert_transactions(connection, rows)
+                rows.clear()
+                places_pending.clear()
+
+        for slot, item in enumerate(items):
             record = item.record
             if record.customer_id not in known:
-                results.append(NotFound("no such customer", reason="CUSTOMER_NOT_FOUND"))
+                results[slot] = NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
                 continue
+            if record.transaction_id in ids_pending:
+                settle(write=False)  # a retry within the batch replays the answer, once there is one
             try:
                 replay = earlier.check(record.transaction_id, item.fingerprint, item.request_id)
             except InvalidArgument as conflict:
-                results.append(conflict)
+                results[slot] = conflict
                 continue
             if replay is not None:
-                results.append((replay, True))
+                results[slot] = (replay, True)
                 continue
             place = shadow_place = None
             if item.place_since is not None or item.shadow_place_since is not None:
                 if _place_key(record) in places_pending:
-                    # An earlier item of this batch paid here: it must count, so write it out first.
-                    _insert_transactions(connection, rows)
-                    rows, places_pending = [], set()
+                    # An earlier item of this batch paid here: it must count, so store it first.
+                    settle(write=True)
                 until = utc(record.event_time)
                 if item.place_since is not None:
                     place = _place_activity(
@@ -281,19 +338,20 @@ class ScoringUnit:
             profile = profiles.get(record.customer_id)
             snapshot = profile.snapshot() if profile is not None else None
             if item.shadow_place_since is None:
-                evaluation = item.evaluate(snapshot, place)
+                prepared = item.evaluate(snapshot, place)
             else:
-                evaluation = item.evaluate(snapshot, place, shadow_place=shadow_place)
-            stored = _scored_transaction(record, evaluation, scored_at)
-            rows.append(_scored_values(stored, evaluation, item))
-            earlier.add(stored, item.fingerprint, item.request_id)
+                prepared = item.evaluate(snapshot, place, shadow_place=shadow_place)
+            if prepared.new_state is not None:
+                profiles.advance(record.customer_id, prepared.new_state)
+            earlier.reserve(item.request_id)
+            waiting.append((slot, item, prepared))
+            ids_pending.add(record.transaction_id)
             places_pending.add(_place_key(record))
-            if evaluation.new_state is not None:
-                profiles.advance(record, evaluation, evaluation.new_state, scored_at)
-            results.append((stored, False))
-        _insert_transactions(connection, rows)
+        settle(write=True)
         profiles.write(connection)
-        return results
+        done = [result for result in results if result is not None]
+        assert len(done) == len(items)
+        return done
 
 
 def _scored_transaction(
@@ -456,6 +514,11 @@ class _Earlier:
             raise request_conflict("was already used for a different transaction")
         return None
 
+    def reserve(self, request_id: str) -> None:
+        """A request id taken by a transaction of this batch that is not stored yet."""
+        if request_id:
+            self._request_ids.add(request_id)
+
     def add(self, stored: StoredTransaction, fingerprint: str, request_id: str) -> None:
         self._rows[stored.transaction.transaction_id] = _Known(TransactionSource.SCORE, fingerprint, stored)
         if request_id:
@@ -554,15 +617,18 @@ class _Profiles:
     def get(self, customer_id: str) -> _Profile | None:
         return self._profiles.get(customer_id)
 
-    def advance(
-        self, record: NewTransaction, evaluation: Evaluation, new_state: bytes, scored_at: datetime
-    ) -> None:
-        profile = self._profiles.get(record.customer_id)
+    def advance(self, customer_id: str, new_state: bytes) -> None:
+        """The customer's profile state after a transaction, for the next one of the batch to start from."""
+        profile = self._profiles.get(customer_id)
         if profile is None:
-            profile = _Profile(record.customer_id, b"", 0, None, None, 0, 0, None)
-            self._profiles[record.customer_id] = profile
-        self._changed.add(record.customer_id)
+            profile = _Profile(customer_id, b"", 0, None, None, 0, 0, None)
+            self._profiles[customer_id] = profile
+        self._changed.add(customer_id)
         profile.state = new_state
+
+    def count(self, record: NewTransaction, evaluation: Evaluation, scored_at: datetime) -> None:
+        """The profile's counters moved on by a scored transaction (after ``advance``)."""
+        profile = self._profiles[record.customer_id]
         profile.updated_at = scored_at
         if evaluation.counts_in_history:
             event_time = utc(record.event_time)
