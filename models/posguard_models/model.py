@@ -35,6 +35,8 @@ from posguard_models.forest import CompiledForest
 FORMAT: Final = "posguard.global-risk-model"
 FORMAT_VERSION: Final = 1
 _EPS: Final = 1e-6
+# Below this many rows a forest scores them one by one (``score_one`` equals ``score_samples`` bit for bit).
+_BATCH_WALK_MIN_ROWS: Final = 4
 # Score distance over which the tail beyond the training maximum halves its remaining mass (~e-fold).
 TAIL_SCALE: Final = 0.02
 
@@ -109,6 +111,13 @@ class Feedback:
         return logit(self.fraud_probability(anomaly_risk)) + evidence
 
 
+def _forest_scores(forest: CompiledForest, X: npt.NDArray[np.float64]) -> list[float]:  # noqa: N803
+    """``forest.score_samples(X)``; a few rows one by one, where the batch walk costs more than it saves."""
+    if len(X) < _BATCH_WALK_MIN_ROWS:
+        return [forest.score_one(row) for row in X]
+    return [float(value) for value in forest.score_samples(X)]
+
+
 @dataclass(frozen=True, slots=True)
 class Score:
     raw: float
@@ -166,8 +175,7 @@ class GlobalModel:
         The same arithmetic in the same order as :meth:`score` row by row, so the same bits: forests score
         the rows a forest at a time (``score_samples`` equals ``score_one``), the rest is elementwise.
         """
-        s_global = -self.forest.score_samples(X)
-        raw = [float(value) for value in s_global]
+        raw = [-float(value) for value in _forest_scores(self.forest, X)]
         by_forest: dict[int, list[int]] = {}
         for row, forest in enumerate(customers):
             if forest is not None:
@@ -175,10 +183,9 @@ class GlobalModel:
         for rows in by_forest.values():
             forest = customers[rows[0]]
             assert forest is not None
-            s_customer = -forest.score_samples(X[rows])
-            for row, mine in zip(rows, s_customer, strict=True):
+            for row, mine in zip(rows, _forest_scores(forest, X[rows]), strict=True):
                 weight = histories[row] / (histories[row] + self.combine_n0)
-                raw[row] = weight * float(mine) + (1.0 - weight) * raw[row]
+                raw[row] = weight * -mine + (1.0 - weight) * raw[row]
         anomaly_risk = self.calibration.many(raw)
         if self.feedback is None:
             return [
