@@ -9,10 +9,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from posguard_server.store.db import Database, normalize_url
+from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.scratch import scratch_postgres_database
+from posguard_server.store.shadow import SqlShadowStore
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -59,10 +63,21 @@ def database(database_url: str) -> Iterator[Database]:
 class RiskStores:
     """The risk stores on one database, for the store tests that use several of them."""
 
-    risk: SqlRiskStore
     scoring: SqlScoringStore
+    history: SqlHistoryStore
+    profiles: SqlProfileStore
+    outcomes: SqlOutcomeStore
+    registry: SqlModelRegistry
+    shadow: SqlShadowStore
 
 
 @pytest.fixture
 def risk_stores(database: Database) -> RiskStores:
-    return RiskStores(risk=SqlRiskStore(database), scoring=SqlScoringStore(database))
+    return RiskStores(
+        scoring=SqlScoringStore(database),
+        history=SqlHistoryStore(database),
+        profiles=SqlProfileStore(database),
+        outcomes=SqlOutcomeStore(database),
+        registry=SqlModelRegistry(database),
+        shadow=SqlShadowStore(database),
+    )

@@ -35,17 +35,25 @@ from posguard_server.api.interceptors import (
     ErrorInterceptor,
 )
 from posguard_server.api.metrics import Metrics
-from posguard_server.api.risk import build_risk_servicer
+from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
+from posguard_server.domain.dynamic_codes import SecretCipher
 from posguard_server.domain.enumeration import FailureLimit
+from posguard_server.domain.numbering import Numbering
 from posguard_server.issuers import build_numbering
+from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
+from posguard_server.services.scoring import ScoringService
 from posguard_server.store import (
     Database,
     SqlApiKeyStore,
     SqlAuditStore,
     SqlCustomerStore,
     SqlDynamicCodeStore,
-    SqlRiskStore,
+    SqlModelRegistry,
+    SqlOutcomeStore,
+    SqlProfileStore,
+    SqlScoringStore,
+    SqlShadowStore,
 )
 from posguard_server.store.migrate import is_current, upgrade
 
@@ -59,6 +67,8 @@ SERVICE_NAMES = (
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
 MAX_MESSAGE_BYTES = 1024 * 1024
+# Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
+_COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
 
 
 class SchemaNotCurrentError(RuntimeError):
@@ -172,13 +182,16 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     guard = FailureGuard(
         FailureLimit(settings.failure_limit, timedelta(seconds=settings.failure_window_seconds))
     )
-    customer_ids = CustomerIdsServicer(
-        SqlCustomerStore(database), numbering, SqlDynamicCodeStore(database), guard
+    customers, dynamic, registry = (
+        SqlCustomerStore(database),
+        SqlDynamicCodeStore(database),
+        SqlModelRegistry(database),
     )
+    customer_ids = CustomerIdsServicer(customers, numbering, dynamic, guard)
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk = build_risk_servicer(database, numbering, settings, metrics, guard)
+    risk = _risk_servicer(database, registry, customers, dynamic, numbering, settings, metrics, guard)
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
-    admin = AdminServicer(keys, SqlAuditStore(database), authenticator, SqlRiskStore(database))
+    admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -195,6 +208,40 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
     return PosguardServer(settings, server, health_servicer, database, metrics, writers=[risk]), port
+
+
+def _risk_servicer(
+    database: Database,
+    registry: SqlModelRegistry,
+    customers: SqlCustomerStore,
+    dynamic: SqlDynamicCodeStore,
+    numbering: Numbering,
+    settings: Settings,
+    metrics: Metrics,
+    guard: FailureGuard,
+) -> RiskServicer:
+    """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
+    writes = SqlScoringStore(database)
+    models = ModelCache(registry, SqlShadowStore(database), refresh_seconds=settings.model_refresh_seconds)
+    engine = RiskEngine(
+        models,
+        writes,
+        SqlOutcomeStore(database),
+        SqlProfileStore(database),
+        customers,
+        dynamic,
+        thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
+    )
+    scoring = ScoringService(engine, writes, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
+    return RiskServicer(
+        engine,
+        scoring,
+        customers,
+        numbering,
+        metrics=metrics,
+        guard=guard,
+        commit_workers=_COMMIT_WORKERS[database.dialect],
+    )
 
 
 def serving_line(settings: Settings, port: int) -> str:

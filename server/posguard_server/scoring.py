@@ -46,8 +46,11 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.scoring_writes import PlaceActivity, Scored, ScoreItem, SqlScoringStore
+from posguard_server.store.shadow import SqlShadowStore
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +226,15 @@ class ModelCache:
 
     def __init__(
         self,
-        store: SqlRiskStore,
+        registry: SqlModelRegistry,
+        shadow: SqlShadowStore,
         *,
         refresh_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         capacity: int = CUSTOMER_CACHE_SIZE,
     ) -> None:
-        self._store = store
+        self._registry = registry
+        self._shadow = shadow
         self._refresh = refresh_seconds
         self._clock = clock
         self._capacity = capacity
@@ -255,7 +260,7 @@ class ModelCache:
             if now - self._checked < self._refresh:  # another thread refreshed while this one waited
                 return self._serving
             # Read under the lock: a generation read before another thread's reload must not undo it.
-            generation = self._store.generation()
+            generation = self._registry.generation()
             self._checked = now
             if generation != self._generation:
                 self._global = self._load_global()
@@ -266,7 +271,7 @@ class ModelCache:
             return self._serving
 
     def _load_global(self) -> ActiveGlobal | None:
-        record = self._store.active_model(ModelScope.GLOBAL, "")
+        record = self._registry.active_model(ModelScope.GLOBAL, "")
         if record is None or record.artifact is None:
             return None
         try:
@@ -277,10 +282,10 @@ class ModelCache:
             return self._global
 
     def _load_shadow(self, active: ActiveGlobal | None) -> ShadowRun | None:
-        version = self._store.shadow_version()
+        version = self._shadow.shadow_version()
         if version is None:
             return None
-        record = self._store.shadow_model(ModelScope.GLOBAL, "")
+        record = self._shadow.shadow_model(ModelScope.GLOBAL, "")
         if record is None or record.artifact is None:
             # A run that retrained customer models only: they combine with the active global model.
             if active is None:
@@ -299,7 +304,7 @@ class ModelCache:
         return self._cached(
             self._customers,
             customer_id,
-            lambda: _customer_forest(self._store.active_model(ModelScope.CUSTOMER, customer_id)),
+            lambda: _customer_forest(self._registry.active_model(ModelScope.CUSTOMER, customer_id)),
         )
 
     def shadow_customer(self, customer_id: str) -> ShadowCustomer:
@@ -307,7 +312,7 @@ class ModelCache:
         return self._cached(
             self._shadow_customers,
             customer_id,
-            lambda: _shadow_forest(self._store.shadow_model(ModelScope.CUSTOMER, customer_id)),
+            lambda: _shadow_forest(self._shadow.shadow_model(ModelScope.CUSTOMER, customer_id)),
         )
 
     def _cached(
@@ -370,20 +375,22 @@ def major_amount(amount_minor: int, currency: str) -> float:
 class RiskEngine:
     def __init__(
         self,
-        store: SqlRiskStore,
+        models: ModelCache,
         writes: SqlScoringStore,
+        outcomes: SqlOutcomeStore,
+        profiles: SqlProfileStore,
         customers: SqlCustomerStore,
         dynamic: SqlDynamicCodeStore,
         *,
         thresholds: Thresholds,
-        refresh_seconds: float,
     ) -> None:
-        self._store = store
+        self.models = models
         self._writes = writes
+        self._outcomes = outcomes
+        self._profiles = profiles
         self._customers = customers
         self._dynamic = dynamic
         self._thresholds = thresholds
-        self.models = ModelCache(store, refresh_seconds=refresh_seconds)
 
     # -- scoring --------------------------------------------------------------------------------------
 
@@ -611,7 +618,7 @@ class RiskEngine:
         fingerprint: str,
     ) -> tuple[OutcomeRecord, bool]:
         now = datetime.now(UTC)
-        return self._store.report_outcome(
+        return self._outcomes.report_outcome(
             transaction_id,
             Outcome(outcome),
             reported_at=reported_at or now,
@@ -622,7 +629,7 @@ class RiskEngine:
         )
 
     def profile(self, customer_id: str) -> RiskProfileView:
-        summary = self._store.profile_summary(customer_id)
+        summary = self._profiles.profile_summary(customer_id)
         active = self.models.current()
         own = self.models.customer(customer_id) if active is not None else None
         stored = self._customers.get(customer_id=customer_id)

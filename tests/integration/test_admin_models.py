@@ -34,9 +34,9 @@ from posguard_server.domain.risk import (
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import Importer, read_outcomes, read_transactions
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import Database, SqlAuditStore, SqlRiskStore
+from posguard_server.store import Database, SqlAuditStore, SqlHistoryStore, SqlModelRegistry
 from posguard_server.store.audit import SqlAuditEvent
-from posguard_server.store.customers import SqlCustomer, SqlCustomerStore
+from posguard_server.store.customers import SqlCustomer
 from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _register(
     scopes = ([(ModelScope.GLOBAL, "")] if with_global else []) + [
         (ModelScope.CUSTOMER, c) for c in customers
     ]
-    SqlRiskStore(database).add_models(
+    SqlModelRegistry(database).add_models(
         [
             NewModel(
                 scope=scope,
@@ -97,7 +97,7 @@ def _register(
 
 def _registry(database: Database) -> tuple[object, ...]:
     """Everything a registry call could change: generation, each model's status, the audit log's length."""
-    store = SqlRiskStore(database)
+    store = SqlModelRegistry(database)
     models, _ = store.list_models(limit=1000)
     with database.session(read_only=True) as session:
         events = int(session.scalar(select(func.count()).select_from(SqlAuditEvent)) or 0)
@@ -191,7 +191,7 @@ def test_promote_model_moves_a_whole_run_and_is_audited(two_runs: RunningServer)
         second = client.promote_model(scope=GLOBAL, version="r2", reason="second run", force=True)
         assert (second.model.version, second.previous_version, second.customer_models) == ("r2", "r1", 2)
 
-    assert {m.customer_id: m.version for m in SqlRiskStore(database).active_models()} == {
+    assert {m.customer_id: m.version for m in SqlModelRegistry(database).active_models()} == {
         "": "r2",
         "c1": "r2",
         "c2": "r1",
@@ -248,7 +248,7 @@ def test_rollback_model_restores_the_previous_run(two_runs: RunningServer) -> No
             "r2",
         )
         assert (back.customer_models_restored, back.customer_models_retired) == (1, 1)
-        assert {m.customer_id: m.version for m in SqlRiskStore(database).active_models()} == {
+        assert {m.customer_id: m.version for m in SqlModelRegistry(database).active_models()} == {
             "": "r1",
             "c1": "r1",
             "c2": "r1",
@@ -283,7 +283,7 @@ def test_rollback_model_by_version_and_per_customer(running: RunningServer) -> N
         with pytest.raises(posguard.FailedPreconditionError) as caught:
             client.rollback_model(scope=GLOBAL, version="inc", reason="x")
         assert caught.value.reason == "MODEL_NOT_ACTIVE"
-    assert {m.customer_id: m.version for m in SqlRiskStore(database).active_models()} == {
+    assert {m.customer_id: m.version for m in SqlModelRegistry(database).active_models()} == {
         "": "r2",
         "c1": "r2",
         "c2": "r1",
@@ -437,16 +437,16 @@ def test_every_bad_field_is_named_at_once(server: RunningServer) -> None:
 
 def test_a_rollback_reaches_a_running_server_without_a_restart(running: RunningServer) -> None:
     database = running.server.database
-    importer = Importer(SqlRiskStore(database), SqlCustomerStore(database), build_numbering(running.settings))
+    importer = Importer.on(database, build_numbering(running.settings))
     importer.import_rows(read_transactions(SAMPLE))
     importer.import_outcomes(read_outcomes(SAMPLE, delay=timedelta(days=7)))
     rows = list(read_transactions(SAMPLE))
-    store = SqlRiskStore(database)
-    history = load_history(store)
+    registry = SqlModelRegistry(database)
+    history = load_history(SqlHistoryStore(database))
     small = {"n_estimators": 30, "customer_estimators": 10, "customer_min_history": 30}
     for seed, version in ((0, "run-1"), (1, "run-2")):
         register(
-            store,
+            registry,
             train(history, TrainingConfig(seed=seed, **small)),
             version=version,
             activate=False,
@@ -571,7 +571,9 @@ def test_cli_lists_promotes_and_rolls_back(database: Database, database_url: str
         ("model.promoted", "inc", "cli"),
         ("model.rolled_back", "inc", "cli"),
     ]
-    statuses = {(m.version, m.customer_id): m.status for m in SqlRiskStore(database).list_models(limit=20)[0]}
+    statuses = {
+        (m.version, m.customer_id): m.status for m in SqlModelRegistry(database).list_models(limit=20)[0]
+    }
     assert statuses[("inc", "c2")] is ModelStatus.RETIRED
 
 

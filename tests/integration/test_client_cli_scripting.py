@@ -22,8 +22,8 @@ from posguard_models.training import TrainingConfig, train
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import Importer, read_transactions
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import SqlRiskStore
-from posguard_server.store.customers import SqlCustomer, SqlCustomerStore
+from posguard_server.store import SqlHistoryStore, SqlModelRegistry
+from posguard_server.store.customers import SqlCustomer
 
 from .test_admin_models import _register as register_models
 from .test_client_cli import _CLIENT_VARIABLES, run
@@ -115,13 +115,10 @@ def test_score_held_for_review_exits_4(server_factory: Callable[..., RunningServ
     # Any model score is REVIEW between these thresholds: calibrated scores stay below 1.
     running = server_factory(risk_review_threshold=0.5, risk_decline_threshold=1.0, model_refresh_seconds=0.2)
     database = running.server.database
-    store = SqlRiskStore(database)
-    Importer(store, SqlCustomerStore(database), build_numbering(running.settings)).import_rows(
-        read_transactions(SAMPLE)
-    )
+    Importer.on(database, build_numbering(running.settings)).import_rows(read_transactions(SAMPLE))
     small = {"n_estimators": 20, "customer_estimators": 5, "customer_min_history": 30}
-    trained = train(load_history(store), TrainingConfig(seed=0, **small))
-    register(store, trained, version="run-1", activate=True, actor="t")
+    trained = train(load_history(SqlHistoryStore(database)), TrainingConfig(seed=0, **small))
+    register(SqlModelRegistry(database), trained, version="run-1", activate=True, actor="t")
 
     def big(transaction_id: str) -> list[str]:
         # 5,000 EUR: far beyond anything this customer (or anyone in the sample) spends.

@@ -51,7 +51,7 @@ from posguard_server.api.access import ADMIN, allowed_roles
 from posguard_server.app import MAX_MESSAGE_BYTES
 from posguard_server.domain.api_keys import Role
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import Database, SqlRiskStore
+from posguard_server.store import Database, SqlHistoryStore, SqlModelRegistry
 
 if TYPE_CHECKING:
     from .conftest import RunningServer
@@ -251,11 +251,12 @@ def _seed(server: RunningServer) -> World:
         world.audit = [e.action for e in admin.list_audit_events(page_size=20).events]
 
     # Tiny real runs: one active, one candidate, so promotion and rollback have real models to move.
-    store = SqlRiskStore(server.server.database)
+    database = server.server.database
+    history_store, registry = SqlHistoryStore(database), SqlModelRegistry(database)
     small = {"n_estimators": 8, "max_samples": 32, "customer_estimators": 4, "customer_min_history": 10}
     for seed, version in enumerate(("fz-1", "fz-2")):
-        trained = train(load_history(store), TrainingConfig(seed=seed, **small))
-        register(store, trained, version=version, activate=seed == 0, actor="fuzz")
+        trained = train(load_history(history_store), TrainingConfig(seed=seed, **small))
+        register(registry, trained, version=version, activate=seed == 0, actor="fuzz")
     world.versions = ["fz-1", "fz-2"]
     models = posguard.Client(server.target, api_key=server.key(Role.TRAINER))
     with models:

@@ -21,7 +21,6 @@ from posguard_server.pipeline.importer import (
     read_transactions,
 )
 from posguard_server.store.customers import SqlCustomerStore
-from posguard_server.store.risk import SqlRiskStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 
 if TYPE_CHECKING:
@@ -50,11 +49,8 @@ def _csv(tmp_path: Path, rows: list[str]) -> Path:
 
 @pytest.fixture
 def parts(database: Database, tmp_path: Path) -> tuple[Importer, SqlScoringStore, SqlCustomerStore]:
-    customers = SqlCustomerStore(database)
-    importer = Importer(
-        SqlRiskStore(database), customers, build_numbering(Settings(data_dir=tmp_path / "data"))
-    )
-    return importer, SqlScoringStore(database), customers
+    importer = Importer.on(database, build_numbering(Settings(data_dir=tmp_path / "data")))
+    return importer, SqlScoringStore(database), SqlCustomerStore(database)
 
 
 def _customer_exists(customers: SqlCustomerStore, ref: str) -> bool:

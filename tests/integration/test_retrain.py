@@ -29,49 +29,47 @@ from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.dask_local import local_dask_cluster
 from posguard_server.pipeline.importer import Importer, read_outcomes, read_transactions
 from posguard_server.pipeline.retrain import PromotionMode, RetrainOptions, RetrainResult, retrain
-from posguard_server.store.customers import SqlCustomerStore
-from posguard_server.store.risk import SqlRiskStore
 
 if TYPE_CHECKING:
     from posguard_server.store.db import Database
+
+    from ..conftest import RiskStores
 
 SAMPLE = Path(__file__).parents[1] / "data" / "handbook_sample.csv.gz"
 CONFIG = TrainingConfig(seed=0, n_estimators=30, customer_estimators=10, customer_min_history=30)
 
 
 @pytest.fixture
-def store(database: Database, tmp_path: Path) -> SqlRiskStore:
+def store(database: Database, risk_stores: RiskStores, tmp_path: Path) -> RiskStores:
     """The handbook sample (30 customers, 7,721 transactions, 217 reported fraud) in a fresh database."""
-    risk = SqlRiskStore(database)
-    importer = Importer(
-        risk,
-        SqlCustomerStore(database),
-        build_numbering(Settings(data_dir=tmp_path / "data")),
-        namespace="source",
+    importer = Importer.on(
+        database, build_numbering(Settings(data_dir=tmp_path / "data")), namespace="source"
     )
     importer.import_rows(read_transactions(SAMPLE))
     importer.import_outcomes(read_outcomes(SAMPLE, delay=timedelta(days=7)))
-    return risk
+    return risk_stores
 
 
-def _run(store: SqlRiskStore, **options: object) -> RetrainResult:
-    return retrain(store, RetrainOptions(config=CONFIG, **options))  # type: ignore[arg-type]
+def _run(store: RiskStores, **options: object) -> RetrainResult:
+    return retrain(store.history, store.registry, store.shadow, RetrainOptions(config=CONFIG, **options))  # type: ignore[arg-type]
 
 
-def _active_versions(store: SqlRiskStore) -> dict[tuple[ModelScope, str], str]:
-    return {(m.scope, m.customer_id): m.version for m in store.active_models()}
+def _active_versions(store: RiskStores) -> dict[tuple[ModelScope, str], str]:
+    return {(m.scope, m.customer_id): m.version for m in store.registry.active_models()}
 
 
-def _forests(store: SqlRiskStore, version: str) -> dict[str, CompiledForest]:
-    models, _ = store.list_models(version=version, limit=1000)
+def _forests(store: RiskStores, version: str) -> dict[str, CompiledForest]:
+    models, _ = store.registry.list_models(version=version, limit=1000)
     return {
-        m.customer_id: CompiledForest.from_bytes(store.get_model(m.scope, m.customer_id, version).artifact)  # type: ignore[union-attr,arg-type]
+        m.customer_id: CompiledForest.from_bytes(
+            store.registry.get_model(m.scope, m.customer_id, version).artifact
+        )  # type: ignore[union-attr,arg-type]
         for m in models
         if m.scope is ModelScope.CUSTOMER
     }
 
 
-def _same_run(store: SqlRiskStore, a: str, b: str) -> None:
+def _same_run(store: RiskStores, a: str, b: str) -> None:
     """Two runs produced the same models: every customer forest and the global model score identically."""
     probe = np.random.default_rng(7).lognormal(size=(200, 4))
     left, right = _forests(store, a), _forests(store, b)
@@ -79,13 +77,13 @@ def _same_run(store: SqlRiskStore, a: str, b: str) -> None:
     assert left
     for customer in left:
         assert np.array_equal(left[customer].score_samples(probe), right[customer].score_samples(probe))
-    global_a = GlobalModel.from_bytes(store.get_model(ModelScope.GLOBAL, "", a).artifact)  # type: ignore[union-attr,arg-type]
-    global_b = GlobalModel.from_bytes(store.get_model(ModelScope.GLOBAL, "", b).artifact)  # type: ignore[union-attr,arg-type]
+    global_a = GlobalModel.from_bytes(store.registry.get_model(ModelScope.GLOBAL, "", a).artifact)  # type: ignore[union-attr,arg-type]
+    global_b = GlobalModel.from_bytes(store.registry.get_model(ModelScope.GLOBAL, "", b).artifact)  # type: ignore[union-attr,arg-type]
     assert np.array_equal(global_a.forest.score_samples(probe), global_b.forest.score_samples(probe))
     assert np.array_equal(global_a.calibration.scores, global_b.calibration.scores)
 
 
-def test_first_run_trains_everyone_and_a_rerun_with_nothing_new_trains_nothing(store: SqlRiskStore) -> None:
+def test_first_run_trains_everyone_and_a_rerun_with_nothing_new_trains_nothing(store: RiskStores) -> None:
     first = _run(store)
     assert first.version
     assert first.global_trained
@@ -107,14 +105,14 @@ def test_first_run_trains_everyone_and_a_rerun_with_nothing_new_trains_nothing(s
     assert _active_versions(store) == active
 
 
-def test_new_history_retrains_only_the_customers_who_have_it(store: SqlRiskStore) -> None:
+def test_new_history_retrains_only_the_customers_who_have_it(store: RiskStores) -> None:
     # No held-out days here: every transaction is training history as soon as it is stored.
     first = _run(store, holdout_days=0)
     customer = sorted(c for s, c in _active_versions(store) if s is ModelScope.CUSTOMER)[0]
-    history = next(iter(store.history(customer_ids=[customer])))
+    history = next(iter(store.history.history(customer_ids=[customer])))
     start = max(history.event_times) + timedelta(minutes=5)
     times = [start + timedelta(minutes=30 * i) for i in range(25)]
-    store.import_transactions(
+    store.history.import_transactions(
         [
             NewTransaction(
                 transaction_id=f"later-{i}",
@@ -142,7 +140,7 @@ def test_new_history_retrains_only_the_customers_who_have_it(store: SqlRiskStore
     assert others == {first.version}
 
 
-def test_all_and_customers_override_the_incremental_choice(store: SqlRiskStore) -> None:
+def test_all_and_customers_override_the_incremental_choice(store: RiskStores) -> None:
     _run(store)
     some = sorted(c for s, c in _active_versions(store) if s is ModelScope.CUSTOMER)[:3]
     picked = _run(store, customers=frozenset(some), promotion=PromotionMode.NEVER)
@@ -153,12 +151,12 @@ def test_all_and_customers_override_the_incremental_choice(store: SqlRiskStore) 
     assert everyone.trained == 30
     assert everyone.global_trained
     # Three runs are registered now; a run's models are found by its version alone.
-    run, more = store.list_models(version=picked.version, limit=100)
+    run, more = store.registry.list_models(version=picked.version, limit=100)
     assert more is None
     assert sorted(m.customer_id for m in run) == sorted(some)
 
 
-def test_joblib_processes_give_the_same_models_as_one_process(store: SqlRiskStore) -> None:
+def test_joblib_processes_give_the_same_models_as_one_process(store: RiskStores) -> None:
     one = _run(store, everyone=True, promotion=PromotionMode.NEVER)
     pooled = _run(store, everyone=True, promotion=PromotionMode.NEVER, jobs=2, chunk_size=4)
     _same_run(store, one.version, pooled.version)
@@ -168,7 +166,7 @@ def test_joblib_processes_give_the_same_models_as_one_process(store: SqlRiskStor
 
 
 @pytest.mark.slow
-def test_a_dask_cluster_gives_the_same_models_even_when_a_worker_dies(store: SqlRiskStore) -> None:
+def test_a_dask_cluster_gives_the_same_models_even_when_a_worker_dies(store: RiskStores) -> None:
     local = _run(store, everyone=True, promotion=PromotionMode.NEVER)
     with local_dask_cluster(2) as cluster:
         on_dask = _run(
@@ -185,7 +183,9 @@ def test_a_dask_cluster_gives_the_same_models_even_when_a_worker_dies(store: Sql
                 os.kill(victim.pid, signal.SIGKILL)
 
         survived = retrain(
-            store,
+            store.history,
+            store.registry,
+            store.shadow,
             RetrainOptions(
                 config=CONFIG,
                 everyone=True,
@@ -200,37 +200,47 @@ def test_a_dask_cluster_gives_the_same_models_even_when_a_worker_dies(store: Sql
     _same_run(store, local.version, survived.version)
 
 
-def test_promotion_refuses_a_worse_candidate_and_keeps_the_active_models(store: SqlRiskStore) -> None:
+def test_promotion_refuses_a_worse_candidate_and_keeps_the_active_models(store: RiskStores) -> None:
     good = _run(store)
     active = _active_versions(store)
-    good_active_at = store.active_model(ModelScope.GLOBAL, "").activated_at  # type: ignore[union-attr]
+    good_active_at = store.registry.active_model(ModelScope.GLOBAL, "").activated_at  # type: ignore[union-attr]
     # Two-sample trees: barely better than chance, so worse than the active models on held-out labels.
     bad_config = replace(CONFIG, seed=3, n_estimators=2, customer_estimators=1, max_samples=2)
-    worse = retrain(store, RetrainOptions(config=bad_config, everyone=True))
+    worse = retrain(
+        store.history, store.registry, store.shadow, RetrainOptions(config=bad_config, everyone=True)
+    )
     assert worse.evaluation is not None
     metrics = worse.evaluation.metrics
     assert metrics[METRIC_AP] < metrics[METRIC_BASELINE_AP]
     assert worse.promotion.startswith("refused")
     assert "worse than the active model" in worse.promotion
     assert _active_versions(store) == active
-    candidate = store.get_model(ModelScope.GLOBAL, "", worse.version)
+    candidate = store.registry.get_model(ModelScope.GLOBAL, "", worse.version)
     assert candidate is not None
     assert candidate.status is ModelStatus.CANDIDATE
     assert candidate.metrics[METRIC_EVALUATED_AT] > good_active_at.timestamp()
     assert good.version in active.values()
 
-    forced = retrain(store, RetrainOptions(config=bad_config, everyone=True, promotion=PromotionMode.FORCE))
+    forced = retrain(
+        store.history,
+        store.registry,
+        store.shadow,
+        RetrainOptions(config=bad_config, everyone=True, promotion=PromotionMode.FORCE),
+    )
     assert forced.promotion == "promoted (forced)"
     assert _active_versions(store)[(ModelScope.GLOBAL, "")] == forced.version
 
 
-def test_a_run_can_go_into_shadow_instead(store: SqlRiskStore) -> None:
+def test_a_run_can_go_into_shadow_instead(store: RiskStores) -> None:
     _run(store)
     shadow = retrain(
-        store, RetrainOptions(config=replace(CONFIG, seed=1), everyone=True, promotion=PromotionMode.SHADOW)
+        store.history,
+        store.registry,
+        store.shadow,
+        RetrainOptions(config=replace(CONFIG, seed=1), everyone=True, promotion=PromotionMode.SHADOW),
     )
     assert shadow.promotion.startswith("in shadow")
-    model = store.get_model(ModelScope.GLOBAL, "", shadow.version)
+    model = store.registry.get_model(ModelScope.GLOBAL, "", shadow.version)
     assert model is not None
     assert model.status is ModelStatus.SHADOW
     assert shadow.evaluation is not None
@@ -238,35 +248,35 @@ def test_a_run_can_go_into_shadow_instead(store: SqlRiskStore) -> None:
 
     # Shadowing moved the registry generation (servers reloaded), but nothing new became active: the
     # comparison still holds and the run is promoted without force.
-    promoted = store.promote(
+    promoted = store.registry.promote(
         ModelScope.GLOBAL, "", shadow.version, force=False, now=datetime.now(UTC), actor="t", reason="watched"
     )
     assert not promoted.forced
     assert _active_versions(store)[(ModelScope.GLOBAL, "")] == shadow.version
 
 
-def test_holdout_rows_are_never_training_rows(store: SqlRiskStore) -> None:
+def test_holdout_rows_are_never_training_rows(store: RiskStores) -> None:
     result = _run(store, holdout_days=10)
     assert result.evaluation is not None
     assert result.evaluation.window_start is not None
-    model = store.get_model(ModelScope.GLOBAL, "", result.version)
+    model = store.registry.get_model(ModelScope.GLOBAL, "", result.version)
     assert model is not None
     assert model.training_window_end < result.evaluation.window_start
     assert datetime.now(UTC) > result.evaluation.window_start
 
 
-def test_a_holdout_longer_than_the_history_is_a_clear_error(store: SqlRiskStore) -> None:
+def test_a_holdout_longer_than_the_history_is_a_clear_error(store: RiskStores) -> None:
     with pytest.raises(ValueError, match="lower --holdout-days"):
         _run(store, holdout_days=10_000)
-    assert store.list_models()[0] == []
+    assert store.registry.list_models()[0] == []
 
 
-def test_since_counts_new_history_from_a_date(store: SqlRiskStore) -> None:
+def test_since_counts_new_history_from_a_date(store: RiskStores) -> None:
     _run(store, holdout_days=0)
     # The sample's last 40 days: each customer makes about 1.4 payments a day, so some have 20 since then.
     since = datetime(2018, 6, 20, tzinfo=UTC)
     counts: collections.Counter[str] = collections.Counter()
-    for batch in store.history():  # usable rows: reported fraud left out, as training leaves it out
+    for batch in store.history.history():  # usable rows: reported fraud left out, as training leaves it out
         counts.update(c for c, t in zip(batch.customer_ids, batch.event_times, strict=True) if t > since)
     recent = _run(store, holdout_days=0, since=since, promotion=PromotionMode.NEVER)
     assert recent.trained == sum(1 for n in counts.values() if n >= 20)

@@ -31,13 +31,14 @@ from posguard_server.pipeline.importer import CsvTransaction, Importer, read_out
 from posguard_server.pipeline.report import write_report
 from posguard_server.pipeline.retrain import evaluate_run, live_shadow_scores
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.risk import SqlRiskStore, SqlRiskTransaction
+from posguard_server.store.profiles import SqlProfileStore
+from posguard_server.store.risk_tables import SqlRiskTransaction
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..conftest import RiskStores
     from .conftest import RunningServer
 
 SAMPLE = Path(__file__).parents[1] / "data" / "handbook_sample.csv.gz"
@@ -55,7 +56,7 @@ def running(server_factory: Callable[..., RunningServer], database_url: str) -> 
 
 def _import(server: RunningServer) -> list[CsvTransaction]:
     database = server.server.database
-    importer = Importer(SqlRiskStore(database), SqlCustomerStore(database), build_numbering(server.settings))
+    importer = Importer.on(database, build_numbering(server.settings))
     importer.import_rows(read_transactions(SAMPLE))
     importer.import_outcomes(read_outcomes(SAMPLE, delay=LABEL_DELAY))
     return list(read_transactions(SAMPLE))
@@ -128,7 +129,7 @@ def _rewind(server: RunningServer, phase: str, profiles: list[tuple[str, Profile
         session.execute(
             delete(SqlRiskTransaction).where(SqlRiskTransaction.transaction_id.like(f"{phase}-%"))
         )
-    SqlRiskStore(server.server.database).put_profiles(profiles, now=datetime.now(UTC))
+    SqlProfileStore(server.server.database).put_profiles(profiles, now=datetime.now(UTC))
 
 
 def _answer(answer: risk_pb2.ScoreTransactionResponse) -> risk_pb2.ScoreTransactionResponse:
@@ -145,10 +146,12 @@ def _reloaded() -> None:
     time.sleep(3 * REFRESH_SECONDS)
 
 
-def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningServer, tmp_path: Path) -> None:
+def test_a_shadow_run_is_scored_and_stored_but_never_answers(
+    running: RunningServer, risk_stores: RiskStores, tmp_path: Path
+) -> None:
     rows = _import(running)
-    store = SqlRiskStore(running.server.database)
-    history = load_history(store)
+    store = risk_stores  # on the server's database
+    history = load_history(store.history)
     run_1 = train(history, TrainingConfig(seed=0, feedback_windows_days=(7.0,), **SMALL))
     run_2 = train(history, TrainingConfig(seed=1, feedback_windows_days=(28.0,), **SMALL))
     assert run_1.global_model.feedback is not None
@@ -156,18 +159,22 @@ def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningSer
     # Run 2 retrained every other customer only; the rest keep run 1's models in the comparison too.
     retrained = run_2.customer_models[::2]
     assert 0 < len(retrained) < len(run_1.customer_models)
-    register(store, run_1, version="run-1", activate=True, actor="test")
+    register(store.registry, run_1, version="run-1", activate=True, actor="test")
     register(
-        store,
+        store.registry,
         dataclasses.replace(run_2, customer_models=retrained),
         version="run-2",
         activate=False,
         actor="test",
     )
-    assert store.set_shadow("run-2", now=datetime.now(UTC), actor="test") == 1 + len(retrained)
+    assert store.shadow.set_shadow("run-2", now=datetime.now(UTC), actor="test") == 1 + len(retrained)
 
     payments = _payments(rows)
-    before = [(c, p) for c in sorted(set(history.customers.tolist())) if (p := store.profile(c)) is not None]
+    before = [
+        (c, p)
+        for c in sorted(set(history.customers.tolist()))
+        if (p := store.profiles.profile(c)) is not None
+    ]
     assert len(before) == len({payment.external_id.value for payment in payments})
 
     # A: run 1 answers, run 2 is scored in shadow.
@@ -177,7 +184,7 @@ def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningSer
     assert {a.model.version for a in shadowed} == {"run-1"}
     assert len(stored_a) == len(payments)
     assert {version for version, _, _ in stored_a.values()} == {"run-2"}
-    pairs = store.shadow_pairs("run-2")
+    pairs = store.shadow.shadow_pairs("run-2")
     assert len(pairs) == len(payments)
     assert pairs.active_scores == tuple(a.risk_score for a in shadowed)
     # Another model scored: the shadow scores are not the answers copied.
@@ -186,17 +193,19 @@ def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningSer
         > len(payments) // 2
     )
     # The report of run 2 shows these live scores next to its offline comparison.
-    live = live_shadow_scores(store, "run-2")
+    live = live_shadow_scores(store.shadow, "run-2")
     assert live is not None
     assert tuple(live.shadow_risk) == pairs.shadow_scores
-    report = evaluate_run(store, "run-2").report("run-2", review=0.99, decline=0.999, shadow=live)
+    report = evaluate_run(store.history, store.registry, "run-2").report(
+        "run-2", review=0.99, decline=0.999, shadow=live
+    )
     files = write_report(report, tmp_path / "report")
     assert (tmp_path / "report" / "shadow.png") in files.images
     assert "run-2" in files.html.read_text()
     _rewind(running, "a", before)
 
     # B: nothing in shadow. The answers are exactly those given while run 2 was in shadow.
-    assert store.clear_shadow(now=datetime.now(UTC), actor="test") == 1 + len(retrained)
+    assert store.shadow.clear_shadow(now=datetime.now(UTC), actor="test") == 1 + len(retrained)
     _reloaded()
     plain = _score(running, payments, "b")
     assert [_answer(a) for a in plain] == [_answer(a) for a in shadowed]
@@ -204,7 +213,7 @@ def test_a_shadow_run_is_scored_and_stored_but_never_answers(running: RunningSer
     _rewind(running, "b", before)
 
     # C: run 2 active. It answers what it scored in shadow, transaction by transaction.
-    store.activate_many(
+    store.registry.activate_many(
         [(ModelScope.GLOBAL, "", "run-2")] + [(ModelScope.CUSTOMER, m.customer, "run-2") for m in retrained],
         now=datetime.now(UTC),
     )

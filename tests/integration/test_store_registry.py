@@ -23,10 +23,9 @@ from posguard_server.domain.risk import (
     NewModel,
     Promotion,
 )
-from posguard_server.store import Database, SqlAuditStore, SqlRiskStore
-from posguard_server.store import risk as risk_store
+from posguard_server.store import Database, SqlAuditStore, SqlModelRegistry, model_registry
 from posguard_server.store.customers import SqlCustomer
-from posguard_server.store.risk import SqlRiskModel
+from posguard_server.store.risk_tables import SqlRiskModel
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 NOW = datetime(2025, 3, 2, 9, 30, tzinfo=UTC)
@@ -35,9 +34,9 @@ G, C = ModelScope.GLOBAL, ModelScope.CUSTOMER
 
 
 @pytest.fixture
-def store(database: Database) -> SqlRiskStore:
+def store(database: Database) -> SqlModelRegistry:
     _add_customers(database, "c1", "c2", "c3")
-    return SqlRiskStore(database)
+    return SqlModelRegistry(database)
 
 
 def _add_customers(database: Database, *customer_ids: str) -> None:
@@ -50,7 +49,7 @@ def _add_customers(database: Database, *customer_ids: str) -> None:
             )
 
 
-def _evaluated(store: SqlRiskStore, ap: float, baseline: float) -> dict[str, float]:
+def _evaluated(store: SqlModelRegistry, ap: float, baseline: float) -> dict[str, float]:
     """Run-level metrics of an evaluation against the models serving now."""
     return {
         METRIC_AP: ap,
@@ -61,7 +60,7 @@ def _evaluated(store: SqlRiskStore, ap: float, baseline: float) -> dict[str, flo
 
 
 def _register(
-    store: SqlRiskStore,
+    store: SqlModelRegistry,
     version: str,
     customers: tuple[str, ...],
     *,
@@ -89,7 +88,7 @@ def _register(
 
 
 def _promote(
-    store: SqlRiskStore,
+    store: SqlModelRegistry,
     version: str,
     *,
     force: bool = False,
@@ -109,12 +108,12 @@ def _promote(
     )
 
 
-def _active(store: SqlRiskStore) -> dict[str, str]:
+def _active(store: SqlModelRegistry) -> dict[str, str]:
     """The active version of each slot: "" for GLOBAL, else the customer id."""
     return {m.customer_id: m.version for m in store.active_models()}
 
 
-def _statuses(store: SqlRiskStore, version: str) -> dict[str, ModelStatus]:
+def _statuses(store: SqlModelRegistry, version: str) -> dict[str, ModelStatus]:
     models, _ = store.list_models(limit=1000)
     return {m.customer_id: m.status for m in models if m.version == version}
 
@@ -128,7 +127,7 @@ def _events(database: Database) -> list[tuple[str, str, dict[str, str]]]:
 
 
 def test_promoting_a_run_activates_its_global_and_customer_models_in_one_change(
-    store: SqlRiskStore, database: Database
+    store: SqlModelRegistry, database: Database
 ) -> None:
     _register(store, "r1", ("c1", "c2"))
     first = _promote(store, "r1")  # nothing active: nothing to be worse than, no evaluation needed
@@ -173,7 +172,7 @@ def test_promoting_a_run_activates_its_global_and_customer_models_in_one_change(
     assert SqlAuditStore(database).verify().intact
 
 
-def test_a_run_in_shadow_is_promoted_like_a_candidate(store: SqlRiskStore, database: Database) -> None:
+def test_a_run_in_shadow_is_promoted_like_a_candidate(store: SqlModelRegistry, database: Database) -> None:
     _register(store, "r1", ("c1",))
     with database.session() as session:
         session.execute(update(SqlRiskModel).where(SqlRiskModel.version == "r1").values(status="SHADOW"))
@@ -183,12 +182,12 @@ def test_a_run_in_shadow_is_promoted_like_a_candidate(store: SqlRiskStore, datab
 
 
 def test_a_run_larger_than_a_chunk_is_promoted_whole_or_not_at_all(
-    store: SqlRiskStore, database: Database, monkeypatch: pytest.MonkeyPatch
+    store: SqlModelRegistry, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     customers = tuple(f"k{i:04d}" for i in range(1100))
     _add_customers(database, *customers)
     _register(store, "big", customers)
-    real = risk_store._activate_chunk
+    real = model_registry._activate_chunk
     calls: list[int] = []
 
     def failing_third_chunk(*args: object) -> object:
@@ -197,14 +196,14 @@ def test_a_run_larger_than_a_chunk_is_promoted_whole_or_not_at_all(
             raise RuntimeError("the database went away mid-run")
         return real(*args)
 
-    monkeypatch.setattr(risk_store, "_activate_chunk", failing_third_chunk)
+    monkeypatch.setattr(model_registry, "_activate_chunk", failing_third_chunk)
     with pytest.raises(RuntimeError):
         _promote(store, "big")
     assert _active(store) == {}
     assert store.generation() == 0
     assert _events(database) == []
 
-    monkeypatch.setattr(risk_store, "_activate_chunk", real)
+    monkeypatch.setattr(model_registry, "_activate_chunk", real)
     assert _promote(store, "big").customer_models == 1100
     assert len(_active(store)) == 1101
     assert store.generation() == 1
@@ -227,7 +226,7 @@ def test_a_run_larger_than_a_chunk_is_promoted_whole_or_not_at_all(
     ids=["worse", "stale", "unevaluated"],
 )
 def test_a_candidate_is_refused_unless_forced(
-    store: SqlRiskStore, database: Database, metrics: dict[str, float], words: str
+    store: SqlModelRegistry, database: Database, metrics: dict[str, float], words: str
 ) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
@@ -251,7 +250,7 @@ def test_a_candidate_is_refused_unless_forced(
     assert words in details["overridden"]
 
 
-def test_a_candidate_as_good_as_the_active_run_is_promoted(store: SqlRiskStore) -> None:
+def test_a_candidate_as_good_as_the_active_run_is_promoted(store: SqlModelRegistry) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
     _register(store, "r2", ("c1",), metrics=_evaluated(store, 0.40, 0.40))
@@ -260,7 +259,7 @@ def test_a_candidate_as_good_as_the_active_run_is_promoted(store: SqlRiskStore) 
     assert _active(store) == {"": "r2", "c1": "r2"}
 
 
-def test_promotion_errors_change_nothing(store: SqlRiskStore) -> None:
+def test_promotion_errors_change_nothing(store: SqlModelRegistry) -> None:
     _register(store, "r1", ("c1",))
     _register(store, "r2", ("c1",))
     with pytest.raises(NotFound):
@@ -282,7 +281,7 @@ def test_promotion_errors_change_nothing(store: SqlRiskStore) -> None:
     assert _active(store) == {"": "r1", "c1": "r1"}
 
 
-def test_customer_scope_promotes_one_customer_judged_on_its_own_slot(store: SqlRiskStore) -> None:
+def test_customer_scope_promotes_one_customer_judged_on_its_own_slot(store: SqlModelRegistry) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
     _register(store, "r2", ("c1", "c2"))  # no evaluation
@@ -300,7 +299,7 @@ def test_customer_scope_promotes_one_customer_judged_on_its_own_slot(store: SqlR
     assert _active(store) == {"": "r2", "c1": "r2", "c2": "r2"}
 
 
-def test_a_customer_only_run_is_judged_on_its_customers_slots(store: SqlRiskStore) -> None:
+def test_a_customer_only_run_is_judged_on_its_customers_slots(store: SqlModelRegistry) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
     _register(store, "new", ("c3",), with_global=False)  # only customers without a model of their own
@@ -320,7 +319,7 @@ def test_a_customer_only_run_is_judged_on_its_customers_slots(store: SqlRiskStor
 
 
 def test_rolling_back_the_global_scope_restores_the_previous_run(
-    store: SqlRiskStore, database: Database
+    store: SqlModelRegistry, database: Database
 ) -> None:
     _register(store, "r1", ("c1", "c2"))
     _promote(store, "r1")
@@ -362,7 +361,7 @@ def test_rolling_back_the_global_scope_restores_the_previous_run(
     assert store.generation() == 3
 
 
-def test_rollback_by_version_undoes_a_customer_only_run(store: SqlRiskStore, database: Database) -> None:
+def test_rollback_by_version_undoes_a_customer_only_run(store: SqlModelRegistry, database: Database) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
     _register(store, "inc", ("c1", "c2"), with_global=False)
@@ -384,7 +383,7 @@ def test_rollback_by_version_undoes_a_customer_only_run(store: SqlRiskStore, dat
     assert store.generation() == 3
 
 
-def test_customer_scope_rollback_moves_one_customer(store: SqlRiskStore) -> None:
+def test_customer_scope_rollback_moves_one_customer(store: SqlModelRegistry) -> None:
     _register(store, "r1", ("c1", "c2"))
     _promote(store, "r1")
     _register(store, "r2", ("c1", "c2"))
@@ -404,7 +403,7 @@ def test_customer_scope_rollback_moves_one_customer(store: SqlRiskStore) -> None
 
 
 def test_a_retry_with_the_same_request_id_answers_the_first_call_and_changes_nothing(
-    store: SqlRiskStore, database: Database
+    store: SqlModelRegistry, database: Database
 ) -> None:
     _register(store, "r1", ("c1",))
     _promote(store, "r1")
@@ -447,7 +446,7 @@ def _together(work: Callable[[int], object], workers: int = 2) -> list[BaseExcep
 
 
 def test_two_processes_promoting_and_rolling_back_at_once_leave_whole_runs(
-    store: SqlRiskStore, database: Database, database_url: str
+    store: SqlModelRegistry, database: Database, database_url: str
 ) -> None:
     customers = tuple(f"k{i:03d}" for i in range(600))
     _add_customers(database, *customers)
@@ -456,7 +455,7 @@ def test_two_processes_promoting_and_rolling_back_at_once_leave_whole_runs(
     _promote(store, "r1")
     other = Database(database_url)  # another process: its own engine and connections
     try:
-        stores = [store, SqlRiskStore(other)]
+        stores = [store, SqlModelRegistry(other)]
         assert _together(lambda w: _promote(stores[w], ("r2", "r3")[w], force=True)) == []
         active = set(_active(store).values())
         assert len(active) == 1  # one whole run, never a mix

@@ -1,4 +1,4 @@
-"""The risk store on SQLite and PostgreSQL: scoring, history, outcomes, profiles and the model registry."""
+"""The risk stores on SQLite and PostgreSQL: scoring, history, outcomes, profiles and the model registry."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def test_score_stores_the_answer_and_updates_the_profile(store: RiskStores) -> N
     assert store.scoring.get_transaction("tx-1") == stored
 
     _score(store, _tx("tx-2", minutes=1), evaluate=_counting(Decision.REVIEW))
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
     assert profile == ProfileSnapshot(
         state=b"2",
         transaction_count=2,
@@ -171,7 +171,7 @@ def test_score_stores_the_answer_and_updates_the_profile(store: RiskStores) -> N
         declines=0,
         reviews=1,
     )
-    assert store.risk.profile("c2") is None
+    assert store.profiles.profile("c2") is None
 
 
 def test_timestamps_come_back_in_utc(store: RiskStores) -> None:
@@ -191,7 +191,7 @@ def test_timestamps_come_back_in_utc(store: RiskStores) -> None:
 
 def test_replay_returns_the_stored_answer_and_changes_nothing(store: RiskStores, database: Database) -> None:
     first, _ = _score(store, _tx("tx-1"), request_id="req-1")
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
 
     def never(snapshot: ProfileSnapshot | None, place: PlaceActivity | None) -> Evaluation:
         raise AssertionError("a replay must not score again")
@@ -201,7 +201,7 @@ def test_replay_returns_the_stored_answer_and_changes_nothing(store: RiskStores,
     assert replayed
     assert again == first
     assert _count(database, SqlRiskTransaction) == 1
-    assert store.risk.profile("c1") == profile
+    assert store.profiles.profile("c1") == profile
 
 
 def test_a_reused_transaction_id_with_another_fingerprint_is_a_conflict(store: RiskStores) -> None:
@@ -215,7 +215,7 @@ def test_a_reused_transaction_id_with_another_fingerprint_is_a_conflict(store: R
 
 
 def test_scoring_an_imported_transaction_id_is_a_conflict(store: RiskStores) -> None:
-    store.risk.import_transactions([_tx("old-1")])
+    store.history.import_transactions([_tx("old-1")])
 
     with pytest.raises(InvalidArgument) as caught:
         _score(store, _tx("old-1"))
@@ -241,7 +241,7 @@ def test_scoring_for_an_unknown_customer_is_not_found(store: RiskStores) -> None
 
 def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: RiskStores) -> None:
     _score(store, _tx("tx-1"))
-    before = store.risk.profile("c1")
+    before = store.profiles.profile("c1")
 
     stored, _ = _score(
         store, _tx("tx-2", minutes=9), evaluate=_counting(Decision.DECLINE, counts=False, keep_state=True)
@@ -250,9 +250,9 @@ def test_a_rule_decline_without_new_state_leaves_the_profile_alone(store: RiskSt
     assert stored.answer is not None
     assert stored.answer.decision is Decision.DECLINE
     assert not stored.in_history
-    assert store.risk.profile("c1") == before
-    assert [b.transaction_ids for b in store.risk.history()] == [("tx-1",)]
-    summary = store.risk.profile_summary("c1")
+    assert store.profiles.profile("c1") == before
+    assert [b.transaction_ids for b in store.history.history()] == [("tx-1",)]
+    summary = store.profiles.profile_summary("c1")
     assert (summary.transaction_count, summary.declines) == (1, 1)
 
 
@@ -264,7 +264,7 @@ def test_concurrent_retries_of_one_transaction_store_it_once(store: RiskStores, 
     assert _count(database, SqlRiskTransaction) == 1
     assert len({stored for stored, _ in answers}) == 1
     assert sorted(replayed for _, replayed in answers) == [False] + [True] * (threads_n - 1)
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
     assert profile is not None
     assert (profile.transaction_count, profile.state) == (1, b"1")
 
@@ -277,7 +277,7 @@ def test_concurrent_scores_of_one_customer_are_serialised(store: RiskStores) -> 
             _score(store, _tx(f"tx-{worker}-{i}", minutes=i))
 
     assert _together(threads_n, run) == []
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
     assert profile is not None
     # The state counts what each scorer saw: a lost update would leave it below the row count.
     assert profile.transaction_count == threads_n * per_thread
@@ -316,7 +316,7 @@ def test_a_profile_written_between_read_and_write_makes_the_batch_run_again(
     assert not replayed
     assert stored.answer is not None
     assert stored.answer.history_size == 41  # the second attempt saw the other write
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
     assert profile is not None
     assert (profile.state, profile.transaction_count) == (b"42", 2)
     assert _count(database, SqlRiskTransaction) == 2
@@ -348,7 +348,7 @@ def test_score_many_commits_a_batch_and_isolates_refused_items(store: RiskStores
     # tx-3 saw tx-1 earlier in the same batch: the state counts every transaction of the customer.
     assert stored[1][0].answer is not None
     assert stored[1][0].answer.history_size == 2
-    profile = store.risk.profile("c1")
+    profile = store.profiles.profile("c1")
     assert profile is not None
     assert (profile.transaction_count, profile.state) == (3, b"3")
     assert _count(database, SqlRiskTransaction) == 4
@@ -367,7 +367,7 @@ def test_a_batch_that_fails_as_a_whole_stores_nothing(store: RiskStores, databas
         store.scoring.score_many(items, now=NOW, finish=evaluated)
 
     assert _count(database, SqlRiskTransaction) == 0
-    assert store.risk.profile("c1") is None
+    assert store.profiles.profile("c1") is None
 
 
 def test_place_activity_inside_a_batch_counts_earlier_items(store: RiskStores) -> None:
@@ -403,7 +403,7 @@ def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: RiskS
 
     assert _together(threads_n, run) == []
     for customer in ("c1", "c2", "c3"):
-        profile = store.risk.profile(customer)
+        profile = store.profiles.profile(customer)
         assert profile is not None
         assert profile.state == str(threads_n * rounds).encode()
 
@@ -414,10 +414,10 @@ def test_concurrent_batches_over_the_same_customers_do_not_deadlock(store: RiskS
 def test_import_is_idempotent_and_counts_new_rows(store: RiskStores, database: Database) -> None:
     rows = [_tx(f"h-{i}", "c1" if i % 2 else "c2", minutes=i) for i in range(1200)]
 
-    assert store.risk.import_transactions(rows[:700]) == 700
-    assert store.risk.import_transactions(rows) == 500
-    assert store.risk.import_transactions(rows) == 0
-    assert store.risk.import_transactions([_tx("dup"), _tx("dup", amount=5)]) == 1
+    assert store.history.import_transactions(rows[:700]) == 700
+    assert store.history.import_transactions(rows) == 500
+    assert store.history.import_transactions(rows) == 0
+    assert store.history.import_transactions([_tx("dup"), _tx("dup", amount=5)]) == 1
     assert _count(database, SqlRiskTransaction) == 1201
     stored = store.scoring.get_transaction("h-3")
     assert stored is not None
@@ -431,7 +431,7 @@ def test_import_for_an_unknown_customer_is_not_found_and_stores_nothing(
     store: RiskStores, database: Database
 ) -> None:
     with pytest.raises(NotFound) as caught:
-        store.risk.import_transactions([_tx("h-1"), _tx("h-2", customer_id="ghost")])
+        store.history.import_transactions([_tx("h-1"), _tx("h-2", customer_id="ghost")])
     assert caught.value.metadata == {"customer_id": "ghost"}
     assert _count(database, SqlRiskTransaction) == 0
 
@@ -440,9 +440,9 @@ def test_history_is_ordered_and_keeps_customers_whole(store: RiskStores) -> None
     rows = [_tx(f"a-{i}", "c1", minutes=100 - i) for i in range(7)]
     rows += [_tx(f"b-{i}", "c2", minutes=i) for i in range(3)]
     rows += [_tx(f"c-{i}", "c3", minutes=i) for i in range(2)]
-    store.risk.import_transactions(rows)
+    store.history.import_transactions(rows)
 
-    batches = list(store.risk.history(batch_rows=3))
+    batches = list(store.history.history(batch_rows=3))
 
     seen = [tid for batch in batches for tid in batch.transaction_ids]
     assert seen == [f"a-{i}" for i in reversed(range(7))] + ["b-0", "b-1", "b-2", "c-0", "c-1"]
@@ -461,8 +461,8 @@ def test_history_is_ordered_and_keeps_customers_whole(store: RiskStores) -> None
 
 
 def test_history_filters(store: RiskStores) -> None:
-    store.risk.import_transactions([_tx(f"h-{i}", "c1" if i < 5 else "c2", minutes=i) for i in range(10)])
-    store.risk.bulk_outcomes(
+    store.history.import_transactions([_tx(f"h-{i}", "c1" if i < 5 else "c2", minutes=i) for i in range(10)])
+    store.outcomes.bulk_outcomes(
         [
             ("h-1", Outcome.FRAUD, NOW),
             ("h-2", Outcome.CHARGEBACK, NOW + timedelta(days=2)),
@@ -471,7 +471,7 @@ def test_history_filters(store: RiskStores) -> None:
     )
 
     def ids(**kwargs: object) -> list[str]:
-        return [tid for batch in store.risk.history(**kwargs) for tid in batch.transaction_ids]  # type: ignore[arg-type]
+        return [tid for batch in store.history.history(**kwargs) for tid in batch.transaction_ids]  # type: ignore[arg-type]
 
     assert ids() == ["h-0", "h-3", "h-4", "h-5", "h-6", "h-7", "h-8", "h-9"]
     assert ids(exclude_labelled_fraud=False) == [f"h-{i}" for i in range(10)]
@@ -481,16 +481,16 @@ def test_history_filters(store: RiskStores) -> None:
     assert ids(until=T0 + timedelta(minutes=4)) == ["h-0", "h-3"]
     assert ids(customer_ids=["c2"]) == ["h-5", "h-6", "h-7", "h-8", "h-9"]
     assert ids(customer_ids=[]) == []
-    labelled = next(iter(store.risk.history(exclude_labelled_fraud=False)))
+    labelled = next(iter(store.history.history(exclude_labelled_fraud=False)))
     assert labelled.outcomes[1:4] == (Outcome.FRAUD, Outcome.CHARGEBACK, Outcome.LEGITIMATE)
     assert labelled.outcome_ats[:4] == (None, NOW, NOW + timedelta(days=2), NOW)
 
 
 def test_history_streams_a_customer_larger_than_a_batch(store: RiskStores) -> None:
-    store.risk.import_transactions([_tx(f"h-{i:02d}", "c1", minutes=i) for i in range(11)])
-    store.risk.import_transactions([_tx("x-0", "c2")])
+    store.history.import_transactions([_tx(f"h-{i:02d}", "c1", minutes=i) for i in range(11)])
+    store.history.import_transactions([_tx("x-0", "c2")])
 
-    batches = list(store.risk.history(batch_rows=4))
+    batches = list(store.history.history(batch_rows=4))
 
     assert [len(batch) for batch in batches] == [11, 1]
     assert batches[0].transaction_ids == tuple(f"h-{i:02d}" for i in range(11))
@@ -503,7 +503,7 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: RiskS
     _score(store, _tx("tx-1"))
 
     def report(outcome: Outcome, request_id: str, fingerprint: str = "a") -> tuple[object, bool]:
-        return store.risk.report_outcome(
+        return store.outcomes.report_outcome(
             "tx-1",
             outcome,
             reported_at=NOW + timedelta(hours=1),
@@ -536,15 +536,15 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: RiskS
 
 def test_report_outcome_for_an_unknown_transaction_is_not_found(store: RiskStores) -> None:
     with pytest.raises(NotFound):
-        store.risk.report_outcome(
+        store.outcomes.report_outcome(
             "nope", Outcome.FRAUD, reported_at=NOW, note="", request_id="r1", fingerprint="a", now=NOW
         )
 
 
 def test_bulk_outcomes_and_labelled(store: RiskStores) -> None:
-    store.risk.import_transactions([_tx(f"h-{i}", minutes=i) for i in range(4)])
+    store.history.import_transactions([_tx(f"h-{i}", minutes=i) for i in range(4)])
 
-    matched = store.risk.bulk_outcomes(
+    matched = store.outcomes.bulk_outcomes(
         [
             ("h-0", Outcome.FRAUD, NOW),
             ("h-1", Outcome.LEGITIMATE, NOW),
@@ -554,10 +554,14 @@ def test_bulk_outcomes_and_labelled(store: RiskStores) -> None:
     )
 
     assert matched == 3
-    assert [item.transaction_id for item in store.risk.labelled()] == ["h-0", "h-2"]
-    assert [item.transaction_id for item in store.risk.labelled(since=NOW + timedelta(hours=1))] == ["h-2"]
-    assert [item.transaction_id for item in store.risk.labelled(until=NOW + timedelta(hours=1))] == ["h-0"]
-    first = store.risk.labelled()[0]
+    assert [item.transaction_id for item in store.outcomes.labelled()] == ["h-0", "h-2"]
+    assert [item.transaction_id for item in store.outcomes.labelled(since=NOW + timedelta(hours=1))] == [
+        "h-2"
+    ]
+    assert [item.transaction_id for item in store.outcomes.labelled(until=NOW + timedelta(hours=1))] == [
+        "h-0"
+    ]
+    first = store.outcomes.labelled()[0]
     assert (first.customer_id, first.merchant_id, first.terminal_id) == ("c1", "m0", "t0")
     assert (first.outcome, first.outcome_at, first.event_time) == (Outcome.FRAUD, NOW, T0)
 
@@ -566,7 +570,7 @@ def test_place_activity_counts_customers_and_reported_fraud(store: RiskStores) -
     def at(tid: str, customer: str, minutes: int, terminal: str, merchant: str = "m1") -> NewTransaction:
         return NewTransaction(tid, customer, T0 + timedelta(minutes=minutes), 100, "CNY", merchant, terminal)
 
-    store.risk.import_transactions(
+    store.history.import_transactions(
         [
             at("a", "c1", 1, "t1"),
             at("b", "c2", 2, "t1"),
@@ -578,7 +582,9 @@ def test_place_activity_counts_customers_and_reported_fraud(store: RiskStores) -
             at("h", "c2", 7, "", merchant="m2"),
         ]
     )
-    store.risk.bulk_outcomes([("b", Outcome.FRAUD, T0 + timedelta(minutes=20)), ("d", Outcome.FRAUD, NOW)])
+    store.outcomes.bulk_outcomes(
+        [("b", Outcome.FRAUD, T0 + timedelta(minutes=20)), ("d", Outcome.FRAUD, NOW)]
+    )
 
     def activity(terminal: str, merchant: str = "m1") -> tuple[int, int]:
         return store.scoring.place_activity(
@@ -596,29 +602,32 @@ def test_place_activity_counts_customers_and_reported_fraud(store: RiskStores) -
 # -- profiles ------------------------------------------------------------------------------------------
 
 
-def test_put_profiles_inserts_and_replaces(store: RiskStores) -> None:
+def test_put_profiles_inserts_and_replaces(store: RiskStores, database: Database) -> None:
     one = ProfileSnapshot(b"s1", 3, T0, T0 + timedelta(days=1), declines=1, reviews=2)
     two = ProfileSnapshot(b"s2", 0, None, None)
 
-    store.risk.put_profiles([("c1", one), ("c2", two)], now=NOW)
-    assert store.risk.profile("c1") == one
-    assert store.risk.profile("c2") == two
+    store.profiles.put_profiles([("c1", one), ("c2", two)], now=NOW)
+    assert store.profiles.profile("c1") == one
+    assert store.profiles.profile("c2") == two
 
-    store.risk.put_profiles([("c1", two)], now=NOW)
-    assert store.risk.profile("c1") == two
+    store.profiles.put_profiles([("c1", two)], now=NOW)
+    assert store.profiles.profile("c1") == two
+    with database.session(read_only=True) as session:
+        versions = dict(session.execute(select(SqlRiskProfile.customer_id, SqlRiskProfile.version)).all())
+    assert versions == {"c1": 1, "c2": 0}  # a replaced profile moves on, so a scorer that read it starts over
     with pytest.raises(NotFound):
-        store.risk.put_profiles([("ghost", one)], now=NOW)
+        store.profiles.put_profiles([("ghost", one)], now=NOW)
 
 
 def test_profile_summary_counts_the_customers_transactions(store: RiskStores) -> None:
-    assert store.risk.profile_summary("c1").transaction_count == 0
-    store.risk.import_transactions([_tx(f"h-{i}", minutes=i, amount=100 * (i + 1)) for i in range(5)])
+    assert store.profiles.profile_summary("c1").transaction_count == 0
+    store.history.import_transactions([_tx(f"h-{i}", minutes=i, amount=100 * (i + 1)) for i in range(5)])
     _score(store, _tx("tx-1", minutes=60, amount=50), evaluate=_counting(Decision.REVIEW))
     _score(
         store, _tx("tx-2", minutes=61), evaluate=_counting(Decision.DECLINE, counts=False, keep_state=True)
     )
 
-    summary = store.risk.profile_summary("c1")
+    summary = store.profiles.profile_summary("c1")
 
     assert summary.transaction_count == 6
     assert (summary.first_seen, summary.last_seen) == (T0, T0 + timedelta(minutes=60))
@@ -647,68 +656,70 @@ def _model(scope: ModelScope, customer_id: str, version: str) -> NewModel:
 
 def test_activation_rollback_and_generation(store: RiskStores) -> None:
     g = ModelScope.GLOBAL
-    store.risk.add_models([_model(g, "", v) for v in ("g1", "g2", "g3")])
-    assert store.risk.generation() == 0
-    assert store.risk.active_model(g, "") is None
+    store.registry.add_models([_model(g, "", v) for v in ("g1", "g2", "g3")])
+    assert store.registry.generation() == 0
+    assert store.registry.active_model(g, "") is None
 
-    first = store.risk.activate(g, "", "g1", now=NOW)
+    first = store.registry.activate(g, "", "g1", now=NOW)
     assert (first.model.version, first.previous_version, first.changed) == ("g1", "", True)
     assert first.model.status is ModelStatus.ACTIVE
     assert first.model.activated_at == NOW
-    assert store.risk.generation() == 1
+    assert store.registry.generation() == 1
 
-    assert not store.risk.activate(g, "", "g1", now=NOW).changed
-    assert store.risk.generation() == 1
+    assert not store.registry.activate(g, "", "g1", now=NOW).changed
+    assert store.registry.generation() == 1
 
-    second = store.risk.activate(g, "", "g2", now=NOW + timedelta(hours=1))
+    second = store.registry.activate(g, "", "g2", now=NOW + timedelta(hours=1))
     assert second.previous_version == "g1"
-    third = store.risk.activate(g, "", "g3", now=NOW + timedelta(hours=2))
+    third = store.registry.activate(g, "", "g3", now=NOW + timedelta(hours=2))
     assert third.previous_version == "g2"
-    assert store.risk.generation() == 3
-    active = store.risk.active_model(g, "")
+    assert store.registry.generation() == 3
+    active = store.registry.active_model(g, "")
     assert active is not None
     assert (active.version, active.artifact, active.metrics) == ("g3", b"artifact g3", {"roc_auc": 0.91})
 
-    back = store.risk.rollback(g, "", now=NOW + timedelta(hours=3))
+    back = store.registry.rollback(g, "", now=NOW + timedelta(hours=3))
     assert back.model is not None
     assert (back.model.version, back.rolled_back_version) == ("g2", "g3")
-    assert store.risk.generation() == 4
+    assert store.registry.generation() == 4
     # Rolling back again walks further back, never to the version just rolled back.
-    assert store.risk.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"  # type: ignore[union-attr]
+    assert store.registry.rollback(g, "", now=NOW + timedelta(hours=4)).model.version == "g1"  # type: ignore[union-attr]
     with pytest.raises(FailedPrecondition) as caught:
-        store.risk.rollback(g, "", now=NOW)
+        store.registry.rollback(g, "", now=NOW)
     assert caught.value.reason == "NO_PREVIOUS_MODEL"
     with pytest.raises(FailedPrecondition) as caught:
-        store.risk.activate(g, "", "g3", now=NOW)
+        store.registry.activate(g, "", "g3", now=NOW)
     assert caught.value.reason == "MODEL_RETIRED"
-    statuses = {m.version: m.status for m in store.risk.list_models(limit=10)[0]}
+    statuses = {m.version: m.status for m in store.registry.list_models(limit=10)[0]}
     assert statuses == {"g1": ModelStatus.ACTIVE, "g2": ModelStatus.RETIRED, "g3": ModelStatus.RETIRED}
 
 
 def test_registry_errors(store: RiskStores) -> None:
-    store.risk.add_models([_model(ModelScope.GLOBAL, "", "v1"), _model(ModelScope.CUSTOMER, "c1", "v1")])
+    store.registry.add_models([_model(ModelScope.GLOBAL, "", "v1"), _model(ModelScope.CUSTOMER, "c1", "v1")])
 
     with pytest.raises(AlreadyExists):
-        store.risk.add_models([_model(ModelScope.GLOBAL, "", "v1")])
+        store.registry.add_models([_model(ModelScope.GLOBAL, "", "v1")])
     with pytest.raises(AlreadyExists):
-        store.risk.add_models(
+        store.registry.add_models(
             [_model(ModelScope.CUSTOMER, "c1", "v2"), _model(ModelScope.CUSTOMER, "c1", "v2")]
         )
-    store.risk.add_models([_model(ModelScope.CUSTOMER, "c2", "v1")])  # the same version for another customer
+    store.registry.add_models(
+        [_model(ModelScope.CUSTOMER, "c2", "v1")]
+    )  # the same version for another customer
     with pytest.raises(NotFound):
-        store.risk.add_models([_model(ModelScope.CUSTOMER, "ghost", "v1")])
+        store.registry.add_models([_model(ModelScope.CUSTOMER, "ghost", "v1")])
     with pytest.raises(InvalidArgument):
-        store.risk.add_models([_model(ModelScope.GLOBAL, "c1", "v9")])
+        store.registry.add_models([_model(ModelScope.GLOBAL, "c1", "v9")])
     with pytest.raises(InvalidArgument):
-        store.risk.add_models([_model(ModelScope.CUSTOMER, "", "v9")])
+        store.registry.add_models([_model(ModelScope.CUSTOMER, "", "v9")])
     with pytest.raises(InvalidArgument):
-        store.risk.activate(ModelScope.NONE, "", "v1", now=NOW)
+        store.registry.activate(ModelScope.NONE, "", "v1", now=NOW)
     with pytest.raises(NotFound):
-        store.risk.activate(ModelScope.CUSTOMER, "c1", "nope", now=NOW)
+        store.registry.activate(ModelScope.CUSTOMER, "c1", "nope", now=NOW)
     with pytest.raises(FailedPrecondition) as caught:
-        store.risk.rollback(ModelScope.CUSTOMER, "c1", now=NOW)
+        store.registry.rollback(ModelScope.CUSTOMER, "c1", now=NOW)
     assert caught.value.reason == "NO_ACTIVE_MODEL"
-    assert store.risk.generation() == 0
+    assert store.registry.generation() == 0
 
 
 def test_a_training_run_larger_than_a_chunk_registers_and_activates(
@@ -721,22 +732,22 @@ def test_a_training_run_larger_than_a_chunk_registers_and_activates(
         _model(ModelScope.CUSTOMER, c, "run-1") for c in customers
     ]
 
-    store.risk.add_models(models)
-    store.risk.activate_many([(m.scope, m.customer_id, m.version) for m in models], now=NOW)
+    store.registry.add_models(models)
+    store.registry.activate_many([(m.scope, m.customer_id, m.version) for m in models], now=NOW)
 
-    assert len(store.risk.active_models(ModelScope.CUSTOMER)) == 1200
+    assert len(store.registry.active_models(ModelScope.CUSTOMER)) == 1200
     with pytest.raises(AlreadyExists):
-        store.risk.add_models(models[-1:])
+        store.registry.add_models(models[-1:])
 
 
 def test_activate_many_is_one_change(store: RiskStores) -> None:
-    store.risk.add_models(
+    store.registry.add_models(
         [_model(ModelScope.CUSTOMER, c, v) for c in ("c1", "c2", "c3") for v in ("v1", "v2")]
         + [_model(ModelScope.GLOBAL, "", "v1")]
     )
-    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
+    store.registry.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
 
-    results = store.risk.activate_many(
+    results = store.registry.activate_many(
         [
             (ModelScope.CUSTOMER, "c1", "v2"),
             (ModelScope.CUSTOMER, "c2", "v2"),
@@ -752,8 +763,8 @@ def test_activate_many_is_one_change(store: RiskStores) -> None:
         ("c3", "v1", ""),
         ("", "v1", ""),
     }
-    assert store.risk.generation() == 2
-    active = store.risk.active_models()
+    assert store.registry.generation() == 2
+    active = store.registry.active_models()
     assert sorted((m.scope.value, m.customer_id, m.version) for m in active) == [
         ("CUSTOMER", "c1", "v2"),
         ("CUSTOMER", "c2", "v2"),
@@ -761,25 +772,25 @@ def test_activate_many_is_one_change(store: RiskStores) -> None:
         ("GLOBAL", "", "v1"),
     ]
     assert all(m.artifact is not None for m in active)
-    assert [m.version for m in store.risk.active_models(ModelScope.GLOBAL)] == ["v1"]
+    assert [m.version for m in store.registry.active_models(ModelScope.GLOBAL)] == ["v1"]
     # All or nothing: one unknown version refuses the whole call.
     with pytest.raises(NotFound):
-        store.risk.activate_many(
+        store.registry.activate_many(
             [(ModelScope.CUSTOMER, "c3", "v2"), (ModelScope.CUSTOMER, "c2", "v9")], now=NOW
         )
-    assert store.risk.active_model(ModelScope.CUSTOMER, "c3").version == "v1"  # type: ignore[union-attr]
-    assert store.risk.generation() == 2
+    assert store.registry.active_model(ModelScope.CUSTOMER, "c3").version == "v1"  # type: ignore[union-attr]
+    assert store.registry.generation() == 2
 
 
 def test_list_models_pages_newest_first_without_artifacts(store: RiskStores) -> None:
-    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", f"v{i}") for i in range(5)])
-    store.risk.add_models([_model(ModelScope.GLOBAL, "", "g")])
-    store.risk.activate(ModelScope.CUSTOMER, "c1", "v3", now=NOW)
+    store.registry.add_models([_model(ModelScope.CUSTOMER, "c1", f"v{i}") for i in range(5)])
+    store.registry.add_models([_model(ModelScope.GLOBAL, "", "g")])
+    store.registry.activate(ModelScope.CUSTOMER, "c1", "v3", now=NOW)
 
     pages: list[list[str]] = []
     after: int | None = None
     while True:
-        page, after = store.risk.list_models(
+        page, after = store.registry.list_models(
             scope=ModelScope.CUSTOMER, customer_id="c1", limit=2, after_id=after
         )
         pages.append([m.version for m in page])
@@ -788,19 +799,19 @@ def test_list_models_pages_newest_first_without_artifacts(store: RiskStores) -> 
             break
 
     assert pages == [["v4", "v3"], ["v2", "v1"], ["v0"]]
-    active, _ = store.risk.list_models(active_only=True, limit=10)
+    active, _ = store.registry.list_models(active_only=True, limit=10)
     assert [(m.version, m.active) for m in active] == [("v3", True)]
-    assert [m.version for m in store.risk.list_models(scope=ModelScope.GLOBAL, limit=10)[0]] == ["g"]
-    model = store.risk.get_model(ModelScope.CUSTOMER, "c1", "v1")
+    assert [m.version for m in store.registry.list_models(scope=ModelScope.GLOBAL, limit=10)[0]] == ["g"]
+    model = store.registry.get_model(ModelScope.CUSTOMER, "c1", "v1")
     assert model is not None
     assert model.artifact == b"artifact v1"
 
 
 def test_the_database_allows_one_active_model_per_scope(store: RiskStores, database: Database) -> None:
-    store.risk.add_models([_model(ModelScope.GLOBAL, "", v) for v in ("g1", "g2")])
-    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
-    store.risk.activate(ModelScope.GLOBAL, "", "g1", now=NOW)
-    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
+    store.registry.add_models([_model(ModelScope.GLOBAL, "", v) for v in ("g1", "g2")])
+    store.registry.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
+    store.registry.activate(ModelScope.GLOBAL, "", "g1", now=NOW)
+    store.registry.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW)
 
     for version in ("g2", "v2"):
         with pytest.raises(AlreadyExists), database.session() as session:
@@ -827,22 +838,22 @@ def test_the_database_allows_one_active_model_per_scope(store: RiskStores, datab
 
 def test_concurrent_activations_leave_one_active(store: RiskStores) -> None:
     versions = [f"v{i}" for i in range(4)]
-    store.risk.add_models([_model(ModelScope.GLOBAL, "", v) for v in versions])
+    store.registry.add_models([_model(ModelScope.GLOBAL, "", v) for v in versions])
 
     def run(worker: int) -> None:
-        store.risk.activate(ModelScope.GLOBAL, "", versions[worker], now=NOW)
+        store.registry.activate(ModelScope.GLOBAL, "", versions[worker], now=NOW)
 
     assert _together(len(versions), run) == []
-    statuses = sorted(m.status.value for m in store.risk.list_models(limit=10)[0])
+    statuses = sorted(m.status.value for m in store.registry.list_models(limit=10)[0])
     assert statuses == ["ACTIVE"] + ["RETIRED"] * 3
-    assert store.risk.generation() == 4
+    assert store.registry.generation() == 4
 
 
 def test_promotions_are_audited_with_the_change(store: RiskStores, database: Database) -> None:
-    store.risk.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
-    store.risk.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW, actor="trainer-1", reason="nightly")
-    store.risk.activate(ModelScope.CUSTOMER, "c1", "v2", now=NOW, actor="trainer-1", reason="nightly")
-    store.risk.rollback(ModelScope.CUSTOMER, "c1", now=NOW, actor="admin-1", reason="alert rate doubled")
+    store.registry.add_models([_model(ModelScope.CUSTOMER, "c1", v) for v in ("v1", "v2")])
+    store.registry.activate(ModelScope.CUSTOMER, "c1", "v1", now=NOW, actor="trainer-1", reason="nightly")
+    store.registry.activate(ModelScope.CUSTOMER, "c1", "v2", now=NOW, actor="trainer-1", reason="nightly")
+    store.registry.rollback(ModelScope.CUSTOMER, "c1", now=NOW, actor="admin-1", reason="alert rate doubled")
 
     events, _ = SqlAuditStore(database).list(limit=10)
     assert [(e.action, e.actor, e.subject) for e in events] == [

@@ -1,4 +1,4 @@
-"""Shadow scoring in the risk store on SQLite and PostgreSQL: the registry's shadow run, the stored scores."""
+"""Shadow scoring on SQLite and PostgreSQL: the registry's shadow run, the stored scores."""
 
 from __future__ import annotations
 
@@ -61,14 +61,14 @@ def _model(scope: ModelScope, customer_id: str, version: str) -> NewModel:
 
 def _runs(store: RiskStores) -> None:
     """v1: the active run (global, c1, c2); v2: a full run (global, c1); v3: an incremental run (c2 only)."""
-    store.risk.add_models([_model(G, "", "v1"), _model(C, "c1", "v1"), _model(C, "c2", "v1")])
-    store.risk.add_models([_model(G, "", "v2"), _model(C, "c1", "v2")])
-    store.risk.add_models([_model(C, "c2", "v3")])
-    store.risk.activate_many([(G, "", "v1"), (C, "c1", "v1"), (C, "c2", "v1")], now=NOW)
+    store.registry.add_models([_model(G, "", "v1"), _model(C, "c1", "v1"), _model(C, "c2", "v1")])
+    store.registry.add_models([_model(G, "", "v2"), _model(C, "c1", "v2")])
+    store.registry.add_models([_model(C, "c2", "v3")])
+    store.registry.activate_many([(G, "", "v1"), (C, "c1", "v1"), (C, "c2", "v1")], now=NOW)
 
 
 def _statuses(store: RiskStores) -> dict[tuple[str, str], ModelStatus]:
-    return {(m.version, m.customer_id): m.status for m in store.risk.list_models(limit=100)[0]}
+    return {(m.version, m.customer_id): m.status for m in store.registry.list_models(limit=100)[0]}
 
 
 def _tx(transaction_id: str, customer_id: str = "c1", *, minutes: int = 0) -> NewTransaction:
@@ -115,32 +115,32 @@ def _scorer(risk_score: float, shadow_version: str = "", shadow_risk_score: floa
 
 def test_set_shadow_puts_one_run_in_shadow_and_moves_the_previous_one_out(store: RiskStores) -> None:
     _runs(store)
-    assert store.risk.generation() == 1
-    assert store.risk.shadow_version() is None
-    assert store.risk.shadow_model(G, "") is None
+    assert store.registry.generation() == 1
+    assert store.shadow.shadow_version() is None
+    assert store.shadow.shadow_model(G, "") is None
 
-    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 2
+    assert store.shadow.set_shadow("v2", now=NOW, actor=None) == 2
 
-    assert store.risk.generation() == 2
-    assert store.risk.shadow_version() == "v2"
-    shadow_global = store.risk.shadow_model(G, "")
+    assert store.registry.generation() == 2
+    assert store.shadow.shadow_version() == "v2"
+    shadow_global = store.shadow.shadow_model(G, "")
     assert shadow_global is not None
     assert (shadow_global.version, shadow_global.status) == ("v2", ModelStatus.SHADOW)
     assert shadow_global.artifact == b"artifact v2 "
-    shadow_c1 = store.risk.shadow_model(C, "c1")
+    shadow_c1 = store.shadow.shadow_model(C, "c1")
     assert shadow_c1 is not None
     assert (shadow_c1.version, shadow_c1.artifact) == ("v2", b"artifact v2 c1")
-    assert store.risk.shadow_model(C, "c2") is None
+    assert store.shadow.shadow_model(C, "c2") is None
     # The active models are untouched: shadow never changes what answers.
-    assert [m.version for m in store.risk.active_models()] == ["v1", "v1", "v1"]
+    assert [m.version for m in store.registry.active_models()] == ["v1", "v1", "v1"]
 
     # One shadow run at a time: shadowing v3 sends v2 back to the candidates.
-    assert store.risk.set_shadow("v3", now=NOW, actor=None) == 1
-    assert store.risk.generation() == 3
-    assert store.risk.shadow_version() == "v3"
-    assert store.risk.shadow_model(G, "") is None
-    assert store.risk.shadow_model(C, "c1") is None
-    shadow_c2 = store.risk.shadow_model(C, "c2")
+    assert store.shadow.set_shadow("v3", now=NOW, actor=None) == 1
+    assert store.registry.generation() == 3
+    assert store.shadow.shadow_version() == "v3"
+    assert store.shadow.shadow_model(G, "") is None
+    assert store.shadow.shadow_model(C, "c1") is None
+    shadow_c2 = store.shadow.shadow_model(C, "c2")
     assert shadow_c2 is not None
     assert shadow_c2.version == "v3"
     assert _statuses(store) == {
@@ -157,66 +157,66 @@ def test_set_shadow_refuses_unknown_versions_and_runs_without_candidates(store: 
     _runs(store)
 
     with pytest.raises(NotFound) as not_found:
-        store.risk.set_shadow("v9", now=NOW, actor="admin")
+        store.shadow.set_shadow("v9", now=NOW, actor="admin")
     assert (not_found.value.reason, not_found.value.metadata) == ("MODEL_NOT_FOUND", {"version": "v9"})
     with pytest.raises(FailedPrecondition) as active:
-        store.risk.set_shadow("v1", now=NOW, actor="admin")
+        store.shadow.set_shadow("v1", now=NOW, actor="admin")
     assert (active.value.reason, active.value.metadata) == ("MODEL_NOT_CANDIDATE", {"version": "v1"})
-    assert store.risk.generation() == 1
+    assert store.registry.generation() == 1
 
-    store.risk.set_shadow("v2", now=NOW, actor=None)
+    store.shadow.set_shadow("v2", now=NOW, actor=None)
     # Already in shadow: nothing of it is a candidate any more.
     with pytest.raises(FailedPrecondition) as again:
-        store.risk.set_shadow("v2", now=NOW, actor=None)
+        store.shadow.set_shadow("v2", now=NOW, actor=None)
     assert again.value.reason == "MODEL_NOT_CANDIDATE"
-    assert store.risk.generation() == 2
-    assert store.risk.shadow_version() == "v2"
+    assert store.registry.generation() == 2
+    assert store.shadow.shadow_version() == "v2"
     with pytest.raises(InvalidArgument):
-        store.risk.shadow_model(ModelScope.NONE, "")
+        store.shadow.shadow_model(ModelScope.NONE, "")
     with pytest.raises(InvalidArgument):
-        store.risk.shadow_model(C, "")
+        store.shadow.shadow_model(C, "")
 
 
 def test_set_shadow_takes_only_the_candidates_of_a_partly_promoted_run(store: RiskStores) -> None:
     _runs(store)
-    store.risk.activate(G, "", "v2", now=NOW)
+    store.registry.activate(G, "", "v2", now=NOW)
 
-    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 1
+    assert store.shadow.set_shadow("v2", now=NOW, actor=None) == 1
 
     statuses = _statuses(store)
     assert (statuses[("v2", "")], statuses[("v2", "c1")]) == (ModelStatus.ACTIVE, ModelStatus.SHADOW)
-    assert store.risk.shadow_model(G, "") is None
+    assert store.shadow.shadow_model(G, "") is None
     # A shadow model is promoted like a candidate, and is then no longer in shadow.
-    store.risk.activate(C, "c1", "v2", now=NOW)
-    assert store.risk.shadow_version() is None
+    store.registry.activate(C, "c1", "v2", now=NOW)
+    assert store.shadow.shadow_version() is None
 
 
 def test_clear_shadow_returns_the_run_to_the_candidates(store: RiskStores) -> None:
     _runs(store)
-    assert store.risk.clear_shadow(now=NOW, actor=None) == 0
-    assert store.risk.generation() == 1  # nothing was in shadow: no reload
+    assert store.shadow.clear_shadow(now=NOW, actor=None) == 0
+    assert store.registry.generation() == 1  # nothing was in shadow: no reload
 
-    store.risk.set_shadow("v2", now=NOW, actor=None)
-    assert store.risk.clear_shadow(now=NOW, actor=None) == 2
+    store.shadow.set_shadow("v2", now=NOW, actor=None)
+    assert store.shadow.clear_shadow(now=NOW, actor=None) == 2
 
-    assert store.risk.generation() == 3
-    assert store.risk.shadow_version() is None
-    assert store.risk.shadow_model(G, "") is None
+    assert store.registry.generation() == 3
+    assert store.shadow.shadow_version() is None
+    assert store.shadow.shadow_model(G, "") is None
     assert _statuses(store)[("v2", "")] is ModelStatus.CANDIDATE
     assert _statuses(store)[("v2", "c1")] is ModelStatus.CANDIDATE
-    assert store.risk.clear_shadow(now=NOW, actor=None) == 0
-    assert store.risk.generation() == 3
+    assert store.shadow.clear_shadow(now=NOW, actor=None) == 0
+    assert store.registry.generation() == 3
     # Cleared runs are candidates again, so they can go back into shadow.
-    assert store.risk.set_shadow("v2", now=NOW, actor=None) == 2
+    assert store.shadow.set_shadow("v2", now=NOW, actor=None) == 2
 
 
 def test_shadow_changes_are_audited_with_the_change(store: RiskStores, database: Database) -> None:
     _runs(store)
-    store.risk.set_shadow("v2", now=NOW, actor="trainer-1", reason="nightly")
-    store.risk.set_shadow("v3", now=NOW, actor="trainer-1")
-    store.risk.clear_shadow(now=NOW, actor="admin-1", reason="enough traffic seen")
-    store.risk.clear_shadow(now=NOW, actor="admin-1")  # nothing in shadow: not an event
-    store.risk.set_shadow("v2", now=NOW, actor=None)  # no actor: not audited
+    store.shadow.set_shadow("v2", now=NOW, actor="trainer-1", reason="nightly")
+    store.shadow.set_shadow("v3", now=NOW, actor="trainer-1")
+    store.shadow.clear_shadow(now=NOW, actor="admin-1", reason="enough traffic seen")
+    store.shadow.clear_shadow(now=NOW, actor="admin-1")  # nothing in shadow: not an event
+    store.shadow.set_shadow("v2", now=NOW, actor=None)  # no actor: not audited
 
     audit = SqlAuditStore(database)
     events, _ = audit.list(limit=10)
@@ -251,19 +251,19 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
         finish=evaluated,
     )
     assert all(isinstance(result, tuple) for result in results)
-    store.risk.import_transactions([_tx("h-1", "c1", minutes=-5)])
-    store.risk.bulk_outcomes([("tx-1", Outcome.FRAUD, NOW), ("tx-4", Outcome.LEGITIMATE, NOW)])
-    store.risk.bulk_outcomes([("tx-6", Outcome.CHARGEBACK, NOW), ("h-1", Outcome.FRAUD, NOW)])
+    store.history.import_transactions([_tx("h-1", "c1", minutes=-5)])
+    store.outcomes.bulk_outcomes([("tx-1", Outcome.FRAUD, NOW), ("tx-4", Outcome.LEGITIMATE, NOW)])
+    store.outcomes.bulk_outcomes([("tx-6", Outcome.CHARGEBACK, NOW), ("h-1", Outcome.FRAUD, NOW)])
 
-    pairs = store.risk.shadow_pairs("v2")
+    pairs = store.shadow.shadow_pairs("v2")
 
     assert len(pairs) == 3
     assert pairs.transaction_ids == ("tx-1", "tx-4", "tx-6")
     assert pairs.active_scores == (0.10, 0.60, 0.80)
     assert pairs.shadow_scores == (0.30, 0.0, 0.95)
     assert pairs.fraud == (True, False, True)
-    assert store.risk.shadow_pairs("v3").transaction_ids == ("tx-3",)
-    assert len(store.risk.shadow_pairs("v9")) == 0
+    assert store.shadow.shadow_pairs("v3").transaction_ids == ("tx-3",)
+    assert len(store.shadow.shadow_pairs("v9")) == 0
     with database.session(read_only=True) as session:
         rows = {
             tid: (version, score)
@@ -283,19 +283,19 @@ def test_shadow_scores_are_stored_next_to_the_answer_and_paired_for_reports(
         [ScoreItem(_tx("tx-1", "c1"), "f" * 64, "", _scorer(0.99))], now=NOW, finish=evaluated
     )  # type: ignore[arg-type]
     assert again[0][1] is True  # type: ignore[index]
-    assert store.risk.shadow_pairs("v2").transaction_ids == ("tx-1", "tx-4", "tx-6")
+    assert store.shadow.shadow_pairs("v2").transaction_ids == ("tx-1", "tx-4", "tx-6")
 
 
 def test_a_shadow_feedback_window_reads_the_place_over_its_own_window(store: RiskStores) -> None:
     # Fraud was reported for c2 at terminal t1 three days ago and for c3 ten days ago.
-    store.risk.import_transactions(
+    store.history.import_transactions(
         [
             _tx("h-c2", "c2", minutes=-3 * 24 * 60),
             _tx("h-c3", "c3", minutes=-10 * 24 * 60),
         ]
     )
-    store.risk.bulk_outcomes([("h-c2", Outcome.FRAUD, T0 - timedelta(days=1))])
-    store.risk.bulk_outcomes([("h-c3", Outcome.FRAUD, T0 - timedelta(days=1))])
+    store.outcomes.bulk_outcomes([("h-c2", Outcome.FRAUD, T0 - timedelta(days=1))])
+    store.outcomes.bulk_outcomes([("h-c3", Outcome.FRAUD, T0 - timedelta(days=1))])
     calls: list[tuple[PlaceActivity | None, str, PlaceActivity | None]] = []
 
     def recording(

@@ -96,7 +96,7 @@ def test_a_load_racing_a_promotion_is_not_served_after_it(
     registry.promote(runs["v1"], "v1", ACTIVE)
     if status is SHADOW:
         registry.promote(runs["v1"], "v1", SHADOW)
-    cache = ModelCache(registry, refresh_seconds=0.0)  # type: ignore[arg-type]
+    cache = ModelCache(registry, registry, refresh_seconds=0.0)  # type: ignore[arg-type]
     cache.serving()
     lookup = cache.customer if status is ACTIVE else cache.shadow_customer
 
@@ -123,7 +123,7 @@ def test_a_load_racing_a_promotion_is_not_served_after_it(
 def test_models_loaded_in_one_generation_are_cached(runs: dict[str, Trained]) -> None:
     registry = Registry()
     registry.promote(runs["v1"], "v1", ACTIVE)
-    cache = ModelCache(registry, refresh_seconds=0.0)  # type: ignore[arg-type]
+    cache = ModelCache(registry, registry, refresh_seconds=0.0)  # type: ignore[arg-type]
     cache.serving()
     assert _version(cache.customer("c1")) == "v1"
     assert _version(cache.customer("c1")) == "v1"

@@ -122,12 +122,13 @@ class Registry:
 
 def _engine(registry: Registry) -> RiskEngine:
     return RiskEngine(
+        ModelCache(registry, registry, refresh_seconds=0.0),  # type: ignore[arg-type]
         registry,  # type: ignore[arg-type]
-        registry,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         thresholds=Thresholds(review=0.99, decline=0.999),
-        refresh_seconds=0.0,
     )
 
 
@@ -286,7 +287,7 @@ def test_shadow_customer_models_are_cached_in_a_bounded_lru(runs: dict[str, Trai
     registry = Registry()
     registry.put(runs["run-1"], "run-1", ACTIVE)
     registry.put(runs["run-2"], "run-2", SHADOW)
-    cache = ModelCache(registry, refresh_seconds=0.0, capacity=2)  # type: ignore[arg-type]
+    cache = ModelCache(registry, registry, refresh_seconds=0.0, capacity=2)  # type: ignore[arg-type]
     assert cache.serving()[1] is not None
 
     for customer in ("c1", "c2", "c1", "c3"):

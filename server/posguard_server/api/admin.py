@@ -25,7 +25,7 @@ from posguard_server.domain.api_keys import ApiKeyRepository, create_key
 from posguard_server.domain.audit import ACTION_MAX, ACTOR_MAX, SUBJECT_MAX, AuditLog
 from posguard_server.domain.risk import ModelScope
 from posguard_server.store.customers import CUSTOMER_ID_MAX
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.risk_tables import MODEL_VERSION_MAX
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ Context = aio.ServicerContext[Any, Any]
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, keys: ApiKeyRepository, audit: AuditLog, authenticator: Authenticator, models: SqlRiskStore
+        self, keys: ApiKeyRepository, audit: AuditLog, authenticator: Authenticator, models: SqlModelRegistry
     ) -> None:
         self._keys = keys
         self._audit = audit

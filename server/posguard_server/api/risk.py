@@ -34,10 +34,9 @@ from posguard_server.api.interceptors import annotate_call, current_principal
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
-from posguard_server.config import Settings
 from posguard_server.domain.currencies import is_money
 from posguard_server.domain.customers import ExternalRef, mask
-from posguard_server.domain.dynamic_codes import SecretCipher, parse_code
+from posguard_server.domain.dynamic_codes import parse_code
 from posguard_server.domain.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -55,14 +54,11 @@ from posguard_server.domain.risk import (
     StoredTransaction,
     event_time_refusal,
 )
-from posguard_server.scoring import RiskEngine, Thresholds, TransactionInput
+from posguard_server.scoring import RiskEngine, TransactionInput
 from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringService
 from posguard_server.store.customers import SqlCustomerStore
-from posguard_server.store.db import Database
-from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import SqlRiskStore
 from posguard_server.store.risk_tables import OUTCOME_NOTE_MAX, TERMINAL_ID_MAX, TRANSACTION_ID_MAX
-from posguard_server.store.scoring_writes import Scored, SqlScoringStore
+from posguard_server.store.scoring_writes import Scored
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -80,8 +76,6 @@ _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
 # concurrent ScoreTransaction calls (see group_commit).
 STREAM_BATCH = 64
 COMMIT_BATCH = 64
-# Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
-_COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
 # Errors of the whole call, not of one item: they end a ScoreTransactions stream.
 _CALL_ERRORS = (Unauthenticated, PermissionDenied, ResourceExhausted, DeadlineExceeded, Unavailable)
 
@@ -502,36 +496,6 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             distinct_merchants=view.distinct_merchants,
             distinct_terminals=view.distinct_terminals,
         )
-
-
-def build_risk_servicer(
-    database: Database, numbering: Numbering, settings: Settings, metrics: Metrics, guard: FailureGuard
-) -> RiskServicer:
-    """The Risk servicer and the engine behind it, on ``database``."""
-    customers, dynamic, transactions, writes = (
-        SqlCustomerStore(database),
-        SqlDynamicCodeStore(database),
-        SqlRiskStore(database),
-        SqlScoringStore(database),
-    )
-    engine = RiskEngine(
-        transactions,
-        writes,
-        customers,
-        dynamic,
-        thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
-        refresh_seconds=settings.model_refresh_seconds,
-    )
-    scoring = ScoringService(engine, writes, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
-    return RiskServicer(
-        engine,
-        scoring,
-        customers,
-        numbering,
-        metrics=metrics,
-        guard=guard,
-        commit_workers=_COMMIT_WORKERS[database.dialect],
-    )
 
 
 def _safe_id(request: risk_pb2.ScoreTransactionsRequest) -> str:

@@ -37,16 +37,12 @@ def _importer(settings: Settings, namespace: str) -> Callable[[Database], Import
     """What :func:`~posguard_server.cli.stores.opened` makes an importer on the database with."""
     from posguard_server.issuers import build_numbering
     from posguard_server.pipeline.importer import Importer
-    from posguard_server.store.customers import SqlCustomerStore
-    from posguard_server.store.risk import SqlRiskStore
 
     try:
         numbering = build_numbering(settings)
     except ValueError as error:  # issuers file or key ring unusable; the message names the file
         raise ConfigurationError(str(error)) from None
-    return lambda database: Importer(
-        SqlRiskStore(database), SqlCustomerStore(database), numbering, namespace=namespace
-    )
+    return lambda database: Importer.on(database, numbering, namespace=namespace)
 
 
 def _named(file: Path, message: str) -> str:

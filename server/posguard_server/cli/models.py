@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from posguard_server.cli.command import OperatorGroup
-from posguard_server.cli.stores import opened, risk_store
+from posguard_server.cli.stores import opened, risk_stores
 from posguard_server.cli.wording import count
 from posguard_server.config import Settings
 
@@ -61,9 +61,9 @@ def models_list(
 
     rows: list[Any] = []
     after = None
-    with opened(settings, risk_store) as store:
+    with opened(settings, risk_stores) as stores:
         while len(rows) <= limit:  # one model beyond the limit tells that the list was cut off
-            page, after = store.list_models(
+            page, after = stores.registry.list_models(
                 scope=ModelScope(scope.upper()) if scope else None,
                 customer_id=customer_id,
                 active_only=active_only,
@@ -118,8 +118,8 @@ def models_promote(settings: Settings, version: str, customer_id: str, force: bo
     from posguard_server.domain.risk import ModelScope
 
     scope = ModelScope.CUSTOMER if customer_id else ModelScope.GLOBAL
-    with opened(settings, risk_store) as store:
-        result = store.promote(
+    with opened(settings, risk_stores) as stores:
+        result = stores.registry.promote(
             scope, customer_id, version, force=force, now=datetime.now(UTC), actor="cli", reason=reason
         )
     replaced = f" (replacing {result.previous_version})" if result.previous_version else ""
@@ -154,8 +154,8 @@ def models_rollback(settings: Settings, customer_id: str, version: str, reason: 
     from posguard_server.domain.risk import ModelScope
 
     scope = ModelScope.CUSTOMER if customer_id else ModelScope.GLOBAL
-    with opened(settings, risk_store) as store:
-        result = store.rollback(
+    with opened(settings, risk_stores) as stores:
+        result = stores.registry.rollback(
             scope, customer_id, version=version, now=datetime.now(UTC), actor="cli", reason=reason
         )
     restored = f"back to {result.model.version}" if result.model is not None else "global model unchanged"
@@ -183,11 +183,11 @@ def models_shadow(settings: Settings, version: str, clear: bool, reason: str) ->
 
     if clear == bool(version):
         raise click.UsageError("give --version VERSION to put a run in shadow, or --clear")
-    with opened(settings, risk_store) as store:
+    with opened(settings, risk_stores) as stores:
         if clear:
-            cleared = store.clear_shadow(now=datetime.now(UTC), actor="cli", reason=reason)
+            cleared = stores.shadow.clear_shadow(now=datetime.now(UTC), actor="cli", reason=reason)
             now_candidates = "model is a candidate" if cleared == 1 else "models are candidates"
             click.echo(f"shadow cleared: {cleared} {now_candidates} again")
             return
-        shadowed = store.set_shadow(version, now=datetime.now(UTC), actor="cli", reason=reason)
+        shadowed = stores.shadow.set_shadow(version, now=datetime.now(UTC), actor="cli", reason=reason)
     click.echo(f"run {version} is in shadow ({count(shadowed, 'model')})")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from posguard_server.cli.command import OperatorCommand
-from posguard_server.cli.stores import opened, risk_store
+from posguard_server.cli.stores import opened, risk_stores
 from posguard_server.config import Settings
 
 
@@ -30,21 +30,21 @@ def report(settings: Settings, version: str, out_dir: Path) -> None:
     from posguard_server.pipeline.report import write_report
     from posguard_server.pipeline.retrain import evaluate_run, live_shadow_scores
 
-    with opened(settings, risk_store) as risk:
+    with opened(settings, risk_stores) as risk:
         if not version:
-            newest, _cursor = risk.list_models(limit=1)
+            newest, _cursor = risk.registry.list_models(limit=1)
             if not newest:
                 raise click.ClickException("no model is registered yet: run posguard-server retrain first")
             version = newest[0].version
         try:
-            evaluated = evaluate_run(risk, version)
+            evaluated = evaluate_run(risk.history, risk.registry, version)
             written = write_report(
                 evaluated.report(
                     version,
                     review=settings.risk_review_threshold,
                     decline=settings.risk_decline_threshold,
                     summary=[("version", version)],
-                    shadow=live_shadow_scores(risk, version),
+                    shadow=live_shadow_scores(risk.shadow, version),
                 ),
                 out_dir,
             )

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from posguard_server.cli.command import OperatorCommand
-from posguard_server.cli.stores import opened, risk_store
+from posguard_server.cli.stores import opened, risk_stores
 from posguard_server.cli.training import training_config, training_options
 from posguard_server.config import Settings
 
@@ -132,9 +132,9 @@ def retrain(
         # Rate and ETA on a terminal; nothing in a nightly job's log file.
         return tqdm(total=total, unit="model", desc="customer models", file=sys.stderr, disable=None)
 
-    with opened(settings, risk_store) as risk:
+    with opened(settings, risk_stores) as risk:
         try:
-            result = run_retrain(risk, options, progress=bar)
+            result = run_retrain(risk.history, risk.registry, risk.shadow, options, progress=bar)
         except ValueError as error:
             raise click.ClickException(str(error)) from None
         written = None
@@ -145,7 +145,7 @@ def retrain(
                     review=settings.risk_review_threshold,
                     decline=settings.risk_decline_threshold,
                     summary=result.summary(),
-                    shadow=live_shadow_scores(risk, result.version),
+                    shadow=live_shadow_scores(risk.shadow, result.version),
                 ),
                 report_dir,
             )

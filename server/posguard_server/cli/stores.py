@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -13,7 +14,9 @@ from posguard_server.config import Settings
 if TYPE_CHECKING:
     from posguard_server.domain.errors import PosguardError
     from posguard_server.store import Database
-    from posguard_server.store.risk import SqlRiskStore
+    from posguard_server.store.history import SqlHistoryStore
+    from posguard_server.store.model_registry import SqlModelRegistry
+    from posguard_server.store.shadow import SqlShadowStore
 
 T = TypeVar("T")
 
@@ -57,8 +60,18 @@ def opened(settings: Settings, make: Callable[[Database], T]) -> Iterator[T]:
             database.dispose()
 
 
-def risk_store(database: Database) -> SqlRiskStore:
-    """The registry and the history: what ``models``, ``train``, ``retrain`` and ``report`` work on."""
-    from posguard_server.store.risk import SqlRiskStore
+@dataclass(frozen=True, slots=True)
+class RiskStores:
+    """What ``models``, ``train``, ``retrain`` and ``report`` work on: history, registry and shadow run."""
 
-    return SqlRiskStore(database)
+    history: SqlHistoryStore
+    registry: SqlModelRegistry
+    shadow: SqlShadowStore
+
+
+def risk_stores(database: Database) -> RiskStores:
+    from posguard_server.store.history import SqlHistoryStore
+    from posguard_server.store.model_registry import SqlModelRegistry
+    from posguard_server.store.shadow import SqlShadowStore
+
+    return RiskStores(SqlHistoryStore(database), SqlModelRegistry(database), SqlShadowStore(database))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from posguard_server.cli.command import OperatorCommand
-from posguard_server.cli.stores import opened, risk_store
+from posguard_server.cli.stores import opened, risk_stores
 from posguard_server.config import Settings
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
     """Fit the global and per-customer models on stored history and activate them (servers pick them up)."""
     from posguard_server.pipeline.trainer import train_and_register
 
-    with opened(settings, risk_store) as risk:
+    with opened(settings, risk_stores) as risk:
         started = time.perf_counter()
         with click.progressbar(
             length=1,
@@ -90,7 +90,11 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
 
             try:
                 report = train_and_register(
-                    risk, training_config(seed, flags), activate=not no_activate, progress=progress
+                    risk.history,
+                    risk.registry,
+                    training_config(seed, flags),
+                    activate=not no_activate,
+                    progress=progress,
                 )
             except ValueError as error:
                 raise click.ClickException(str(error)) from None

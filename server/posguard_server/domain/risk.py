@@ -1,4 +1,4 @@
-"""Transaction risk: the plain objects the risk store takes and returns.
+"""Transaction risk: the plain objects the risk stores take and return.
 
 Nothing here knows about SQL or gRPC. Enum values are the strings stored in the database, so renaming a
 member is a schema change.

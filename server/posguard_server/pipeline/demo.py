@@ -63,8 +63,8 @@ from posguard_server.pipeline.importer import (
 from posguard_server.pipeline.report import ReportInput, ScoredSet, Standing, write_report
 from posguard_server.pipeline.trainer import train_and_register
 from posguard_server.store import SqlApiKeyStore
-from posguard_server.store.customers import SqlCustomerStore
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
 
 # Chargebacks and fraud reports reach a bank about a week after the payment; the history the models learn
 # from carries only the labels known by the start of the day, as in the evaluation protocol.
@@ -379,10 +379,9 @@ def run_demo(options: DemoOptions, echo: Echo) -> DemoResult:
                 f"gateway {created.key.key_id} (made by the admin over Admin.CreateApiKey)"
             )
 
-            risk = SqlRiskStore(database)
             timer = time.perf_counter()
             imported, labels = _import_history(
-                Importer(risk, SqlCustomerStore(database), build_numbering(settings), actor="demo"),
+                Importer.on(database, build_numbering(settings), actor="demo"),
                 history,
                 today,
                 labels_by=start if options.labels else None,
@@ -409,7 +408,11 @@ def run_demo(options: DemoOptions, echo: Echo) -> DemoResult:
                     bar.update(done - bar.n)
 
                 report = train_and_register(
-                    risk, TrainingConfig(seed=options.seed), actor="demo", progress=trained
+                    SqlHistoryStore(database),
+                    SqlModelRegistry(database),
+                    TrainingConfig(seed=options.seed),
+                    actor="demo",
+                    progress=trained,
                 )
             seconds_train = time.perf_counter() - timer
             echo(

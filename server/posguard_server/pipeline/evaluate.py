@@ -35,10 +35,10 @@ from posguard_server.domain.risk import Outcome
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, CsvTransaction, Importer, read_transactions
 from posguard_server.pipeline.trainer import train_and_register
-from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
+from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.model_registry import SqlModelRegistry
 
 HISTORY_SHARE = 0.6
 TEST_SHARE = 0.3
@@ -191,8 +191,7 @@ def _run_seed(
     upgrade(settings.effective_database_url)
     database = Database(settings.effective_database_url)
     try:
-        risk = SqlRiskStore(database)
-        importer = Importer(risk, SqlCustomerStore(database), build_numbering(settings))
+        importer = Importer.on(database, build_numbering(settings))
         importer.import_rows(history, progress=_step(progress, "import", len(history)))
         # Customers whose first payment comes after the history are enrolled (issued a number) before it, as
         # they would be in production; they reach the model with no history at all.
@@ -208,7 +207,13 @@ def _run_seed(
         seconds["import"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        report = train_and_register(risk, config, actor="evaluate", progress=_pair(progress, "train"))
+        report = train_and_register(
+            SqlHistoryStore(database),
+            SqlModelRegistry(database),
+            config,
+            actor="evaluate",
+            progress=_pair(progress, "train"),
+        )
         seconds["train"] = time.perf_counter() - clock
     finally:
         database.dispose()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final
 
 from posguard_models.features import Event, Profile
 from posguard_server.domain.currencies import minor_exponent
@@ -38,7 +38,12 @@ from posguard_server.domain.risk import (
     event_time_refusal,
 )
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.profiles import SqlProfileStore
+
+if TYPE_CHECKING:
+    from posguard_server.store.db import Database
 
 REQUIRED_COLUMNS: Final = ("transaction_id", "customer_ref", "timestamp", "amount", "currency", "merchant_id")
 DEFAULT_NAMESPACE: Final = "source"
@@ -230,19 +235,43 @@ def _batches(rows: Iterable[CsvTransaction], size: int) -> Iterator[list[CsvTran
 class Importer:
     def __init__(
         self,
-        risk: SqlRiskStore,
+        history: SqlHistoryStore,
+        profiles: SqlProfileStore,
+        outcomes: SqlOutcomeStore,
         customers: SqlCustomerStore,
         numbering: Numbering,
         *,
         namespace: str = DEFAULT_NAMESPACE,
         actor: str = "import",
     ) -> None:
-        self._risk = risk
+        self._history = history
+        self._profiles = profiles
+        self._outcomes = outcomes
         self._customers = customers
         self._numbering = numbering
         self._namespace = namespace
         self._actor = actor
         self._known: dict[str, str] = {}
+
+    @classmethod
+    def on(
+        cls,
+        database: Database,
+        numbering: Numbering,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        actor: str = "import",
+    ) -> Importer:
+        """An importer on the stores of ``database``."""
+        return cls(
+            SqlHistoryStore(database),
+            SqlProfileStore(database),
+            SqlOutcomeStore(database),
+            SqlCustomerStore(database),
+            numbering,
+            namespace=namespace,
+            actor=actor,
+        )
 
     def customer_for(self, ref: str) -> tuple[str, bool]:
         """The customer id of ``ref``, creating the customer on first sight; ``(id, created)``."""
@@ -305,7 +334,7 @@ class Importer:
                 touched.add(customer_id)
                 records.append(replace(row.transaction, customer_id=customer_id))
             if records:
-                summary.new += self._risk.import_transactions(records)
+                summary.new += self._history.import_transactions(records)
             summary.rows += len(records)
             if progress is not None:
                 progress(len(batch))
@@ -318,7 +347,7 @@ class Importer:
         for start in range(0, len(customer_ids), 2000):
             chunk = customer_ids[start : start + 2000]
             snapshots: list[tuple[str, ProfileSnapshot]] = []
-            for batch in self._risk.history(customer_ids=chunk, exclude_labelled_fraud=False):
+            for batch in self._history.history(customer_ids=chunk, exclude_labelled_fraud=False):
                 profiles: dict[str, tuple[Profile, datetime, datetime]] = {}
                 for customer_id, time, amount, currency in zip(
                     batch.customer_ids, batch.event_times, batch.amounts_minor, batch.currencies, strict=True
@@ -334,7 +363,7 @@ class Importer:
                     snapshots.append(
                         (customer_id, ProfileSnapshot(profile.to_bytes(), profile.count, first, last))
                     )
-            self._risk.put_profiles(snapshots, now=datetime.now(UTC))
+            self._profiles.put_profiles(snapshots, now=datetime.now(UTC))
             rebuilt += len(snapshots)
         return rebuilt
 
@@ -351,13 +380,13 @@ class Importer:
         for row in rows:
             batch.append(row)
             if len(batch) >= batch_size:
-                matched += self._risk.bulk_outcomes(batch)
+                matched += self._outcomes.bulk_outcomes(batch)
                 total += len(batch)
                 if progress is not None:
                     progress(len(batch))
                 batch = []
         if batch:
-            matched += self._risk.bulk_outcomes(batch)
+            matched += self._outcomes.bulk_outcomes(batch)
             total += len(batch)
             if progress is not None:
                 progress(len(batch))

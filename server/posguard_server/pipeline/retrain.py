@@ -73,7 +73,9 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.pipeline.report import ReportInput, ScoredSet, ShadowScores, Standing
 from posguard_server.pipeline.trainer import load_history, run_models
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.shadow import SqlShadowStore
 
 # Stored with every model of a run next to the comparison: where the held-out window began and ended.
 METRIC_EVALUATION_START = "evaluation_window_start"
@@ -217,7 +219,9 @@ class _Quiet:
 
 
 def retrain(
-    store: SqlRiskStore,
+    history_store: SqlHistoryStore,
+    registry: SqlModelRegistry,
+    shadow: SqlShadowStore,
     options: RetrainOptions,
     *,
     progress: ProgressFactory | None = None,
@@ -225,7 +229,7 @@ def retrain(
 ) -> RetrainResult:
     started = time.perf_counter()
     evaluated_at = time.time()  # before the active models are read: a promotion after it makes this stale
-    history = load_history(store)
+    history = load_history(history_store)
     if len(history.times) == 0:
         raise ValueError("no history to train on")
     X = batch_features(history.customers, history.times, history.amounts)  # noqa: N806 - matrix
@@ -236,8 +240,8 @@ def retrain(
     window = history.times < cutoff if cutoff is not None else np.ones(len(history.times), dtype=np.bool_)
     held_out = ~window
 
-    active_global = store.active_model(ModelScope.GLOBAL, "")
-    active_customers = {r.customer_id: r for r in store.active_models(ModelScope.CUSTOMER)}
+    active_global = registry.active_model(ModelScope.GLOBAL, "")
+    active_customers = {r.customer_id: r for r in registry.active_models(ModelScope.CUSTOMER)}
     active_set = _active_set(active_global, active_customers)
     jobs, skipped = _select_customers(history, X, usable, active_customers, options)
     retrain_global, global_reason = _global_decision(history, usable, active_global, active_set, options)
@@ -283,7 +287,7 @@ def retrain(
     evaluation.metrics[METRIC_EVALUATED_AT] = evaluated_at
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-s{options.config.seed}"
     _register(
-        store,
+        registry,
         version,
         history,
         usable,
@@ -292,7 +296,7 @@ def retrain(
         global_metrics,
         evaluation.metrics,
     )
-    outcome = _promote(store, version, options)
+    outcome = _promote(registry, shadow, version, options)
     return RetrainResult(
         version=version,
         trained=len(fits),
@@ -507,7 +511,7 @@ def evaluate_sets(
 
 
 def _register(
-    store: SqlRiskStore,
+    registry: SqlModelRegistry,
     version: str,
     history: History,
     usable: npt.NDArray[np.bool_],
@@ -517,7 +521,7 @@ def _register(
     evaluation: dict[str, float],
 ) -> None:
     times = history.times[usable]
-    store.add_models(
+    registry.add_models(
         run_models(
             version,
             global_model=new_global,
@@ -531,16 +535,18 @@ def _register(
     )
 
 
-def _promote(store: SqlRiskStore, version: str, options: RetrainOptions) -> str:
+def _promote(
+    registry: SqlModelRegistry, shadow: SqlShadowStore, version: str, options: RetrainOptions
+) -> str:
     now = datetime.now(UTC)
     if options.promotion is PromotionMode.NEVER:
         return "left as a candidate (--no-promote)"
     if options.promotion is PromotionMode.SHADOW:
-        count = store.set_shadow(version, now=now, actor=options.actor, reason="retrain --shadow")
+        count = shadow.set_shadow(version, now=now, actor=options.actor, reason="retrain --shadow")
         return f"in shadow ({count} models)"
     force = options.promotion is PromotionMode.FORCE
     try:
-        store.promote(
+        registry.promote(
             ModelScope.GLOBAL,
             "",
             version,
@@ -557,21 +563,21 @@ def _promote(store: SqlRiskStore, version: str, options: RetrainOptions) -> str:
 # -- evaluating a stored run again (the report) ---------------------------------------------------------
 
 
-def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
+def evaluate_run(history_store: SqlHistoryStore, registry: SqlModelRegistry, version: str) -> Evaluated:
     """Compare a registered run with the models active now, on the held-out window its retrain used.
 
     The candidate set is the run's models over the active ones (a run that kept the global model, or
     retrained only some customers, is compared like for like). Without a stored window (a run of
     ``posguard-server train``), the last 7 days of history are used.
     """
-    run, cursor = store.list_models(version=version, limit=1000)
+    run, cursor = registry.list_models(version=version, limit=1000)
     while cursor is not None:
-        page, cursor = store.list_models(version=version, limit=1000, after_id=cursor)
+        page, cursor = registry.list_models(version=version, limit=1000, after_id=cursor)
         run += page
     if not run:
         raise ValueError(f"no model has version {version}")
     metrics = run[0].metrics
-    history = load_history(store)
+    history = load_history(history_store)
     if len(history.times) == 0:
         raise ValueError("no history to evaluate on")
     X = batch_features(history.customers, history.times, history.amounts)  # noqa: N806 - matrix
@@ -579,13 +585,13 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
     end = metrics.get(METRIC_EVALUATION_END, float(history.times.max()))
     rows = (history.times >= start) & (history.times <= end)
 
-    active_customers = {r.customer_id: r for r in store.active_models(ModelScope.CUSTOMER)}
-    active_global = store.active_model(ModelScope.GLOBAL, "")
+    active_customers = {r.customer_id: r for r in registry.active_models(ModelScope.CUSTOMER)}
+    active_global = registry.active_model(ModelScope.GLOBAL, "")
     active = _active_set(active_global, active_customers)
     forests = dict(active.customers) if active is not None else {}
     candidate_global = active.global_model if active is not None else None
     for model in run:
-        record = store.get_model(model.scope, model.customer_id, version)
+        record = registry.get_model(model.scope, model.customer_id, version)
         if record is None or record.artifact is None:
             continue
         if model.scope is ModelScope.GLOBAL:
@@ -604,12 +610,12 @@ def evaluate_run(store: SqlRiskStore, version: str) -> Evaluated:
         active,
         active_global.version if active_global else "",
     )
-    standing, since = _standing(store, version, run)
+    standing, since = _standing(registry, version, run)
     return replace(evaluated, standing=standing, standing_since=since)
 
 
 def _standing(
-    store: SqlRiskStore, version: str, run: Sequence[ModelRecord]
+    registry: SqlModelRegistry, version: str, run: Sequence[ModelRecord]
 ) -> tuple[Standing, datetime | None]:
     """Where a run stands now, so its report does not call a promoted or rolled-back run the candidate.
 
@@ -626,16 +632,16 @@ def _standing(
     if ModelStatus.SHADOW in statuses:
         return Standing.SHADOW, None  # the registry keeps no time for it
     if ModelStatus.RETIRED in statuses:
-        rolled_back = store.rolled_back_at(version)
+        rolled_back = registry.rolled_back_at(version)
         if rolled_back is not None:
             return Standing.ROLLED_BACK, rolled_back
         return Standing.RETIRED, None
     return Standing.CANDIDATE, None
 
 
-def live_shadow_scores(store: SqlRiskStore, version: str) -> ShadowScores | None:
+def live_shadow_scores(shadow: SqlShadowStore, version: str) -> ShadowScores | None:
     """What servers scored with a run while it was in shadow, for the report (None if it never was)."""
-    pairs = store.shadow_pairs(version)
+    pairs = shadow.shadow_pairs(version)
     if not pairs.transaction_ids:
         return None
     return ShadowScores(

@@ -18,7 +18,8 @@ from posguard_models.retraining import CustomerFit
 from posguard_models.training import History, Trained, TrainingConfig, train
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.risk import ModelScope, NewModel, Outcome
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
 
 FRAUD_OUTCOMES = frozenset({Outcome.FRAUD, Outcome.CHARGEBACK})
 
@@ -34,7 +35,7 @@ class TrainReport:
     metrics: dict[str, float]
 
 
-def load_history(store: SqlRiskStore, *, until: datetime | None = None) -> History:
+def load_history(store: SqlHistoryStore, *, until: datetime | None = None) -> History:
     """All stored history (labelled fraud included: it shapes features; training leaves it out)."""
     customers: list[str] = []
     times: list[float] = []
@@ -112,7 +113,9 @@ def run_models(
     return models
 
 
-def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: bool, actor: str) -> None:
+def register(
+    registry: SqlModelRegistry, trained: Trained, *, version: str, activate: bool, actor: str
+) -> None:
     models = run_models(
         version,
         global_model=trained.global_model,
@@ -125,9 +128,9 @@ def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: b
         ],
         customer_metrics={},
     )
-    store.add_models(models)
+    registry.add_models(models)
     if activate:
-        store.activate_many(
+        registry.activate_many(
             [(m.scope, m.customer_id, m.version) for m in models],
             now=models[0].created_at,
             actor=actor,
@@ -136,7 +139,8 @@ def register(store: SqlRiskStore, trained: Trained, *, version: str, activate: b
 
 
 def train_and_register(
-    store: SqlRiskStore,
+    history_store: SqlHistoryStore,
+    registry: SqlModelRegistry,
     config: TrainingConfig,
     *,
     activate: bool = True,
@@ -144,10 +148,10 @@ def train_and_register(
     until: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrainReport:
-    history = load_history(store, until=until)
+    history = load_history(history_store, until=until)
     trained = train(history, config, progress=progress)
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-s{config.seed}"
-    register(store, trained, version=version, activate=activate, actor=actor)
+    register(registry, trained, version=version, activate=activate, actor=actor)
     return TrainReport(
         version=version,
         rows=len(history.times),

@@ -10,8 +10,12 @@ from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
-from posguard_server.store.risk import SqlRiskStore
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.scoring_writes import SqlScoringStore
+from posguard_server.store.shadow import SqlShadowStore
 
 __all__ = [
     "Database",
@@ -19,6 +23,10 @@ __all__ = [
     "SqlAuditStore",
     "SqlCustomerStore",
     "SqlDynamicCodeStore",
-    "SqlRiskStore",
+    "SqlHistoryStore",
+    "SqlModelRegistry",
+    "SqlOutcomeStore",
+    "SqlProfileStore",
     "SqlScoringStore",
+    "SqlShadowStore",
 ]

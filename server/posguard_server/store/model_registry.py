@@ -1,7 +1,6 @@
-"""Storage of transaction risk: imported history, customer profiles, outcome labels and the model registry.
-Scoring writes are in ``scoring_writes``, the tables in ``risk_tables``.
+"""The model registry: trained models by scope, customer and version, and which of them are active.
 
-The model registry keeps at most one ACTIVE model per scope and customer (checked here, and by partial
+It keeps at most one ACTIVE model per scope and customer (checked here, and by partial
 unique indexes on both backends); every change of an active model bumps a one-row generation counter in the
 same transaction, so serving processes notice with one cheap read and reload without a restart. A training
 run's models share one version; ``promote`` and ``rollback`` of the GLOBAL scope move the whole run at once,
@@ -11,11 +10,11 @@ serialised across processes on the generation row.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, case, distinct, func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import defer
 
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -23,47 +22,25 @@ from posguard_server.domain.risk import (
     METRIC_AP,
     METRIC_BASELINE_AP,
     Activation,
-    Channel,
-    Decision,
-    HistoryBatch,
-    LabelledTransaction,
     ModelRecord,
     ModelScope,
     ModelStatus,
     NewModel,
-    NewTransaction,
-    Outcome,
-    OutcomeRecord,
-    ProfileSnapshot,
-    ProfileSummary,
     Promotion,
     Rollback,
-    ShadowPairs,
-    TransactionSource,
     promotion_refusal,
 )
 from posguard_server.store.audit import SqlAuditEvent, append_event
 from posguard_server.store.customers import SqlIdempotencyKey
 from posguard_server.store.risk_tables import (
-    ATTEMPTS,
     CHUNK,
-    FRAUD_LABELS,
     GENERATION,
     MODELS,
-    PROFILES,
-    TRANSACTIONS,
     SqlRiskModel,
     SqlRiskModelGeneration,
-    SqlRiskOutcomeReport,
-    SqlRiskProfile,
-    SqlRiskTransaction,
     chunks,
     insert_for,
-    profile_snapshot,
-    request_conflict,
     require_customers,
-    summed_rowcount,
-    transaction_values,
     utc,
 )
 
@@ -73,401 +50,20 @@ if TYPE_CHECKING:
 
     from posguard_server.store.db import Database
 
-_HISTORY_BATCH_ROWS = 50_000
 # The generation counter's only row.
 _GENERATION_ID = 1
 
-_T = SqlRiskTransaction
 _M = SqlRiskModel
-
-# What a history batch carries, in this order; the id is only the keyset-pagination tie breaker.
-_HISTORY_COLUMNS = (
-    _T.id,
-    _T.transaction_id,
-    _T.customer_id,
-    _T.event_time,
-    _T.amount_minor,
-    _T.currency,
-    _T.merchant_id,
-    _T.terminal_id,
-    _T.mcc,
-    _T.channel,
-    _T.latitude,
-    _T.longitude,
-    _T.outcome,
-    _T.outcome_at,
-)
 
 # (scope, customer_id ("" for GLOBAL), version)
 ModelKey = tuple[ModelScope, str, str]
 
 
-class SqlRiskStore:
+class SqlModelRegistry:
+    """Registration, promotion and rollback of models, and the reads a server loads them with."""
+
     def __init__(self, database: Database) -> None:
         self._db = database
-
-    # -- history --------------------------------------------------------------------------------------
-
-    def import_transactions(self, rows: Sequence[NewTransaction]) -> int:
-        """Store history in one transaction, skipping transaction ids already stored; returns the new count.
-
-        Idempotent, so an interrupted import can simply be run again. Every customer must exist.
-        """
-        unique: dict[str, NewTransaction] = {}
-        for row in rows:
-            # The first occurrence wins, as it would have if the rows had come in two imports.
-            unique.setdefault(row.transaction_id, row)
-        if not unique:
-            return 0
-        added = 0
-        with self._db.session() as session:
-            require_customers(session, {row.customer_id for row in unique.values()})
-            # ON CONFLICT rather than a read of the ids first: a statement PostgreSQL prepared while the
-            # table was small keeps its plan, a scan, for the rest of a long import.
-            statement = (
-                insert_for(session)(TRANSACTIONS)
-                .on_conflict_do_nothing(index_elements=["transaction_id"])
-                .execution_options(preserve_rowcount=True)
-            )
-            connection = session.connection()
-            for chunk in chunks(list(unique.values()), CHUNK):
-                values = [transaction_values(row, TransactionSource.IMPORT, in_history=True) for row in chunk]
-                # A plain executemany (no RETURNING) is the fastest path on both drivers, and both sum its
-                # row counts: skipped rows count 0.
-                added += summed_rowcount(connection.execute(statement, values).rowcount)
-        return added
-
-    def history(
-        self,
-        *,
-        customer_ids: Sequence[str] | None = None,
-        until: datetime | None = None,
-        exclude_labelled_fraud: bool = True,
-        labels_known_at: datetime | None = None,
-        batch_rows: int = _HISTORY_BATCH_ROWS,
-    ) -> Iterator[HistoryBatch]:
-        """Stream stored transactions ordered by (customer_id, event_time, id), whole customers per batch.
-
-        Only transactions that count in history, with ``event_time`` strictly before ``until`` when given.
-        With ``exclude_labelled_fraud``, transactions labelled FRAUD or CHARGEBACK are left out (only those
-        labelled at or before ``labels_known_at`` when it is given). A batch holds about ``batch_rows`` rows,
-        more when one customer alone has more. Each page is read in a short transaction of its own, so a slow
-        consumer never holds the database open.
-        """
-        if batch_rows < 1:
-            raise ValueError("batch_rows must be positive")
-        conditions: list[ColumnElement[bool]] = [_T.in_history.is_(True)]
-        if until is not None:
-            conditions.append(_T.event_time < until)
-        if exclude_labelled_fraud:
-            labelled: ColumnElement[bool] = _T.outcome.in_(FRAUD_LABELS)
-            if labels_known_at is not None:
-                labelled = and_(labelled, _T.outcome_at <= labels_known_at)
-            conditions.append(or_(_T.outcome.is_(None), ~labelled))
-        if customer_ids is None:
-            groups: Iterable[list[ColumnElement[bool]]] = [conditions]
-        else:
-            wanted = sorted(set(customer_ids))
-            groups = ([*conditions, _T.customer_id.in_(chunk)] for chunk in chunks(wanted, CHUNK))
-        pending: list[Any] = []
-        for group in groups:
-            for page in self._customer_pages(group, batch_rows):
-                pending.extend(page)
-                if len(pending) >= batch_rows:
-                    yield _history_batch(pending)
-                    pending = []
-        if pending:
-            yield _history_batch(pending)
-
-    def _customer_pages(self, conditions: list[ColumnElement[bool]], page_rows: int) -> Iterator[list[Any]]:
-        """Rows matching ``conditions`` in history order, in pages that each end with a whole customer."""
-        ordered = select(*_HISTORY_COLUMNS).where(*conditions).order_by(_T.customer_id, _T.event_time, _T.id)
-        after: str | None = None
-        while True:
-            query = ordered.limit(page_rows)
-            if after is not None:
-                query = query.where(_T.customer_id > after)
-            with self._db.session(read_only=True) as session:
-                rows: list[Any] = list(session.execute(query))
-            if len(rows) < page_rows:
-                if rows:
-                    yield rows
-                return
-            last = rows[-1].customer_id
-            cut = len(rows)
-            while cut > 0 and rows[cut - 1].customer_id == last:
-                cut -= 1
-            if cut > 0:
-                # The page may end inside a customer: leave that customer whole for the next page.
-                yield rows[:cut]
-                after = rows[cut - 1].customer_id
-                continue
-            # One customer fills the whole page: read the rest of that customer before moving on.
-            yield rows + self._rest_of_customer(ordered, last, rows[-1], page_rows)
-            after = last
-
-    def _rest_of_customer(self, ordered: Any, customer_id: str, last: Any, page_rows: int) -> list[Any]:
-        rest: list[Any] = []
-        while True:
-            query = ordered.where(
-                _T.customer_id == customer_id,
-                or_(_T.event_time > last.event_time, and_(_T.event_time == last.event_time, _T.id > last.id)),
-            ).limit(page_rows)
-            with self._db.session(read_only=True) as session:
-                rows: list[Any] = list(session.execute(query))
-            rest.extend(rows)
-            if len(rows) < page_rows:
-                return rest
-            last = rows[-1]
-
-    # -- profiles -------------------------------------------------------------------------------------
-
-    def profile(self, customer_id: str) -> ProfileSnapshot | None:
-        with self._db.session(read_only=True) as session:
-            row = session.get(SqlRiskProfile, customer_id)
-            return profile_snapshot(row) if row is not None else None
-
-    def put_profiles(self, profiles: Sequence[tuple[str, ProfileSnapshot]], *, now: datetime) -> None:
-        """Insert or replace customers' profiles in one transaction (rebuilding them after an import)."""
-        latest = dict(profiles)
-        if not latest:
-            return
-        with self._db.session() as session:
-            require_customers(session, set(latest))
-            dialect_insert = insert_for(session)
-            statement = dialect_insert(PROFILES)
-            statement = statement.on_conflict_do_update(
-                index_elements=["customer_id"],
-                set_={
-                    name: statement.excluded[name]
-                    for name in (
-                        "state",
-                        "transaction_count",
-                        "first_seen",
-                        "last_seen",
-                        "declines",
-                        "reviews",
-                        "updated_at",
-                    )
-                },
-            )
-            items = list(latest.items())
-            for chunk in chunks(items, CHUNK):
-                session.execute(
-                    statement,
-                    [
-                        {
-                            "customer_id": customer_id,
-                            "state": snap.state,
-                            "transaction_count": snap.transaction_count,
-                            "first_seen": snap.first_seen,
-                            "last_seen": snap.last_seen,
-                            "declines": snap.declines,
-                            "reviews": snap.reviews,
-                            "updated_at": now,
-                        }
-                        for customer_id, snap in chunk
-                    ],
-                )
-
-    def profile_summary(self, customer_id: str) -> ProfileSummary:
-        """Counts over the customer's stored transactions (all zero for a customer without any)."""
-        counted = _T.in_history.is_(True)
-        with self._db.session(read_only=True) as session:
-            totals = session.execute(
-                select(
-                    func.count(case((counted, 1))),
-                    func.min(case((counted, _T.event_time))),
-                    func.max(case((counted, _T.event_time))),
-                    func.count(case((_T.decision == Decision.DECLINE.value, 1))),
-                    func.count(case((_T.decision == Decision.REVIEW.value, 1))),
-                    func.count(distinct(case((counted, _T.merchant_id)))),
-                    func.count(distinct(case((and_(counted, _T.terminal_id != ""), _T.terminal_id)))),
-                ).where(_T.customer_id == customer_id)
-            ).one()
-            count, first_seen, last_seen, declines, reviews, merchants, terminals = totals
-            typical: int | None = None
-            currency = ""
-            if count:
-                currency, in_currency = session.execute(
-                    select(_T.currency, func.count())
-                    .where(_T.customer_id == customer_id, counted)
-                    .group_by(_T.currency)
-                    .order_by(func.count().desc(), _T.currency)
-                    .limit(1)
-                ).one()
-                # The lower median by OFFSET over the sorted amounts: SQLite has no percentile function.
-                typical = session.scalar(
-                    select(_T.amount_minor)
-                    .where(_T.customer_id == customer_id, counted, _T.currency == currency)
-                    .order_by(_T.amount_minor)
-                    .offset((int(in_currency) - 1) // 2)
-                    .limit(1)
-                )
-        return ProfileSummary(
-            transaction_count=int(count),
-            first_seen=first_seen,
-            last_seen=last_seen,
-            declines=int(declines),
-            reviews=int(reviews),
-            distinct_merchants=int(merchants),
-            distinct_terminals=int(terminals),
-            typical_amount_minor=typical,
-            typical_currency=currency,
-        )
-
-    # -- outcomes -------------------------------------------------------------------------------------
-
-    def report_outcome(
-        self,
-        transaction_id: str,
-        outcome: Outcome,
-        *,
-        reported_at: datetime,
-        note: str,
-        request_id: str,
-        fingerprint: str,
-        now: datetime,
-    ) -> tuple[OutcomeRecord, bool]:
-        """Label a stored transaction; ``(record, replayed)``.
-
-        A later report (another request_id) replaces the label: a chargeback can follow a legitimate. A
-        retry with the same ``request_id`` and ``fingerprint`` returns what that report set and changes
-        nothing, even after a later report replaced its label.
-        """
-        for attempt in range(ATTEMPTS):
-            try:
-                return self._report_once(
-                    transaction_id,
-                    outcome,
-                    reported_at=reported_at,
-                    note=note,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    now=now,
-                )
-            except AlreadyExists:
-                # The same request_id committed concurrently: the re-run replays it.
-                if attempt == ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _report_once(
-        self,
-        transaction_id: str,
-        outcome: Outcome,
-        *,
-        reported_at: datetime,
-        note: str,
-        request_id: str,
-        fingerprint: str,
-        now: datetime,
-    ) -> tuple[OutcomeRecord, bool]:
-        with self._db.session() as session:
-            earlier = session.get(SqlRiskOutcomeReport, request_id)
-            if earlier is not None:
-                if earlier.fingerprint != fingerprint:
-                    raise request_conflict("was already used for a different request")
-                customer_id = session.scalar(
-                    select(_T.customer_id).where(_T.transaction_id == earlier.transaction_id)
-                )
-                return (
-                    OutcomeRecord(
-                        transaction_id=earlier.transaction_id,
-                        customer_id=customer_id or "",
-                        outcome=Outcome(earlier.outcome),
-                        outcome_at=earlier.outcome_at,
-                        note=earlier.note,
-                    ),
-                    True,
-                )
-            outcome_at = utc(reported_at)
-            customer_id = session.scalar(
-                update(_T)
-                .where(_T.transaction_id == transaction_id)
-                .values(
-                    outcome=outcome.value,
-                    outcome_at=outcome_at,
-                    outcome_note=note,
-                    outcome_request_id=request_id,
-                )
-                .returning(_T.customer_id)
-            )
-            if customer_id is None:
-                raise NotFound("no transaction has this id", reason="TRANSACTION_NOT_FOUND")
-            session.add(
-                SqlRiskOutcomeReport(
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    transaction_id=transaction_id,
-                    outcome=outcome.value,
-                    outcome_at=outcome_at,
-                    note=note,
-                    received_at=utc(now),
-                )
-            )
-            session.flush()
-            return OutcomeRecord(transaction_id, customer_id, outcome, outcome_at, note), False
-
-    def bulk_outcomes(self, items: Sequence[tuple[str, Outcome, datetime]]) -> int:
-        """Label stored transactions ``(transaction_id, outcome, outcome_at)`` in one transaction.
-
-        Unknown ids are skipped; returns how many distinct transactions were labelled. Later items win.
-        """
-        latest = {transaction_id: (outcome, at) for transaction_id, outcome, at in items}
-        if not latest:
-            return 0
-        statement = (
-            update(TRANSACTIONS)
-            .where(TRANSACTIONS.c.transaction_id == bindparam("tid"))
-            .values(outcome=bindparam("label"), outcome_at=bindparam("at"))
-        )
-        matched = 0
-        with self._db.session() as session:
-            connection = session.connection()
-            for chunk in chunks(list(latest.items()), CHUNK):
-                params = [{"tid": tid, "label": label.value, "at": utc(at)} for tid, (label, at) in chunk]
-                # Both drivers sum the row counts of an executemany (the dialects declare it); unknown ids
-                # count 0. Reading the ids first would risk the scan described in import_transactions.
-                matched += summed_rowcount(connection.execute(statement, params).rowcount)
-        return matched
-
-    def labelled(
-        self, *, since: datetime | None = None, until: datetime | None = None
-    ) -> list[LabelledTransaction]:
-        """Transactions labelled FRAUD or CHARGEBACK with ``since <= outcome_at < until``, oldest first."""
-        query = (
-            select(
-                _T.transaction_id,
-                _T.customer_id,
-                _T.merchant_id,
-                _T.terminal_id,
-                _T.event_time,
-                _T.outcome,
-                _T.outcome_at,
-            )
-            .where(_T.outcome.in_(FRAUD_LABELS))
-            .order_by(_T.outcome_at, _T.id)
-        )
-        if since is not None:
-            query = query.where(_T.outcome_at >= since)
-        if until is not None:
-            query = query.where(_T.outcome_at < until)
-        with self._db.session(read_only=True) as session:
-            return [
-                LabelledTransaction(
-                    transaction_id=row.transaction_id,
-                    customer_id=row.customer_id,
-                    merchant_id=row.merchant_id,
-                    terminal_id=row.terminal_id,
-                    event_time=row.event_time,
-                    outcome=Outcome(row.outcome),
-                    outcome_at=row.outcome_at,
-                )
-                for row in session.execute(query)
-            ]
-
-    # -- model registry -------------------------------------------------------------------------------
 
     def add_models(self, models: Sequence[NewModel]) -> None:
         """Register trained models as CANDIDATEs in one transaction; a version taken already is refused."""
@@ -476,7 +72,7 @@ class SqlRiskStore:
         values: list[dict[str, Any]] = []
         keys: set[tuple[str, str | None, str]] = set()
         for model in models:
-            customer = _registry_customer(model.scope, model.customer_id)
+            customer = registry_customer(model.scope, model.customer_id)
             key = (model.scope.value, customer, model.version)
             if key in keys:
                 raise _version_taken(model.version)
@@ -539,7 +135,7 @@ class SqlRiskStore:
         """
         wanted: dict[tuple[str, str | None], str] = {}
         for scope, customer_id, version in keys:
-            slot = (scope.value, _registry_customer(scope, customer_id))
+            slot = (scope.value, registry_customer(scope, customer_id))
             if slot in wanted:
                 raise InvalidArgument.field("models", "name the same scope and customer more than once")
             wanted[slot] = version
@@ -547,11 +143,11 @@ class SqlRiskStore:
             return []
         results: list[Activation] = []
         with self._db.session() as session:
-            _lock_registry(session, now)
+            lock_registry(session, now)
             for chunk in chunks(list(wanted.items()), CHUNK):
                 results.extend(_activate_chunk(session, chunk, utc(now)))
             if any(result.changed for result in results):
-                _bump_generation(session, now)
+                bump_generation(session, now)
                 if actor is not None:
                     for result in results:
                         if result.changed:
@@ -591,11 +187,11 @@ class SqlRiskStore:
         transaction, however many models moved. With a ``request_id`` (and an ``actor``), a retry with the
         same ``request_id`` and ``fingerprint`` changes nothing and answers as the first call did.
         """
-        customer = _registry_customer(scope, customer_id)
+        customer = registry_customer(scope, customer_id)
         if request_id is not None and actor is None:
             raise ValueError("an idempotent promotion needs an actor: its answer is kept in the audit log")
         with self._db.session() as session:
-            _lock_registry(session, now)
+            lock_registry(session, now)
             if request_id is not None:
                 details = _earlier_registry_call(session, _PROMOTED, request_id, fingerprint)
                 if details is not None:
@@ -609,7 +205,7 @@ class SqlRiskStore:
                     )
             query = select(_M).options(defer(_M.artifact)).where(_M.version == version).order_by(_M.id)
             if customer is not None:
-                query = query.where(*_slot(scope.value, customer))
+                query = query.where(*slot_where(scope.value, customer))
             run = list(session.scalars(query))
             if not run:
                 raise NotFound(
@@ -629,7 +225,7 @@ class SqlRiskStore:
                         metadata={"version": version},
                     )
                 raise _retired(version)
-            metrics = _model(head, with_artifact=False).metrics
+            metrics = model_record(head, with_artifact=False).metrics
             refusal = promotion_refusal(
                 metrics,
                 last_activation=_last_activation(session),
@@ -642,12 +238,12 @@ class SqlRiskStore:
             keys = [((row.scope, row.customer_id), version) for row in waiting]
             for chunk in chunks(keys, CHUNK):
                 _activate_chunk(session, chunk, utc(now))
-            _bump_generation(session, now)
+            bump_generation(session, now)
             # A run without a GLOBAL model has no one model to answer with: the active global model stays.
             named = head.scope == scope.value
             result = Promotion(
                 version=version,
-                model=_model(head, with_artifact=False) if named else None,
+                model=model_record(head, with_artifact=False) if named else None,
                 previous_version=_previous_version(session, head) if named else "",
                 customer_models=sum(1 for row in waiting if row.customer_id is not None),
                 forced=force,
@@ -706,13 +302,13 @@ class SqlRiskStore:
         none; NotFound when no model has ``version``. With an ``actor``, one ``model.rolled_back`` audit
         event is appended in the same transaction; ``request_id`` makes retries replay as in ``promote``.
         """
-        customer = _registry_customer(scope, customer_id)
+        customer = registry_customer(scope, customer_id)
         if version and customer is not None:
             raise InvalidArgument.field("version", "is only for the GLOBAL scope: a run is rolled back whole")
         if request_id is not None and actor is None:
             raise ValueError("an idempotent rollback needs an actor: its answer is kept in the audit log")
         with self._db.session() as session:
-            _lock_registry(session, now)
+            lock_registry(session, now)
             if request_id is not None:
                 details = _earlier_registry_call(session, _ROLLED_BACK, request_id, fingerprint)
                 if details is not None:
@@ -727,7 +323,7 @@ class SqlRiskStore:
             if not version:
                 current = session.execute(
                     select(*active).where(
-                        *_slot(scope.value, customer), _M.status == ModelStatus.ACTIVE.value
+                        *slot_where(scope.value, customer), _M.status == ModelStatus.ACTIVE.value
                     )
                 ).first()
                 if current is None:
@@ -737,7 +333,7 @@ class SqlRiskStore:
                 version = current.version
             query = select(*active).where(_M.version == version, _M.status == ModelStatus.ACTIVE.value)
             if customer is not None:
-                query = query.where(*_slot(scope.value, customer))
+                query = query.where(*slot_where(scope.value, customer))
             rolled = session.execute(query.order_by(_M.id)).all()
             if not rolled:
                 if session.scalar(select(_M.id).where(_M.version == version).limit(1)) is None:
@@ -769,7 +365,7 @@ class SqlRiskStore:
                     .where(MODELS.c.id.in_(chunk))
                     .values(status=ModelStatus.ACTIVE.value, activated_at=utc(now))
                 )
-            _bump_generation(session, now)
+            bump_generation(session, now)
             model = None
             if head is not None:
                 row = session.scalar(
@@ -779,7 +375,7 @@ class SqlRiskStore:
                     .execution_options(populate_existing=True)
                 )
                 assert row is not None  # a foreign key
-                model = _model(row, with_artifact=False)
+                model = model_record(row, with_artifact=False)
             customers = [row for row in rolled if row.customer_id is not None]
             result = Rollback(
                 rolled_back_version=version,
@@ -837,24 +433,24 @@ class SqlRiskStore:
         with self._db.session(read_only=True) as session:
             rows = list(session.scalars(query))
             more = len(rows) > limit
-            page = [_model(row, with_artifact=False) for row in rows[:limit]]
+            page = [model_record(row, with_artifact=False) for row in rows[:limit]]
         return page, (page[-1].id if more and page else None)
 
     def get_model(self, scope: ModelScope, customer_id: str, version: str) -> ModelRecord | None:
         """One version with its artifact, or None."""
-        customer = _registry_customer(scope, customer_id)
+        customer = registry_customer(scope, customer_id)
         with self._db.session(read_only=True) as session:
-            row = session.scalar(select(_M).where(*_slot(scope.value, customer), _M.version == version))
-            return _model(row, with_artifact=True) if row is not None else None
+            row = session.scalar(select(_M).where(*slot_where(scope.value, customer), _M.version == version))
+            return model_record(row, with_artifact=True) if row is not None else None
 
     def active_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
         """The active model of a scope (and customer) with its artifact, or None."""
-        customer = _registry_customer(scope, customer_id)
+        customer = registry_customer(scope, customer_id)
         with self._db.session(read_only=True) as session:
             row = session.scalar(
-                select(_M).where(*_slot(scope.value, customer), _M.status == ModelStatus.ACTIVE.value)
+                select(_M).where(*slot_where(scope.value, customer), _M.status == ModelStatus.ACTIVE.value)
             )
-            return _model(row, with_artifact=True) if row is not None else None
+            return model_record(row, with_artifact=True) if row is not None else None
 
     def active_models(self, scope: ModelScope | None = None) -> list[ModelRecord]:
         """Every active model (of one scope, when given) with its artifact: what a server loads."""
@@ -862,7 +458,7 @@ class SqlRiskStore:
         if scope is not None:
             query = query.where(_M.scope == scope.value)
         with self._db.session(read_only=True) as session:
-            return [_model(row, with_artifact=True) for row in session.scalars(query)]
+            return [model_record(row, with_artifact=True) for row in session.scalars(query)]
 
     def generation(self) -> int:
         """The registry's change counter: it moves whenever an active model changes (0 before the first)."""
@@ -871,100 +467,6 @@ class SqlRiskStore:
                 select(SqlRiskModelGeneration.generation).where(SqlRiskModelGeneration.id == _GENERATION_ID)
             )
             return int(value) if value is not None else 0
-
-    # -- shadow scoring -------------------------------------------------------------------------------
-    # One training run at a time (its one version: the GLOBAL model, if the run trained one, and its CUSTOMER
-    # models) can run in SHADOW: servers score every transaction with it too, answer with the active models,
-    # and store its score next to the transaction for comparison.
-
-    def set_shadow(self, version: str, *, now: datetime, actor: str | None, reason: str = "") -> int:
-        """Run a training run's CANDIDATE models in shadow; returns how many models became SHADOW.
-
-        A run that was in shadow before goes back to CANDIDATE (one shadow run at a time). Models of the
-        version that are not CANDIDATEs (ACTIVE, RETIRED) stay as they are. NotFound when no model has this
-        version, FailedPrecondition when none of them is a CANDIDATE. Bumps the generation, so servers
-        reload; with an ``actor``, a ``model.shadowed`` audit event is appended in the same transaction.
-        """
-        with self._db.session() as session:
-            _lock_registry(session, now)
-            counts: dict[str, int] = dict(
-                session.execute(
-                    select(_M.status, func.count()).where(_M.version == version).group_by(_M.status)
-                ).all()
-            )
-            if not counts:
-                raise NotFound(
-                    "no model has this version", reason="MODEL_NOT_FOUND", metadata={"version": version}
-                )
-            if not counts.get(ModelStatus.CANDIDATE.value):
-                raise FailedPrecondition(
-                    "no model of this version is a candidate: only candidates can run in shadow",
-                    reason="MODEL_NOT_CANDIDATE",
-                    metadata={"version": version},
-                )
-            previous = _shadow_versions(session)
-            session.execute(
-                update(MODELS)
-                .where(MODELS.c.status == ModelStatus.SHADOW.value, MODELS.c.version != version)
-                .values(status=ModelStatus.CANDIDATE.value)
-            )
-            shadowed = _changed_rows(
-                session,
-                update(MODELS)
-                .where(MODELS.c.version == version, MODELS.c.status == ModelStatus.CANDIDATE.value)
-                .values(status=ModelStatus.SHADOW.value),
-            )
-            _bump_generation(session, now)
-            if actor is not None:
-                details = {
-                    "models": str(shadowed),
-                    "previous_version": ",".join(v for v in previous if v != version),
-                }
-                if reason:
-                    details["reason"] = reason
-                append_event(
-                    session, actor=actor, action="model.shadowed", subject=version, details=details, now=now
-                )
-        return shadowed
-
-    def clear_shadow(self, *, now: datetime, actor: str | None, reason: str = "") -> int:
-        """Stop the shadow run: its SHADOW models go back to CANDIDATE; returns how many.
-
-        Nothing in shadow is a no-op (0, no generation bump, no audit event). Otherwise bumps the generation
-        and, with an ``actor``, appends a ``model.shadow_cleared`` audit event in the same transaction.
-        """
-        with self._db.session() as session:
-            _lock_registry(session, now)
-            versions = _shadow_versions(session)
-            if not versions:
-                return 0
-            cleared = _changed_rows(
-                session,
-                update(MODELS)
-                .where(MODELS.c.status == ModelStatus.SHADOW.value)
-                .values(status=ModelStatus.CANDIDATE.value),
-            )
-            _bump_generation(session, now)
-            if actor is not None:
-                details = {"models": str(cleared)}
-                if reason:
-                    details["reason"] = reason
-                append_event(
-                    session,
-                    actor=actor,
-                    action="model.shadow_cleared",
-                    subject=",".join(versions),
-                    details=details,
-                    now=now,
-                )
-        return cleared
-
-    def shadow_version(self) -> str | None:
-        """The version of the run in shadow, or None when none is."""
-        with self._db.session(read_only=True) as session:
-            return session.scalar(
-                select(_M.version).where(_M.status == ModelStatus.SHADOW.value).order_by(_M.id).limit(1)
-            )
 
     def rolled_back_at(self, version: str) -> datetime | None:
         """When the run ``version`` was last rolled back as a whole, or None if it never was.
@@ -984,64 +486,8 @@ class SqlRiskStore:
                     return occurred_at
         return None
 
-    def shadow_model(self, scope: ModelScope, customer_id: str) -> ModelRecord | None:
-        """The SHADOW model of a scope (and customer) with its artifact, or None."""
-        customer = _registry_customer(scope, customer_id)
-        with self._db.session(read_only=True) as session:
-            row = session.scalar(
-                select(_M).where(*_slot(scope.value, customer), _M.status == ModelStatus.SHADOW.value)
-            )
-            return _model(row, with_artifact=True) if row is not None else None
 
-    def shadow_pairs(self, version: str) -> ShadowPairs:
-        """Every transaction scored while ``version`` ran in shadow: both scores and the fraud label now."""
-        query = (
-            select(_T.transaction_id, _T.risk_score, _T.shadow_risk_score, _T.outcome)
-            .where(_T.shadow_version == version, _T.shadow_risk_score.is_not(None))
-            .order_by(_T.id)
-        )
-        ids: list[str] = []
-        active: list[float] = []
-        shadow: list[float] = []
-        fraud: list[bool] = []
-        with self._db.session(read_only=True) as session:
-            for transaction_id, risk_score, shadow_risk_score, outcome in session.execute(query):
-                # Only scored transactions carry a shadow score, and every scored one has a risk score.
-                assert risk_score is not None
-                assert shadow_risk_score is not None
-                ids.append(transaction_id)
-                active.append(risk_score)
-                shadow.append(shadow_risk_score)
-                fraud.append(outcome in FRAUD_LABELS)
-        return ShadowPairs(tuple(ids), tuple(active), tuple(shadow), tuple(fraud))
-
-
-def _history_batch(rows: list[Any]) -> HistoryBatch:
-    columns = list(zip(*rows, strict=True))
-    channels = {c.value: c for c in Channel}
-    outcomes: dict[str | None, Outcome | None] = {o.value: o for o in Outcome}
-    outcomes[None] = None
-    return HistoryBatch(
-        transaction_ids=columns[1],
-        customer_ids=columns[2],
-        event_times=columns[3],
-        amounts_minor=columns[4],
-        currencies=columns[5],
-        merchant_ids=columns[6],
-        terminal_ids=columns[7],
-        mccs=columns[8],
-        channels=tuple(channels[c] for c in columns[9]),
-        latitudes=columns[10],
-        longitudes=columns[11],
-        outcomes=tuple(outcomes[o] for o in columns[12]),
-        outcome_ats=columns[13],
-    )
-
-
-# -- registry helpers ---------------------------------------------------------------------------------
-
-
-def _registry_customer(scope: ModelScope, customer_id: str) -> str | None:
+def registry_customer(scope: ModelScope, customer_id: str) -> str | None:
     """The stored customer_id of a registry scope: NULL for GLOBAL, the customer for CUSTOMER."""
     if scope is ModelScope.GLOBAL:
         if customer_id:
@@ -1054,7 +500,7 @@ def _registry_customer(scope: ModelScope, customer_id: str) -> str | None:
     raise InvalidArgument.field("scope", "must be CUSTOMER or GLOBAL")
 
 
-def _slot(scope: str, customer: str | None) -> list[ColumnElement[bool]]:
+def slot_where(scope: str, customer: str | None) -> list[ColumnElement[bool]]:
     return [_M.scope == scope, _M.customer_id.is_(None) if customer is None else _M.customer_id == customer]
 
 
@@ -1070,7 +516,7 @@ def _metrics_json(metrics: Mapping[str, float]) -> str:
     return json.dumps({name: float(value) for name, value in metrics.items()}, sort_keys=True)
 
 
-def _model(row: SqlRiskModel, *, with_artifact: bool) -> ModelRecord:
+def model_record(row: SqlRiskModel, *, with_artifact: bool) -> ModelRecord:
     return ModelRecord(
         id=row.id,
         scope=ModelScope(row.scope),
@@ -1087,7 +533,7 @@ def _model(row: SqlRiskModel, *, with_artifact: bool) -> ModelRecord:
     )
 
 
-def _lock_registry(session: Session, now: datetime) -> None:
+def lock_registry(session: Session, now: datetime) -> None:
     """Serialise registry changes across replicas on the generation row (created on first use)."""
     dialect_insert = insert_for(session)
     session.execute(
@@ -1100,7 +546,7 @@ def _lock_registry(session: Session, now: datetime) -> None:
     )
 
 
-def _bump_generation(session: Session, now: datetime) -> None:
+def bump_generation(session: Session, now: datetime) -> None:
     session.execute(
         update(GENERATION)
         .where(GENERATION.c.id == _GENERATION_ID)
@@ -1148,7 +594,7 @@ def _activate_chunk(
                 metadata={"version": version},
             )
         if target.status == ModelStatus.ACTIVE.value:
-            results.append(Activation(_model(target, with_artifact=False), "", changed=False))
+            results.append(Activation(model_record(target, with_artifact=False), "", changed=False))
             continue
         plan.append((target, active.get((scope, customer))))
     for _, current in plan:
@@ -1163,25 +609,13 @@ def _activate_chunk(
     session.flush()
     results.extend(
         Activation(
-            _model(target, with_artifact=False), current.version if current is not None else "", changed=True
+            model_record(target, with_artifact=False),
+            current.version if current is not None else "",
+            changed=True,
         )
         for target, current in plan
     )
     return results
-
-
-def _shadow_versions(session: Session) -> list[str]:
-    """The versions with models in SHADOW: one, or none (more only if the invariant was broken by hand)."""
-    return list(
-        session.scalars(
-            select(_M.version).distinct().where(_M.status == ModelStatus.SHADOW.value).order_by(_M.version)
-        )
-    )
-
-
-def _changed_rows(session: Session, statement: Any) -> int:
-    """Run an UPDATE and return how many rows it changed."""
-    return summed_rowcount(session.connection().execute(statement).rowcount)
 
 
 def _audit_model(
@@ -1222,7 +656,7 @@ def _has_active(session: Session, scope: ModelScope, head: SqlRiskModel) -> bool
     """Whether what a promotion would replace has an active model: the slot of ``head`` (the run's GLOBAL
     model, or the customer's model), or, for a run without a GLOBAL model, any of its customers' slots."""
     if head.customer_id is None or scope is ModelScope.CUSTOMER:
-        conditions = _slot(head.scope, head.customer_id)
+        conditions = slot_where(head.scope, head.customer_id)
     else:
         run_customers = select(_M.customer_id).where(
             _M.version == head.version, _M.scope == ModelScope.CUSTOMER.value
@@ -1242,9 +676,9 @@ def _previous_version(session: Session, row: SqlRiskModel) -> str:
 def _slot_model(session: Session, scope: str, customer: str | None, version: str) -> ModelRecord | None:
     """A replayed answer's model, as it is now (None for a run without a model in ``scope``)."""
     row = session.scalar(
-        select(_M).options(defer(_M.artifact)).where(*_slot(scope, customer), _M.version == version)
+        select(_M).options(defer(_M.artifact)).where(*slot_where(scope, customer), _M.version == version)
     )
-    return _model(row, with_artifact=False) if row is not None else None
+    return model_record(row, with_artifact=False) if row is not None else None
 
 
 def _earlier_registry_call(
