@@ -1,9 +1,9 @@
 """Two server processes score one customer at once, on one database: no score is lost from the profile.
 
-Each process has its own writer and its own profile cache of nothing: what keeps the profile right is the
-customer's lock (PostgreSQL), the writer lock (SQLite) and the profile's version. Afterwards the stored profile
-must be exactly the one recomputed from the stored transactions in the order they were scored, and each
-transaction must have seen every one scored before it.
+Each process has its own writer; what keeps the profile right is the customer's lock (PostgreSQL), the
+writer lock (SQLite) and the profile's version. Afterwards the stored profile must be exactly the one
+recomputed from the stored transactions in the order they were scored, and each transaction must have seen
+every one scored before it.
 """
 
 from __future__ import annotations
