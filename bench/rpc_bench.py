@@ -8,8 +8,9 @@ it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler 
 the size posguard sends), and measures each in turn with the same load generator: ``N`` calls in flight for
 ``--seconds``, requests serialised in advance and replies left unparsed, so the client costs the same for
 both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median over ``--repeats``
-windows, with posguard's ratio to the echo baseline. ``--postgres`` (a server URL) adds ScoreTransaction on a
-fresh PostgreSQL database. ``--only`` measures some of the RPCs. ``--py-spy DIR`` records each posguard server
+windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured in the same run.
+``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database. ``--only`` measures some
+of the RPCs. ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``. Linux only (server CPU is read from /proc).
 """
@@ -369,6 +370,26 @@ def row(rpc: str, storage: str, inflight: str, base: list[Window], ours: list[Wi
     )
 
 
+def fsync_ms(directory: Path, syncs: int = 200) -> tuple[float, float]:
+    """p50 and p99 ms of appending 4 KiB to a file and syncing it, in ``directory`` (the database's disk).
+
+    What a durable SQLite commit waits for at least once (WAL, synchronous=FULL): the 1-in-flight latency
+    goal allows for it.
+    """
+    times: list[float] = []
+    path = directory / "fsync-probe"
+    with path.open("ab") as handle:
+        for _ in range(syncs):
+            start = time.perf_counter()
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+            times.append((time.perf_counter() - start) * 1000)
+    path.unlink()
+    times.sort()
+    return statistics.median(times), times[int(0.99 * (len(times) - 1))]
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| RPC | storage | in flight | echo calls/s | posguard calls/s | ratio | p50 ms echo / posguard "
@@ -390,7 +411,7 @@ def markdown(rows: list[Row]) -> str:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-async def measure(args: argparse.Namespace) -> list[Row]:
+async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, float]]:
     requests = Requests()
     rows: list[Row] = []
     need = 4000 * int(args.seconds + 1)  # requests a window may use at most, with room to spare
@@ -414,6 +435,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             _progress(rows[-1])
 
     with tempfile.TemporaryDirectory(prefix="posguard-bench-") as tmp:
+        fsync = fsync_ms(Path(tmp))
         sqlite_profile = args.py_spy / "sqlite.txt" if args.py_spy else None
         with posguard(Path(tmp) / "sqlite", None, profile=sqlite_profile) as (server, token):
             requests.numbers = await fetch_numbers(server.port, token, requests.refs)
@@ -440,7 +462,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                 echo(await _reply_size(server, token, requests)) as baseline,
             ):
                 await unary("ScoreTransaction", "PostgreSQL", SCORE, server, baseline, token, requests.scores)
-    return rows
+    return rows, fsync
 
 
 async def _reply_size(server: Process, token: str, requests: Requests) -> int:
@@ -480,8 +502,9 @@ def main() -> None:
         "--py-spy", type=Path, help="record each posguard server with py-spy into this folder"
     )
     args = parser.parse_args()
-    rows = asyncio.run(measure(args))
+    rows, (fsync_p50, fsync_p99) = asyncio.run(measure(args))
     print(markdown(rows))
+    print(f"\ndisk: append 4 KiB + fsync p50 {fsync_p50:.2f} ms, p99 {fsync_p99:.2f} ms (200 syncs)")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 
