@@ -55,7 +55,7 @@ from posguard_server.store import (
     SqlScoringStore,
     SqlShadowStore,
 )
-from posguard_server.store.migrate import is_current, upgrade
+from posguard_server.store.migrate import open_database
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +69,6 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 1024 * 1024
 # Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
 _COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
-
-
-class SchemaNotCurrentError(RuntimeError):
-    """The database schema is older than this release; an operator must run ``db upgrade``."""
-
-
-def prepare_database(settings: Settings) -> Database:
-    """Open the database; bring the embedded SQLite schema up to date, insist on it for a shared database.
-
-    Migrating a shared PostgreSQL from whichever replica starts first would race; operators run
-    ``posguard-server db upgrade`` once per release instead.
-    """
-    url = settings.effective_database_url
-    database = Database(url)
-    if database.dialect == "sqlite":
-        upgrade(url)
-    elif not is_current(url):
-        database.dispose()
-        raise SchemaNotCurrentError("the database schema is not current: run `posguard-server db upgrade`")
-    return database
 
 
 class Closable(Protocol):
@@ -155,7 +135,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port (SO_REUSEPORT).
     """
     numbering = build_numbering(settings)  # before the database: a bad key ring must not leave it open
-    database = prepare_database(settings)
+    database = open_database(settings.effective_database_url)
     keys = SqlApiKeyStore(database)
     authenticator: Authenticator
     if settings.insecure_no_auth:

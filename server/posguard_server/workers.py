@@ -26,10 +26,11 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from types import FrameType
 
-from posguard_server.app import prepare_database, run_server, serving_line
+from posguard_server.app import run_server, serving_line
 from posguard_server.config import Settings
 from posguard_server.issuers import build_numbering
 from posguard_server.logs import configure_logging
+from posguard_server.store.migrate import open_database
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ Report = tuple[int, int | str]
 def serve_workers(settings: Settings) -> int:
     """Run ``settings.workers`` worker processes on one port until a signal; returns the exit status."""
     build_numbering(settings)  # creates the key ring file on a first start, before workers could race
-    prepare_database(settings).dispose()  # migrates the embedded schema once; checks a shared one
+    open_database(
+        settings.effective_database_url
+    ).dispose()  # migrates the embedded schema once; checks a shared one
     host, _, port_text = settings.listen.rpartition(":")
     port, reserved = int(port_text), None
     if port == 0:

@@ -20,8 +20,8 @@ def serve(settings: Settings) -> None:
     Settings may follow the command too (`posguard-server serve --listen 0.0.0.0:50051 --workers 4`);
     there they win over the same flags before it. A port in use ends the command with status 2.
     """
-    from posguard_server.app import SchemaNotCurrentError
     from posguard_server.app import serve as run
+    from posguard_server.store.migrate import SchemaNotCurrentError
 
     check_ports_free(settings)
     try:

@@ -47,11 +47,11 @@ def opened(settings: Settings, make: Callable[[Database], T]) -> Iterator[T]:
 
     The embedded SQLite schema is brought up to date first; a shared database must already be current.
     """
-    from posguard_server.app import SchemaNotCurrentError, prepare_database
+    from posguard_server.store.migrate import SchemaNotCurrentError, open_database
 
     with store_errors():
         try:
-            database = prepare_database(settings)
+            database = open_database(settings.effective_database_url)
         except SchemaNotCurrentError as error:
             raise click.ClickException(str(error)) from None
         try:

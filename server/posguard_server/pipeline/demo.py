@@ -44,7 +44,6 @@ from tqdm import tqdm
 import posguard
 from posguard.v1 import admin_pb2, common_pb2, risk_pb2
 from posguard_models.training import TrainingConfig
-from posguard_server.app import prepare_database
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.currencies import minor_exponent
@@ -64,6 +63,7 @@ from posguard_server.pipeline.report import ReportInput, ScoredSet, Standing, wr
 from posguard_server.pipeline.trainer import train_and_register
 from posguard_server.store import SqlApiKeyStore
 from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.migrate import open_database
 from posguard_server.store.model_registry import SqlModelRegistry
 
 # Chargebacks and fraud reports reach a bank about a week after the payment; the history the models learn
@@ -334,7 +334,7 @@ def run_demo(options: DemoOptions, echo: Echo) -> DemoResult:
     dataset = find_dataset(options.dataset)
     fresh_data_dir(options.data_dir)
     settings = demo_settings(options)
-    database = prepare_database(settings)  # migrated here, before the server opens it
+    database = open_database(settings.effective_database_url)  # migrated here, before the server opens it
     try:
         echo(f"data directory  {shown(options.data_dir)} (fresh SQLite database, keys and report)")
         with running_server(settings, options.data_dir / "server.log") as server:

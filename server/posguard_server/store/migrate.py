@@ -40,6 +40,25 @@ def alembic_config(connection: Connection | None = None, *, url: str | None = No
     return config
 
 
+class SchemaNotCurrentError(RuntimeError):
+    """The database schema is older than this release; an operator must run ``db upgrade``."""
+
+
+def open_database(url: str) -> Database:
+    """Open the database; bring the embedded SQLite schema up to date, insist on it for a shared database.
+
+    Migrating a shared PostgreSQL from whichever replica starts first would race; operators run
+    ``posguard-server db upgrade`` once per release instead.
+    """
+    database = Database(url)
+    if database.dialect == "sqlite":
+        upgrade(url)
+    elif not is_current(url):
+        database.dispose()
+        raise SchemaNotCurrentError("the database schema is not current: run `posguard-server db upgrade`")
+    return database
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at ``url`` to ``revision``; already being there is a no-op."""
     database = Database(url)
