@@ -93,7 +93,7 @@ class GroupCommit(Generic[_Item, _Result]):
         with self._start_lock:
             self._closed = True
             threads = list(self._threads)
-        self._flush()
+        # What the event loop has not handed over yet belongs to calls the server has already cut off.
         for _ in threads:
             self._queue.put(None)
         for thread in threads:
