@@ -146,7 +146,8 @@ class SqlOutcomeStore:
             for chunk in chunks(list(latest.items()), CHUNK):
                 params = [{"tid": tid, "label": label.value, "at": utc(at)} for tid, (label, at) in chunk]
                 # Both drivers sum the row counts of an executemany (the dialects declare it); unknown ids
-                # count 0. Reading the ids first would risk the scan described in import_transactions.
+                # count 0. Reading the ids first would risk the scan described in
+                # SqlHistoryStore.import_transactions.
                 matched += summed_rowcount(connection.execute(statement, params).rowcount)
         return matched
 
