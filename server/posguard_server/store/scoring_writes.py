@@ -233,7 +233,8 @@ class ScoringUnit:
 
     The statements are SQLAlchemy Core, built once, on the session's connection: no ORM objects, no unit of
     work, no reading back what was just written. A batch's transactions go in one executemany (pipelined by
-    psycopg on PostgreSQL: one round trip), its profiles in one more. Only a dynamic code's redemption uses the ORM session.
+    psycopg on PostgreSQL: one round trip), its profiles in one more. Only a dynamic code's redemption uses
+    the ORM session.
     """
 
     def __init__(self, session: Session) -> None:
