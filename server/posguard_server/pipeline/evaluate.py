@@ -41,8 +41,13 @@ from posguard_models.evaluation import Detection, by_scenario, detection
 from posguard_models.features import batch_features
 from posguard_models.retraining import CustomerForest, ModelSet, set_risk
 from posguard_models.training import History, TrainingConfig, train
+
+# The servicer's own request validation, so a row is refused here exactly when the service refuses it.
+from posguard_server.api.risk import _check_transaction, stream_error
+from posguard_server.api.validation import Checker
 from posguard_server.config import Settings
 from posguard_server.domain.currencies import minor_exponent
+from posguard_server.domain.errors import InvalidArgument
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Outcome, event_time_refusal
 from posguard_server.issuers import build_numbering
@@ -234,10 +239,11 @@ def _stored_rows(
     txns = [r.transaction for r in picked]
     times = np.array([t.event_time.timestamp() for t in txns], dtype=np.float64)
     is_fraud = np.array([bool(r.is_fraud) for r in picked], dtype=np.bool_)
-    labelled = (times + delay.total_seconds()) if labels else np.full(len(times), np.nan)
+    due = [t.event_time + delay for t in txns]  # when a label arrives, in the replay's own arithmetic
+    labelled = np.array([at.timestamp() for at in due]) if labels else np.full(len(times), np.nan)
     # History fraud is imported as an outcome when known by the end of history; replayed fraud is reported
     # ``delay`` late (the server counts it once its report time has passed). The rest is never labelled.
-    known_then = ~replayed & (labelled <= trained_at.timestamp())
+    known_then = ~replayed & np.array([labels and at <= trained_at for at in due], dtype=np.bool_)
     label_times = np.where(is_fraud & (known_then | replayed), labelled, np.nan)
     fraud = ~np.isnan(label_times)
     customers = np.array([r.customer_ref for r in picked], dtype=object)
@@ -294,14 +300,11 @@ def _stored_rows(
 
 def _refusal(row: CsvTransaction, numbering: Numbering, now: datetime) -> str | None:
     """How ScoreTransactions answers a row it refuses at validation (as ``_replay`` counts it), else None."""
-    from posguard_server.api.risk import _check_transaction, stream_error
-    from posguard_server.api.validation import Checker
-
     check = Checker()
     _check_transaction(numbering, check, transaction_message(row), now)
     try:
         check.done()
-    except Exception as error:
+    except InvalidArgument as error:
         reply = stream_error(error)
         return reply.reason or reply.code
     return None
