@@ -8,6 +8,14 @@ over the test days: AP, ROC-AUC and recall at a 1% alert rate, overall and per f
 
 Days are counted from the first transaction's UTC date: history is the first 60%, then a 10% gap (replayed,
 not measured), then the last 30% measured.
+
+By default the protocol is computed directly, with the server's own pieces and no server: rows the service's
+request validation would refuse are left out, the models are trained in memory by the same ``train`` that
+``posguard-server train`` runs, every row's features come from ``batch_features`` over each customer's stored
+rows (history, then what the replay stores), which a test holds equal to the profile the server advances, and
+the scores from the compiled forests in batches with ``set_risk``, as a server combines them. The answers are
+the server's bit for bit (a test compares both ways on the sample data); ``through_server`` runs the replay
+through a real server instead, some six times slower.
 """
 
 from __future__ import annotations
@@ -19,19 +27,29 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from posguard.aio import Client
 from posguard.v1 import common_pb2, risk_pb2
 from posguard_models.evaluation import Detection, by_scenario, detection
-from posguard_models.training import TrainingConfig
+from posguard_models.features import batch_features
+from posguard_models.retraining import CustomerForest, ModelSet, set_risk
+from posguard_models.training import History, TrainingConfig, train
+
+# The servicer's own request validation, so a row is refused here exactly when the service refuses it.
+from posguard_server.api.risk import _check_transaction, stream_error
+from posguard_server.api.validation import Checker
 from posguard_server.config import Settings
-from posguard_server.domain.risk import Outcome
+from posguard_server.domain.currencies import minor_exponent
+from posguard_server.domain.errors import InvalidArgument
+from posguard_server.domain.numbering import Numbering
+from posguard_server.domain.risk import Outcome, event_time_refusal
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, CsvTransaction, Importer, read_transactions
 from posguard_server.pipeline.trainer import train_and_register
@@ -141,28 +159,186 @@ def evaluate(
     training: TrainingConfig | None = None,
     work_dir: Path | None = None,
     progress: Progress | None = None,
+    through_server: bool = False,
+    jobs: int = 1,
 ) -> Evaluation:
+    """The protocol on ``path``, once per seed; ``jobs`` processes fit the customer forests (direct only)."""
     rows = load_rows(path, customers_limit=customers_limit)
     if not rows:
         raise ValueError(f"{path.name} has no transactions")
     start = rows[0].transaction.event_time.date()
     day = [(r.transaction.event_time.date() - start).days for r in rows]
     split = Split.of(day[-1] + 1)
+    delay = timedelta(days=label_delay_days)
     results = []
-    for seed in seeds:
-        config = training or TrainingConfig()
-        config = TrainingConfig(**{**_fields(config), "seed": seed})
-        with tempfile.TemporaryDirectory(dir=work_dir, prefix="posguard-eval-") as tmp:
-            results.append(
-                _run_seed(
-                    rows, day, split, config, labels, timedelta(days=label_delay_days), Path(tmp), progress
-                )
-            )
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="posguard-eval-") as tmp:
+        stored = None if through_server else _stored_rows(rows, day, split, labels, delay, Path(tmp))
+        for seed in seeds:
+            config = training or TrainingConfig()
+            config = TrainingConfig(**{**_fields(config), "seed": seed})
+            if stored is not None:
+                results.append(_score_seed(stored, config, jobs, progress))
+                continue
+            with tempfile.TemporaryDirectory(dir=tmp, prefix="seed-") as seed_dir:
+                results.append(_run_seed(rows, day, split, config, labels, delay, Path(seed_dir), progress))
     return Evaluation(path.name.split(".")[0], labels, split, results)
 
 
 def _fields(config: TrainingConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """The rows a replay leaves stored, as columns grouped by customer (time order, then file order).
+
+    ``history`` is what training reads back from the store; ``everything`` adds the replayed rows the server
+    accepted, with the place key the server counts label feedback at and the labels as reported by the time
+    each row is scored. ``replayed`` marks those rows and ``index`` gives their index in the replay.
+    """
+
+    history: History
+    everything: History
+    replayed: npt.NDArray[np.bool_]
+    index: npt.NDArray[np.int64]
+    measured: npt.NDArray[np.bool_]
+    fraud: npt.NDArray[np.bool_]
+    scenario: npt.NDArray[np.int64]
+    refusals: dict[str, int]
+    outcomes_reported: int
+    seconds: float
+
+
+def _stored_rows(
+    rows: list[CsvTransaction], day: list[int], split: Split, labels: bool, delay: timedelta, tmp: Path
+) -> _Stored:
+    clock = time.perf_counter()
+    now = datetime.now(UTC)
+    numbering = build_numbering(Settings(data_dir=tmp, insecure_no_auth=True))
+    refusals: dict[str, int] = {}
+    trained_at = rows[0].transaction.event_time
+    kept: list[tuple[int, int]] = []  # (row, replay index or -1 for history)
+    replay_index = 0
+    for i, (row, d) in enumerate(zip(rows, day, strict=True)):
+        if d < split.history_days:
+            trained_at = row.transaction.event_time
+            # The importer stores what ScoreTransaction's time rule accepts; nothing else is checked there.
+            if event_time_refusal(row.transaction.event_time, now) is None:
+                kept.append((i, -1))
+            continue
+        reason = _refusal(row, numbering, now)
+        if reason is None:
+            kept.append((i, replay_index))
+        else:
+            refusals[reason] = refusals.get(reason, 0) + 1
+        replay_index += 1
+    kept.sort(key=lambda k: rows[k[0]].customer_ref)  # stable: each customer's rows stay in time order
+    picked = [rows[i] for i, _ in kept]
+    index = np.array([j for _, j in kept], dtype=np.int64)
+    replayed = index >= 0
+    txns = [r.transaction for r in picked]
+    times = np.array([t.event_time.timestamp() for t in txns], dtype=np.float64)
+    is_fraud = np.array([bool(r.is_fraud) for r in picked], dtype=np.bool_)
+    due = [t.event_time + delay for t in txns]  # when a label arrives, in the replay's own arithmetic
+    labelled = np.array([at.timestamp() for at in due]) if labels else np.full(len(times), np.nan)
+    # History fraud is imported as an outcome when known by the end of history; replayed fraud is reported
+    # ``delay`` late (the server counts it once its report time has passed). The rest is never labelled.
+    known_then = ~replayed & np.array([labels and at <= trained_at for at in due], dtype=np.bool_)
+    label_times = np.where(is_fraud & (known_then | replayed), labelled, np.nan)
+    fraud = ~np.isnan(label_times)
+    customers = np.array([r.customer_ref for r in picked], dtype=object)
+    amounts = np.array([t.amount_minor / 10 ** (minor_exponent(t.currency) or 0) for t in txns])
+    everything = History(
+        customers=customers,
+        times=times,
+        amounts=amounts,
+        # Where ScoringUnit reads a place's activity: the terminal, or the merchant of a row without one.
+        keys=np.array(
+            [f"t:{t.terminal_id}" if t.terminal_id else f"m:{t.merchant_id}" for t in txns], dtype=object
+        ),
+        fraud=fraud,
+        label_times=label_times,
+    )
+    history = History(
+        customers=customers[~replayed],
+        times=times[~replayed],
+        amounts=amounts[~replayed],
+        # What load_history reads back: the terminal id, else the merchant id.
+        keys=np.array(
+            [t.terminal_id or t.merchant_id for t, r in zip(txns, replayed, strict=True) if not r],
+            dtype=object,
+        ),
+        fraud=fraud[~replayed],
+        label_times=label_times[~replayed],
+    )
+    later_times = np.array(
+        [
+            r.transaction.event_time.timestamp()
+            for r, d in zip(rows, day, strict=True)
+            if d >= split.history_days
+        ]
+    )
+    reported = 0
+    if labels and len(later_times):
+        # A report goes out before the first later row at or after its time (see _replay).
+        position = np.searchsorted(later_times, labelled[replayed & is_fraud], side="left")
+        reported = int(np.sum(np.maximum(position, index[replayed & is_fraud] + 1) < len(later_times)))
+    test_day = np.array([day[i] >= split.test_start for i, _ in kept], dtype=np.bool_)
+    return _Stored(
+        history=history,
+        everything=everything,
+        replayed=replayed,
+        index=index,
+        measured=replayed & test_day,
+        fraud=is_fraud,
+        scenario=np.array([r.scenario or 0 for r in picked], dtype=np.int64),
+        refusals=refusals,
+        outcomes_reported=reported,
+        seconds=time.perf_counter() - clock,
+    )
+
+
+def _refusal(row: CsvTransaction, numbering: Numbering, now: datetime) -> str | None:
+    """How ScoreTransactions answers a row it refuses at validation (as ``_replay`` counts it), else None."""
+    check = Checker()
+    _check_transaction(numbering, check, transaction_message(row), now)
+    try:
+        check.done()
+    except InvalidArgument as error:
+        reply = stream_error(error)
+        return reply.reason or reply.code
+    return None
+
+
+def _score_seed(stored: _Stored, config: TrainingConfig, jobs: int, progress: Progress | None) -> SeedResult:
+    clock = time.perf_counter()
+    trained = train(stored.history, config, progress=_pair(progress, "train"), jobs=jobs)
+    seconds = {"prepare": stored.seconds, "train": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    everything = stored.everything
+    X = batch_features(everything.customers, everything.times, everything.amounts)  # noqa: N806 - matrix
+    models = ModelSet(
+        trained.global_model,
+        {m.customer: CustomerForest(m.forest, m.sample_count) for m in trained.customer_models},
+    )
+    risk = np.full(len(X), np.nan)
+    risk[stored.replayed] = set_risk(everything, X, stored.replayed, models)
+    seconds["score"] = time.perf_counter() - clock
+    # In replay order, as the server's answers arrive.
+    measured = np.flatnonzero(stored.measured)
+    measured = measured[np.argsort(stored.index[measured], kind="stable")]
+    y, s = stored.fraud[measured], risk[measured]
+    return SeedResult(
+        seed=config.seed,
+        overall=detection(y, s),
+        scenarios=by_scenario(y, s, stored.scenario[measured]),
+        scored=int(stored.replayed.sum()),
+        refused=sum(stored.refusals.values()),
+        refusals=dict(stored.refusals),
+        outcomes_reported=stored.outcomes_reported,
+        seconds=seconds,
+        training=trained.metrics,
+    )
 
 
 def _run_seed(
