@@ -27,13 +27,7 @@ from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
-from posguard_server.api.interceptors import (
-    AccessLogInterceptor,
-    AdmissionInterceptor,
-    AuthInterceptor,
-    DecodeInterceptor,
-    ErrorInterceptor,
-)
+from posguard_server.api.interceptors import Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
@@ -161,13 +155,7 @@ def build_interceptors(
     settings: Settings, authenticator: Authenticator, metrics: Metrics
 ) -> list[aio.ServerInterceptor[Any, Any]]:
     """The request pipeline every call passes before its servicer (the benchmark builds it the same way)."""
-    return [
-        AdmissionInterceptor(settings.max_concurrent_rpcs, metrics),
-        AccessLogInterceptor(metrics),
-        ErrorInterceptor(),
-        AuthInterceptor(authenticator),
-        DecodeInterceptor(),
-    ]
+    return [RequestPipeline(Admission(settings.max_concurrent_rpcs, metrics), metrics, authenticator)]
 
 
 def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[PosguardServer, int]:
