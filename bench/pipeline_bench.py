@@ -46,7 +46,7 @@ def _identity(data: bytes) -> bytes:
 async def serve(data_dir: Path, reply_bytes: int) -> None:
     """The pipeline server: posguard's interceptors in front of a handler that does nothing."""
     settings = _settings(data_dir)
-    configure_logging(settings.log_level_number, settings.log_format)
+    configure_logging(settings.log_level_number, settings.log_format, background=True)
     keys = SqlApiKeyStore(prepare_database(settings))
     interceptors = build_interceptors(settings, build_authenticator(settings, keys), Metrics())
     reply = b"\x01" * reply_bytes
