@@ -12,7 +12,8 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -210,6 +211,10 @@ class RequestPipeline(_Interceptor):
         return composed
 
 
+# A call being served: its state, the token that set it, when it started, and its deadline's scope.
+_Call = tuple[CallState, Token[CallState], float, AbstractContextManager[None] | None]
+
+
 class _MethodPipeline:
     """The pipeline of one method, composed once: see :class:`RequestPipeline`."""
 
@@ -255,74 +260,63 @@ class _MethodPipeline:
         )
 
     async def _unary(self, request: Any, context: Context) -> Any:
-        admission = self._admission
-        if admission is None:
-            return await self._served(request, context)
-        await admission.enter(self._method, context)
+        call = await self._begin(context)
         try:
-            with deadline_after(context.time_remaining()):
-                return await self._served(request, context)
+            await self._authorize(call[0], context)
+            result = self._inner(self._check(request), context)
+            # The generated base servicers (RPCs not implemented yet) are plain functions.
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as error:
+            await self._fail(error, call[0], context)
+            raise
         finally:
-            admission.leave()
+            self._end(call, context)
 
     async def _streaming(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        admission = self._admission
-        if admission is None:
-            async for item in self._served_streaming(request, context):
+        call = await self._begin(context)
+        try:
+            await self._authorize(call[0], context)
+            async for item in self._inner(self._check(request), context):
                 yield item
+        except BaseException as error:
+            await self._fail(error, call[0], context)
+            raise
+        finally:
+            self._end(call, context)
+
+    async def _begin(self, context: Context) -> _Call:
+        """Admit the call (or refuse it: it then has no access-log line), set its deadline and its state."""
+        deadline = None
+        if self._admission is not None:  # health, reflection: not counted, no deadline handed on
+            await self._admission.enter(self._method, context)
+            deadline = deadline_after(context.time_remaining())
+            deadline.__enter__()
+        state = CallState(self._method)
+        return state, _call.set(state), time.perf_counter(), deadline
+
+    def _end(self, call: _Call, context: Context) -> None:
+        state, token, started, deadline = call
+        _call.reset(token)
+        self._finish(state, context, time.perf_counter() - started)
+        if deadline is not None:
+            deadline.__exit__(None, None, None)
+        if self._admission is not None:
+            self._admission.leave()
+
+    async def _fail(self, error: BaseException, state: CallState, context: Context) -> None:
+        """Record how the call ended; an error becomes a canonical status (the caller re-raises the rest)."""
+        if isinstance(error, aio.AbortError):  # a status was sent already
             return
-        await admission.enter(self._method, context)
+        if not isinstance(error, Exception):  # cancelled, or the stream closed (GeneratorExit)
+            _failed(state, context)
+            return
         try:
-            with deadline_after(context.time_remaining()):
-                async for item in self._served_streaming(request, context):
-                    yield item
-        finally:
-            admission.leave()
-
-    async def _served(self, request: Any, context: Context) -> Any:
-        state = CallState(self._method)
-        token = _call.set(state)
-        started = time.perf_counter()
-        try:
-            try:
-                await self._authorize(state, context)
-                result = self._inner(self._check(request), context)
-                # The generated base servicers (RPCs not implemented yet) are plain functions.
-                return await result if inspect.isawaitable(result) else result
-            except (aio.AbortError, GeneratorExit):
-                raise
-            except Exception as error:
-                await self._abort(error, state, context)
+            await self._abort(error, state, context)
         except aio.AbortError:
             raise
         except BaseException:
             _failed(state, context)
             raise
-        finally:
-            _call.reset(token)
-            self._finish(state, context, time.perf_counter() - started)
-
-    async def _served_streaming(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        state = CallState(self._method)
-        token = _call.set(state)
-        started = time.perf_counter()
-        try:
-            try:
-                await self._authorize(state, context)
-                async for item in self._inner(self._check(request), context):
-                    yield item
-            except (aio.AbortError, GeneratorExit):
-                raise
-            except Exception as error:
-                await self._abort(error, state, context)
-        except aio.AbortError:
-            raise
-        except BaseException:
-            _failed(state, context)
-            raise
-        finally:
-            _call.reset(token)
-            self._finish(state, context, time.perf_counter() - started)
 
     async def _authorize(self, state: CallState, context: Context) -> None:
         """Authenticate the API key and apply the role matrix (public methods need neither)."""
