@@ -201,9 +201,8 @@ class RequestPipeline(_Interceptor):
         composed = self._composed.get(method)
         if composed is None:
             handler: Handler | None = await continuation(handler_call_details)
-            if (
-                handler is None
-            ):  # unknown method: gRPC answers UNIMPLEMENTED (not cached: names are the caller's)
+            # An unknown method: gRPC answers UNIMPLEMENTED. Not cached: its name is the caller's choice.
+            if handler is None:
                 return handler  # type: ignore[return-value]
             composed = self._composed[method] = _MethodPipeline(
                 method, handler, self._admission, self._metrics, self._authenticator
