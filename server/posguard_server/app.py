@@ -27,13 +27,7 @@ from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
-from posguard_server.api.interceptors import (
-    AccessLogInterceptor,
-    AdmissionInterceptor,
-    AuthInterceptor,
-    DecodeInterceptor,
-    ErrorInterceptor,
-)
+from posguard_server.api.interceptors import Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
@@ -129,6 +123,21 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def build_authenticator(settings: Settings, keys: SqlApiKeyStore) -> Authenticator:
+    """Who may call: API keys from ``keys``, or every caller with every role under ``insecure_no_auth``."""
+    if settings.insecure_no_auth:
+        log.warning("authentication is OFF (insecure_no_auth): every caller has every role")
+        return NoAuthenticator()
+    return ApiKeyAuthenticator(keys, cache_seconds=settings.auth_cache_seconds)
+
+
+def build_interceptors(
+    settings: Settings, authenticator: Authenticator, metrics: Metrics
+) -> list[aio.ServerInterceptor[Any, Any]]:
+    """The request pipeline every call passes before its servicer (the benchmark builds it the same way)."""
+    return [RequestPipeline(Admission(settings.max_concurrent_rpcs, metrics), metrics, authenticator)]
+
+
 def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[PosguardServer, int]:
     """Build the server (not started) and bind it; returns it with the port it listens on.
 
@@ -137,12 +146,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     numbering = build_numbering(settings)  # before the database: a bad key ring must not leave it open
     database = open_database(settings.effective_database_url)
     keys = SqlApiKeyStore(database)
-    authenticator: Authenticator
-    if settings.insecure_no_auth:
-        log.warning("authentication is OFF (insecure_no_auth): every caller has every role")
-        authenticator = NoAuthenticator()
-    else:
-        authenticator = ApiKeyAuthenticator(keys, cache_seconds=settings.auth_cache_seconds)
+    authenticator = build_authenticator(settings, keys)
     metrics = Metrics()
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -150,14 +154,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         # silently and steal half the calls.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    interceptors = [
-        AdmissionInterceptor(settings.max_concurrent_rpcs, metrics),
-        AccessLogInterceptor(metrics),
-        ErrorInterceptor(),
-        AuthInterceptor(authenticator),
-        DecodeInterceptor(),
-    ]
-    server = aio.server(interceptors=interceptors, options=options)
+    server = aio.server(interceptors=build_interceptors(settings, authenticator, metrics), options=options)
     # One guard for every RPC that verifies a number or redeems a code: failures count together per key.
     guard = FailureGuard(
         FailureLimit(settings.failure_limit, timedelta(seconds=settings.failure_window_seconds))

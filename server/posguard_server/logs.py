@@ -3,25 +3,41 @@
 Handlers are configured here and only from the command line entry point; modules log through their own
 ``logging.getLogger(__name__)``. A record's ``fields`` extra (the access log's method, code, latency, masked
 customer, model version) become keys of their own in JSON, so a collector needs no message parsing.
+
+A server logs off its event loop: a record is put on a queue where it was made and a background thread
+formats and writes it (``QueueHandler``/``QueueListener``). :func:`stop_logging` writes what is still
+queued; the entry points call it when they end, and it is registered to run at exit as well.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import queue
 import sys
+import time
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
+from typing import TextIO
 
 LOG_FORMATS = ("json", "text")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_WRITE_INTERVAL_S = 0.02
 
 
 class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "message", ...fields}`` on one line; exceptions as one string."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._encode = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once, not per line
+        self._second: tuple[int, str] = (-1, "")  # one attribute: two threads may format at once
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,  # tells the workers of `serve --workers N` apart
@@ -32,16 +48,109 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return self._encode(entry)
+
+    def _time(self, record: logging.LogRecord) -> str:
+        """ISO 8601 in UTC to the millisecond; the date and time of a second are made once per second."""
+        second, text = self._second
+        if second != int(record.created):
+            second = int(record.created)
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+            self._second = (second, text)
+        return f"{text}.{int(record.msecs):03d}+00:00"
 
 
-def configure_logging(level: int, log_format: str) -> None:
-    """Send every log record at ``level`` or above to stderr in ``log_format`` ("json" or "text")."""
+class _Enqueue(QueueHandler):
+    """Hands a record to the writing thread with as little work as possible on the caller's thread."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The access log's arguments are strings and numbers made for it: the writing thread renders its
+        # message. Any other record's message is rendered now, while its arguments are as they were; its
+        # exception stays for the formatter (the JSON one writes it as a key of its own).
+        if record.name != "posguard_server.access":
+            record.msg, record.args = record.getMessage(), None
+        return record
+
+
+class _Writer(QueueListener):
+    """Formats queued records and writes them in batches.
+
+    Under load this thread wakes, and writes, at most once per ``_WRITE_INTERVAL_S``, so it seldom takes the
+    interpreter from the event loop; an idle server's line is written as soon as it is logged.
+    """
+
+    def __init__(
+        self, records: queue.SimpleQueue[logging.LogRecord], handler: logging.StreamHandler[TextIO]
+    ) -> None:
+        super().__init__(records, handler)
+        self._records = records
+        self._handler = handler
+        self._lines: list[str] = []
+
+    def dequeue(self, block: bool) -> logging.LogRecord:
+        if self._records.empty():  # the queue ran dry: write what there is, let the next records gather
+            self._write()
+            time.sleep(_WRITE_INTERVAL_S)
+        return self._records.get(block)
+
+    def handle(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self._handler.format(record) + self._handler.terminator)
+        except Exception:
+            self._handler.handleError(record)
+
+    def stop(self) -> None:
+        super().stop()
+        self._write()  # what came just before the end
+
+    def _write(self) -> None:
+        if self._lines:
+            text, self._lines = "".join(self._lines), []
+            with self._handler.lock or contextlib.nullcontext():
+                self._handler.stream.write(text)
+                self._handler.flush()
+
+
+_listener: _Writer | None = None
+
+
+def configure_logging(level: int, log_format: str, *, background: bool = False) -> None:
+    """Send every log record at ``level`` or above to stderr in ``log_format`` ("json" or "text").
+
+    ``background`` (a server) writes from a thread of its own; :func:`stop_logging` drains it. A process
+    whose root logger has handlers already keeps them, as with ``logging.basicConfig``.
+    """
+    global _listener
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler])
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+        if background:
+            records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+            _listener = _Writer(records, handler)
+            _listener.start()
+            atexit.register(stop_logging)
+            root.addHandler(_Enqueue(records))
+        else:
+            root.addHandler(handler)
+        root.setLevel(level)
     if level > logging.DEBUG:
         # Alembic narrates every migration step at INFO; operators need only our summary line.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def stop_logging() -> None:
+    """Write every record still queued, then write on the caller's thread again. Safe to call twice."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is None:
+        return
+    root = logging.getLogger()
+    # Direct handlers first, then drain: a record logged meanwhile is written, never queued with no reader.
+    for handler in listener.handlers:
+        root.addHandler(handler)
+    for handler in [h for h in root.handlers if isinstance(h, _Enqueue)]:
+        root.removeHandler(handler)
+    listener.stop()

@@ -29,7 +29,7 @@ from types import FrameType
 from posguard_server.app import run_server, serving_line
 from posguard_server.config import Settings
 from posguard_server.issuers import build_numbering
-from posguard_server.logs import configure_logging
+from posguard_server.logs import configure_logging, stop_logging
 from posguard_server.store.migrate import open_database
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
 
 
 def _worker(index: int, settings: Settings, reports: Queue[Report]) -> None:
-    configure_logging(settings.log_level_number, settings.log_format)
+    configure_logging(settings.log_level_number, settings.log_format, background=True)
 
     def serving(port: int) -> None:
         log.info("worker %d serving on port %d", index, port)
@@ -113,6 +113,8 @@ def _worker(index: int, settings: Settings, reports: Queue[Report]) -> None:
         log.exception("worker %d stopped", index)
         reports.put((index, f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from None
+    finally:
+        stop_logging()
 
 
 def _wait_until_serving(

@@ -1,13 +1,17 @@
 """Who is calling: API keys from ``authorization: Bearer <key>`` metadata, checked against stored digests.
 
-Verified keys are cached for ``auth_cache_seconds`` so the hot path does not hit the database on every
-call; a revocation made through this process drops the cache entry at once, one made elsewhere takes
-effect within the cache lifetime.
+Keys are cached for ``auth_cache_seconds`` so the hot path does not hit the database on every call: a key's
+row as read from the store (by key id; a key id the store does not know for at most
+``_UNKNOWN_KEY_SECONDS``), and a token verified against it, by the SHA-256 digest of the whole token, so a
+call that presents a token already verified costs one digest and one dictionary lookup. A verified token is
+trusted no longer than the row it was verified against: a revocation made through this process drops both
+at once, one made elsewhere takes effect within the cache lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +21,11 @@ from posguard_server.domain.api_keys import ApiKey, Role, parse_token, secret_ma
 from posguard_server.domain.errors import Unauthenticated
 
 ALL_ROLES = frozenset(Role)
+# A key created elsewhere is usable here at most this long after a call named its id before it existed.
+_UNKNOWN_KEY_SECONDS = 1.0
+# Key ids the store does not know are remembered up to this many at once: callers choose them.
+_UNKNOWN_KEYS_KEPT = 10_000
+Metadata = Sequence[tuple[str, str | bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +44,12 @@ class KeyLookup(Protocol):
 
 
 class Authenticator(Protocol):
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Principal: ...
+    async def authenticate(self, metadata: Metadata) -> Principal: ...
 
     def invalidate(self, key_id: str) -> None: ...
 
 
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+def bearer_token(metadata: Metadata) -> str | None:
     for key, value in metadata:
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
@@ -49,56 +58,89 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A key's row as the store had it at ``read_at`` (``key`` None: no such key), and its principal."""
+
+    read_at: float
+    key: ApiKey | None
+    secret_hash: str = ""
+    principal: Principal | None = None
+
+
 class ApiKeyAuthenticator:
-    """Checks bearer tokens against the key store, with a short-lived cache of verified keys."""
+    """Checks bearer tokens against the key store, with a short-lived cache of rows and verified tokens."""
 
     def __init__(
         self, keys: KeyLookup, *, cache_seconds: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._keys = keys
         self._cache_seconds = cache_seconds
+        self._unknown_seconds = min(cache_seconds, _UNKNOWN_KEY_SECONDS)
         self._clock = clock
-        self._cache: dict[str, tuple[float, ApiKey, str]] = {}
+        self._rows: dict[str, _Row] = {}  # by key id
+        self._unknown: dict[str, float] = {}  # key id -> when the store said it has no such key
+        self._verified: dict[bytes, _Row] = {}  # by the digest of a token that matched the row's secret
 
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+    async def authenticate(self, metadata: Metadata) -> Principal:
         token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>'", reason="API_KEY_MISSING"
             )
+        digest = hashlib.sha256(token.encode()).digest()
+        row = self._verified.get(digest)
+        if row is None or self._clock() - row.read_at >= self._cache_seconds:
+            row = await self._verify(token, digest)
+        if row.principal is None:
+            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
+        return row.principal
+
+    async def _verify(self, token: str, digest: bytes) -> _Row:
+        """The row ``token`` matches, remembered under ``digest``; raises when it matches none."""
+        self._verified.pop(digest, None)
         parsed = parse_token(token)
         if parsed is None:
             raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
         key_id, secret = parsed
-        found = await self._lookup(key_id)
+        row = await self._lookup(key_id)
         # One answer for "no such key" and "wrong secret": a caller learns nothing about which key ids exist.
-        if found is None or not secret_matches(secret, found[1]):
+        if row.key is None or not secret_matches(secret, row.secret_hash):
             raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
-        key = found[0]
-        if key.revoked:
-            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
-        return Principal(key_id=key.key_id, roles=frozenset({key.role}))
+        self._verified[digest] = row
+        return row
 
-    async def _lookup(self, key_id: str) -> tuple[ApiKey, str] | None:
+    async def _lookup(self, key_id: str) -> _Row:
         now = self._clock()
-        cached = self._cache.get(key_id)
-        if cached is not None and now - cached[0] < self._cache_seconds:
-            return cached[1], cached[2]
+        row = self._rows.get(key_id)
+        if row is not None and now - row.read_at < self._cache_seconds:
+            return row
+        unknown_since = self._unknown.get(key_id)
+        if unknown_since is not None and now - unknown_since < self._unknown_seconds:
+            return _Row(unknown_since, None)
         found = await asyncio.to_thread(self._keys.find_for_auth, key_id)
+        self.invalidate(key_id)
         if found is None:
-            self._cache.pop(key_id, None)
-        else:
-            self._cache[key_id] = (now, found[0], found[1])
-        return found
+            if len(self._unknown) >= _UNKNOWN_KEYS_KEPT:
+                self._unknown.clear()
+            self._unknown[key_id] = now
+            return _Row(now, None)
+        key, secret_hash = found
+        principal = None if key.revoked else Principal(key_id=key.key_id, roles=frozenset({key.role}))
+        row = self._rows[key_id] = _Row(now, key, secret_hash, principal)
+        return row
 
     def invalidate(self, key_id: str) -> None:
-        self._cache.pop(key_id, None)
+        self._rows.pop(key_id, None)
+        self._unknown.pop(key_id, None)
+        for digest in [d for d, row in self._verified.items() if row.key and row.key.key_id == key_id]:
+            del self._verified[digest]
 
 
 class NoAuthenticator:
     """Every caller is a local developer with every role. Only reachable through ``insecure_no_auth``."""
 
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+    async def authenticate(self, metadata: Metadata) -> Principal:
         return LOCAL_DEVELOPER
 
     def invalidate(self, key_id: str) -> None:

@@ -62,9 +62,9 @@ class Metrics:
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        self.calls.labels(method, code).inc()
-        self.latency.labels(method, code).observe(seconds)
+    def rpc_children(self, method: str, code: str) -> tuple[Counter, Histogram]:
+        """The call counter and the latency histogram of one method and status code, to bind once."""
+        return self.calls.labels(method, code), self.latency.labels(method, code)
 
     def observe_score(self, score: float, decision: str, scope: str, version: str) -> None:
         """Count one newly scored transaction (a replayed answer is not a new decision)."""

@@ -18,7 +18,7 @@ import click
 
 from posguard_server.cli.settings_flags import setting_options, settings_from
 from posguard_server.config import Settings
-from posguard_server.logs import configure_logging
+from posguard_server.logs import configure_logging, stop_logging
 
 # ctx.meta key: the settings flags given before the subcommand, for a subcommand's flags to extend.
 GROUP_FLAGS = "posguard_server.settings_flags"
@@ -44,7 +44,10 @@ class OperatorCommand(click.Command):
             ctx.obj = settings_from({**ctx.meta.get(GROUP_FLAGS, {}), **given})
         if isinstance(ctx.obj, Settings):
             _configure_logging(ctx.obj, serves=self.serves)
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        finally:
+            stop_logging()  # the server's last lines (shutting down, stopped) are written before it exits
 
 
 class OperatorGroup(click.Group):
@@ -56,7 +59,7 @@ class OperatorGroup(click.Group):
 
 def _configure_logging(settings: Settings, *, serves: bool) -> None:
     if serves:
-        configure_logging(settings.log_level_number, settings.log_format)
+        configure_logging(settings.log_level_number, settings.log_format, background=True)
         return
     # INFO lines (migrations, the numbering, the store) would bury the command's own answer; DEBUG is asked
     # for on purpose. JSON is the service's default for collectors: here only a format named on purpose.
