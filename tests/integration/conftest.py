@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
+from posguard_server.domain.keyring import load_or_create
 from posguard_server.store import SqlApiKeyStore
 
 if TYPE_CHECKING:
@@ -182,6 +183,24 @@ def serve_process() -> Iterator[ServeProcess]:
         process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+def start_replicas(
+    database_url: str, tmp_path: Path, cli: Cli, serve_process: ServeProcess, processes: int
+) -> tuple[str, list[int]]:
+    """``processes`` servers on one database, as an operator runs replicas: a gateway key and their ports.
+
+    The replicas share one key ring, handed to each as an operator would (from a secret store).
+    """
+    load_or_create(tmp_path / "keys.json")
+    env = {
+        "POSGUARD_DATABASE_URL": database_url,
+        "POSGUARD_NUMBER_KEYS": (tmp_path / "keys.json").read_text(),
+    }
+    assert cli("db", "upgrade", env=env).returncode == 0
+    created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", env=env)
+    token = created.stdout.strip()
+    return token, [serve_process(tmp_path / f"replica{i}", env=env)[1] for i in range(processes)]
 
 
 # -- certificates for TLS and mTLS tests -----------------------------------------------------------

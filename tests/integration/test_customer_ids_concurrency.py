@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 import posguard
-from posguard_server.domain.keyring import load_or_create
+
+from .conftest import start_replicas
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,16 +27,7 @@ ISSUES_PER_THREAD = 40
 def test_concurrent_processes_issue_unique_numbers_and_one_customer_per_request_id(
     database_url: str, tmp_path: Path, cli: Cli, serve_process: ServeProcess
 ) -> None:
-    # Replicas share one key ring, handed to each as an operator would (from a secret store).
-    load_or_create(tmp_path / "keys.json")
-    env = {
-        "POSGUARD_DATABASE_URL": database_url,
-        "POSGUARD_NUMBER_KEYS": (tmp_path / "keys.json").read_text(),
-    }
-    assert cli("db", "upgrade", env=env).returncode == 0
-    created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", env=env)
-    token = created.stdout.strip()
-    ports = [serve_process(tmp_path / f"replica{i}", env=env)[1] for i in range(PROCESSES)]
+    token, ports = start_replicas(database_url, tmp_path, cli, serve_process, PROCESSES)
 
     numbers: list[str] = []
     shared: list[str] = []

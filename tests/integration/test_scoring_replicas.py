@@ -19,8 +19,9 @@ from sqlalchemy import create_engine, text
 import posguard
 from posguard.v1 import common_pb2, risk_pb2
 from posguard_models.features import Event, Profile
-from posguard_server.domain.keyring import load_or_create
 from posguard_server.store.db import normalize_url
+
+from .conftest import start_replicas
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,15 +36,7 @@ SCORES_PER_THREAD = 15
 def test_two_servers_scoring_one_customer_leave_the_profile_of_the_stored_history(
     database_url: str, tmp_path: Path, cli: Cli, serve_process: ServeProcess
 ) -> None:
-    load_or_create(tmp_path / "keys.json")
-    env = {
-        "POSGUARD_DATABASE_URL": database_url,
-        "POSGUARD_NUMBER_KEYS": (tmp_path / "keys.json").read_text(),
-    }
-    assert cli("db", "upgrade", env=env).returncode == 0
-    created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", env=env)
-    token = created.stdout.strip()
-    ports = [serve_process(tmp_path / f"replica{i}", env=env)[1] for i in range(PROCESSES)]
+    token, ports = start_replicas(database_url, tmp_path, cli, serve_process, PROCESSES)
     with posguard.Client(f"127.0.0.1:{ports[0]}", api_key=token, timeout=30) as client:
         issued = client.issue_customer_id()
     number, customer_id = issued.customer.primary.number, issued.customer.customer_id

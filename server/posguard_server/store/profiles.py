@@ -11,6 +11,7 @@ from sqlalchemy import and_, case, distinct, func, select
 from posguard_server.domain.risk import Decision, ProfileSnapshot, ProfileSummary
 from posguard_server.store.risk_tables import (
     CHUNK,
+    PROFILE_VALUES,
     PROFILES,
     SqlRiskProfile,
     SqlRiskTransaction,
@@ -50,18 +51,7 @@ class SqlProfileStore:
             statement = statement.on_conflict_do_update(
                 index_elements=["customer_id"],
                 set_={
-                    **{
-                        name: statement.excluded[name]
-                        for name in (
-                            "state",
-                            "transaction_count",
-                            "first_seen",
-                            "last_seen",
-                            "declines",
-                            "reviews",
-                            "updated_at",
-                        )
-                    },
+                    **{name: statement.excluded[name] for name in PROFILE_VALUES},
                     # A scoring batch that read the profile before this write must not overwrite it.
                     "version": PROFILES.c.version + 1,
                 },

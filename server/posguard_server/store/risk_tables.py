@@ -267,6 +267,16 @@ class SqlRiskModelGeneration(Base):
 
 TRANSACTIONS = cast(Table, SqlRiskTransaction.__table__)
 PROFILES = cast(Table, SqlRiskProfile.__table__)
+# What a profile write sets (besides the key and the version, which moves on by one).
+PROFILE_VALUES = (
+    "state",
+    "transaction_count",
+    "first_seen",
+    "last_seen",
+    "declines",
+    "reviews",
+    "updated_at",
+)
 MODELS = cast(Table, SqlRiskModel.__table__)
 GENERATION = cast(Table, SqlRiskModelGeneration.__table__)
 

@@ -45,6 +45,7 @@ from posguard_server.store.risk_tables import (
     ATTEMPTS,
     CHUNK,
     FRAUD_LABELS,
+    PROFILE_VALUES,
     PROFILES,
     TRANSACTIONS,
     SqlRiskTransaction,
@@ -551,16 +552,7 @@ class _Profile:
         )
 
     def values(self) -> dict[str, Any]:
-        return {
-            "customer_id": self.customer_id,
-            "state": self.state,
-            "transaction_count": self.transaction_count,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_seen,
-            "declines": self.declines,
-            "reviews": self.reviews,
-            "updated_at": self.updated_at,
-        }
+        return {"customer_id": self.customer_id, **{name: getattr(self, name) for name in PROFILE_VALUES}}
 
 
 _PROFILE_ROWS = select(_PROFILES).where(_PROFILES.c.customer_id.in_(bindparam("customers", expanding=True)))
@@ -573,18 +565,7 @@ _UPDATE_PROFILE = (
     )
     .values(
         {
-            **{
-                name: bindparam(name)
-                for name in (
-                    "state",
-                    "transaction_count",
-                    "first_seen",
-                    "last_seen",
-                    "declines",
-                    "reviews",
-                    "updated_at",
-                )
-            },
+            **{name: bindparam(name) for name in PROFILE_VALUES},
             "version": _PROFILES.c.version + 1,
         }
     )
