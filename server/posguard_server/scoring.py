@@ -1,10 +1,11 @@
 """The risk engine: from a validated transaction to a stored, explained answer.
 
 The scoring service (``services.scoring``) resolves the customer inside the transaction that will store the
-answer; the engine loads the active models (picking up promotions without a restart), computes the features
-from the customer's stored profile, scores, explains, decides, and hands the store one function to run inside
-that transaction, with the customer locked, which stores the transaction with its answer and advances the
-profile. Everything is synchronous: servicers call it through ``asyncio.to_thread``.
+answer; the engine loads the active models (picking up promotions without a restart) and scores in two steps
+inside that transaction, with the customers locked: each item, in order, computes its features from the
+customer's profile and the profile after it (``RiskEngine.item``); then ``RiskEngine.finish`` scores,
+explains and decides the whole batch at once. Everything is synchronous: it runs on the database's writer
+thread (``api.group_commit``), or on a worker thread for the other RPCs.
 
 When a training run is in shadow, every transaction a model scores is scored by the shadow run too, from the
 same features, and the shadow score is stored next to the answer for comparison; the answer is always the
