@@ -107,14 +107,30 @@ def _evaluated(cli: Cli, *flags: str) -> dict[str, Any]:
     return report
 
 
+@pytest.fixture(scope="module")
+def through_server() -> dict[str, dict[str, Any]]:
+    """Reports of ``evaluate --through-server``, by labels flag, made once for the tests that read them."""
+    return {}
+
+
+def _through_server(cli: Cli, labels: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if labels not in reports:
+        reports[labels] = _evaluated(cli, labels, "--through-server")
+    return reports[labels]
+
+
 @pytest.mark.parametrize("labels", ["--labels", "--no-labels"])
-def test_evaluate_computed_directly_answers_as_the_service_does(cli: Cli, labels: str) -> None:
+def test_evaluate_computed_directly_answers_as_the_service_does(
+    cli: Cli, labels: str, through_server: dict[str, dict[str, Any]]
+) -> None:
     # Every number, to the last bit: detection overall and per scenario, refusals, reports, training metrics.
-    assert _evaluated(cli, labels, "--jobs", "2") == _evaluated(cli, labels, "--through-server")
+    assert _evaluated(cli, labels, "--jobs", "2") == _through_server(cli, labels, through_server)
 
 
-def test_evaluate_runs_the_protocol_through_the_service(cli: Cli) -> None:
-    report = _evaluated(cli, "--labels", "--through-server")
+def test_evaluate_runs_the_protocol_through_the_service(
+    cli: Cli, through_server: dict[str, dict[str, Any]]
+) -> None:
+    report = _through_server(cli, "--labels", through_server)
     seed = report["seeds"][0]
     assert report["split"] == {"days": 120, "history_days": 72, "test_start_day": 84}
     assert seed["refused"] == 0
