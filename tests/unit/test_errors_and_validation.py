@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -83,6 +85,30 @@ def test_page_tokens_round_trip_only_for_their_query() -> None:
     for bad, query in ((token, "keys:2:False"), ("%%%", "q"), (make_page_token(1, "q")[:-3], "q")):
         check = Checker()
         assert check.page_token(bad, query) is None
+        assert [v.field for v in check.violations] == ["page_token"]
+
+
+def _crafted(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+# Tokens a client could craft: decodable, but no token this server made.
+CRAFTED_TOKENS = [
+    _crafted(b'{"after":' + str(2**64).encode() + b',"q":"q"}'),  # beyond 64 bits: the database would refuse
+    _crafted(b'{"after":-1,"q":"q"}'),
+    _crafted(b'{"after":1e3,"q":"q"}'),
+    _crafted(b"[" * 3000 + b"]" * 3000),  # nested past the JSON parser's recursion limit (and too long)
+    _crafted(b"[" * 700 + b"]" * 700),  # nested, within the length bound
+    _crafted(b'{"after":1,"q":"q","x":"' + b"a" * 5000 + b'"}'),  # longer than any token made here
+    _crafted(b'"just a string"'),
+    _crafted(b"\xff\xfe"),
+]
+
+
+def test_crafted_page_tokens_are_invalid_arguments_never_errors() -> None:
+    for bad in CRAFTED_TOKENS:
+        check = Checker()
+        assert check.page_token(bad, "q") is None
         assert [v.field for v in check.violations] == ["page_token"]
 
 

@@ -19,6 +19,8 @@ from posguard_server.domain.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Tokens this server makes stay far below this; longer ones are refused before they are decoded.
+MAX_PAGE_TOKEN = 4096
 MAX_REQUEST_ID = 128
 _REQUEST_ID = re.compile(r"[\x20-\x7e]+")
 
@@ -80,11 +82,17 @@ class Checker:
         if not value:
             return None
         try:
+            if len(value) > MAX_PAGE_TOKEN:
+                raise ValueError
             data = json.loads(base64.urlsafe_b64decode(value.encode("ascii") + b"=" * (-len(value) % 4)))
             after, for_query = data["after"], data["q"]
-            if not isinstance(after, int) or isinstance(after, bool) or for_query != query:
+            # A cursor is a row id: a signed 64-bit integer in every database posguard runs on.
+            if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63:
                 raise ValueError
-        except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error):
+            if for_query != query:
+                raise ValueError
+        # RecursionError: JSON nested deeper than the parser's stack (short enough to fit the length bound).
+        except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error, RecursionError):
             self.fail(field_path, "is not a token returned by the previous page of this same query")
             return None
         return after
