@@ -1,7 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify] [--py-spy DIR]
+        [--only score,stream,verify,redeem] [--py-spy DIR]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
 it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from grpc import aio
 
+from posguard import dynamic_code
 from posguard.v1 import common_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, read_transactions
 from posguard_server.store.scratch import scratch_postgres_database
@@ -48,6 +49,7 @@ SERVER = [sys.executable, "-m", "posguard_server"]
 SCORE = "/posguard.v1.Risk/ScoreTransaction"
 SCORE_STREAM = "/posguard.v1.Risk/ScoreTransactions"
 VERIFY = "/posguard.v1.CustomerIds/VerifyCustomerId"
+REDEEM = "/posguard.v1.CustomerIds/RedeemDynamicCode"
 ECHO, ECHO_STREAM = "/bench.Echo/Unary", "/bench.Echo/Stream"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -181,6 +183,7 @@ class Requests:
         self.run = secrets.token_hex(4)
         self.made = 0
         self.numbers: list[str] = []
+        self.secrets: list[str] = []  # dynamic-code secrets of the numbers' customers
 
     def transaction(self) -> risk_pb2.Transaction:
         i = self.made
@@ -216,6 +219,42 @@ class Requests:
                 number=self.numbers[i % len(self.numbers)]
             ).SerializeToString()
             for i in range(n)
+        ]
+
+    def redemptions(self, n: int) -> list[bytes]:
+        """Codes of the current step, customer after customer: each customer's first pays, the rest are
+        refused as already used (a customer's device shows one code a minute); each is judged, recorded
+        and audited alike."""
+        codes = [dynamic_code(secret) for secret in self.secrets]
+        self.made += n
+        return [
+            customer_ids_pb2.RedeemDynamicCodeRequest(
+                request_id=f"bench-{self.run}-{self.made}-{i}",
+                code=codes[i % len(codes)],
+                merchant_id=f"T{i % 500:06d}",
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
+
+async def enroll(port: int, token: str, numbers: list[str]) -> list[str]:
+    """Enrol each number's customer for dynamic codes; their secrets."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(
+            "/posguard.v1.CustomerIds/EnrollDynamicCodes",
+            request_serializer=customer_ids_pb2.EnrollDynamicCodesRequest.SerializeToString,
+            response_deserializer=customer_ids_pb2.EnrollDynamicCodesResponse.FromString,
+        )
+        return [
+            (
+                await call(
+                    customer_ids_pb2.EnrollDynamicCodesRequest(request_id=f"enrol-{number}", number=number),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            ).secret
+            for number in numbers
         ]
 
 
@@ -454,6 +493,11 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
                     await unary(
                         "VerifyCustomerId", "SQLite", VERIFY, server, baseline, token, requests.verifies
                     )
+                if "redeem" in args.only:
+                    requests.secrets = await enroll(server.port, token, requests.numbers)
+                    await unary(
+                        "RedeemDynamicCode", "SQLite", REDEEM, server, baseline, token, requests.redemptions
+                    )
         if args.postgres:
             pg_profile = args.py_spy / "postgresql.txt" if args.py_spy else None
             with (
@@ -495,8 +539,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         type=lambda s: set(s.split(",")),
-        default={"score", "stream", "verify"},
-        help="which SQLite measurements: score,stream,verify (--postgres adds its own)",
+        default={"score", "stream", "verify", "redeem"},
+        help="which SQLite measurements: score,stream,verify,redeem (--postgres adds its own)",
     )
     parser.add_argument(
         "--py-spy", type=Path, help="record each posguard server with py-spy into this folder"

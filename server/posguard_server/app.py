@@ -27,6 +27,7 @@ from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
+from posguard_server.api.group_commit import Writers
 from posguard_server.api.interceptors import Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import RiskServicer
@@ -48,6 +49,7 @@ from posguard_server.store import (
     SqlProfileStore,
     SqlScoringStore,
     SqlShadowStore,
+    SqlVerificationStore,
 )
 from posguard_server.store.migrate import open_database
 
@@ -164,9 +166,14 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         SqlDynamicCodeStore(database),
         SqlModelRegistry(database),
     )
-    customer_ids = CustomerIdsServicer(customers, numbering, dynamic, guard)
+    # The gateway RPCs' writes share the database's writer threads (see group_commit).
+    writers = Writers(_COMMIT_WORKERS[database.dialect])
+    verifications = SqlVerificationStore(database, guard.limit)
+    customer_ids = CustomerIdsServicer(customers, numbering, dynamic, guard, verifications, writers)
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
-    risk = _risk_servicer(database, registry, customers, dynamic, numbering, settings, metrics, guard)
+    risk = _risk_servicer(
+        database, registry, customers, dynamic, numbering, settings, metrics, guard, writers
+    )
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
@@ -184,7 +191,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     if not port:
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
-    return PosguardServer(settings, server, health_servicer, database, metrics, writers=[risk]), port
+    return PosguardServer(settings, server, health_servicer, database, metrics, writers=[writers]), port
 
 
 def _risk_servicer(
@@ -196,6 +203,7 @@ def _risk_servicer(
     settings: Settings,
     metrics: Metrics,
     guard: FailureGuard,
+    writers: Writers,
 ) -> RiskServicer:
     """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
     writes = SqlScoringStore(database)
@@ -217,7 +225,7 @@ def _risk_servicer(
         numbering,
         metrics=metrics,
         guard=guard,
-        commit_workers=_COMMIT_WORKERS[database.dialect],
+        writers=writers,
     )
 
 

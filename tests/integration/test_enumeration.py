@@ -19,6 +19,7 @@ from posguard.errors import ResourceExhaustedError
 from posguard_server.cli import main
 from posguard_server.domain.check_digits import compute
 from posguard_server.store.audit import SqlAuditEvent
+from posguard_server.store.caller_limits import SqlCallerFailures
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -105,10 +106,14 @@ def test_two_servers_on_one_database_count_a_key_together(
             (a if serial % 2 else b).verify_customer_id(number=_forged(number, serial))
         with pytest.raises(ResourceExhaustedError):
             b.verify_customer_id(number=number)  # b counted the failure that reached the limit
-        # a learns it from its next failure, counted in the database past the limit.
-        assert not a.verify_customer_id(number=_forged(number, 99)).valid
+        # a learns it from its next guess, which is refused, not counted past the limit.
+        assert a.verify_customer_id(number=number).valid  # not a guess: a has not been told yet
+        with pytest.raises(ResourceExhaustedError):
+            a.verify_customer_id(number=_forged(number, 99))
         with pytest.raises(ResourceExhaustedError):
             a.verify_customer_id(number=number)
+    with first.server.database.session(read_only=True) as session:
+        assert session.get(SqlCallerFailures, key.split("_")[1]).window_failures == LIMIT
     assert len(_refusals(first)) == 1
 
 

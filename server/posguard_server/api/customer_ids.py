@@ -10,6 +10,7 @@ import asyncio
 import re
 import secrets
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from grpc import aio
@@ -17,7 +18,8 @@ from grpc import aio
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
-from posguard_server.api.enumeration import FailureGuard
+from posguard_server.api.enumeration import FailureGuard, refusal
+from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
@@ -25,17 +27,18 @@ from posguard_server.domain.customers import (
     ExternalRef,
     Holder,
     HolderCipher,
-    NumberKind,
-    NumberStatus,
     Transition,
 )
 from posguard_server.domain.numbering import Numbering
-from posguard_server.domain.numbers import NumberProblem
+from posguard_server.domain.verification import BY_PROBLEM, Verdict
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.verifications import Presented, SqlVerificationStore, Verification
 
 Context = aio.ServicerContext[Any, Any]
 
+# Concurrent verifications, or redemptions, that share a transaction at most (see group_commit).
+GATEWAY_BATCH = 64
 MAX_HOLDER_NAME = 200
 MAX_EXTERNAL_IDS = 20
 MAX_REASON = 500
@@ -43,16 +46,10 @@ _PHONE = re.compile(r"\+?[0-9 ()\-]{3,32}")
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9:._\-]{0,63}")
 _NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
 
+# Every verdict has its reason on the wire, named alike.
 VERIFY_REASON = {
-    NumberProblem.MALFORMED: customer_ids_pb2.VERIFICATION_REASON_MALFORMED,
-    NumberProblem.CHECK_DIGITS: customer_ids_pb2.VERIFICATION_REASON_CHECK_DIGITS,
-    NumberProblem.UNKNOWN_ISSUER: customer_ids_pb2.VERIFICATION_REASON_UNKNOWN_ISSUER,
-}
-STATUS_REASON = {
-    NumberStatus.ACTIVE: customer_ids_pb2.VERIFICATION_REASON_OK,
-    NumberStatus.SUSPENDED: customer_ids_pb2.VERIFICATION_REASON_SUSPENDED,
-    NumberStatus.REVOKED: customer_ids_pb2.VERIFICATION_REASON_REVOKED,
-    NumberStatus.ROTATED: customer_ids_pb2.VERIFICATION_REASON_ROTATED,
+    verdict: customer_ids_pb2.VerificationReason.Value(f"VERIFICATION_REASON_{verdict.value}")
+    for verdict in Verdict
 }
 
 
@@ -67,12 +64,23 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         numbering: Numbering,
         dynamic: SqlDynamicCodeStore,
         guard: FailureGuard,
+        verifications: SqlVerificationStore,
+        writers: Writers,
     ) -> None:
         self._store = store
         self._numbering = numbering
         self._dynamic = dynamic
         self._guard = guard
         self._holders = HolderCipher(dict(numbering.keys.keys))
+        # The gateway's writes run in batches of concurrent calls on the database's writer threads.
+        self._verifications: GroupCommit[Presented, Verification] = GroupCommit(
+            verifications.verify_many, limit=GATEWAY_BATCH, writers=writers
+        )
+        self._redemptions = GroupCommit(
+            partial(dynamic.redeem_many, open_key=self._secrets.decrypt, limit=guard.limit),
+            limit=GATEWAY_BATCH,
+            writers=writers,
+        )
 
     # -- validation helpers ---------------------------------------------------------------------------
 
@@ -176,74 +184,48 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         caller = current_principal().key_id
         self._guard.check(caller, _now())
         recognised = self._numbering.recognise(request.number)
-        if recognised.parsed is None:
-            assert recognised.problem is not None
-            reason = VERIFY_REASON[recognised.problem]
-            await self._record_verification(
-                request.number[:MAX_NUMBER_INPUT],
-                ok=False,
-                caller=caller,
-                reason=recognised.problem.name,
-                guess=True,
-            )
-            return customer_ids_pb2.VerifyCustomerIdResponse(valid=False, reason=reason)
-        number = recognised.parsed.number
-        found = await asyncio.to_thread(self._store.find_number, number)
         scheme = recognised.scheme
+        if recognised.parsed is None or scheme is None:
+            assert recognised.problem is not None
+            presented = Presented(request.number, caller, problem=BY_PROBLEM[recognised.problem])
+        else:
+            presented = Presented(
+                recognised.parsed.number,
+                caller,
+                merchant_id=request.merchant_id,
+                channel=messages.CHANNEL_NAMES.get(request.channel, ""),
+            )
+        answer = await self._verifications.submit(presented)
+        self._guard.refuse(caller, answer.refused_until)
+        if answer.refused:
+            assert answer.refused_until is not None
+            raise refusal(answer.refused_until, _now())
+        reason = VERIFY_REASON[answer.verdict]
+        if presented.problem is not None:
+            return customer_ids_pb2.VerifyCustomerIdResponse(valid=False, reason=reason)
         assert scheme is not None
-        if found is None:
-            await self._record_verification(number, ok=False, caller=caller, reason="NOT_FOUND", guess=True)
+        number = presented.number
+        stored = answer.number
+        if stored is None:
             return customer_ids_pb2.VerifyCustomerIdResponse(
                 valid=False,
-                reason=customer_ids_pb2.VERIFICATION_REASON_NOT_FOUND,
+                reason=reason,
                 normalized_number=number,
                 display=scheme.display(number),
                 issuer=scheme.issuer,
             )
-        stored, customer_id = found
-        reason = STATUS_REASON[stored.status]
-        if stored.kind is NumberKind.SUB and stored.status is NumberStatus.ACTIVE:
-            # A sub number is only as good as its customer's primary, and only inside its scope.
-            primary = await asyncio.to_thread(self._store.primary_status, customer_id)
-            reason = STATUS_REASON[primary.status]
-            channel = messages.CHANNEL_NAMES.get(request.channel, "")
-            outside = (stored.scope_merchant_id and stored.scope_merchant_id != request.merchant_id) or (
-                stored.scope_channel and stored.scope_channel != channel
-            )
-            if reason == customer_ids_pb2.VERIFICATION_REASON_OK and outside:
-                reason = customer_ids_pb2.VERIFICATION_REASON_OUT_OF_SCOPE
-        ok = reason == customer_ids_pb2.VERIFICATION_REASON_OK
-        await self._record_verification(
-            number, ok=ok, caller=caller, reason=customer_ids_pb2.VerificationReason.Name(reason)
-        )
         return customer_ids_pb2.VerifyCustomerIdResponse(
-            valid=ok,
+            valid=answer.verdict is Verdict.OK,
             reason=reason,
             status=messages.STATUS_TO_PROTO[stored.status],
             normalized_number=number,
             display=scheme.display(number),
             kind=messages.KIND_TO_PROTO[stored.kind],
-            customer_id=customer_id,
+            customer_id=answer.customer_id,
             issuer=stored.issuer,
             successor_number=stored.successor_number,
             primary_number=stored.primary_number,
         )
-
-    async def _record_verification(
-        self, number: str, *, ok: bool, caller: str, reason: str, guess: bool = False
-    ) -> None:
-        """Record the verification; a ``guess`` (not a number, or never issued) counts toward the caller's
-        failure limit. A suspended or revoked number is a real customer's, not a sign of enumeration."""
-        refused_until = await asyncio.to_thread(
-            self._store.record_verification,
-            number,
-            ok=ok,
-            caller=caller,
-            reason=reason,
-            now=_now(),
-            limit=self._guard.limit if guess else None,
-        )
-        self._guard.refuse(caller, refused_until)
 
     async def GetCustomer(
         self, request: customer_ids_pb2.GetCustomerRequest, context: Context

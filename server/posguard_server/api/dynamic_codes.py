@@ -18,11 +18,13 @@ from grpc import aio
 from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.api.convert import timestamp
-from posguard_server.api.enumeration import FailureGuard
+from posguard_server.api.enumeration import FailureGuard, refusal
+from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
 from posguard_server.domain.dynamic_codes import (
+    GUESSES,
     Reason,
     SecretCipher,
     new_handle,
@@ -35,6 +37,8 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import (
     Attempt,
+    Redeemed,
+    Redemption,
     RedemptionAnswer,
     Sealed,
     SqlDynamicCodeStore,
@@ -66,9 +70,6 @@ def provisioning_uri(number: str, key_base32: str) -> str:
     )
 
 
-_GUESSES = frozenset({Reason.UNKNOWN_CODE, Reason.MALFORMED})
-
-
 async def count_refusal(
     store: SqlCustomerStore,
     guard: FailureGuard,
@@ -77,12 +78,11 @@ async def count_refusal(
     now: datetime,
     method: str,
 ) -> None:
-    """Count a redemption of a code that matches nothing against the caller's failure limit.
+    """Count a redemption of a code that matches nothing (a guess) against the caller's failure limit.
 
-    Only guesses count (an unknown or malformed code): an expired, already used or wrong customer's code
-    is a real customer's mistake, not enumeration. A replayed answer was counted the first time.
+    A replayed answer was counted the first time.
     """
-    if answer.reason not in _GUESSES or answer.replayed or not guard.limit.enabled:
+    if answer.reason not in GUESSES or answer.replayed or not guard.limit.enabled:
         return
     refused_until = await asyncio.to_thread(
         store.record_caller_failure, caller, now=now, limit=guard.limit, method=method
@@ -97,6 +97,7 @@ class DynamicCodesRpcs:
     _store: SqlCustomerStore
     _dynamic: SqlDynamicCodeStore
     _guard: FailureGuard
+    _redemptions: GroupCommit[Redemption, Redeemed]
 
     @property
     def _secrets(self) -> SecretCipher:
@@ -218,24 +219,27 @@ class DynamicCodesRpcs:
         now = _now()
         caller = current_principal().key_id
         self._guard.check(caller, now)
-        cipher = self._secrets
-        answer = await asyncio.to_thread(
-            self._dynamic.redeem,
-            parse_code(request.code),
-            Attempt(
-                request_id=request.request_id,
-                fingerprint=fingerprint(request),
-                expected_number=expected,
-                merchant_id=request.merchant_id,
-                terminal_id=request.terminal_id,
-                amount=amount,
-                actor=caller,
-            ),
-            open_key=cipher.decrypt,
-            now=now,
-            now_step=time_step(now),
+        redeemed = await self._redemptions.submit(
+            Redemption(
+                parse_code(request.code),
+                Attempt(
+                    request_id=request.request_id,
+                    fingerprint=fingerprint(request),
+                    expected_number=expected,
+                    merchant_id=request.merchant_id,
+                    terminal_id=request.terminal_id,
+                    amount=amount,
+                    actor=caller,
+                ),
+                now=now,
+                now_step=time_step(now),
+            )
         )
-        await count_refusal(self._store, self._guard, answer, caller, now, "RedeemDynamicCode")
+        self._guard.refuse(caller, redeemed.refused_until)
+        answer = redeemed.answer
+        if answer is None:
+            assert redeemed.refused_until is not None
+            raise refusal(redeemed.refused_until, _now())
         return customer_ids_pb2.RedeemDynamicCodeResponse(
             redeemed=answer.reason is Reason.OK,
             reason=customer_ids_pb2.RedemptionReason.Value("REDEMPTION_REASON_" + answer.reason.name),

@@ -2,8 +2,8 @@
 
 The count lives in the database (``caller_failures``), shared by every server process; which keys are
 refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. A process
-learns that a key is refused from the failure it records itself: a key refused elsewhere gets at most one
-more failure counted in this process before this process refuses it too.
+learns that a key is refused from the failures it records: a key refused elsewhere gets its next guessed
+number refused, uncounted (``store.verifications``), and at most one more failed redemption counted.
 """
 
 from __future__ import annotations
@@ -28,14 +28,19 @@ class FailureGuard:
         if now >= until:
             del self._refused_until[caller]
             return
-        retry_after = math.ceil((until - now) / timedelta(seconds=1))
-        raise ResourceExhausted(
-            f"too many failed verifications or redemptions from this key; retry in {retry_after} s",
-            reason="TOO_MANY_FAILURES",
-            metadata={"retry_after_seconds": str(retry_after)},
-        )
+        raise refusal(until, now)
 
     def refuse(self, caller: str, until: datetime | None) -> None:
         """Refuse ``caller`` until ``until`` (what recording its failure returned; None: not refused)."""
         if until is not None:
             self._refused_until[caller] = until
+
+
+def refusal(until: datetime, now: datetime) -> ResourceExhausted:
+    """The error for a call from a key refused ``until``."""
+    retry_after = max(1, math.ceil((until - now) / timedelta(seconds=1)))
+    return ResourceExhausted(
+        f"too many failed verifications or redemptions from this key; retry in {retry_after} s",
+        reason="TOO_MANY_FAILURES",
+        metadata={"retry_after_seconds": str(retry_after)},
+    )

@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from posguard_server.domain.deadlines import current_deadline, latest_deadline
 
@@ -29,22 +29,112 @@ _Answer = tuple[asyncio.Future[_Result], _Result | Exception]
 
 @dataclass(frozen=True, slots=True)
 class _Entry(Generic[_Item, _Result]):
+    lane: GroupCommit[_Item, _Result]
     item: _Item
     deadline: float | None
     future: asyncio.Future[_Result]
     loop: asyncio.AbstractEventLoop
 
 
+class Writers:
+    """Long-lived writer threads of one database, shared by every ``GroupCommit`` writing to it.
+
+    On SQLite only one transaction writes at a time, so the gateway RPCs' group commits (scores,
+    verifications) share its one writer instead of each taking a thread that waits for the lock. A writer
+    takes the oldest waiting call's kind and runs a batch of that kind; the other kinds wait their turn.
+    The threads start with the first call; ``close`` stops them once what is queued has run.
+    """
+
+    def __init__(self, workers: int = 1, *, name: str = "posguard-writer") -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self._workers = workers
+        self._name = name
+        # Lists of entries, one per turn of the event loop and kind; None tells a writer to stop.
+        self._queue: queue.SimpleQueue[list[_Entry[Any, Any]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    def put(self, entries: list[_Entry[Any, Any]]) -> None:
+        self._queue.put(entries)
+
+    def start(self) -> None:
+        """Start the threads (idempotent); RuntimeError once closed."""
+        if self._threads and not self._closed:
+            return
+        with self._start_lock:
+            if self._closed:
+                raise RuntimeError("the writer is closed")
+            if self._threads:
+                return
+            for n in range(self._workers):
+                thread = threading.Thread(target=self._write, name=f"{self._name}-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the writers after what is queued has run; calls after this are refused. Idempotent."""
+        with self._start_lock:
+            already, self._closed = self._closed, True
+            threads = list(self._threads)
+        if already:
+            for thread in threads:
+                thread.join()
+            return
+        # What the event loop has not handed over yet belongs to calls the server has already cut off.
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _write(self) -> None:
+        waiting: list[_Entry[Any, Any]] = []
+        stop = False
+        while waiting or not stop:
+            if not waiting:
+                arrived = self._queue.get()
+                if arrived is None:
+                    return
+                waiting = arrived
+            lane = waiting[0].lane
+            # Whatever else has queued joins, up to the limit; the rest waits for the next batch.
+            while sum(entry.lane is lane for entry in waiting) < lane.limit and not stop:
+                try:
+                    arrived = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if arrived is None:
+                    stop = True
+                else:
+                    waiting.extend(arrived)
+            batch: list[_Entry[Any, Any]] = []
+            rest: list[_Entry[Any, Any]] = []
+            for entry in waiting:
+                (batch if entry.lane is lane and len(batch) < lane.limit else rest).append(entry)
+            waiting = rest
+            # A caller that gave up while queued is dropped before anything is written. (Its future is read
+            # from this thread: at worst a caller leaving right now is stored, as if its answer was lost.)
+            batch = [entry for entry in batch if not entry.future.done()]
+            if batch:
+                lane.run(batch)
+
+
 class GroupCommit(Generic[_Item, _Result]):
-    """Runs ``run_batch`` (blocking) on ``workers`` writer threads over the items of concurrent callers.
+    """Runs ``run_batch`` (blocking) on writer threads over the items of concurrent callers.
 
     ``run_batch`` returns one result or exception per item, in order; an exception it raises is every
-    item's. ``workers`` batches may run at once (1 where the database has one writer), each of at most
-    ``limit`` items. A caller that gives up (its deadline passed) while its item waits takes the item out.
-    A batch runs under the latest deadline of its callers (``domain.deadlines``): it rolls back, writing
-    nothing, only when every one of them has given up. Otherwise an item whose caller left while its batch
-    ran is stored whole, exactly as a call whose answer was lost on the way back, and a retry replays it.
-    The writers start with the first call; ``close`` stops them once the queue is drained.
+    item's. Batches hold at most ``limit`` items; as many run at once as there are writer threads: its own
+    ``workers`` threads, or the shared ``writers``. A caller that gives up (its deadline passed) while its
+    item waits takes the item out. A batch runs under the latest deadline of its callers
+    (``domain.deadlines``): it rolls back, writing nothing, only when every one of them has given up.
+    Otherwise an item whose caller left while its batch ran is stored whole, exactly as a call whose answer
+    was lost on the way back, and a retry replays it. ``close`` stops the writers (shared ones too) once the
+    queue is drained.
     """
 
     def __init__(
@@ -53,20 +143,15 @@ class GroupCommit(Generic[_Item, _Result]):
         *,
         limit: int,
         workers: int = 1,
+        writers: Writers | None = None,
         name: str = "posguard-writer",
     ) -> None:
-        if limit < 1 or workers < 1:
+        if limit < 1:
             raise ValueError("limit and workers must be at least 1")
         self._run_batch = run_batch
-        self._limit = limit
-        self._workers = workers
-        self._name = name
-        # Lists of entries, one per turn of the event loop; None tells a writer to stop.
-        self._queue: queue.SimpleQueue[list[_Entry[_Item, _Result]] | None] = queue.SimpleQueue()
+        self.limit = limit
+        self._writers = writers if writers is not None else Writers(workers, name=name)
         self._arriving: list[_Entry[_Item, _Result]] = []
-        self._threads: list[threading.Thread] = []
-        self._start_lock = threading.Lock()
-        self._closed = False
 
     async def submit(self, item: _Item) -> _Result:
         """The result for ``item``, once its batch has committed; its exception if it was refused."""
@@ -90,71 +175,27 @@ class GroupCommit(Generic[_Item, _Result]):
 
     def close(self) -> None:
         """Stop the writers after what is queued has run; calls after this are refused."""
-        with self._start_lock:
-            self._closed = True
-            threads = list(self._threads)
-        # What the event loop has not handed over yet belongs to calls the server has already cut off.
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join()
+        self._writers.close()
 
     def _enqueue(self, items: Sequence[_Item]) -> list[asyncio.Future[_Result]]:
-        if not self._threads:
-            self._start()
-        if self._closed:
-            raise RuntimeError("the writer is closed")
+        self._writers.start()
         loop = asyncio.get_running_loop()
         deadline = current_deadline()
         futures = [loop.create_future() for _ in items]
         if not self._arriving:
             # Handed over once this turn of the loop is done: the calls that arrive together go together.
             loop.call_soon(self._flush)
-        self._arriving.extend(_Entry(i, deadline, f, loop) for i, f in zip(items, futures, strict=True))
+        self._arriving.extend(_Entry(self, i, deadline, f, loop) for i, f in zip(items, futures, strict=True))
         return futures
 
     def _flush(self) -> None:
         arriving, self._arriving = self._arriving, []
         # In batch-sized pieces, so that every writer can take one.
-        for start in range(0, len(arriving), self._limit):
-            self._queue.put(arriving[start : start + self._limit])
+        for start in range(0, len(arriving), self.limit):
+            self._writers.put(arriving[start : start + self.limit])
 
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._threads or self._closed:
-                return
-            for n in range(self._workers):
-                thread = threading.Thread(target=self._write, name=f"{self._name}-{n}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _write(self) -> None:
-        waiting: list[_Entry[_Item, _Result]] = []
-        stop = False
-        while waiting or not stop:
-            if not waiting:
-                arrived = self._queue.get()
-                if arrived is None:
-                    return
-                waiting = arrived
-            # Whatever else has queued joins, up to the limit; the rest waits for the next batch.
-            while len(waiting) < self._limit and not stop:
-                try:
-                    arrived = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if arrived is None:
-                    stop = True
-                else:
-                    waiting.extend(arrived)
-            batch, waiting = waiting[: self._limit], waiting[self._limit :]
-            # A caller that gave up while queued is dropped before anything is written. (Its future is read
-            # from this thread: at worst a caller leaving right now is stored, as if its answer was lost.)
-            batch = [entry for entry in batch if not entry.future.done()]
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[_Entry[_Item, _Result]]) -> None:
+    def run(self, batch: list[_Entry[_Item, _Result]]) -> None:
+        """Run one batch (on a writer thread) and hand each caller its answer on its event loop."""
         results: Sequence[_Result | Exception]
         try:
             with latest_deadline([entry.deadline for entry in batch]):

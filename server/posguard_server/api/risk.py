@@ -29,7 +29,7 @@ from posguard_server.api.convert import timestamp
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT, count_refusal
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.errors import status_for
-from posguard_server.api.group_commit import GroupCommit
+from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.interceptors import annotate_call, current_principal
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.stream_batches import StreamBatches
@@ -289,21 +289,17 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         *,
         metrics: Metrics,
         guard: FailureGuard,
-        commit_workers: int = 1,
+        writers: Writers,
     ) -> None:
         self._engine = engine
         self._scoring = scoring
         self._metrics = metrics
         self._guard = guard
         self._commits: GroupCommit[ScoreCall, Scoring] = GroupCommit(
-            scoring.score_many, limit=COMMIT_BATCH, workers=commit_workers
+            scoring.score_many, limit=COMMIT_BATCH, writers=writers
         )
         self._store = store
         self._numbering = numbering
-
-    def close(self) -> None:
-        """Stop the writer once what is queued has committed (after the server has stopped taking calls)."""
-        self._commits.close()
 
     # -- scoring --------------------------------------------------------------------------------------
 

@@ -45,6 +45,11 @@ class Reason(enum.Enum):
     UNKNOWN_CODE = "unknown_code"
 
 
+# A code that matches nothing (unknown or malformed) is a guess: it counts toward the caller's failure limit.
+# An expired, already used or wrong customer's code is a real customer's mistake, not enumeration.
+GUESSES = frozenset({Reason.UNKNOWN_CODE, Reason.MALFORMED})
+
+
 class StepMatch(enum.Enum):
     """Where in time a code's TOTP value matched the enrolment's key."""
 

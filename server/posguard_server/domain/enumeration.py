@@ -52,3 +52,10 @@ def count_failure(window: FailureWindow | None, now: datetime, limit: FailureLim
         window.started_at + limit.window if refused else None,
         reached_limit=limit.enabled and window.failures == limit.failures,
     )
+
+
+def refused_until(window: FailureWindow | None, now: datetime, limit: FailureLimit) -> datetime | None:
+    """When a key whose window is ``window`` stops being refused; None when it is not refused now."""
+    if not limit.enabled or window is None or now - window.started_at >= limit.window:
+        return None
+    return window.started_at + limit.window if window.failures >= limit.failures else None

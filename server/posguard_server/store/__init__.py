@@ -16,6 +16,7 @@ from posguard_server.store.outcomes import SqlOutcomeStore
 from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
+from posguard_server.store.verifications import SqlVerificationStore
 
 __all__ = [
     "Database",
@@ -29,4 +30,5 @@ __all__ = [
     "SqlProfileStore",
     "SqlScoringStore",
     "SqlShadowStore",
+    "SqlVerificationStore",
 ]

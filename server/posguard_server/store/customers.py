@@ -39,10 +39,11 @@ from posguard_server.domain.customers import (
     mask,
     next_status,
 )
-from posguard_server.domain.enumeration import FailureLimit, FailureWindow, count_failure
+from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
-from posguard_server.store.schema import PRINCIPAL_MAX, Base
+from posguard_server.store.caller_limits import CallerLimits, SqlCallerFailures
+from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Select
@@ -138,18 +139,6 @@ class SqlVerificationFailure(Base):
     subject: Mapped[str] = mapped_column(String(NUMBER_MAX), primary_key=True)
     failures: Mapped[int] = mapped_column(BigInteger)
     last_failed_at: Mapped[datetime]
-
-
-class SqlCallerFailures(Base):
-    """Failed verifications and code redemptions of one API key in its current window (enumeration)."""
-
-    __tablename__ = "caller_failures"
-
-    caller: Mapped[str] = mapped_column(String(PRINCIPAL_MAX), primary_key=True)
-    window_started_at: Mapped[datetime]
-    window_failures: Mapped[int] = mapped_column(Integer)
-    times_refused: Mapped[int] = mapped_column(BigInteger)
-    last_refused_at: Mapped[datetime | None]
 
 
 class SqlIdempotencyKey(Base):
@@ -582,39 +571,6 @@ class SqlCustomerStore:
 
     # -- verification signals -------------------------------------------------------------------------
 
-    def record_verification(
-        self, number: str, *, ok: bool, caller: str, reason: str, now: datetime, limit: FailureLimit | None
-    ) -> datetime | None:
-        """Count a verification; a failure is also counted per caller and per number and audited.
-
-        A failure given a ``limit`` counts toward it (enumeration defence); returns when the caller is
-        refused until, when this failure has it at or over the limit (else None).
-        """
-        with self._db.session() as session:
-            counters = {SqlCustomerNumber.verifications: SqlCustomerNumber.verifications + 1}
-            if not ok:
-                counters[SqlCustomerNumber.failed_verifications] = SqlCustomerNumber.failed_verifications + 1
-            session.execute(
-                update(SqlCustomerNumber)
-                .where(SqlCustomerNumber.number == number)
-                .values({**counters, SqlCustomerNumber.last_verified_at: now})
-            )
-            if ok:
-                return None
-            for scope, subject in (("caller", caller), ("number", number)):
-                _increment_failure(session, scope, subject, now)
-            append_event(
-                session,
-                actor=caller,
-                action="verification.failed",
-                subject=mask(number),
-                details={"reason": reason},
-                now=now,
-            )
-            if limit is None:
-                return None
-            return _count_caller_failure(session, caller, now, limit, "VerifyCustomerId")
-
     def record_caller_failure(
         self, caller: str, *, now: datetime, limit: FailureLimit, method: str
     ) -> datetime | None:
@@ -622,7 +578,10 @@ class SqlCustomerStore:
         if not limit.enabled:
             return None
         with self._db.session() as session:
-            return _count_caller_failure(session, caller, now, limit, method)
+            limits = CallerLimits(session.connection(), limit, [caller], now)
+            until = limits.count(caller)
+            limits.save(session, method)
+            return until
 
     def failures(self, scope: str, subject: str) -> int:
         with self._db.session(read_only=True) as session:
@@ -710,49 +669,6 @@ def _add_static_number(
         )
     )
     return number
-
-
-def _increment_failure(session: Session, scope: str, subject: str, now: datetime) -> None:
-    row = session.get(SqlVerificationFailure, (scope, subject), with_for_update=True)
-    if row is None:
-        session.add(
-            SqlVerificationFailure(scope=scope, subject=subject[:NUMBER_MAX], failures=1, last_failed_at=now)
-        )
-    else:
-        row.failures += 1
-        row.last_failed_at = now
-
-
-def _count_caller_failure(
-    session: Session, caller: str, now: datetime, limit: FailureLimit, method: str
-) -> datetime | None:
-    """Count a failure in the caller's window; reaching the limit refuses the key and is audited once."""
-    if not limit.enabled:
-        return None
-    row = session.get(SqlCallerFailures, caller, with_for_update=True)
-    window = FailureWindow(row.window_started_at, row.window_failures) if row is not None else None
-    counted = count_failure(window, now, limit)
-    if row is None:
-        row = SqlCallerFailures(caller=caller, times_refused=0, last_refused_at=None)
-        session.add(row)
-    row.window_started_at = counted.window.started_at
-    row.window_failures = counted.window.failures
-    if counted.reached_limit:
-        row.times_refused += 1
-        row.last_refused_at = now
-        append_event(
-            session,
-            actor=caller,
-            action="caller.refused",
-            subject=caller,
-            details={
-                "method": method,
-                "failures": str(limit.failures),
-                "window_seconds": str(int(limit.window.total_seconds())),
-            },
-            now=now,
-        )
-    return counted.refused_until
 
 
 def _lock_number(session: Session, number: str) -> SqlCustomerNumber | None:

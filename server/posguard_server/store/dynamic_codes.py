@@ -7,18 +7,30 @@ kept under its request_id, so a retried redemption gets the first answer instead
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Integer, LargeBinary, String, select, update
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    bindparam,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.customers import NumberKind, NumberStatus, mask
-from posguard_server.domain.dynamic_codes import PresentedCode, Reason, decide, match_step
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from posguard_server.domain.dynamic_codes import GUESSES, PresentedCode, Reason, decide, match_step
+from posguard_server.domain.enumeration import FailureLimit
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PosguardError
 from posguard_server.store.audit import append_event
+from posguard_server.store.caller_limits import CallerLimits
 from posguard_server.store.customers import SqlCustomerNumber
 from posguard_server.store.schema import Base
 
@@ -142,8 +154,36 @@ class RedemptionAnswer:
     replayed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    """One RedeemDynamicCode call: the code presented (None when malformed), at ``now`` (its TOTP step)."""
+
+    code: PresentedCode | None
+    attempt: Attempt
+    now: datetime
+    now_step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Redeemed:
+    """The answer to a redemption, or None when its caller was refused (until ``refused_until``).
+
+    With an answer, ``refused_until`` is set when this redemption's failure refused the caller.
+    """
+
+    answer: RedemptionAnswer | None
+    refused_until: datetime | None = None
+
+
 # (ciphertext, customer id, key version) → the TOTP key
 OpenKey = Callable[[bytes, str, int], bytes]
+REDEEM_METHOD = "RedeemDynamicCode"
+_LOCK_ENROLMENTS = (
+    select(SqlDynamicEnrollment.id)
+    .where(SqlDynamicEnrollment.handle.in_(bindparam("handles", expanding=True)))
+    .order_by(SqlDynamicEnrollment.handle)
+    .with_for_update()
+)
 
 
 def _conflict() -> InvalidArgument:
@@ -254,27 +294,59 @@ class SqlDynamicCodeStore:
 
     # -- redemption -----------------------------------------------------------------------------------
 
-    def redeem(
-        self, code: PresentedCode | None, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
-    ) -> RedemptionAnswer:
-        """Judge a presented code (None when malformed), record the answer and return it.
+    def redeem_many(
+        self, items: Sequence[Redemption], *, open_key: OpenKey, limit: FailureLimit
+    ) -> list[Redeemed | PosguardError]:
+        """Redeem a batch of concurrent calls in one transaction, in order; one result per item.
 
-        Losing a race on a unique constraint (the same code or the same request_id redeemed concurrently)
-        re-runs the call, which then sees the winner: ALREADY_USED, or the first answer for a retry.
+        Guesses count toward their caller's ``limit``; a caller refused (before or by this batch) has the
+        rest of its calls refused with nothing recorded. A retry whose request_id names another request
+        gets its own error. Losing a race on a unique constraint re-runs the batch, as ``redeem`` does.
         """
         for round_ in range(_ATTEMPTS):
             try:
-                return self._redeem_once(code, attempt, open_key=open_key, now=now, now_step=now_step)
+                return self._redeem_batch(items, open_key, limit)
             except AlreadyExists:
                 if round_ == _ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _redeem_once(
-        self, code: PresentedCode | None, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
-    ) -> RedemptionAnswer:
+    def _redeem_batch(
+        self, items: Sequence[Redemption], open_key: OpenKey, limit: FailureLimit
+    ) -> list[Redeemed | PosguardError]:
+        now = max(item.now for item in items)
+        results: list[Redeemed | PosguardError] = []
         with self._db.session() as session:
-            return redeem_in(session, code, attempt, open_key=open_key, now=now, now_step=now_step)
+            connection = session.connection()
+            # Locked first, each kind in one order, so that concurrent batches cannot deadlock.
+            limits = CallerLimits(connection, limit, {item.attempt.actor for item in items}, now)
+            handles = sorted({item.code.handle for item in items if item.code is not None})
+            if handles:
+                connection.execute(_LOCK_ENROLMENTS, {"handles": handles}).all()
+            for item in items:
+                caller = item.attempt.actor
+                until = limits.refused_until(caller)
+                if until is not None:
+                    results.append(Redeemed(None, until))
+                    continue
+                try:
+                    answer = redeem_in(
+                        session,
+                        item.code,
+                        item.attempt,
+                        open_key=open_key,
+                        now=item.now,
+                        now_step=item.now_step,
+                    )
+                except InvalidArgument as error:  # an idempotency conflict, found before anything is written
+                    results.append(error)
+                    continue
+                guess = (
+                    answer.reason in GUESSES and not answer.replayed
+                )  # a replay was counted the first time
+                results.append(Redeemed(answer, limits.count(caller) if guess else None))
+            limits.save(session, REDEEM_METHOD)
+        return results
 
     @staticmethod
     def _judge(

@@ -1,0 +1,137 @@
+"""Each API key's failures in its current window, counted in the database (``domain.enumeration``).
+
+A batch of verifications or redemptions locks the rows of its callers first, in one order (creating the
+rows it lacks), counts their failures in memory as it decides, and writes the rows back once. Locking them
+first keeps every path in one lock order (caller rows, then what the calls touch, then the audit head), so
+concurrent batches on PostgreSQL wait for each other instead of deadlocking. Reading the count under the
+lock also lets a batch refuse at once a key that reached its limit in another process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import BigInteger, Integer, String, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, mapped_column
+
+from posguard_server.domain.enumeration import FailureLimit, FailureWindow, count_failure, refused_until
+from posguard_server.store.audit import append_event
+from posguard_server.store.schema import PRINCIPAL_MAX, Base
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Table
+    from sqlalchemy.orm import Session
+
+
+class SqlCallerFailures(Base):
+    """Failed verifications and code redemptions of one API key in its current window (enumeration)."""
+
+    __tablename__ = "caller_failures"
+
+    caller: Mapped[str] = mapped_column(String(PRINCIPAL_MAX), primary_key=True)
+    window_started_at: Mapped[datetime]
+    window_failures: Mapped[int] = mapped_column(Integer)
+    times_refused: Mapped[int] = mapped_column(BigInteger)
+    last_refused_at: Mapped[datetime | None]
+
+
+_table = cast("Table", SqlCallerFailures.__table__)
+_c = _table.c
+_LOCK = (
+    select(_c.caller, _c.window_started_at, _c.window_failures)
+    .where(_c.caller.in_(bindparam("callers", expanding=True)))
+    .order_by(_c.caller)
+    .with_for_update()
+)
+_SAVE = (
+    update(_table)
+    .where(_c.caller == bindparam("b_caller"))
+    .values(
+        window_started_at=bindparam("b_started", type_=_c.window_started_at.type),
+        window_failures=bindparam("b_failures"),
+        times_refused=_c.times_refused + bindparam("b_refused"),
+        last_refused_at=func.coalesce(
+            bindparam("b_refused_at", type_=_c.last_refused_at.type), _c.last_refused_at
+        ),
+    )
+)
+
+
+@functools.cache
+def _add_missing(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(_table).on_conflict_do_nothing()
+
+
+class CallerLimits:
+    """The failure windows of ``callers``, locked until the transaction of ``connection`` ends."""
+
+    def __init__(
+        self, connection: Connection, limit: FailureLimit, callers: Collection[str], now: datetime
+    ) -> None:
+        self._limit = limit
+        self._now = now
+        self._windows: dict[str, FailureWindow] = {}
+        self._changed: set[str] = set()
+        self.reached: list[str] = []  # the callers whose failure in this batch reached the limit
+        if not limit.enabled or not callers:
+            return
+        ordered = sorted(callers)
+        connection.execute(
+            _add_missing(connection.dialect.name),
+            [
+                {"caller": c, "window_started_at": now, "window_failures": 0, "times_refused": 0}
+                for c in ordered
+            ],
+        )
+        for row in connection.execute(_LOCK, {"callers": ordered}):
+            self._windows[row.caller] = FailureWindow(row.window_started_at, row.window_failures)
+
+    def refused_until(self, caller: str) -> datetime | None:
+        """When ``caller`` stops being refused; None when it is not refused now."""
+        return refused_until(self._windows.get(caller), self._now, self._limit)
+
+    def count(self, caller: str) -> datetime | None:
+        """Count a failure of ``caller`` (one of the callers locked); returns when it is refused until."""
+        if not self._limit.enabled:
+            return None
+        counted = count_failure(self._windows.get(caller), self._now, self._limit)
+        self._windows[caller] = counted.window
+        self._changed.add(caller)
+        if counted.reached_limit:
+            self.reached.append(caller)
+        return counted.refused_until
+
+    def save(self, session: Session, method: str) -> None:
+        """Write the counts back, and audit each caller this batch refused (the last write: see audit)."""
+        if self._changed:
+            session.connection().execute(
+                _SAVE,
+                [
+                    {
+                        "b_caller": caller,
+                        "b_started": self._windows[caller].started_at,
+                        "b_failures": self._windows[caller].failures,
+                        "b_refused": self.reached.count(caller),
+                        "b_refused_at": self._now if caller in self.reached else None,
+                    }
+                    for caller in sorted(self._changed)
+                ],
+            )
+        for caller in self.reached:
+            append_event(
+                session,
+                actor=caller,
+                action="caller.refused",
+                subject=caller,
+                details={
+                    "method": method,
+                    "failures": str(self._limit.failures),
+                    "window_seconds": str(int(self._limit.window.total_seconds())),
+                },
+                now=self._now,
+            )
