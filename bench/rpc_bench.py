@@ -35,7 +35,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from google.protobuf.message import Message
 from grpc import aio
 
 from posguard import dynamic_code
@@ -237,44 +239,50 @@ class Requests:
         ]
 
 
-async def enroll(port: int, token: str, numbers: list[str]) -> list[str]:
-    """Enrol each number's customer for dynamic codes; their secrets."""
+async def _call_each(
+    port: int, token: str, method: str, reply: type[Message], requests: list[Message]
+) -> list[Any]:
+    """Send ``requests`` to ``method`` one after the other (setting up, not measured); the replies."""
     metadata = (("authorization", f"Bearer {token}"),)
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(
-            "/posguard.v1.CustomerIds/EnrollDynamicCodes",
-            request_serializer=customer_ids_pb2.EnrollDynamicCodesRequest.SerializeToString,
-            response_deserializer=customer_ids_pb2.EnrollDynamicCodesResponse.FromString,
+            method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=reply.FromString
         )
-        return [
-            (
-                await call(
-                    customer_ids_pb2.EnrollDynamicCodesRequest(request_id=f"enrol-{number}", number=number),
-                    metadata=metadata,
-                    timeout=10,
-                )
-            ).secret
-            for number in numbers
-        ]
+        return [await call(request, metadata=metadata, timeout=10) for request in requests]
+
+
+async def enroll(port: int, token: str, numbers: list[str]) -> list[str]:
+    """Enrol each number's customer for dynamic codes; their secrets."""
+    requests = [
+        customer_ids_pb2.EnrollDynamicCodesRequest(request_id=f"enrol-{n}", number=n) for n in numbers
+    ]
+    replies = await _call_each(
+        port,
+        token,
+        "/posguard.v1.CustomerIds/EnrollDynamicCodes",
+        customer_ids_pb2.EnrollDynamicCodesResponse,
+        list(requests),
+    )
+    return [reply.secret for reply in replies]
 
 
 async def fetch_numbers(port: int, token: str, refs: list[str]) -> list[str]:
-    metadata = (("authorization", f"Bearer {token}"),)
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        get = channel.unary_unary(
-            "/posguard.v1.CustomerIds/GetCustomer",
-            request_serializer=customer_ids_pb2.GetCustomerRequest.SerializeToString,
-            response_deserializer=customer_ids_pb2.GetCustomerResponse.FromString,
-        )
-        numbers = []
-        for ref in refs:
-            request = customer_ids_pb2.GetCustomerRequest(
-                customer=common_pb2.CustomerSelector(
-                    external_id=common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=ref)
-                )
+    requests = [
+        customer_ids_pb2.GetCustomerRequest(
+            customer=common_pb2.CustomerSelector(
+                external_id=common_pb2.ExternalId(namespace=DEFAULT_NAMESPACE, value=ref)
             )
-            numbers.append((await get(request, metadata=metadata, timeout=10)).customer.primary.number)
-        return numbers
+        )
+        for ref in refs
+    ]
+    replies = await _call_each(
+        port,
+        token,
+        "/posguard.v1.CustomerIds/GetCustomer",
+        customer_ids_pb2.GetCustomerResponse,
+        list(requests),
+    )
+    return [reply.customer.primary.number for reply in replies]
 
 
 # -- load ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from posguard_server.store import (
     SqlModelRegistry,
     SqlOutcomeStore,
     SqlProfileStore,
+    SqlRedemptionStore,
     SqlScoringStore,
     SqlShadowStore,
     SqlVerificationStore,
@@ -169,7 +170,10 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     # The gateway RPCs' writes share the database's writer threads (see group_commit).
     writers = Writers(_COMMIT_WORKERS[database.dialect])
     verifications = SqlVerificationStore(database, guard.limit)
-    customer_ids = CustomerIdsServicer(customers, numbering, dynamic, guard, verifications, writers)
+    redemptions = SqlRedemptionStore(database, SecretCipher(dict(numbering.keys.keys)).decrypt, guard.limit)
+    customer_ids = CustomerIdsServicer(
+        customers, numbering, dynamic, guard, verifications, redemptions, writers
+    )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(
         database, registry, customers, dynamic, numbering, settings, metrics, guard, writers

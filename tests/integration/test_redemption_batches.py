@@ -24,15 +24,9 @@ from posguard_server.domain.errors import InvalidArgument
 from posguard_server.issuers import build_numbering
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.caller_limits import SqlCallerFailures
-from posguard_server.store.dynamic_codes import (
-    Attempt,
-    Redeemed,
-    Redemption,
-    SqlDynamicCodeAttempt,
-    SqlDynamicCodeStore,
-    SqlDynamicCodeUse,
-)
+from posguard_server.store.dynamic_codes import Attempt, SqlDynamicCodeAttempt, SqlDynamicCodeUse
 from posguard_server.store.migrate import upgrade
+from posguard_server.store.redemptions import Redeemed, Redemption, SqlRedemptionStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -76,8 +70,8 @@ def test_one_batch_judges_in_order_counts_guesses_and_refuses_past_the_limit(
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:
         secret = client.enroll_dynamic_codes(number=client.issue_customer_id().customer.primary.number).secret
     code = posguard.dynamic_code(secret)
-    store = SqlDynamicCodeStore(server.server.database)
     cipher = SecretCipher(dict(build_numbering(server.settings).keys.keys))
+    store = SqlRedemptionStore(server.server.database, cipher.decrypt, FailureLimit(2, timedelta(minutes=1)))
     guesses = [_redemption(f"28{n:016d}", f"guess-{n}", "attacker") for n in range(4)]
     batch = [
         _redemption(code, "pay-1", "till"),
@@ -86,7 +80,7 @@ def test_one_batch_judges_in_order_counts_guesses_and_refuses_past_the_limit(
         _redemption(code, "pay-1", "till", merchant="m-2"),  # the same request_id for another request
         *guesses,
     ]
-    results = store.redeem_many(batch, open_key=cipher.decrypt, limit=FailureLimit(2, timedelta(minutes=1)))
+    results = store.redeem_many(batch)
     first, again, retry, conflict, *guessed = results
     assert isinstance(first, Redeemed)
     assert first.answer is not None

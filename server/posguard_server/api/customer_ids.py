@@ -10,7 +10,6 @@ import asyncio
 import re
 import secrets
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from grpc import aio
@@ -33,6 +32,7 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.verification import BY_PROBLEM, Verdict
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.verifications import Presented, SqlVerificationStore, Verification
 
 Context = aio.ServicerContext[Any, Any]
@@ -65,6 +65,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         dynamic: SqlDynamicCodeStore,
         guard: FailureGuard,
         verifications: SqlVerificationStore,
+        redemptions: SqlRedemptionStore,
         writers: Writers,
     ) -> None:
         self._store = store
@@ -76,11 +77,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         self._verifications: GroupCommit[Presented, Verification] = GroupCommit(
             verifications.verify_many, limit=GATEWAY_BATCH, writers=writers
         )
-        self._redemptions = GroupCommit(
-            partial(dynamic.redeem_many, open_key=self._secrets.decrypt, limit=guard.limit),
-            limit=GATEWAY_BATCH,
-            writers=writers,
-        )
+        self._redemptions = GroupCommit(redemptions.redeem_many, limit=GATEWAY_BATCH, writers=writers)
 
     # -- validation helpers ---------------------------------------------------------------------------
 

@@ -37,13 +37,12 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import (
     Attempt,
-    Redeemed,
-    Redemption,
     RedemptionAnswer,
     Sealed,
     SqlDynamicCodeStore,
     StoredEnrollment,
 )
+from posguard_server.store.redemptions import Redeemed, Redemption
 
 Context = aio.ServicerContext[Any, Any]
 

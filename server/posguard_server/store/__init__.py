@@ -14,6 +14,7 @@ from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.outcomes import SqlOutcomeStore
 from posguard_server.store.profiles import SqlProfileStore
+from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
 from posguard_server.store.verifications import SqlVerificationStore
@@ -28,6 +29,7 @@ __all__ = [
     "SqlModelRegistry",
     "SqlOutcomeStore",
     "SqlProfileStore",
+    "SqlRedemptionStore",
     "SqlScoringStore",
     "SqlShadowStore",
     "SqlVerificationStore",

@@ -14,11 +14,12 @@ from __future__ import annotations
 import builtins
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import BigInteger, CheckConstraint, Integer, String, Text, select
+from sqlalchemy import BigInteger, CheckConstraint, Integer, String, Text, insert, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.audit import (
@@ -38,7 +39,7 @@ from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
-    from sqlalchemy import Row, Select
+    from sqlalchemy import Row, Select, Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -75,6 +76,9 @@ class SqlAuditEvent(Base):
         return f"SqlAuditEvent(sequence={self.sequence!r}, action={self.action!r})"
 
 
+_INSERT_EVENT = insert(cast("Table", SqlAuditEvent.__table__))
+
+
 class SqlAuditHead(Base):
     """The one row saying where the log ends; locked by every append."""
 
@@ -84,6 +88,16 @@ class SqlAuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     sequence: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: who did what to which subject; ``details`` as for ``append_event``."""
+
+    actor: str
+    action: str
+    subject: str
+    details: Mapping[str, str]
 
 
 def append_event(
@@ -102,12 +116,20 @@ def append_event(
     head row stays locked until the caller commits, and every other audited write waits for it. (On SQLite
     the writer's ``BEGIN IMMEDIATE`` already serialises all writers.)
     """
-    _check_width("actor", actor, ACTOR_MAX, required=True)
-    _check_width("action", action, ACTION_MAX, required=True)
-    _check_width("subject", subject, SUBJECT_MAX, required=False)
-    for key in details:
-        if not isinstance(key, str) or not _DETAIL_KEY.fullmatch(key):
-            raise ValueError("audit detail keys are lower-case names such as 'reason'")
+    return append_events(session, [NewEvent(actor, action, subject, details)], now)[0]
+
+
+def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -> list[AuditEvent]:
+    """Append ``events`` in order, as ``append_event`` does one: a batch of calls takes the head lock once."""
+    for new in events:
+        _check_width("actor", new.actor, ACTOR_MAX, required=True)
+        _check_width("action", new.action, ACTION_MAX, required=True)
+        _check_width("subject", new.subject, SUBJECT_MAX, required=False)
+        for key in new.details:
+            if not isinstance(key, str) or not _DETAIL_KEY.fullmatch(key):
+                raise ValueError("audit detail keys are lower-case names such as 'reason'")
+    if not events:
+        return []
     # Write the caller's pending changes before taking the head lock, so the lock is the last one taken and
     # is held for as short a time as possible.
     session.flush()
@@ -119,31 +141,40 @@ def append_event(
         raise FailedPrecondition(
             "the audit log is damaged and cannot record changes", reason="AUDIT_LOG_DAMAGED"
         )
-    event = make_event(
-        sequence=head.sequence + 1,
-        occurred_at=_utc(now),
-        actor=actor,
-        action=action,
-        subject=subject,
-        details=details,
-        previous_hash=head.hash,
-    )
-    session.add(
-        SqlAuditEvent(
-            sequence=event.sequence,
-            occurred_at=event.occurred_at,
-            actor=event.actor,
-            action=event.action,
-            subject=event.subject,
-            details=canonical_details(event.details),
-            previous_hash=event.previous_hash,
-            hash=event.hash,
+    occurred_at = _utc(now)
+    made: list[AuditEvent] = []
+    sequence, previous = head.sequence, head.hash
+    for new in events:
+        event = make_event(
+            sequence=sequence + 1,
+            occurred_at=occurred_at,
+            actor=new.actor,
+            action=new.action,
+            subject=new.subject,
+            details=new.details,
+            previous_hash=previous,
         )
+        made.append(event)
+        sequence, previous = event.sequence, event.hash
+    session.connection().execute(
+        _INSERT_EVENT,
+        [
+            {
+                "sequence": event.sequence,
+                "occurred_at": event.occurred_at,
+                "actor": event.actor,
+                "action": event.action,
+                "subject": event.subject,
+                "details": canonical_details(event.details),
+                "previous_hash": event.previous_hash,
+                "hash": event.hash,
+            }
+            for event in made
+        ],
     )
-    head.sequence = event.sequence
-    head.hash = event.hash
+    head.sequence, head.hash = sequence, previous
     session.flush()
-    return event
+    return made
 
 
 class SqlAuditStore:

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.enumeration import FailureLimit, FailureWindow, count_failure, refused_until
-from posguard_server.store.audit import append_event
+from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.schema import PRINCIPAL_MAX, Base
 
 if TYPE_CHECKING:
@@ -122,16 +122,10 @@ class CallerLimits:
                     for caller in sorted(self._changed)
                 ],
             )
-        for caller in self.reached:
-            append_event(
-                session,
-                actor=caller,
-                action="caller.refused",
-                subject=caller,
-                details={
-                    "method": method,
-                    "failures": str(self._limit.failures),
-                    "window_seconds": str(int(self._limit.window.total_seconds())),
-                },
-                now=self._now,
-            )
+        details = {
+            "method": method,
+            "failures": str(self._limit.failures),
+            "window_seconds": str(int(self._limit.window.total_seconds())),
+        }
+        refused = [NewEvent(caller, "caller.refused", caller, details) for caller in self.reached]
+        append_events(session, refused, self._now)

@@ -7,7 +7,7 @@ kept under its request_id, so a retried redemption gets the first answer instead
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -19,19 +19,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
-    bindparam,
     select,
-    update,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from posguard_server.domain.customers import NumberKind, NumberStatus, mask
-from posguard_server.domain.dynamic_codes import GUESSES, PresentedCode, Reason, decide, match_step
-from posguard_server.domain.enumeration import FailureLimit
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PosguardError
+from posguard_server.domain.customers import mask
+from posguard_server.domain.dynamic_codes import Reason
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from posguard_server.store.audit import append_event
-from posguard_server.store.caller_limits import CallerLimits
-from posguard_server.store.customers import SqlCustomerNumber
 from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
@@ -154,39 +149,11 @@ class RedemptionAnswer:
     replayed: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Redemption:
-    """One RedeemDynamicCode call: the code presented (None when malformed), at ``now`` (its TOTP step)."""
-
-    code: PresentedCode | None
-    attempt: Attempt
-    now: datetime
-    now_step: int
-
-
-@dataclass(frozen=True, slots=True)
-class Redeemed:
-    """The answer to a redemption, or None when its caller was refused (until ``refused_until``).
-
-    With an answer, ``refused_until`` is set when this redemption's failure refused the caller.
-    """
-
-    answer: RedemptionAnswer | None
-    refused_until: datetime | None = None
-
-
 # (ciphertext, customer id, key version) → the TOTP key
 OpenKey = Callable[[bytes, str, int], bytes]
-REDEEM_METHOD = "RedeemDynamicCode"
-_LOCK_ENROLMENTS = (
-    select(SqlDynamicEnrollment.id)
-    .where(SqlDynamicEnrollment.handle.in_(bindparam("handles", expanding=True)))
-    .order_by(SqlDynamicEnrollment.handle)
-    .with_for_update()
-)
 
 
-def _conflict() -> InvalidArgument:
+def idempotency_conflict() -> InvalidArgument:
     return InvalidArgument.field(
         "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
     )
@@ -250,7 +217,7 @@ class SqlDynamicCodeStore:
             )
             if earlier is not None:
                 if earlier.request_fingerprint != fingerprint:
-                    raise _conflict()
+                    raise idempotency_conflict()
                 return _enrollment(earlier), True
             row = session.scalar(
                 select(SqlDynamicEnrollment)
@@ -291,176 +258,6 @@ class SqlDynamicCodeStore:
                 select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.customer_id == customer_id)
             )
             return _enrollment(row) if row is not None else None
-
-    # -- redemption -----------------------------------------------------------------------------------
-
-    def redeem_many(
-        self, items: Sequence[Redemption], *, open_key: OpenKey, limit: FailureLimit
-    ) -> list[Redeemed | PosguardError]:
-        """Redeem a batch of concurrent calls in one transaction, in order; one result per item.
-
-        Guesses count toward their caller's ``limit``; a caller refused (before or by this batch) has the
-        rest of its calls refused with nothing recorded. A retry whose request_id names another request
-        gets its own error. Losing a race on a unique constraint re-runs the batch, as ``redeem`` does.
-        """
-        for round_ in range(_ATTEMPTS):
-            try:
-                return self._redeem_batch(items, open_key, limit)
-            except AlreadyExists:
-                if round_ == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _redeem_batch(
-        self, items: Sequence[Redemption], open_key: OpenKey, limit: FailureLimit
-    ) -> list[Redeemed | PosguardError]:
-        now = max(item.now for item in items)
-        results: list[Redeemed | PosguardError] = []
-        with self._db.session() as session:
-            connection = session.connection()
-            # Locked first, each kind in one order, so that concurrent batches cannot deadlock.
-            limits = CallerLimits(connection, limit, {item.attempt.actor for item in items}, now)
-            handles = sorted({item.code.handle for item in items if item.code is not None})
-            if handles:
-                connection.execute(_LOCK_ENROLMENTS, {"handles": handles}).all()
-            for item in items:
-                caller = item.attempt.actor
-                until = limits.refused_until(caller)
-                if until is not None:
-                    results.append(Redeemed(None, until))
-                    continue
-                try:
-                    answer = redeem_in(
-                        session,
-                        item.code,
-                        item.attempt,
-                        open_key=open_key,
-                        now=item.now,
-                        now_step=item.now_step,
-                    )
-                except InvalidArgument as error:  # an idempotency conflict, found before anything is written
-                    results.append(error)
-                    continue
-                guess = (
-                    answer.reason in GUESSES and not answer.replayed
-                )  # a replay was counted the first time
-                results.append(Redeemed(answer, limits.count(caller) if guess else None))
-            limits.save(session, REDEEM_METHOD)
-        return results
-
-    @staticmethod
-    def _judge(
-        session: Session, code: PresentedCode | None, attempt: Attempt, open_key: OpenKey, now_step: int
-    ) -> tuple[Reason, int | None, SqlDynamicEnrollment | None, str]:
-        """``(reason, matched step, enrolment, customer's primary number)`` for a presented code."""
-        if code is None:
-            return Reason.MALFORMED, None, None, ""
-        # Locked, so concurrent redemptions against one enrolment are judged one after the other.
-        row = session.scalar(
-            select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.handle == code.handle).with_for_update()
-        )
-        if row is None:
-            return Reason.UNKNOWN_CODE, None, None, ""
-        key = open_key(row.secret_ciphertext, row.customer_id, row.key_version)
-        match, step = match_step(key, code.totp, now_step)
-        primary = session.scalar(
-            select(SqlCustomerNumber).where(
-                SqlCustomerNumber.customer_id == row.customer_id,
-                SqlCustomerNumber.kind == NumberKind.STATIC.value,
-                SqlCustomerNumber.successor_number.is_(None),
-            )
-        )
-        assert primary is not None
-        used = step is not None and session.get(SqlDynamicCodeUse, (code.handle, step)) is not None
-        reason = decide(
-            match,
-            number_active=primary.status == NumberStatus.ACTIVE.value,
-            customer_matches=attempt.expected_number in (None, primary.number),
-            already_used=used,
-        )
-        return reason, step, row, primary.number
-
-
-def redeem_in(
-    session: Session,
-    code: PresentedCode | None,
-    attempt: Attempt,
-    *,
-    open_key: OpenKey,
-    now: datetime,
-    now_step: int,
-) -> RedemptionAnswer:
-    """Judge a presented code (None when malformed) and record the answer, inside the caller's transaction.
-
-    The enrolment is locked until the caller commits, so concurrent redemptions of one code are judged one
-    after the other; nothing is kept unless the caller's transaction commits (a failed score spends no code).
-    """
-    earlier = session.get(SqlDynamicCodeAttempt, attempt.request_id)
-    if earlier is not None:
-        if earlier.fingerprint != attempt.fingerprint:
-            raise _conflict()
-        return RedemptionAnswer(
-            Reason(earlier.reason), earlier.customer_id or "", earlier.number or "", replayed=True
-        )
-    reason, step, row, primary = SqlDynamicCodeStore._judge(session, code, attempt, open_key, now_step)
-    attributed = row is not None and reason not in (Reason.UNKNOWN_CODE, Reason.MALFORMED)
-    customer_id = row.customer_id if attributed and row is not None else ""
-    number = primary if attributed else ""
-    if reason is Reason.OK:
-        assert code is not None
-        assert step is not None
-        session.add(
-            SqlDynamicCodeUse(
-                handle=code.handle,
-                step=step,
-                customer_id=customer_id,
-                request_id=attempt.request_id,
-                used_at=now,
-            )
-        )
-    elif row is not None:
-        # Counted also for UNKNOWN_CODE: guesses against a known handle are a risk signal too.
-        session.execute(
-            update(SqlDynamicEnrollment)
-            .where(SqlDynamicEnrollment.id == row.id)
-            .values(
-                refusals=SqlDynamicEnrollment.refusals + 1,
-                replays=SqlDynamicEnrollment.replays + (1 if reason is Reason.ALREADY_USED else 0),
-                last_refused_at=now,
-            )
-        )
-    session.add(
-        SqlDynamicCodeAttempt(
-            request_id=attempt.request_id,
-            fingerprint=attempt.fingerprint,
-            reason=reason.value,
-            handle=code.handle if code is not None else None,
-            step=step,
-            customer_id=customer_id or None,
-            number=number or None,
-            merchant_id=attempt.merchant_id,
-            terminal_id=attempt.terminal_id,
-            amount_minor=attempt.amount[0] if attempt.amount else None,
-            currency=attempt.amount[1] if attempt.amount else None,
-            attempted_at=now,
-            attempted_by=attempt.actor,
-        )
-    )
-    session.flush()
-    if reason is not Reason.MALFORMED:
-        # Never the code: a refused code (e.g. WRONG_CUSTOMER) may still be redeemable.
-        details = {"reason": reason.name, "merchant_id": attempt.merchant_id}
-        if customer_id:
-            details["customer_id"] = customer_id
-        append_event(
-            session,
-            actor=attempt.actor,
-            action="dynamic_code.redeemed" if reason is Reason.OK else "dynamic_code.refused",
-            subject=mask(number) if number else "unknown",
-            details=details,
-            now=now,
-        )
-    return RedemptionAnswer(reason, customer_id, number, replayed=False)
 
 
 def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, str]:

@@ -34,13 +34,8 @@ from posguard_server.domain.risk import (
     TransactionSource,
 )
 from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
-from posguard_server.store.dynamic_codes import (
-    Attempt,
-    OpenKey,
-    RedemptionAnswer,
-    enrolment_owners,
-    redeem_in,
-)
+from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
+from posguard_server.store.redemptions import redeem_in
 from posguard_server.store.risk_tables import (
     ATTEMPTS,
     CHUNK,

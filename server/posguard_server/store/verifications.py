@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.verification import GUESSES, Verdict, verdict
-from posguard_server.store.audit import append_event
+from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.caller_limits import CallerLimits
 from posguard_server.store.customers import (
     NUMBER_MAX,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from posguard_server.store.db import Database
 
 METHOD = "VerifyCustomerId"
+FAILED = "verification.failed"  # the audit action
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +114,14 @@ class SqlVerificationStore:
             limits = self._count_guesses(connection, items, answers, now)
             done = [(item, answer) for item, answer in zip(items, answers, strict=True) if not answer.refused]
             self._write(connection, done, now)
-            for item, answer in done:
-                if answer.verdict is not Verdict.OK:
-                    append_event(
-                        session,
-                        actor=item.caller,
-                        action="verification.failed",
-                        subject=mask(item.number),
-                        details={"reason": answer.verdict.value},
-                        now=now,
-                    )
+            failed = [
+                NewEvent(
+                    item.caller, "verification.failed", mask(item.number), {"reason": answer.verdict.value}
+                )
+                for item, answer in done
+                if answer.verdict is not Verdict.OK
+            ]
+            append_events(session, failed, now)
             limits.save(session, METHOD)
             return answers
 
