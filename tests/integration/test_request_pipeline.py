@@ -15,6 +15,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +108,14 @@ def _samples(server: RunningServer, name: str) -> Counter[Outcome]:
 def test_each_call_under_concurrent_load_gets_one_access_line_and_one_count(server: RunningServer) -> None:
     with _access_lines() as lines:
         made = asyncio.run(_load(server.target, server.key("gateway")))
+        # A call's line and count are written as it completes, which may be just after its caller has the
+        # answer: wait for the last ones, then compare (an extra line or count would still show).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            lines.outcomes.total() < made.total()
+            or _samples(server, "posguard_rpc_latency_seconds_count").total() < made.total()
+        ):
+            time.sleep(0.01)
     assert set(made) == {
         (GET, "NOT_FOUND"),
         (GET, "UNAUTHENTICATED"),
