@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from posguard_server.logs import LOG_FORMATS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 class Settings(BaseSettings):
@@ -77,6 +78,12 @@ class Settings(BaseSettings):
             "database pool, caches and max_concurrent_rpcs, and worker i serves metrics on metrics_port + i.",
         ),
     ] = 1
+    event_loop: Annotated[
+        str,
+        Field(
+            description="uvloop (libuv's event loop: less CPU per call) or asyncio (the standard library's)."
+        ),
+    ] = "uvloop"
     max_concurrent_rpcs: Annotated[
         int,
         Field(
@@ -139,6 +146,13 @@ class Settings(BaseSettings):
     def _known_format(cls, value: str) -> str:
         if value.lower() not in LOG_FORMATS:
             raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+        return value.lower()
+
+    @field_validator("event_loop")
+    @classmethod
+    def _known_loop(cls, value: str) -> str:
+        if value.lower() not in EVENT_LOOPS:
+            raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}")
         return value.lower()
 
     @field_validator("listen")

@@ -11,7 +11,6 @@ whole service, which is simpler to reason about than a half-restarted one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -26,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from types import FrameType
 
-from posguard_server.app import run_server, serving_line
+from posguard_server.app import run_loop, run_server, serving_line
 from posguard_server.config import Settings
 from posguard_server.issuers import build_numbering
 from posguard_server.logs import configure_logging, stop_logging
@@ -107,7 +106,7 @@ def _worker(index: int, settings: Settings, reports: Queue[Report]) -> None:
         reports.put((index, os.getpid()))
 
     try:
-        asyncio.run(run_server(settings, reuse_port=True, serving=serving))
+        run_loop(settings, run_server(settings, reuse_port=True, serving=serving))
     except Exception as error:
         # The parent prints why; the message names a setting or a file, never a secret.
         log.exception("worker %d stopped", index)

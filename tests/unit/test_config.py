@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import pydantic
 import pytest
 from click.testing import CliRunner
 
+from posguard_server.app import run_loop
 from posguard_server.cli import main
 from posguard_server.config import Settings
 
@@ -50,6 +52,7 @@ def test_environment_variables_set_fields(monkeypatch: pytest.MonkeyPatch, tmp_p
         {"risk_decline_threshold": 1.5},
         {"risk_review_threshold": 0.9, "risk_decline_threshold": 0.8},
         {"model_refresh_seconds": 0},
+        {"event_loop": "trio"},
         {"no_such_setting": 1},
     ],
 )
@@ -86,3 +89,15 @@ def test_a_bad_flag_value_is_a_usage_error_naming_the_setting() -> None:
     result = CliRunner().invoke(main, ["--listen", "nowhere", "db", "current"])
     assert result.exit_code == 2
     assert "listen" in result.output
+
+
+@pytest.mark.parametrize(("name", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_the_service_runs_on_the_event_loop_its_settings_name(name: str, module: str) -> None:
+    ran_on: list[str] = []
+
+    async def main() -> None:
+        ran_on.append(type(asyncio.get_running_loop()).__module__)
+
+    run_loop(Settings(event_loop=name), main())
+    assert ran_on[0].split(".")[0] == module
+    assert Settings().event_loop == "uvloop"
