@@ -115,9 +115,7 @@ class SqlVerificationStore:
             done = [(item, answer) for item, answer in zip(items, answers, strict=True) if not answer.refused]
             self._write(connection, done, now)
             failed = [
-                NewEvent(
-                    item.caller, "verification.failed", mask(item.number), {"reason": answer.verdict.value}
-                )
+                NewEvent(item.caller, FAILED, mask(item.number), {"reason": answer.verdict.value})
                 for item, answer in done
                 if answer.verdict is not Verdict.OK
             ]
