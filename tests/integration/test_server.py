@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import time
 import urllib.request
 from typing import TYPE_CHECKING
@@ -275,3 +276,12 @@ def test_insecure_no_auth_lets_local_calls_through(server_factory: Callable[...,
     with posguard.Client(running.target) as client:
         client.create_api_key(name="made without a key", role=admin_pb2.ROLE_GATEWAY)
         assert [k.name for k in client.list_api_keys().keys] == ["made without a key"]
+
+
+def test_the_embedded_database_and_its_journal_are_owner_only(server: RunningServer) -> None:
+    """Under a usual umask (022) SQLite would make them readable by everyone; they hold the audit log."""
+    with posguard.Client(server.target, api_key=server.key("gateway")) as client:
+        client.issue_customer_id()  # a write: the WAL and its index exist while the server runs
+    files = sorted(server.settings.data_dir.glob("*.db*"))
+    assert {f.name.rsplit(".", 1)[-1] for f in files} >= {"db", "db-wal", "db-shm"}
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}

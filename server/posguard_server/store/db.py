@@ -8,6 +8,7 @@ message can reach a client.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -95,7 +96,11 @@ class Database:
         )
 
     def _sqlite_engine(self, *, pool_size: int, max_overflow: int) -> Engine:
-        _sqlite_file(self._url).parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(self._url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created owner-only before SQLite opens it (an empty file is an empty database): the file holds
+        # encrypted holder data and the audit log, and SQLite gives its -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = create_engine(
             self._url.set(drivername="sqlite+pysqlite"),
             # The gRPC server runs the store on worker threads; the pool hands a connection to one at a time.
