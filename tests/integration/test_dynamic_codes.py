@@ -80,7 +80,7 @@ def test_an_offline_code_redeems_once_and_a_replay_is_refused(server: RunningSer
         again = redeem(client, code)
         assert not again.redeemed
         assert again.reason == R.REDEMPTION_REASON_ALREADY_USED
-        assert again.customer_id == first.customer_id
+        assert (again.customer_id, again.number) == ("", "")  # a refusal names no customer
 
         # A code from one step ahead (the device's clock is fast) is accepted, once.
         ahead = at_offset(enrolled.secret, 1)
@@ -122,7 +122,7 @@ def test_a_suspended_number_refuses_codes(server: RunningServer) -> None:
         admin.suspend_customer_id(number=number, reason="card lost")
         answer = redeem(admin, posguard.dynamic_code(secret))
         assert answer.reason == R.REDEMPTION_REASON_NUMBER_NOT_ACTIVE
-        assert answer.number == number
+        assert answer.number == ""
         with pytest.raises(posguard.FailedPreconditionError):
             admin.issue_dynamic_code(number=number)
         with pytest.raises(posguard.FailedPreconditionError):
@@ -262,3 +262,24 @@ def test_bad_enrolments_and_issues_are_invalid_argument(
             getattr(client, rpc)(**{"number": number, **fields})
         assert [v.field for v in caught.value.field_violations] == [field]
     assert count(server, SqlDynamicEnrollment) == 0
+
+
+def test_a_refused_redemption_names_no_customer(server: RunningServer) -> None:
+    """The merchant holding someone else's code (or a used one) learns nothing about its owner."""
+    with posguard.Client(server.target, api_key=server.key("gateway")) as client:
+        number, other = issue(client), issue(client)
+        code = posguard.dynamic_code(client.enroll_dynamic_codes(number=number).secret)
+        refusals = [
+            redeem(client, code, expected_number=other),  # WRONG_CUSTOMER
+            redeem(client, at_offset(client.enroll_dynamic_codes(number=other).secret, -3)),  # EXPIRED
+        ]
+        paid = redeem(client, code, request_id="pay-ok")
+        refusals.append(redeem(client, code))  # ALREADY_USED
+    assert [r.reason for r in refusals] == [
+        R.REDEMPTION_REASON_WRONG_CUSTOMER,
+        R.REDEMPTION_REASON_EXPIRED,
+        R.REDEMPTION_REASON_ALREADY_USED,
+    ]
+    assert all((r.customer_id, r.number) == ("", "") for r in refusals)
+    assert (paid.redeemed, paid.number) == (True, number)
+    assert paid.customer_id

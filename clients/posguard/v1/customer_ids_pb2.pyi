@@ -1241,7 +1241,9 @@ class RedeemDynamicCodeResponse(_message.Message):
     reason: Global___RedemptionReason.ValueType
     """Why the code was or was not redeemed."""
     customer_id: _builtins.str
-    """The customer the code belongs to; empty when the code could not be attributed (MALFORMED, UNKNOWN_CODE)."""
+    """The customer the code belongs to, when it was redeemed (reason OK); empty for every refusal, which
+    reveals nothing about whose code it was.
+    """
     number: _builtins.str
     """That customer's primary number in canonical form; empty when customer_id is empty."""
     def __init__(

@@ -239,9 +239,11 @@ class DynamicCodesRpcs:
         if answer is None:
             assert redeemed.refused_until is not None
             raise refusal(redeemed.refused_until, _now())
+        paid = answer.reason is Reason.OK
+        # A refusal names no customer: the merchant holding someone else's code learns nothing about them.
         return customer_ids_pb2.RedeemDynamicCodeResponse(
-            redeemed=answer.reason is Reason.OK,
+            redeemed=paid,
             reason=customer_ids_pb2.RedemptionReason.Value("REDEMPTION_REASON_" + answer.reason.name),
-            customer_id=answer.customer_id,
-            number=answer.number,
+            customer_id=answer.customer_id if paid else "",
+            number=answer.number if paid else "",
         )
