@@ -1,7 +1,7 @@
 """The ``posguard.v1.CustomerIds`` service: issuing, verifying and managing customer numbers.
 
-Sub numbers, external-ID links after issuance and dynamic codes arrive in a later release; until then those
-RPCs fall through to the generated base class and answer UNIMPLEMENTED.
+Verifications and redemptions, what a till calls on every customer, run in batches of concurrent calls on
+the database's writer threads (``group_commit``); the other RPCs are one unit of work each.
 """
 
 from __future__ import annotations

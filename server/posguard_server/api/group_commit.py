@@ -40,7 +40,8 @@ class Writers:
     """Long-lived writer threads of one database, shared by every ``GroupCommit`` writing to it.
 
     On SQLite only one transaction writes at a time, so the gateway RPCs' group commits (scores,
-    verifications) share its one writer instead of each taking a thread that waits for the lock. A writer
+    verifications, redemptions) share its one writer instead of each taking a thread that waits for the
+    lock. A writer
     takes the oldest waiting call's kind and runs a batch of that kind; the other kinds wait their turn.
     The threads start with the first call; ``close`` stops them once what is queued has run.
     """
@@ -72,10 +73,6 @@ class Writers:
                 thread = threading.Thread(target=self._write, name=f"{self._name}-{n}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def close(self) -> None:
         """Stop the writers after what is queued has run; calls after this are refused. Idempotent."""
