@@ -7,6 +7,7 @@ message can reach a client.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -100,7 +101,9 @@ class Database:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Created owner-only before SQLite opens it (an empty file is an empty database): the file holds
         # encrypted holder data and the audit log, and SQLite gives its -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        # OSError: it exists (its mode is then the operator's), or cannot be made (SQLite says why on open).
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         engine = create_engine(
             self._url.set(drivername="sqlite+pysqlite"),
             # The gRPC server runs the store on worker threads; the pool hands a connection to one at a time.
