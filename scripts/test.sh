@@ -18,5 +18,17 @@ if command -v npm >/dev/null; then
   echo "== npm ci (clients/node)"
   npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 fi
-echo "== pytest"
-.venv/bin/python -m pytest "$@"
+# Two runs: most tests in parallel worker processes (see pyproject.toml), then the load, soak and fault tests
+# (marker "slow") one at a time, so that their timings are not another test's. Extra arguments go to both;
+# a run that selects nothing (exit status 5) is not a failure.
+pytest_run() {
+  local status=0
+  .venv/bin/python -m pytest "$@" || status=$?
+  if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then
+    exit "$status"
+  fi
+}
+echo "== pytest (in parallel)"
+pytest_run -m "not slow" "$@"
+echo "== pytest (load, soak and fault tests, one at a time)"
+pytest_run -m slow -n 0 "$@"
