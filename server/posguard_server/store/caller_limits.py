@@ -15,12 +15,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.enumeration import FailureLimit, FailureWindow, count_failure, refused_until
 from posguard_server.store.audit import NewEvent, append_events
-from posguard_server.store.schema import PRINCIPAL_MAX, Base
+from posguard_server.store.schema import PRINCIPAL_MAX, Base, insert_for
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Table
@@ -63,8 +62,7 @@ _SAVE = (
 
 @functools.cache
 def _add_missing(dialect: str) -> Any:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(_table).on_conflict_do_nothing()
+    return insert_for(dialect)(_table).on_conflict_do_nothing()
 
 
 class CallerLimits:

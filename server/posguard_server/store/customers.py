@@ -25,7 +25,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.audit_report import AuditReport, NumberActivity, close_pairs
@@ -43,7 +42,7 @@ from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
 from posguard_server.store.caller_limits import CallerLimits, SqlCallerFailures
-from posguard_server.store.schema import Base
+from posguard_server.store.schema import Base, insert_for
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Select
@@ -610,13 +609,9 @@ def _replay(session: Session, request_id: str, fingerprint: str) -> StoredCustom
     return _load(session, earlier)
 
 
-def _insert(session: Session) -> Callable[..., object]:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
 def _next_counter(session: Session, prefix: str) -> int:
-    insert = _insert(session)
-    session.execute(insert(SqlNumberCounter).values(prefix=prefix, next_value=0).on_conflict_do_nothing())  # type: ignore[attr-defined]
+    insert = insert_for(session.get_bind().dialect.name)
+    session.execute(insert(SqlNumberCounter).values(prefix=prefix, next_value=0).on_conflict_do_nothing())
     value = session.execute(
         update(SqlNumberCounter)
         .where(SqlNumberCounter.prefix == prefix)

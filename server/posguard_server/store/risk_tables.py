@@ -27,7 +27,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.errors import InvalidArgument, NotFound
@@ -43,6 +42,7 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer
 from posguard_server.store.schema import REQUEST_ID_MAX, Base
+from posguard_server.store.schema import insert_for as schema_insert_for
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -301,7 +301,7 @@ def summed_rowcount(count: int) -> int:
 
 
 def insert_for(session: Session) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return schema_insert_for(session.get_bind().dialect.name)
 
 
 def require_customers(session: Session, customer_ids: set[str]) -> None:

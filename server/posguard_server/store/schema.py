@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import CheckConstraint, DateTime, Dialect, Integer, MetaData, String, TypeDecorator
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from posguard_server.domain.api_keys import Role
@@ -102,3 +103,8 @@ class SqlApiKey(Base):
     def __repr__(self) -> str:
         # Never includes secret_hash: reprs end up in logs and tracebacks.
         return f"SqlApiKey(id={self.id!r}, key_id={self.key_id!r}, role={self.role!r})"
+
+
+def insert_for(dialect: str) -> Any:
+    """The dialect's INSERT construct (with ON CONFLICT), for ``Connection.dialect.name`` or a Database's."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert

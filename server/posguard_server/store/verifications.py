@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import bindparam, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
 from posguard_server.domain.enumeration import FailureLimit
@@ -34,6 +33,7 @@ from posguard_server.store.customers import (
     numbers_in,
     primaries_in,
 )
+from posguard_server.store.schema import insert_for
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Table
@@ -83,13 +83,9 @@ _COUNT = (
 )
 
 
-def _insert(dialect: str, table: Any) -> Any:
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-
-
 def _count_failures_statement(dialect: str) -> Any:
     table = SqlVerificationFailure.__table__
-    insert = _insert(dialect, table)
+    insert = insert_for(dialect)(table)
     return insert.on_conflict_do_update(
         index_elements=[table.c.scope, table.c.subject],
         set_={
