@@ -52,6 +52,7 @@ from posguard_server.store import (
     SqlShadowStore,
     SqlVerificationStore,
 )
+from posguard_server.store.caller_limits import SqlGuessStore
 from posguard_server.store.migrate import open_database
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,10 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = aio.server(interceptors=build_interceptors(settings, authenticator, metrics), options=options)
-    # One guard for every RPC that verifies a number or redeems a code: failures count together per key.
+    # One guard for every RPC that names a customer: guesses count together per key.
+    limit, code_limit = failure_limits(settings)
     guard = FailureGuard(
-        FailureLimit(settings.failure_limit, timedelta(seconds=settings.failure_window_seconds))
+        limit, SqlGuessStore(database, limit), metrics, spike_limit=settings.guess_spike_limit
     )
     customers, dynamic, registry = (
         SqlCustomerStore(database),
@@ -169,8 +171,10 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     )
     # The gateway RPCs' writes share the database's writer threads (see group_commit).
     writers = Writers(_COMMIT_WORKERS[database.dialect])
-    verifications = SqlVerificationStore(database, guard.limit)
-    redemptions = SqlRedemptionStore(database, SecretCipher(dict(numbering.keys.keys)).decrypt, guard.limit)
+    verifications = SqlVerificationStore(database, limit)
+    redemptions = SqlRedemptionStore(
+        database, SecretCipher(dict(numbering.keys.keys)).decrypt, limit, code_limit=code_limit
+    )
     customer_ids = CustomerIdsServicer(
         customers, numbering, dynamic, guard, verifications, redemptions, writers
     )
@@ -198,6 +202,12 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     return PosguardServer(settings, server, health_servicer, database, metrics, writers=[writers]), port
 
 
+def failure_limits(settings: Settings) -> tuple[FailureLimit, FailureLimit]:
+    """Guesses per API key, and wrong codes per dynamic-code enrolment over all keys, per window."""
+    window = timedelta(seconds=settings.failure_window_seconds)
+    return FailureLimit(settings.failure_limit, window), FailureLimit(settings.code_failure_limit, window)
+
+
 def _risk_servicer(
     database: Database,
     registry: SqlModelRegistry,
@@ -221,7 +231,12 @@ def _risk_servicer(
         dynamic,
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
     )
-    scoring = ScoringService(engine, writes, open_key=SecretCipher(dict(numbering.keys.keys)).decrypt)
+    scoring = ScoringService(
+        engine,
+        writes,
+        open_key=SecretCipher(dict(numbering.keys.keys)).decrypt,
+        code_limit=failure_limits(settings)[1],
+    )
     return RiskServicer(
         engine,
         scoring,

@@ -96,14 +96,32 @@ class Settings(BaseSettings):
         int,
         Field(
             ge=0,
-            description="Verifications of never-issued numbers or redemptions of unknown codes (guesses) one "
-            "API key may make per failure_window_seconds before it is refused with RESOURCE_EXHAUSTED "
-            "(0: no limit).",
+            description="Calls naming a number, external id, customer id or dynamic code that does not "
+            "exist (guesses: verifications, redemptions, lookups, scoring) one API key may make per "
+            "failure_window_seconds before its calls that name a customer are refused with "
+            "RESOURCE_EXHAUSTED (0: no limit).",
         ),
     ] = 100
     failure_window_seconds: Annotated[
-        float, Field(gt=0, description="The window failure_limit counts in, in seconds.")
+        float,
+        Field(gt=0, description="The window failure_limit and code_failure_limit count in, in seconds."),
     ] = 60.0
+    code_failure_limit: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Wrong codes presented against one dynamic-code enrolment, summed over all API keys, "
+            "per failure_window_seconds before its codes are refused with RESOURCE_EXHAUSTED (0: no limit).",
+        ),
+    ] = 20
+    guess_spike_limit: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Guesses across all API keys within a minute (per process) that count as a spike: a "
+            "warning, the posguard_guess_spikes metric and a guessing.spike audit event (0: not watched).",
+        ),
+    ] = 300
     auth_cache_seconds: Annotated[
         float,
         Field(ge=0, description="How long a verified API key is trusted before the database is asked again."),

@@ -71,7 +71,12 @@ def test_one_batch_judges_in_order_counts_guesses_and_refuses_past_the_limit(
         secret = client.enroll_dynamic_codes(number=client.issue_customer_id().customer.primary.number).secret
     code = posguard.dynamic_code(secret)
     cipher = SecretCipher(dict(build_numbering(server.settings).keys.keys))
-    store = SqlRedemptionStore(server.server.database, cipher.decrypt, FailureLimit(2, timedelta(minutes=1)))
+    store = SqlRedemptionStore(
+        server.server.database,
+        cipher.decrypt,
+        FailureLimit(2, timedelta(minutes=1)),
+        code_limit=FailureLimit(0, timedelta(minutes=1)),
+    )
     guesses = [_redemption(f"28{n:016d}", f"guess-{n}", "attacker") for n in range(4)]
     batch = [
         _redemption(code, "pay-1", "till"),

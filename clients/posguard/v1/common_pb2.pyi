@@ -23,6 +23,10 @@ Conventions that hold across the whole package:
   UNAUTHENTICATED, a key whose role may not call the RPC is PERMISSION_DENIED. A server under too much load
   answers RESOURCE_EXHAUSTED (retry with backoff), a database outage is UNAVAILABLE, and a deadline that
   passes is DEADLINE_EXCEEDED; these apply to every RPC and are not repeated on each one.
+- A call that names a customer (by number, external id, customer id or dynamic code) that does not exist
+  counts as a guess against the API key: past the server's limit, every call of that key that names a
+  customer is refused with RESOURCE_EXHAUSTED (reason TOO_MANY_FAILURES, `retry_after_seconds` in the
+  error's metadata) until the limit's window ends.
 """
 
 from collections import abc as _abc

@@ -17,7 +17,7 @@ from grpc import aio
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
-from posguard_server.api.enumeration import FailureGuard, refusal
+from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
@@ -29,10 +29,11 @@ from posguard_server.domain.customers import (
     Transition,
 )
 from posguard_server.domain.numbering import Numbering
-from posguard_server.domain.verification import BY_PROBLEM, Verdict
+from posguard_server.domain.verification import BY_PROBLEM, GUESSES, Verdict
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.redemptions import SqlRedemptionStore
+from posguard_server.store.verifications import METHOD as VERIFY_METHOD
 from posguard_server.store.verifications import Presented, SqlVerificationStore, Verification
 
 Context = aio.ServicerContext[Any, Any]
@@ -197,6 +198,8 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         if answer.refused:
             assert answer.refused_until is not None
             raise refusal(answer.refused_until, _now())
+        if answer.verdict in GUESSES:  # counted in the batch
+            await self._guard.observe(VERIFY_METHOD)
         reason = VERIFY_REASON[answer.verdict]
         if presented.problem is not None:
             return customer_ids_pb2.VerifyCustomerIdResponse(valid=False, reason=reason)
@@ -224,6 +227,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             primary_number=stored.primary_number,
         )
 
+    @guarded
     async def GetCustomer(
         self, request: customer_ids_pb2.GetCustomerRequest, context: Context
     ) -> customer_ids_pb2.GetCustomerResponse:
@@ -306,30 +310,35 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         )
         return self._message(stored), previous
 
+    @guarded
     async def SuspendCustomerId(
         self, request: customer_ids_pb2.SuspendCustomerIdRequest, context: Context
     ) -> customer_ids_pb2.SuspendCustomerIdResponse:
         customer, _ = await self._transition(request, Transition.SUSPEND)
         return customer_ids_pb2.SuspendCustomerIdResponse(customer=customer)
 
+    @guarded
     async def ReactivateCustomerId(
         self, request: customer_ids_pb2.ReactivateCustomerIdRequest, context: Context
     ) -> customer_ids_pb2.ReactivateCustomerIdResponse:
         customer, _ = await self._transition(request, Transition.REACTIVATE)
         return customer_ids_pb2.ReactivateCustomerIdResponse(customer=customer)
 
+    @guarded
     async def RevokeCustomerId(
         self, request: customer_ids_pb2.RevokeCustomerIdRequest, context: Context
     ) -> customer_ids_pb2.RevokeCustomerIdResponse:
         customer, _ = await self._transition(request, Transition.REVOKE)
         return customer_ids_pb2.RevokeCustomerIdResponse(customer=customer)
 
+    @guarded
     async def RotateCustomerId(
         self, request: customer_ids_pb2.RotateCustomerIdRequest, context: Context
     ) -> customer_ids_pb2.RotateCustomerIdResponse:
         customer, previous = await self._transition(request, Transition.ROTATE)
         return customer_ids_pb2.RotateCustomerIdResponse(customer=customer, previous_number=previous)
 
+    @guarded
     async def IssueSubId(
         self, request: customer_ids_pb2.IssueSubIdRequest, context: Context
     ) -> customer_ids_pb2.IssueSubIdResponse:
@@ -363,6 +372,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             sub_number=messages.customer_number(number, scheme), customer_id=customer_id
         )
 
+    @guarded
     async def LinkExternalId(
         self, request: customer_ids_pb2.LinkExternalIdRequest, context: Context
     ) -> customer_ids_pb2.LinkExternalIdResponse:
@@ -385,6 +395,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             customer_id=linked_to, external_id=request.external_id, replayed=replayed
         )
 
+    @guarded
     async def ResolveExternalId(
         self, request: customer_ids_pb2.ResolveExternalIdRequest, context: Context
     ) -> customer_ids_pb2.ResolveExternalIdResponse:

@@ -18,7 +18,7 @@ from grpc import aio
 from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.api.convert import timestamp
-from posguard_server.api.enumeration import FailureGuard, refusal
+from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint
@@ -37,12 +37,11 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import (
     Attempt,
-    RedemptionAnswer,
     Sealed,
     SqlDynamicCodeStore,
     StoredEnrollment,
 )
-from posguard_server.store.redemptions import Redeemed, Redemption
+from posguard_server.store.redemptions import METHOD, Redeemed, Redemption
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -67,26 +66,6 @@ def provisioning_uri(number: str, key_base32: str) -> str:
         f"otpauth://totp/{label}?secret={key_base32}&issuer=posguard&algorithm=SHA256"
         f"&digits={DIGITS - 10}&period={PERIOD_SECONDS}"
     )
-
-
-async def count_refusal(
-    store: SqlCustomerStore,
-    guard: FailureGuard,
-    answer: RedemptionAnswer,
-    caller: str,
-    now: datetime,
-    method: str,
-) -> None:
-    """Count a redemption of a code that matches nothing (a guess) against the caller's failure limit.
-
-    A replayed answer was counted the first time.
-    """
-    if answer.reason not in GUESSES or answer.replayed or not guard.limit.enabled:
-        return
-    refused_until = await asyncio.to_thread(
-        store.record_caller_failure, caller, now=now, limit=guard.limit, method=method
-    )
-    guard.refuse(caller, refused_until)
 
 
 class DynamicCodesRpcs:
@@ -137,6 +116,7 @@ class DynamicCodesRpcs:
         )
         return format_secret(enrollment.handle, key)
 
+    @guarded
     async def EnrollDynamicCodes(
         self, request: customer_ids_pb2.EnrollDynamicCodesRequest, context: Context
     ) -> customer_ids_pb2.EnrollDynamicCodesResponse:
@@ -174,6 +154,7 @@ class DynamicCodesRpcs:
             provisioning_uri=provisioning_uri(number, secret.rsplit(".", 1)[1]),
         )
 
+    @guarded
     async def IssueDynamicCode(
         self, request: customer_ids_pb2.IssueDynamicCodeRequest, context: Context
     ) -> customer_ids_pb2.IssueDynamicCodeResponse:
@@ -239,6 +220,8 @@ class DynamicCodesRpcs:
         if answer is None:
             assert redeemed.refused_until is not None
             raise refusal(redeemed.refused_until, _now())
+        if answer.reason in GUESSES and not answer.replayed:  # counted in the batch (a replay was before)
+            await self._guard.observe(METHOD)
         paid = answer.reason is Reason.OK
         # A refusal names no customer: the merchant holding someone else's code learns nothing about them.
         return customer_ids_pb2.RedeemDynamicCodeResponse(

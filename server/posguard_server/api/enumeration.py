@@ -1,24 +1,66 @@
-"""The enumeration guard: refuses verifications and redemptions from a key that failed too many of them.
+"""The enumeration guard: a key that keeps naming customers that do not exist is refused.
+
+Every RPC that takes a number, an external id, a customer id or a dynamic code counts a miss (the call's
+NOT_FOUND, or a verification or redemption judged a guess) against the caller's failure limit
+(``domain.enumeration``). Verifications and redemptions count theirs inside their batches; the other RPCs
+are wrapped in :func:`guarded`, which refuses a refused key before the call runs and counts the miss the call
+ends with. With a million customers and 10^8 serials per prefix, about one guessed number in a hundred hits,
+so each RPC that answers differently for "exists" and "does not" must count.
 
 The count lives in the database (``caller_failures``), shared by every server process; which keys are
 refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. A process
-learns that a key is refused from the failures it records: a key refused elsewhere gets its next guessed
-number refused, uncounted (``store.verifications``), and at most one more failed redemption counted.
+learns that a key is refused from the misses it records: a key refused elsewhere gets its next miss refused,
+uncounted. Misses across all keys are also watched for a spike (a metric and an audit event): many keys
+guessing slowly stay under each key's limit, not under this one.
 """
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timedelta
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+from posguard_server.api.interceptors import current_principal
+from posguard_server.domain import enumeration
 from posguard_server.domain.enumeration import FailureLimit
-from posguard_server.domain.errors import ResourceExhausted
+from posguard_server.domain.errors import NotFound, PosguardError, ResourceExhausted
+
+if TYPE_CHECKING:
+    from posguard_server.api.metrics import Metrics
+    from posguard_server.store.caller_limits import SqlGuessStore
+
+log = logging.getLogger(__name__)
+
+# The NOT_FOUND reasons that say a customer named by number, external id, customer id or code does not exist.
+MISS_REASONS = frozenset({"NUMBER_NOT_FOUND", "CUSTOMER_NOT_FOUND", "DYNAMIC_CODE_NOT_FOUND"})
+SPIKE_SECONDS = 60
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class FailureGuard:
-    def __init__(self, limit: FailureLimit) -> None:
+    """Refuses keys past their failure limit, counts misses, and watches misses across all keys.
+
+    ``spike_limit`` misses (all keys, this process) within ``SPIKE_SECONDS`` make a spike: counted in the
+    ``posguard_guess_spikes`` metric, logged, and audited once per window (0: not watched).
+    """
+
+    def __init__(
+        self, limit: FailureLimit, store: SqlGuessStore, metrics: Metrics, *, spike_limit: int
+    ) -> None:
         self.limit = limit
+        self._store = store
+        self._metrics = metrics
+        self._spike_limit = spike_limit
         self._refused_until: dict[str, datetime] = {}  # one entry per API key at most
+        self._window_started = time.monotonic()
+        self._window_misses = 0
 
     def check(self, caller: str, now: datetime) -> None:
         """Raise RESOURCE_EXHAUSTED (reason ``TOO_MANY_FAILURES``) while ``caller`` is refused."""
@@ -35,12 +77,80 @@ class FailureGuard:
         if until is not None:
             self._refused_until[caller] = until
 
+    async def missed(self, caller: str, method: str, error: NotFound) -> PosguardError:
+        """Count the miss a call of ``method`` is about to answer with ``error``; returns what to answer.
+
+        That is ``error``, or the refusal when another process refused the caller already (then the miss
+        is not counted, and the caller does not learn that the customer does not exist).
+        """
+        now = _now()
+        miss = await asyncio.to_thread(self._store.count_miss, caller, method, error.reason, now)
+        self.refuse(caller, miss.refused_until)
+        if miss.refused:
+            assert miss.refused_until is not None
+            return refusal(miss.refused_until, now)
+        await self.observe(method)
+        return error
+
+    async def observe(self, method: str, misses: int = 1) -> None:
+        """Count ``misses`` counted guesses of ``method`` in the metrics, and report a spike across keys."""
+        if misses <= 0:
+            return
+        self._metrics.guesses.labels(method).inc(misses)
+        if self._spike_limit <= 0:
+            return
+        started = time.monotonic()
+        if started - self._window_started >= SPIKE_SECONDS:
+            self._window_started, self._window_misses = started, 0
+        before = self._window_misses
+        self._window_misses += misses
+        if before < self._spike_limit <= self._window_misses:  # once per window, when the limit is crossed
+            self._metrics.guess_spikes.inc()
+            log.warning(
+                "guessing spike: %d misses across all keys within %d s (limit %d)",
+                self._window_misses,
+                SPIKE_SECONDS,
+                self._spike_limit,
+            )
+            await asyncio.to_thread(self._store.record_spike, self._window_misses, SPIKE_SECONDS, _now())
+
 
 def refusal(until: datetime, now: datetime) -> ResourceExhausted:
     """The error for a call from a key refused ``until``."""
-    retry_after = max(1, math.ceil((until - now) / timedelta(seconds=1)))
-    return ResourceExhausted(
-        f"too many failed verifications or redemptions from this key; retry in {retry_after} s",
+    return enumeration.refusal(
+        until,
+        now,
+        message="too many calls naming customers that do not exist from this key",
         reason="TOO_MANY_FAILURES",
-        metadata={"retry_after_seconds": str(retry_after)},
     )
+
+
+class _Guarded(Protocol):
+    @property
+    def _guard(self) -> FailureGuard: ...
+
+
+S = TypeVar("S", bound=_Guarded)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def guarded(
+    rpc: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+    """An RPC that names a customer: a refused caller is refused first, and a miss it ends with counts."""
+    method = rpc.__name__
+
+    @functools.wraps(rpc)
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        guard = self._guard
+        caller = current_principal().key_id
+        guard.check(caller, _now())
+        try:
+            return await rpc(self, *args, **kwargs)
+        except NotFound as error:
+            if error.reason not in MISS_REASONS:
+                raise
+            raise await guard.missed(caller, method, error) from None
+
+    return wrapper

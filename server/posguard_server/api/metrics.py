@@ -60,6 +60,18 @@ class Metrics:
             ("method",),
             registry=self.registry,
         )
+        self.guesses = Counter(
+            "posguard_guesses",
+            "Calls naming a customer, number, external id or dynamic code that does not exist, counted "
+            "against the caller's failure limit, by method.",
+            ("method",),
+            registry=self.registry,
+        )
+        self.guess_spikes = Counter(
+            "posguard_guess_spikes",
+            "Times the guesses across all keys crossed guess_spike_limit within a minute.",
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def rpc_children(self, method: str, code: str) -> tuple[Counter, Histogram]:

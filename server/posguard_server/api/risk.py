@@ -26,8 +26,8 @@ from grpc import aio
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
-from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT, count_refusal
-from posguard_server.api.enumeration import FailureGuard
+from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
+from posguard_server.api.enumeration import MISS_REASONS, FailureGuard, guarded
 from posguard_server.api.errors import status_for
 from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.interceptors import annotate_call, current_principal
@@ -40,9 +40,9 @@ from posguard_server.domain.dynamic_codes import parse_code
 from posguard_server.domain.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     PosguardError,
-    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -72,12 +72,15 @@ _NAMESPACE_HINT = "must be lower-case letters, digits and : . _ -"
 # Control characters a note for people may hold: line breaks and tabs.
 _NOTE_WHITESPACE = str.maketrans("", "", "\n\r\t")
 _STREAM_METHOD = "/posguard.v1.Risk/ScoreTransactions"
+_SCORE_METHOD = "ScoreTransaction"  # in the audit of a miss, for the stream's items too
 # Most transactions of a ScoreTransactions stream committed together (see stream_batches), and most
 # concurrent ScoreTransaction calls (see group_commit).
 STREAM_BATCH = 64
 COMMIT_BATCH = 64
-# Errors of the whole call, not of one item: they end a ScoreTransactions stream.
-_CALL_ERRORS = (Unauthenticated, PermissionDenied, ResourceExhausted, DeadlineExceeded, Unavailable)
+# Errors of the whole call, not of one item: they end a ScoreTransactions stream. A key refused for guessing
+# (RESOURCE_EXHAUSTED) is refused item by item, at the cost of a dictionary lookup: the answers of the items
+# before it in the batch, stored already, still go out.
+_CALL_ERRORS = (Unauthenticated, PermissionDenied, DeadlineExceeded, Unavailable)
 
 DECISION_TO_PROTO: dict[Decision, risk_pb2.Decision.ValueType] = {
     Decision.APPROVE: risk_pb2.DECISION_APPROVE,
@@ -341,22 +344,19 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
         return response
 
     def _call(self, checked: _Checked) -> ScoreCall:
-        """What the scoring service takes; a caller refused for guessing codes may not present another."""
-        actor = ""
-        if checked.who.code is not None:
-            actor = current_principal().key_id
-            self._guard.check(actor, _now())
+        """What the scoring service takes; a caller refused for guessing may not name another customer."""
+        actor = current_principal().key_id
+        self._guard.check(actor, _now())
         return ScoreCall(checked.txn, checked.who, checked.request_id, checked.fingerprint, actor)
 
     async def _outcome(self, call: ScoreCall, scoring: Scoring) -> Scored:
-        """The stored answer of a call, or its error; a guessed dynamic code counts against the caller."""
-        if scoring.redemption is not None:
-            await count_refusal(
-                self._store, self._guard, scoring.redemption, call.actor, _now(), "ScoreTransaction"
-            )
-        if isinstance(scoring.result, PosguardError):
-            raise scoring.result
-        return scoring.result
+        """The stored answer of a call, or its error; naming nobody (a guess) counts against the caller."""
+        result = scoring.result
+        if isinstance(result, NotFound) and result.reason in MISS_REASONS:
+            raise await self._guard.missed(call.actor, _SCORE_METHOD, result)
+        if isinstance(result, PosguardError):
+            raise result
+        return result
 
     async def ScoreTransaction(
         self, request: risk_pb2.ScoreTransactionRequest, context: Context
@@ -444,6 +444,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             transaction_id=record.transaction_id, outcome=OUTCOME_TO_PROTO[record.outcome], replayed=replayed
         )
 
+    @guarded
     async def GetCustomerRiskProfile(
         self, request: risk_pb2.GetCustomerRiskProfileRequest, context: Context
     ) -> risk_pb2.GetCustomerRiskProfileResponse:

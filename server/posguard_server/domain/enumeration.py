@@ -8,8 +8,11 @@ boundary, which is enough to stop enumeration and simple enough to count in one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from posguard_server.domain.errors import ResourceExhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +62,13 @@ def refused_until(window: FailureWindow | None, now: datetime, limit: FailureLim
     if not limit.enabled or window is None or now - window.started_at >= limit.window:
         return None
     return window.started_at + limit.window if window.failures >= limit.failures else None
+
+
+def refusal(until: datetime, now: datetime, *, message: str, reason: str) -> ResourceExhausted:
+    """RESOURCE_EXHAUSTED for a caller (or a target) refused until ``until``, with when to retry."""
+    retry_after = max(1, math.ceil((until - now) / timedelta(seconds=1)))
+    return ResourceExhausted(
+        f"{message}; retry in {retry_after} s",
+        reason=reason,
+        metadata={"retry_after_seconds": str(retry_after)},
+    )

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from posguard.dynamic_codes import time_step
 from posguard_server.domain.customers import CustomerNumber, ExternalRef, NumberKind, NumberStatus
 from posguard_server.domain.dynamic_codes import PresentedCode, Reason, parse_code
+from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
 from posguard_server.domain.risk import StoredTransaction
 from posguard_server.scoring import (
@@ -116,10 +117,13 @@ class _Pending:
 
 
 class ScoringService:
-    def __init__(self, engine: RiskEngine, store: SqlScoringStore, *, open_key: OpenKey) -> None:
+    def __init__(
+        self, engine: RiskEngine, store: SqlScoringStore, *, open_key: OpenKey, code_limit: FailureLimit
+    ) -> None:
         self._engine = engine
         self._store = store
         self._open_key = open_key
+        self._code_limit = code_limit  # wrong codes per enrolment from any key, as RedeemDynamicCode counts
 
     def score_many(self, calls: Sequence[ScoreCall]) -> list[Scoring]:
         """Resolve, check, redeem, score and store each call, in order, in one database transaction.
@@ -212,7 +216,14 @@ class ScoringService:
             actor=p.call.actor,
         )
         try:
-            answer = unit.redeem(code, attempt, open_key=self._open_key, now=now, now_step=time_step(now))
+            answer = unit.redeem(
+                code,
+                attempt,
+                open_key=self._open_key,
+                code_limit=self._code_limit,
+                now=now,
+                now_step=time_step(now),
+            )
         except InvalidArgument as error:
             if error.reason != "IDEMPOTENCY_CONFLICT":
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,6 +25,8 @@ from posguard_server.store.schema import PRINCIPAL_MAX, Base, insert_for
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Table
     from sqlalchemy.orm import Session
+
+    from posguard_server.store.db import Database
 
 
 class SqlCallerFailures(Base):
@@ -127,3 +130,50 @@ class CallerLimits:
         }
         refused = [NewEvent(caller, "caller.refused", caller, details) for caller in self.reached]
         append_events(session, refused, self._now)
+
+
+# The audit actions of guessing: a lookup that named nothing, and a spike of them across all keys.
+MISSED = "lookup.missed"
+SPIKE = "guessing.spike"
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """A lookup miss recorded: when its caller is refused until (None: not refused), and ``refused`` when
+    the caller was refused already (by another process), so the miss was not counted and gets no answer."""
+
+    refused_until: datetime | None
+    refused: bool = False
+
+
+class SqlGuessStore:
+    """Misses of lookups by number, external id, customer id or dynamic code, outside the gateway batches.
+
+    Verifications and redemptions count their guesses in their own batches; every other RPC that names a
+    customer counts a miss here, one transaction per miss (a miss is rare for an honest caller, and the
+    caller's row is locked, so concurrent misses of one key never count past the limit).
+    """
+
+    def __init__(self, database: Database, limit: FailureLimit) -> None:
+        self._db = database
+        self._limit = limit
+
+    def count_miss(self, caller: str, method: str, reason: str, now: datetime) -> Miss:
+        """Count a miss of ``caller``'s call of ``method`` (``reason``: what was not found), and audit it."""
+        with self._db.session() as session:
+            limits = CallerLimits(session.connection(), self._limit, [caller], now)
+            until = limits.refused_until(caller)
+            if until is not None:  # refused elsewhere already: not counted, as a verification would not be
+                return Miss(until, refused=True)
+            until = limits.count(caller)
+            append_events(
+                session, [NewEvent(caller, MISSED, caller, {"method": method, "reason": reason})], now
+            )
+            limits.save(session, method)
+            return Miss(until)
+
+    def record_spike(self, misses: int, seconds: int, now: datetime) -> None:
+        """Audit a spike: ``misses`` misses across all keys within ``seconds`` on this server process."""
+        with self._db.session() as session:
+            details = {"misses": str(misses), "window_seconds": str(seconds)}
+            append_events(session, [NewEvent("posguard", SPIKE, "all keys", details)], now)

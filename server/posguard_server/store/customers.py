@@ -38,10 +38,9 @@ from posguard_server.domain.customers import (
     mask,
     next_status,
 )
-from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
-from posguard_server.store.caller_limits import CallerLimits, SqlCallerFailures
+from posguard_server.store.caller_limits import SqlCallerFailures
 from posguard_server.store.schema import Base, insert_for
 
 if TYPE_CHECKING:
@@ -569,18 +568,6 @@ class SqlCustomerStore:
             return customer.customer_id, replayed
 
     # -- verification signals -------------------------------------------------------------------------
-
-    def record_caller_failure(
-        self, caller: str, *, now: datetime, limit: FailureLimit, method: str
-    ) -> datetime | None:
-        """Count a failed call of ``method`` against ``caller``'s limit; returns when it is refused until."""
-        if not limit.enabled:
-            return None
-        with self._db.session() as session:
-            limits = CallerLimits(session.connection(), limit, [caller], now)
-            until = limits.count(caller)
-            limits.save(session, method)
-            return until
 
     def failures(self, scope: str, subject: str) -> int:
         with self._db.session(read_only=True) as session:

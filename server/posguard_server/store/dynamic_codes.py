@@ -63,6 +63,9 @@ class SqlDynamicEnrollment(Base):
     refusals: Mapped[int] = mapped_column(BigInteger, default=0)
     replays: Mapped[int] = mapped_column(BigInteger, default=0)
     last_refused_at: Mapped[datetime | None]
+    # Wrong codes against this enrolment in the current window, from any key (the per-target limit).
+    guess_window_started_at: Mapped[datetime | None]
+    guess_window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), unique=True)
     request_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
 

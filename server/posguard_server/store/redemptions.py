@@ -30,7 +30,13 @@ from posguard_server.domain.dynamic_codes import (
     decide,
     match_step,
 )
-from posguard_server.domain.enumeration import FailureLimit
+from posguard_server.domain.enumeration import (
+    FailureLimit,
+    FailureWindow,
+    count_failure,
+    refusal,
+    refused_until,
+)
 from posguard_server.domain.errors import AlreadyExists, PosguardError
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.caller_limits import CallerLimits
@@ -86,7 +92,15 @@ _EARLIER = select(_A.request_id, _A.fingerprint, _A.reason, _A.customer_id, _A.n
 )
 # Locked, so concurrent redemptions against one enrolment are judged one after the other.
 _ENROLMENTS = (
-    select(_E.id, _E.handle, _E.customer_id, _E.secret_ciphertext, _E.key_version)
+    select(
+        _E.id,
+        _E.handle,
+        _E.customer_id,
+        _E.secret_ciphertext,
+        _E.key_version,
+        _E.guess_window_started_at,
+        _E.guess_window_failures,
+    )
     .where(_E.handle.in_(bindparam("handles", expanding=True)))
     .order_by(_E.handle)
     .with_for_update()
@@ -104,15 +118,22 @@ _COUNT_REFUSALS = (
         refusals=_E.refusals + bindparam("b_refusals"),
         replays=_E.replays + bindparam("b_replays"),
         last_refused_at=bindparam("b_at", type_=_E.last_refused_at.type),
+        guess_window_started_at=bindparam("b_started", type_=_E.guess_window_started_at.type),
+        guess_window_failures=bindparam("b_failures"),
     )
 )
 
 
 class SqlRedemptionStore:
-    def __init__(self, database: Database, open_key: OpenKey, limit: FailureLimit) -> None:
+    """``limit`` counts guesses per caller; ``code_limit``, wrong codes per enrolment from any caller."""
+
+    def __init__(
+        self, database: Database, open_key: OpenKey, limit: FailureLimit, *, code_limit: FailureLimit
+    ) -> None:
         self._db = database
         self._open_key = open_key
         self._limit = limit
+        self._code_limit = code_limit
 
     def redeem_many(self, items: Sequence[Redemption]) -> list[Redeemed | PosguardError]:
         """Redeem a batch of concurrent calls in one transaction, in order; one result per item.
@@ -135,7 +156,7 @@ class SqlRedemptionStore:
         with self._db.session() as session:
             # Caller rows first, then enrolments, then the audit head: the lock order of every path.
             limits = CallerLimits(session.connection(), self._limit, {i.attempt.actor for i in items}, now)
-            batch = _Batch(session, items, self._open_key)
+            batch = _Batch(session, items, self._open_key, self._code_limit)
             results: list[Redeemed | PosguardError] = []
             for slot, item in enumerate(items):
                 caller = item.attempt.actor
@@ -160,15 +181,17 @@ def redeem_in(
     attempt: Attempt,
     *,
     open_key: OpenKey,
+    code_limit: FailureLimit,
     now: datetime,
     now_step: int,
 ) -> RedemptionAnswer:
     """Judge a presented code (None when malformed) and record the answer, inside the caller's transaction.
 
     The enrolment is locked until the caller commits; nothing is kept unless the caller's transaction
-    commits (a failed score spends no code). An idempotency conflict raises ``InvalidArgument``.
+    commits (a failed score spends no code). An idempotency conflict raises ``InvalidArgument``; an
+    enrolment refused for too many wrong codes, ``ResourceExhausted``.
     """
-    batch = _Batch(session, [Redemption(code, attempt, now, now_step)], open_key)
+    batch = _Batch(session, [Redemption(code, attempt, now, now_step)], open_key, code_limit)
     answer = batch.judge(0)
     if isinstance(answer, PosguardError):
         raise answer
@@ -187,10 +210,13 @@ class _Attempted:
 class _Batch:
     """The redemptions of one transaction: what decides them, read up front; what they change, kept."""
 
-    def __init__(self, session: Session, items: Sequence[Redemption], open_key: OpenKey) -> None:
+    def __init__(
+        self, session: Session, items: Sequence[Redemption], open_key: OpenKey, code_limit: FailureLimit
+    ) -> None:
         self._session = session
         self._items = items
         self._open_key = open_key
+        self._code_limit = code_limit
         connection = session.connection()
         self._earlier = _earlier(connection, {item.attempt.request_id for item in items})
         handles = sorted({item.code.handle for item in items if item.code is not None})
@@ -210,6 +236,8 @@ class _Batch:
         self._new_uses: list[dict[str, Any]] = []
         self._new_attempts: list[dict[str, Any]] = []
         self._refusals: Counter[int] = Counter()  # by enrolment id
+        self._enrolments_by_id = {row.id: row for row in self._enrolments.values()}
+        self._code_windows: dict[int, FailureWindow] = {}  # wrong codes per enrolment, once one is counted
         self._replays: Counter[int] = Counter()
         self._events: list[NewEvent] = []
 
@@ -226,6 +254,14 @@ class _Batch:
         reason, step, enrolment = Reason.MALFORMED, None, None
         customer_id = number = ""
         if code is not None:
+            locked_until = self._code_refused_until(code.handle, item.now)
+            if locked_until is not None:  # judged no further: a guess at a locked enrolment learns nothing
+                return refusal(
+                    locked_until,
+                    item.now,
+                    message="too many wrong codes for this customer's dynamic codes",
+                    reason="TOO_MANY_CODE_FAILURES",
+                )
             reason, step, enrolment, primary = self._judge(code, attempt, item.now_step)
             if enrolment is not None and reason not in GUESSES:
                 # Attributed: the code matched the enrolment's key, so naming its owner reveals nothing.
@@ -247,6 +283,11 @@ class _Batch:
             # Counted also for UNKNOWN_CODE: guesses against a known handle are a risk signal too.
             self._refusals[enrolment.id] += 1
             self._replays[enrolment.id] += reason is Reason.ALREADY_USED
+            if reason is Reason.UNKNOWN_CODE and self._code_limit.enabled:
+                # A wrong code for a real handle: counted per enrolment over every key (the per-target limit).
+                self._code_windows[enrolment.id] = count_failure(
+                    self._code_window(enrolment), item.now, self._code_limit
+                ).window
         self._new_attempts.append(
             {
                 "request_id": attempt.request_id,
@@ -276,6 +317,21 @@ class _Batch:
                 NewEvent(attempt.actor, action, mask(number) if number else "unknown", details)
             )
         return answer
+
+    def _code_window(self, enrolment: Any) -> FailureWindow | None:
+        """The wrong codes counted against ``enrolment`` (a row of _ENROLMENTS) in its current window."""
+        counted = self._code_windows.get(enrolment.id)
+        if counted is not None:
+            return counted
+        if enrolment.guess_window_started_at is None:
+            return None
+        return FailureWindow(enrolment.guess_window_started_at, enrolment.guess_window_failures)
+
+    def _code_refused_until(self, handle: str, now: datetime) -> datetime | None:
+        enrolment = self._enrolments.get(handle)
+        if enrolment is None:
+            return None
+        return refused_until(self._code_window(enrolment), now, self._code_limit)
 
     def _judge(
         self, code: PresentedCode, attempt: Attempt, now_step: int
@@ -307,13 +363,27 @@ class _Batch:
             connection.execute(
                 _COUNT_REFUSALS,
                 [
-                    {"b_id": i, "b_refusals": n, "b_replays": self._replays[i], "b_at": now}
+                    {
+                        "b_id": i,
+                        "b_refusals": n,
+                        "b_replays": self._replays[i],
+                        "b_at": now,
+                        **self._window_columns(i),
+                    }
                     for i, n in sorted(self._refusals.items())
                 ],
             )
         if self._new_attempts:
             connection.execute(_ADD_ATTEMPTS, self._new_attempts)
         append_events(self._session, self._events, now)
+
+    def _window_columns(self, enrolment_id: int) -> dict[str, Any]:
+        """The wrong-code window of an enrolment to write back: as counted, or as it was read."""
+        window = self._code_windows.get(enrolment_id)
+        if window is None:
+            row = self._enrolments_by_id[enrolment_id]
+            return {"b_started": row.guess_window_started_at, "b_failures": row.guess_window_failures}
+        return {"b_started": window.started_at, "b_failures": window.failures}
 
 
 def _earlier(connection: Connection, request_ids: set[str]) -> dict[str, _Attempted]:

@@ -19,6 +19,7 @@ from sqlalchemy import and_, bindparam, case, distinct, func, insert, select, up
 
 from posguard_server.domain.customers import CustomerNumber, ExternalRef
 from posguard_server.domain.dynamic_codes import PresentedCode
+from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
 from posguard_server.domain.risk import (
     Answer,
@@ -264,9 +265,18 @@ class ScoringUnit:
         return enrolment_owners(self._session, handles)
 
     def redeem(
-        self, code: PresentedCode, attempt: Attempt, *, open_key: OpenKey, now: datetime, now_step: int
+        self,
+        code: PresentedCode,
+        attempt: Attempt,
+        *,
+        open_key: OpenKey,
+        code_limit: FailureLimit,
+        now: datetime,
+        now_step: int,
     ) -> RedemptionAnswer:
-        return redeem_in(self._session, code, attempt, open_key=open_key, now=now, now_step=now_step)
+        return redeem_in(
+            self._session, code, attempt, open_key=open_key, code_limit=code_limit, now=now, now_step=now_step
+        )
 
     def score(
         self, items: Sequence[ScoreItem], *, now: datetime, finish: Finish
