@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import statistics
 import time
 import uuid
@@ -272,6 +273,39 @@ def test_an_idle_stream_is_ended_after_the_idle_time_and_a_busy_one_is_not(
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert from_rpc_error(error).reason == "STREAM_IDLE"  # the server's status, not the client's deadline
     assert "no request on this stream for 1 s" in (error.details() or "")
+
+
+def test_a_stream_waiting_for_its_transactions_to_be_scored_is_not_idle(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """The idle clock stops while a batch of the stream is being scored: here the batch waits for SQLite's
+    write lock, held by the test for longer than the idle time, and the stream still ends normally."""
+    idle = 1.0
+    server = server_factory(stream_idle_seconds=idle)  # SQLite: its write lock can be held from outside
+    token = server.key("gateway")
+
+    async def scenario() -> tuple[str | None, grpc.StatusCode]:
+        async with aio.insecure_channel(server.target) as channel:
+            ((number, _),) = await _issue(channel, token, 1)
+            stream = risk_pb2_grpc.RiskStub(channel).ScoreTransactions(
+                metadata=_bearer(token), timeout=TIMEOUT
+            )
+            lock = sqlite3.connect(server.settings.data_dir / "posguard.db", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")
+                await stream.write(risk_pb2.ScoreTransactionsRequest(transaction=_transaction(number)))
+                await asyncio.sleep(2.5 * idle)  # the batch waits for the lock, the stream sends nothing
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            outcome = (await stream.read()).WhichOneof("outcome")
+            await stream.done_writing()
+            assert await stream.read() == aio.EOF
+            return outcome, await stream.code()
+
+    outcome, code = asyncio.run(scenario())
+    assert outcome == "result"
+    assert code == grpc.StatusCode.OK
 
 
 def test_idle_and_old_connections_are_closed_by_the_server(running: Callable[..., RunningServer]) -> None:
