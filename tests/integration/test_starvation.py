@@ -37,6 +37,7 @@ from posguard.v1 import (
     risk_pb2,
     risk_pb2_grpc,
 )
+from posguard_server.api.interceptors import GATEWAY_CALLS as GATEWAY
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.migrate import upgrade
 
@@ -306,6 +307,49 @@ def test_a_stream_waiting_for_its_transactions_to_be_scored_is_not_idle(
     outcome, code = asyncio.run(scenario())
     assert outcome == "result"
     assert code == grpc.StatusCode.OK
+
+
+def _in_progress(server: RunningServer, admission: str) -> float:
+    value = server.server.metrics.registry.get_sample_value(
+        "posguard_rpc_in_progress", {"admission": admission}
+    )
+    return value or 0.0
+
+
+def test_a_stream_whose_transactions_arrive_at_capacity_is_ended_and_keeps_what_it_was_answered(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """The one gateway slot is held by a call waiting for SQLite's write lock (held by the test): the stream,
+    open and answered before, is ended RESOURCE_EXHAUSTED when its next transaction needs the slot."""
+    server = server_factory(max_concurrent_rpcs=1, stream_idle_seconds=0)
+    token = server.key("gateway")
+
+    async def scenario() -> tuple[str, str, str]:
+        async with aio.insecure_channel(server.target) as channel:
+            ((number, _),) = await _issue(channel, token, 1)
+            risk = risk_pb2_grpc.RiskStub(channel)
+            stream = await _open_stream(risk, token, number)  # answered (asserted) while the slot was free
+            assert _in_progress(server, GATEWAY) == 0  # open and idle, it holds nothing
+            lock = sqlite3.connect(server.settings.data_dir / "posguard.db", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")
+                request = risk_pb2.ScoreTransactionRequest(transaction=_transaction(number))
+                waiting = asyncio.ensure_future(
+                    _code(risk.ScoreTransaction(request, metadata=_bearer(token), timeout=TIMEOUT))
+                )
+                while _in_progress(server, GATEWAY) < 1:
+                    await asyncio.sleep(0.01)
+                await stream.write(risk_pb2.ScoreTransactionsRequest(transaction=_transaction(number)))
+                with pytest.raises(aio.AioRpcError) as ended:
+                    await stream.read()
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            return ended.value.code().name, from_rpc_error(ended.value).reason, await waiting
+
+    code, reason, waited = asyncio.run(scenario())
+    assert (code, reason) == ("RESOURCE_EXHAUSTED", "OVERLOADED")
+    assert waited == "OK"  # the call that held the slot was answered
 
 
 def test_idle_and_old_connections_are_closed_by_the_server(running: Callable[..., RunningServer]) -> None:
