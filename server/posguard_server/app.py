@@ -28,7 +28,7 @@ from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthe
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.group_commit import Writers
-from posguard_server.api.interceptors import Admission, RequestPipeline
+from posguard_server.api.interceptors import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
@@ -132,14 +132,39 @@ def build_authenticator(settings: Settings, keys: SqlApiKeyStore) -> Authenticat
     if settings.insecure_no_auth:
         log.warning("authentication is OFF (insecure_no_auth): every caller has every role")
         return NoAuthenticator()
-    return ApiKeyAuthenticator(keys, cache_seconds=settings.auth_cache_seconds)
+    return ApiKeyAuthenticator(
+        keys, cache_seconds=settings.auth_cache_seconds, lookup_limit=settings.max_concurrent_auth_lookups
+    )
 
 
 def build_interceptors(
     settings: Settings, authenticator: Authenticator, metrics: Metrics
 ) -> list[aio.ServerInterceptor[Any, Any]]:
     """The request pipeline every call passes before its servicer (the benchmark builds it the same way)."""
-    return [RequestPipeline(Admission(settings.max_concurrent_rpcs, metrics), metrics, authenticator)]
+    limits = {GATEWAY_CALLS: settings.max_concurrent_rpcs, ADMIN_CALLS: settings.max_concurrent_admin_rpcs}
+    admission = Admission(limits, metrics)
+    return [
+        RequestPipeline(admission, metrics, authenticator, stream_idle_seconds=settings.stream_idle_seconds)
+    ]
+
+
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments that reap connections: dead peers (keepalive), idle and old connections."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds))]
+    if settings.keepalive_seconds:
+        # Pinged even with no call in progress: a peer that vanished without closing is found either way.
+        options += [("grpc.keepalive_time_ms", ms(settings.keepalive_seconds))]
+        options += [("grpc.keepalive_permit_without_calls", 1)]
+    if settings.max_connection_idle_seconds:
+        options += [("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds))]
+    if settings.max_connection_age_seconds:
+        options += [("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds))]
+        options += [("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_seconds))]
+    return options
 
 
 def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[PosguardServer, int]:
@@ -157,6 +182,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         # Off unless asked for: a second server started by mistake on the same port would otherwise start
         # silently and steal half the calls.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        *connection_options(settings),
     ]
     server = aio.server(interceptors=build_interceptors(settings, authenticator, metrics), options=options)
     # One guard for every RPC that names a customer: guesses count together per key.
@@ -199,7 +225,11 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     if not port:
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
-    return PosguardServer(settings, server, health_servicer, database, metrics, writers=[writers]), port
+    # The authenticator's key-lookup threads are let go with the writers.
+    built = PosguardServer(
+        settings, server, health_servicer, database, metrics, writers=[writers, authenticator]
+    )
+    return built, port
 
 
 def failure_limits(settings: Settings) -> tuple[FailureLimit, FailureLimit]:

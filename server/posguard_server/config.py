@@ -88,10 +88,72 @@ class Settings(BaseSettings):
         int,
         Field(
             gt=0,
-            description="Calls in progress (per process; a stream counts as one) beyond which new ones get "
-            "RESOURCE_EXHAUSTED at once; size it as calls per second × latency budget.",
+            description="Gateway calls (scoring, verification, codes, customer look-ups) in progress per "
+            "process beyond which new ones get RESOURCE_EXHAUSTED at once; a stream counts only while "
+            "transactions of it are being scored. Size it as calls per second × latency budget.",
         ),
     ] = 16
+    max_concurrent_admin_rpcs: Annotated[
+        int,
+        Field(
+            gt=0,
+            description="Administrative calls (the Admin service, listing customers, lifecycle changes) in "
+            "progress per process beyond which new ones get RESOURCE_EXHAUSTED at once; counted apart from "
+            "max_concurrent_rpcs, so neither kind can take the other's share.",
+        ),
+    ] = 2
+    max_concurrent_auth_lookups: Annotated[
+        int,
+        Field(
+            gt=0,
+            description="Database reads of API key ids this process has no key for (callers choose key "
+            "ids), at once, on threads of their own; beyond it such calls get RESOURCE_EXHAUSTED at once. "
+            "Keys already in use are re-read apart from it.",
+        ),
+    ] = 2
+    stream_idle_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="A ScoreTransactions stream that sends no request for this long while none of its "
+            "transactions is being scored is ended with DEADLINE_EXCEEDED (reason STREAM_IDLE); 0: never.",
+        ),
+    ] = 60.0
+    keepalive_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="How often the server pings a connection that has sent nothing; one that does not "
+            "answer within keepalive_timeout_seconds is closed, with its calls (0: no pings).",
+        ),
+    ] = 60.0
+    keepalive_timeout_seconds: Annotated[
+        float, Field(gt=0, description="How long the server waits for the answer to a keepalive ping.")
+    ] = 20.0
+    max_connection_idle_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="A connection with no call in progress for this long is closed (GOAWAY; clients "
+            "reconnect when they next call); 0: never.",
+        ),
+    ] = 300.0
+    max_connection_age_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="A connection older than this is asked to go away (GOAWAY): new calls use a new "
+            "connection, so load spreads over restarted or added servers; 0: never.",
+        ),
+    ] = 3600.0
+    max_connection_age_grace_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="How long the calls of a connection past max_connection_age may still run before "
+            "the connection is closed (a stream still open then ends with UNAVAILABLE).",
+        ),
+    ] = 300.0
     failure_limit: Annotated[
         int,
         Field(

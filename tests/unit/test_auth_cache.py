@@ -1,16 +1,20 @@
-"""The API key cache: a verified token is trusted for ``cache_seconds`` at most, an unknown key id 1 s."""
+"""The API key cache: a verified token is trusted for ``cache_seconds`` at most, an unknown key id 1 s; reads
+of key ids with no row here are bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
-from posguard_server.api.auth import ApiKeyAuthenticator
+from posguard_server.api.auth import ApiKeyAuthenticator, Principal
 from posguard_server.domain.api_keys import ApiKey, Role, generate_key
-from posguard_server.domain.errors import Unauthenticated
+from posguard_server.domain.errors import ResourceExhausted, Unauthenticated
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -113,3 +117,83 @@ def test_no_cache_time_asks_the_store_on_every_call(keys: Keys, clock: Clock) ->
     assert [_reason(authenticator, token) for _ in range(3)] == ["OK"] * 3
     assert _reason(authenticator, "pgk_0123456789ab_secret") == "API_KEY_INVALID"
     assert keys.lookups == 4
+
+
+class GatedKeys(Keys):
+    """Reads of key ids the store does not have wait for ``gate``: made-up ids that are slow to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.reading = 0
+
+    def find_for_auth(self, key_id: str) -> tuple[ApiKey, str] | None:
+        self.reading += 1
+        if key_id not in self.rows:
+            assert self.gate.wait(10)
+        return super().find_for_auth(key_id)
+
+
+def _made_up() -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer pgk_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}")]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition was not met")
+
+
+def test_reads_of_key_ids_without_a_row_are_bounded_and_keys_in_use_are_read_apart(clock: Clock) -> None:
+    keys = GatedKeys()
+    token = keys.add()
+    authenticator = ApiKeyAuthenticator(keys, cache_seconds=5, lookup_limit=2, clock=clock)
+
+    async def scenario() -> None:
+        assert (await authenticator.authenticate([("authorization", f"Bearer {token}")])).key_id
+        reads = [asyncio.ensure_future(authenticator.authenticate(_made_up())) for _ in range(2)]
+        await _until(lambda: keys.reading == 3)  # the key in use, then the two made-up ids, waiting
+        # A third made-up id is refused at once: no read, no thread.
+        with pytest.raises(ResourceExhausted) as refused:
+            await authenticator.authenticate(_made_up())
+        assert refused.value.reason == "OVERLOADED"
+        assert keys.reading == 3
+        # The key in use is due for a re-read: it does not queue behind the made-up ids.
+        clock.now += 5
+        assert (await authenticator.authenticate([("authorization", f"Bearer {token}")])).key_id
+        assert keys.reading == 4
+        keys.gate.set()
+        for read in reads:
+            with pytest.raises(Unauthenticated):
+                await read
+        # The slots are free again.
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate(_made_up())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        keys.gate.set()
+        authenticator.close()
+
+
+def test_concurrent_calls_with_one_key_share_one_read(clock: Clock) -> None:
+    keys = GatedKeys()
+    authenticator = ApiKeyAuthenticator(keys, cache_seconds=5, lookup_limit=1, clock=clock)
+    unknown = [("authorization", "Bearer pgk_0123456789ab_secret")]
+
+    async def scenario() -> list[BaseException | Principal]:
+        calls = [asyncio.ensure_future(authenticator.authenticate(unknown)) for _ in range(5)]
+        await _until(lambda: keys.reading == 1)
+        keys.gate.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        keys.gate.set()
+        authenticator.close()
+    assert [type(outcome) for outcome in outcomes] == [Unauthenticated] * 5  # not OVERLOADED: one read
+    assert keys.lookups == 1

@@ -70,6 +70,10 @@ class SyncRpcs:
         than the requests, so match them by index. A problem with one transaction is reported in that response
         (outcome.error) and the stream goes on; the call itself ends with a status only for problems with the
         whole call (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE).
+        An open stream takes none of the server's capacity until it sends transactions; one that sends none
+        for the server's stream idle time is ended with DEADLINE_EXCEEDED, reason STREAM_IDLE, and one whose
+        transactions arrive while the server is at capacity with RESOURCE_EXHAUSTED, reason OVERLOADED: the
+        transactions answered before stay answered, and the rest are sent again on a new stream.
         Roles: GATEWAY.
         Per-item errors: the same as ScoreTransaction's.
         """
@@ -518,6 +522,10 @@ class AsyncRpcs:
         than the requests, so match them by index. A problem with one transaction is reported in that response
         (outcome.error) and the stream goes on; the call itself ends with a status only for problems with the
         whole call (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE).
+        An open stream takes none of the server's capacity until it sends transactions; one that sends none
+        for the server's stream idle time is ended with DEADLINE_EXCEEDED, reason STREAM_IDLE, and one whose
+        transactions arrive while the server is at capacity with RESOURCE_EXHAUSTED, reason OVERLOADED: the
+        transactions answered before stay answered, and the rest are sent again on a new stream.
         Roles: GATEWAY.
         Per-item errors: the same as ScoreTransaction's.
         """

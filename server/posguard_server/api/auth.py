@@ -6,6 +6,13 @@ row as read from the store (by key id; a key id the store does not know for at m
 call that presents a token already verified costs one digest and one dictionary lookup. A verified token is
 trusted no longer than the row it was verified against: a revocation made through this process drops both
 at once, one made elsewhere takes effect within the cache lifetime.
+
+The key id is the caller's choice, so a caller sending a new well-formed id on every call makes the server
+read the database on every call, and the negative cache cannot help. Reads of ids this process has no key
+row for run on a few threads of their own, at most ``lookup_limit`` at once; beyond that such a call is
+refused at once with RESOURCE_EXHAUSTED, costing no read and no thread. Keys this process has seen are
+re-read apart from that limit, so a flood of made-up ids cannot lock out the keys in use. Concurrent reads of
+one key id share one database read.
 """
 
 from __future__ import annotations
@@ -14,17 +21,19 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 from posguard_server.domain.api_keys import ApiKey, Role, parse_token, secret_matches
-from posguard_server.domain.errors import Unauthenticated
+from posguard_server.domain.errors import ResourceExhausted, Unauthenticated
 
 ALL_ROLES = frozenset(Role)
 # A key created elsewhere is usable here at most this long after a call named its id before it existed.
 _UNKNOWN_KEY_SECONDS = 1.0
 # Key ids the store does not know are remembered up to this many at once: callers choose them.
 _UNKNOWN_KEYS_KEPT = 10_000
+_BUSY = "the server is busy checking API keys; retry after a short backoff"
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
@@ -47,6 +56,8 @@ class Authenticator(Protocol):
     async def authenticate(self, metadata: Metadata) -> Principal: ...
 
     def invalidate(self, key_id: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def bearer_token(metadata: Metadata) -> str | None:
@@ -72,8 +83,15 @@ class ApiKeyAuthenticator:
     """Checks bearer tokens against the key store, with a short-lived cache of rows and verified tokens."""
 
     def __init__(
-        self, keys: KeyLookup, *, cache_seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        keys: KeyLookup,
+        *,
+        cache_seconds: float,
+        lookup_limit: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if lookup_limit < 1:
+            raise ValueError("lookup_limit must be at least 1")
         self._keys = keys
         self._cache_seconds = cache_seconds
         self._unknown_seconds = min(cache_seconds, _UNKNOWN_KEY_SECONDS)
@@ -81,6 +99,11 @@ class ApiKeyAuthenticator:
         self._rows: dict[str, _Row] = {}  # by key id
         self._unknown: dict[str, float] = {}  # key id -> when the store said it has no such key
         self._verified: dict[bytes, _Row] = {}  # by the digest of a token that matched the row's secret
+        # Reads in progress by key id, shared by the calls that wait for the same key.
+        self._reading: dict[str, asyncio.Future[_Row]] = {}
+        self._lookup_limit = lookup_limit
+        self._strangers = 0  # reads in progress of key ids with no row here (see the module's docstring)
+        self._stranger_threads = ThreadPoolExecutor(lookup_limit, thread_name_prefix="posguard-auth")
 
     async def authenticate(self, metadata: Metadata) -> Principal:
         token = bearer_token(metadata)
@@ -118,23 +141,63 @@ class ApiKeyAuthenticator:
         unknown_since = self._unknown.get(key_id)
         if unknown_since is not None and now - unknown_since < self._unknown_seconds:
             return _Row(unknown_since, None)
-        found = await asyncio.to_thread(self._keys.find_for_auth, key_id)
-        self.invalidate(key_id)
+        reading = self._reading.get(key_id)
+        if reading is None:
+            threads = None  # the loop's default executor
+            if row is None:  # an id with no row here: the caller may have made it up
+                if self._strangers >= self._lookup_limit:
+                    raise ResourceExhausted(_BUSY, reason="OVERLOADED")
+                self._strangers += 1
+                threads = self._stranger_threads
+            reading = asyncio.ensure_future(self._read(key_id, threads))
+            self._reading[key_id] = reading
+            if threads is not None:
+                reading.add_done_callback(self._stranger_done)
+            # Retrieved even when every waiter has gone (cancelled), so the loop does not warn about it.
+            reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # Shielded: a waiter that is cancelled (its deadline) does not cancel the others' read.
+        return await asyncio.shield(reading)
+
+    def _stranger_done(self, _: object) -> None:
+        self._strangers -= 1
+
+    async def _read(self, key_id: str, threads: ThreadPoolExecutor | None) -> _Row:
+        """Read ``key_id``'s row from the store on ``threads``; remember it unless invalidated meanwhile."""
+        now = self._clock()
+        this = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(threads, self._keys.find_for_auth, key_id)
+        finally:
+            # Invalidated while it was read, what was read may predate the change: answer it, keep nothing.
+            current = self._reading.get(key_id) is this
+            if current:
+                del self._reading[key_id]
+        if current:
+            self.invalidate(key_id)
         if found is None:
-            if len(self._unknown) >= _UNKNOWN_KEYS_KEPT:
-                self._unknown.clear()
-            self._unknown[key_id] = now
+            if current:
+                if len(self._unknown) >= _UNKNOWN_KEYS_KEPT:
+                    self._unknown.clear()
+                self._unknown[key_id] = now
             return _Row(now, None)
         key, secret_hash = found
         principal = None if key.revoked else Principal(key_id=key.key_id, roles=frozenset({key.role}))
-        row = self._rows[key_id] = _Row(now, key, secret_hash, principal)
+        row = _Row(now, key, secret_hash, principal)
+        if current:
+            self._rows[key_id] = row
         return row
 
     def invalidate(self, key_id: str) -> None:
         self._rows.pop(key_id, None)
         self._unknown.pop(key_id, None)
+        self._reading.pop(key_id, None)  # a read in progress may have started before the change
         for digest in [d for d, row in self._verified.items() if row.key and row.key.key_id == key_id]:
             del self._verified[digest]
+
+    def close(self) -> None:
+        """Let the key-lookup threads go (a read in progress finishes first, unwaited)."""
+        self._stranger_threads.shutdown(wait=False)
 
 
 class NoAuthenticator:
@@ -144,4 +207,7 @@ class NoAuthenticator:
         return LOCAL_DEVELOPER
 
     def invalidate(self, key_id: str) -> None:
+        return None
+
+    def close(self) -> None:
         return None

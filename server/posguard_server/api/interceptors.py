@@ -1,5 +1,6 @@
-"""The request pipeline, outermost first: admission (load shedding and the call's deadline), access log +
-metrics, error mapping, authentication and the role check, and the guard for requests that do not decode.
+"""The request pipeline, outermost first: the call's deadline, access log + metrics, error mapping,
+authentication and the role check, admission (load shedding, by admission class), and the guard for requests
+that do not decode; on client streams, the idle timeout.
 
 One interceptor, :class:`RequestPipeline`, composes them once per method into one handler that serves unary
 and streaming RPCs alike. The state of one call (caller, final code) lives in a context variable: gRPC's
@@ -8,11 +9,12 @@ asyncio server runs every RPC in its own task, so servicers read it without plum
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -25,8 +27,10 @@ from posguard_server.api.access import allowed_roles, is_public
 from posguard_server.api.auth import Authenticator, Metadata, Principal
 from posguard_server.api.errors import status_for
 from posguard_server.api.metrics import Metrics
+from posguard_server.domain.api_keys import Role
 from posguard_server.domain.deadlines import deadline_after
 from posguard_server.domain.errors import (
+    DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
@@ -40,6 +44,28 @@ access_log = logging.getLogger("posguard_server.access")
 _SHED_LOG_SECONDS = 10.0
 
 
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """A client stream being served: the admission its requests are worked under, and its idle clock.
+
+    The clock runs while the stream waits for its next request and none of its requests is being worked on;
+    when it reaches ``idle_seconds`` (None: never), the wait ends the stream (see ``_checked_items``).
+    """
+
+    admission: Admission
+    idle_seconds: float | None
+    busy: int = 0  # blocks of :func:`stream_work` in progress
+    timer: asyncio.Timeout | None = None  # the wait for the next request, while one is waited for
+
+    def stop_idle_clock(self) -> None:
+        if self.timer is not None and not self.timer.expired():
+            self.timer.reschedule(None)
+
+    def start_idle_clock(self) -> None:
+        if self.timer is not None and not self.timer.expired() and not self.busy and self.idle_seconds:
+            self.timer.reschedule(asyncio.get_running_loop().time() + self.idle_seconds)
+
+
 @dataclass(slots=True)
 class CallState:
     method: str
@@ -47,6 +73,9 @@ class CallState:
     code: grpc.StatusCode = grpc.StatusCode.OK
     customer: str = ""  # masked number or customer id, for the access log
     model_version: str = ""  # the model that decided, for the access log
+    stream: _Stream | None = None  # a client stream's admission and idle clock
+    admitted: bool = False  # holds an admission slot for the whole call
+    refused: bool = False  # refused at capacity: no access-log line (see Admission)
 
 
 _call: ContextVar[CallState] = ContextVar("posguard_call")
@@ -90,36 +119,67 @@ def _streaming_kinds() -> dict[str, tuple[bool, bool]]:
     return kinds
 
 
-class Admission:
-    """Sheds load: at most ``limit`` calls of the contract are in progress at once.
+GATEWAY_CALLS = "gateway"
+ADMIN_CALLS = "admin"
 
-    The next one is refused at once with RESOURCE_EXHAUSTED (reason ``OVERLOADED``), so the calls admitted
+
+def admission_class(method: str) -> str:
+    """The admission class of an RPC of the contract: what the gateway role may call is the gateway's work
+    (scoring, verification, codes, customer look-ups), the rest is administration (keys, models, the audit
+    log, listing customers, lifecycle changes). One definition: the role matrix decides."""
+    return GATEWAY_CALLS if Role.GATEWAY in allowed_roles(method) else ADMIN_CALLS
+
+
+@dataclass(slots=True)
+class _Slots:
+    """One admission class: at most ``limit`` units of work of its calls in progress."""
+
+    name: str
+    limit: int
+    in_progress: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.in_progress >= self.limit
+
+
+class Admission:
+    """Sheds load: at most so many units of work of each admission class are in progress at once.
+
+    A unary call is one unit from its admission to its answer; a stream (ScoreTransactions) holds one only
+    while it has requests being worked on (:func:`stream_work`), so an idle stream holds nothing. Each
+    class has its own limit (``limits``, by the names of :func:`admission_class`), so administrative
+    listings cannot take the gateways' share, nor the reverse; calls are admitted only once authenticated,
+    so callers without a valid key never hold one (authentication bounds its own database reads, see
+    ``auth``).
+
+    The next call is refused at once with RESOURCE_EXHAUSTED (reason ``OVERLOADED``), so the calls admitted
     keep their latency instead of every call queueing past its deadline. A refusal must cost next to
-    nothing, or refusing becomes the overload: it happens before the rest of the pipeline runs, with a
-    status built once, no request decoding and no access-log line (the ``posguard_rpc_shed`` metric counts
-    them, and a warning at most every ``_SHED_LOG_SECONDS`` sums them up). Health checks and reflection are
-    always admitted: a load balancer must see the truth. One event loop serves every call, so the counter
-    needs no lock.
+    nothing, or refusing becomes the overload: a unary call arriving while its class is full is refused
+    before the rest of the pipeline runs, with a status built once, no request decoding and no access-log
+    line (the ``posguard_rpc_shed`` metric counts them, and a warning at most every ``_SHED_LOG_SECONDS``
+    sums them up). Health checks and reflection are always admitted: a load balancer must see the truth. One
+    event loop serves every call, so the counters need no lock.
     """
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        self._limit = limit
+    def __init__(self, limits: Mapping[str, int], metrics: Metrics) -> None:
+        if any(limit < 1 for limit in limits.values()):
+            raise ValueError("every limit must be at least 1")
         self._metrics = metrics
-        self._in_progress = 0
         self.kinds = _streaming_kinds()
+        classes = {name: _Slots(name, limit) for name, limit in limits.items()}
+        self._slots = {method: classes[admission_class(method)] for method in self.kinds}
+        self._gauges = {name: metrics.in_progress.labels(name) for name in classes}
         self._shed_since_log = 0
         self._shed_logged_at = 0.0
         refusal = status_for(
             ResourceExhausted("the server is at capacity; retry after a short backoff", reason="OVERLOADED"),
             "",
         )
+        self.refusal_status = refusal
 
         async def refuse(request: Any, context: Context) -> Any:
             await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
-
-        self._refuse = refuse
 
         async def refuse_streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             nothing: list[Any] = []
@@ -135,60 +195,108 @@ class Admission:
             (True, True): grpc.stream_stream_rpc_method_handler(refuse_streaming),
         }
 
+    def counts(self, method: str) -> bool:
+        """Whether calls of ``method`` are admitted at all (health and reflection are not)."""
+        return method in self._slots
+
     def refusal(self, method: str) -> Handler | None:
-        """The handler that refuses a call of ``method`` arriving at capacity, or None to admit it."""
-        if self._in_progress < self._limit:
+        """The handler that refuses a call of ``method`` arriving at capacity, or None to let it in.
+
+        Client streams are let in: they take a slot per request worked on, not for being open.
+        """
+        slots = self._slots.get(method)
+        if slots is None or not slots.full:
             return None
-        kind = self.kinds.get(method)
-        if kind is None:
+        kind = self.kinds[method]
+        if kind[0]:
             return None
-        self._shed(method)
+        self._shed(method, slots)
         return self._refusals[kind]
 
-    async def enter(self, method: str, context: Context) -> None:
-        """Count a call in, or refuse it.
+    def try_enter(self, method: str) -> bool:
+        """Take a slot of ``method``'s class, or count a refusal and return False.
 
-        Calls let through together by :meth:`refusal` reach here after their requests arrive; the count is
-        exact only now, so a burst that got past the cheap check is refused here.
+        Calls let through together by :meth:`refusal` reach here after their requests arrive and their
+        caller is authenticated; the count is exact only now, so a burst that got past the cheap check is
+        refused here.
         """
-        if self._in_progress >= self._limit:
-            self._shed(method)
-            await self._refuse(None, context)
-        self._in_progress += 1
-        self._metrics.in_progress.inc()
+        slots = self._slots[method]
+        if slots.full:
+            self._shed(method, slots)
+            return False
+        slots.in_progress += 1
+        self._gauges[slots.name].inc()
+        return True
 
-    def leave(self) -> None:
-        self._in_progress -= 1
-        self._metrics.in_progress.dec()
+    def leave(self, method: str) -> None:
+        slots = self._slots[method]
+        slots.in_progress -= 1
+        self._gauges[slots.name].dec()
 
-    def _shed(self, method: str) -> None:
+    def _shed(self, method: str, slots: _Slots) -> None:
         self._metrics.shed.labels(method).inc()
         self._shed_since_log += 1
         now = time.monotonic()
         if now - self._shed_logged_at >= _SHED_LOG_SECONDS:
             log.warning(
-                "overloaded: refused %d calls beyond %d in progress since the last report",
+                "overloaded: refused %d calls since the last report (the latest: %s, beyond %d %s calls)",
                 self._shed_since_log,
-                self._limit,
+                method,
+                slots.limit,
+                slots.name,
             )
             self._shed_since_log, self._shed_logged_at = 0, now
+
+
+@contextmanager
+def stream_work() -> Iterator[None]:
+    """Hold an admission slot of the streaming call being served while the block works on its requests.
+
+    Raises ResourceExhausted (reason ``OVERLOADED``) when the call's class has none free: the stream ends,
+    what it answered before stays answered, and the caller resends the rest after a short backoff. Outside a
+    call, or for a method not admitted, it holds nothing.
+    """
+    state = _call.get(None)
+    if state is None or state.stream is None:
+        yield
+        return
+    stream, method = state.stream, state.method
+    if not stream.admission.try_enter(method):
+        raise ResourceExhausted("the server is at capacity; retry after a short backoff", reason="OVERLOADED")
+    stream.busy += 1
+    stream.stop_idle_clock()
+    try:
+        yield
+    finally:
+        stream.busy -= 1
+        stream.admission.leave(method)
+        stream.start_idle_clock()
 
 
 class RequestPipeline(_Interceptor):
     """posguard's one server interceptor: everything a call passes before and after its servicer.
 
-    Outermost first: admission (load shedding) and the call's deadline, the access log and metrics, error
-    mapping, authentication and the role check, and the guard for requests that do not decode. The
+    Outermost first: the cheap refusal of a call whose admission class is full, the call's deadline, the
+    access log and metrics, error mapping, authentication and the role check, admission, and the guard for
+    requests that do not decode (on client streams, with the idle timeout: ``stream_idle_seconds``). The
     registered handler of a method never changes, so the pipeline of a method is composed once, the first
     time the method is called, with its metric children, its roles and its access-log name bound; a call
     then costs one dictionary lookup here and no closures. It must be the server's only interceptor (it
     answers later calls of a method without asking the ones after it).
     """
 
-    def __init__(self, admission: Admission, metrics: Metrics, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        metrics: Metrics,
+        authenticator: Authenticator,
+        *,
+        stream_idle_seconds: float | None = None,
+    ) -> None:
         self._admission = admission
         self._metrics = metrics
         self._authenticator = authenticator
+        self._stream_idle_seconds = stream_idle_seconds or None  # 0: streams are never ended for idling
         self._composed: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -204,9 +312,15 @@ class RequestPipeline(_Interceptor):
             # An unknown method: gRPC answers UNIMPLEMENTED. Not cached: its name is the caller's choice.
             if handler is None:
                 return handler  # type: ignore[return-value]
-            composed = self._composed[method] = _MethodPipeline(
-                method, handler, self._admission, self._metrics, self._authenticator
-            ).handler()
+            pipeline = _MethodPipeline(
+                method,
+                handler,
+                self._admission,
+                self._metrics,
+                self._authenticator,
+                self._stream_idle_seconds,
+            )
+            composed = self._composed[method] = pipeline.handler()
         return composed
 
 
@@ -224,10 +338,12 @@ class _MethodPipeline:
         admission: Admission,
         metrics: Metrics,
         authenticator: Authenticator,
+        stream_idle_seconds: float | None,
     ) -> None:
         self._method = method
         self._handler = handler
-        self._admission = admission if method in admission.kinds else None  # health, reflection: not counted
+        self._admission = admission if admission.counts(method) else None  # health, reflection: not counted
+        self._stream_idle_seconds = stream_idle_seconds
         self._authenticator = authenticator
         self._roles = None if is_public(method) else allowed_roles(method)
         self._denied = f"the caller's role may not call {method.rsplit('/', 1)[-1]}"
@@ -236,7 +352,7 @@ class _MethodPipeline:
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         assert inner is not None  # a handler has exactly one of the four
         self._inner: Callable[..., Any] = inner
-        self._check: Callable[[Any], Any] = _checked if not handler.request_streaming else _checked_items
+        self._client_streams = bool(handler.request_streaming)
 
     def handler(self) -> Handler:
         """The method's handler with the whole pipeline around it, and the lenient request decoder."""
@@ -259,10 +375,10 @@ class _MethodPipeline:
         )
 
     async def _unary(self, request: Any, context: Context) -> Any:
-        call = await self._begin(context)
+        call = self._begin(context)
         try:
             await self._authorize(call[0], context)
-            result = self._inner(self._check(request), context)
+            result = self._inner(await self._admitted(request, call[0], context), context)
             # The generated base servicers (RPCs not implemented yet) are plain functions.
             return await result if inspect.isawaitable(result) else result
         except BaseException as error:
@@ -272,10 +388,10 @@ class _MethodPipeline:
             self._end(call, context)
 
     async def _streaming(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        call = await self._begin(context)
+        call = self._begin(context)
         try:
             await self._authorize(call[0], context)
-            async for item in self._inner(self._check(request), context):
+            async for item in self._inner(await self._admitted(request, call[0], context), context):
                 yield item
         except BaseException as error:
             await self._fail(error, call[0], context)
@@ -283,24 +399,42 @@ class _MethodPipeline:
         finally:
             self._end(call, context)
 
-    async def _begin(self, context: Context) -> _Call:
-        """Admit the call (or refuse it: it then has no access-log line), set its deadline and its state."""
+    def _begin(self, context: Context) -> _Call:
+        """Set the call's deadline and its state."""
         deadline = None
+        state = CallState(self._method)
         if self._admission is not None:  # health, reflection: not counted, no deadline handed on
-            await self._admission.enter(self._method, context)
             deadline = deadline_after(context.time_remaining())
             deadline.__enter__()
-        state = CallState(self._method)
+            if self._client_streams:
+                state.stream = _Stream(self._admission, self._stream_idle_seconds)
         return state, _call.set(state), time.perf_counter(), deadline
+
+    async def _admitted(self, request: Any, state: CallState, context: Context) -> Any:
+        """Admit an authenticated call, or refuse it (it then has no access-log line); the request to serve.
+
+        A client stream is not admitted as a whole: its servicer takes a slot per request worked on
+        (:func:`stream_work`), and its requests are read under the idle timeout.
+        """
+        if self._client_streams:
+            return _checked_items(request, state.stream)
+        if self._admission is not None:
+            if not self._admission.try_enter(self._method):
+                state.refused = True
+                refusal = self._admission.refusal_status
+                await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
+            state.admitted = True
+        return _checked(request)
 
     def _end(self, call: _Call, context: Context) -> None:
         state, token, started, deadline = call
         _call.reset(token)
-        self._finish(state, context, time.perf_counter() - started)
+        if not state.refused:
+            self._finish(state, context, time.perf_counter() - started)
         if deadline is not None:
             deadline.__exit__(None, None, None)
-        if self._admission is not None:
-            self._admission.leave()
+        if state.admitted and self._admission is not None:
+            self._admission.leave(self._method)
 
     async def _fail(self, error: BaseException, state: CallState, context: Context) -> None:
         """Record how the call ended; an error becomes a canonical status (the caller re-raises the rest)."""
@@ -425,8 +559,29 @@ def _checked(request: Any) -> Any:
     return request
 
 
-async def _checked_items(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
-        if request is _UNDECODABLE:
-            raise _undecodable_request()
-        yield request
+async def _checked_items(requests: AsyncIterator[Any], stream: _Stream | None) -> AsyncIterator[Any]:
+    """The requests of a client stream, checked; ends the stream when it idles (see :class:`_Stream`)."""
+    if stream is None or stream.idle_seconds is None:
+        async for request in requests:
+            yield _checked(request)
+        return
+    iterator = aiter(requests)
+    while True:
+        try:
+            async with asyncio.timeout(None) as timer:
+                stream.timer = timer
+                stream.start_idle_clock()
+                request = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise DeadlineExceeded(
+                f"no request on this stream for {stream.idle_seconds:g} s: the server ended it; "
+                "open a new stream to send more",
+                reason="STREAM_IDLE",
+            ) from None
+        finally:
+            stream.timer = None
+        yield _checked(request)

@@ -52,7 +52,11 @@ class Metrics:
             registry=self.registry,
         )
         self.in_progress = Gauge(
-            "posguard_rpc_in_progress", "Calls being served (health checks excepted).", registry=self.registry
+            "posguard_rpc_in_progress",
+            "Calls being worked on by admission class (gateway, admin): health checks and calls waiting for "
+            "their API key to be checked excepted; a stream counts while transactions of it are scored.",
+            ("admission",),
+            registry=self.registry,
         )
         self.shed = Counter(
             "posguard_rpc_shed",

@@ -30,7 +30,7 @@ from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_
 from posguard_server.api.enumeration import MISS_REASONS, FailureGuard, guarded
 from posguard_server.api.errors import status_for
 from posguard_server.api.group_commit import GroupCommit, Writers
-from posguard_server.api.interceptors import annotate_call, current_principal
+from posguard_server.api.interceptors import annotate_call, current_principal, stream_work
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
@@ -368,13 +368,16 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
     ) -> AsyncIterator[risk_pb2.ScoreTransactionsResponse]:
         # In the order sent: history replays in event-time order, and a customer's profile must see each
         # transaction before the next. What arrives while a batch is scored forms the next batch, scored in
-        # one database transaction (one commit for all of it).
+        # one database transaction (one commit for all of it). The stream holds an admission slot only while
+        # a batch is scored: open and idle, or while its replies are sent, it takes none from other calls.
         index = 0
         async with StreamBatches(
             request_iterator, limit=STREAM_BATCH, key=lambda r: r.transaction.transaction_id
         ) as batches:
             while batch := await batches.next():
-                for reply in await self._score_stream_batch(batch, index):
+                with stream_work():
+                    replies = await self._score_stream_batch(batch, index)
+                for reply in replies:
                     yield reply
                 index += len(batch)
 
