@@ -91,6 +91,7 @@ class ScoreRequest:
     identity: IdentityDecline | None  # set: decline for this reason without asking a model
     request_id: str  # "" for none
     fingerprint: str
+    caller: str = ""  # whose request_id it is (the caller's key id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +477,13 @@ class RiskEngine:
             return self._prepare(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
 
         return ScoreItem(
-            record, request.fingerprint, request.request_id, prepare, place_since, shadow_place_since
+            record,
+            request.fingerprint,
+            request.request_id,
+            prepare,
+            place_since,
+            shadow_place_since,
+            caller=request.caller,
         )
 
     def _shadow_pick(
@@ -617,6 +624,7 @@ class RiskEngine:
         note: str,
         request_id: str,
         fingerprint: str,
+        caller: str,
     ) -> tuple[OutcomeRecord, bool]:
         now = datetime.now(UTC)
         return self._outcomes.report_outcome(
@@ -626,6 +634,7 @@ class RiskEngine:
             note=note,
             request_id=request_id,
             fingerprint=fingerprint,
+            caller=caller,
             now=now,
         )
 

@@ -510,6 +510,7 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: RiskS
             note="case 7",
             request_id=request_id,
             fingerprint=fingerprint,
+            caller="gateway-1",
             now=NOW,
         )
 
@@ -537,7 +538,14 @@ def test_report_outcome_is_idempotent_and_a_later_report_overwrites(store: RiskS
 def test_report_outcome_for_an_unknown_transaction_is_not_found(store: RiskStores) -> None:
     with pytest.raises(NotFound):
         store.outcomes.report_outcome(
-            "nope", Outcome.FRAUD, reported_at=NOW, note="", request_id="r1", fingerprint="a", now=NOW
+            "nope",
+            Outcome.FRAUD,
+            reported_at=NOW,
+            note="",
+            request_id="r1",
+            fingerprint="a",
+            caller="gateway-1",
+            now=NOW,
         )
 
 

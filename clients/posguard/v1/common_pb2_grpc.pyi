@@ -13,9 +13,11 @@ Conventions that hold across the whole package:
 - Customer numbers are accepted in any human formatting (spaces and hyphens are ignored, Crockford Base32
   is case-insensitive and reads I/L as 1 and O as 0) and are always returned in canonical form.
 - Every mutating request carries `string request_id = 1`, its idempotency key: 1 to 128 printable ASCII
-  characters (a UUID is a good choice), scoped to the RPC method. A retry with the same request_id returns
-  the first answer and changes nothing; the same request_id with a different request is refused with
-  INVALID_ARGUMENT naming `request_id`.
+  characters (a UUID is a good choice), scoped to the calling API key and the RPC method: another key's
+  request under the same request_id is a call of its own. A retry with the same request_id returns the
+  first answer and changes nothing; the same request_id with a different request is refused with
+  INVALID_ARGUMENT (reason IDEMPOTENCY_CONFLICT) naming `request_id`. Fields the server does not know
+  (sent by a client built on a newer contract) are not part of what a request asks for.
 - Errors use canonical gRPC status codes with google.rpc.Status details (ErrorInfo with a stable reason on
   every error, BadRequest field violations for bad input). Business outcomes, such as a number that fails
   verification, are answers, not errors.

@@ -236,7 +236,8 @@ class CustomerIdsServicer:
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
         FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-        and replace_existing is false).
+        and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+        has replaced: its secret no longer works, and no new secret is issued).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

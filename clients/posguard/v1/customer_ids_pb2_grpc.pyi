@@ -124,7 +124,8 @@ class CustomerIdsStub:
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
     FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-    and replace_existing is false).
+    and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+    has replaced: its secret no longer works, and no new secret is issued).
     """
     IssueDynamicCode: _grpc.UnaryUnaryMultiCallable[_customer_ids_pb2.IssueDynamicCodeRequest, _customer_ids_pb2.IssueDynamicCodeResponse]
     """Issues one dynamic code on the server, for customers without a device that generates codes.
@@ -226,7 +227,8 @@ class CustomerIdsAsyncStub(CustomerIdsStub):
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
     FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-    and replace_existing is false).
+    and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+    has replaced: its secret no longer works, and no new secret is issued).
     """
     IssueDynamicCode: _aio.UnaryUnaryMultiCallable[_customer_ids_pb2.IssueDynamicCodeRequest, _customer_ids_pb2.IssueDynamicCodeResponse]  # type: ignore[assignment]
     """Issues one dynamic code on the server, for customers without a device that generates codes.
@@ -397,7 +399,8 @@ class CustomerIdsServicer(metaclass=_abc_1.ABCMeta):
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
         FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-        and replace_existing is false).
+        and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+        has replaced: its secret no longer works, and no new secret is issued).
         """
 
     @_abc_1.abstractmethod

@@ -272,7 +272,8 @@ class ScoreTransactionRequest(_message.Message):
     TRANSACTION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, optional: 1 to 128 printable ASCII characters; empty = transaction.transaction_id is
-    the key. A retry returns the stored answer with replayed = true.
+    the key. A retry returns the stored answer with replayed = true. A request_id names the transaction it
+    was first sent with, also when that call replayed by transaction id: it cannot score another one.
     """
     @_builtins.property
     def transaction(self) -> Global___Transaction:

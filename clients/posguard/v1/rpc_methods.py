@@ -430,7 +430,8 @@ class SyncRpcs:
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
         FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-        and replace_existing is false).
+        and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+        has replaced: its secret no longer works, and no new secret is issued).
         """
         return self._unary("/posguard.v1.CustomerIds/EnrollDynamicCodes", customer_ids_pb2.EnrollDynamicCodesRequest, customer_ids_pb2.EnrollDynamicCodesResponse, request, fields, timeout)
 
@@ -882,7 +883,8 @@ class AsyncRpcs:
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
         FAILED_PRECONDITION (the number is not ACTIVE; or, reason ALREADY_ENROLLED, the customer is enrolled
-        and replace_existing is false).
+        and replace_existing is false; or, reason ENROLLMENT_REPLACED, a retry of an enrolment that a later one
+        has replaced: its secret no longer works, and no new secret is issued).
         """
         return await self._unary("/posguard.v1.CustomerIds/EnrollDynamicCodes", customer_ids_pb2.EnrollDynamicCodesRequest, customer_ids_pb2.EnrollDynamicCodesResponse, request, fields, timeout)
 

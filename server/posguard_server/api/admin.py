@@ -104,6 +104,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             revoked_by=current_principal().key_id,
             reason=request.reason,
             now=datetime.now(UTC),
+            request_id=request.request_id,
+            fingerprint=fingerprint(request),
         )
         self._authenticator.invalidate(key.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=convert.api_key(key))

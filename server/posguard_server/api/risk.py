@@ -318,7 +318,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             who, txn = _check_transaction(self._numbering, check, request.transaction, _now())
         check.done()
         assert txn is not None
-        # Without the request_id, so that a retry under another key is recognised as the same transaction.
+        # Without the request_id: the transaction's own, which a retry under any request_id must match.
         same = fingerprint(risk_pb2.ScoreTransactionRequest(transaction=request.transaction))
         return _Checked(txn, who, request.request_id, same)
 
@@ -345,7 +345,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
 
     def _call(self, checked: _Checked) -> ScoreCall:
         """What the scoring service takes; a caller refused for guessing may not name another customer."""
-        actor = current_principal().key_id
+        actor = current_principal().key_id  # whose request_id it is, and whose guesses count
         self._guard.check(actor, _now())
         return ScoreCall(checked.txn, checked.who, checked.request_id, checked.fingerprint, actor)
 
@@ -442,6 +442,7 @@ class RiskServicer(risk_pb2_grpc.RiskServicer):
             note=request.note,
             request_id=request.request_id,
             fingerprint=fingerprint(request),
+            caller=current_principal().key_id,
         )
         return risk_pb2.ReportOutcomeResponse(
             transaction_id=record.transaction_id, outcome=OUTCOME_TO_PROTO[record.outcome], replayed=replayed

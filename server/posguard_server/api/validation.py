@@ -131,9 +131,14 @@ def make_page_token(after: int | None, query: str) -> str:
 
 
 def fingerprint(request: Message) -> str:
-    """What a request asks for, apart from its request_id: a retry must match it exactly."""
+    """What a request asks for, apart from its request_id: a retry must match it exactly.
+
+    The one definition every RPC's idempotency uses. Fields this server does not know are left out (at every
+    depth): they ask it for nothing, and a client built on a newer contract must be able to retry.
+    """
     copy = type(request)()
     copy.CopyFrom(request)
+    copy.DiscardUnknownFields()
     if "request_id" in copy.DESCRIPTOR.fields_by_name:
         copy.ClearField("request_id")
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()

@@ -104,7 +104,16 @@ class ApiKeyRepository(Protocol):
         self, *, role: Role | None, include_revoked: bool, limit: int, after: int | None
     ) -> tuple[list[ApiKey], int | None]: ...
 
-    def revoke(self, key_id: str, *, revoked_by: str, reason: str, now: datetime) -> ApiKey: ...
+    def revoke(
+        self,
+        key_id: str,
+        *,
+        revoked_by: str,
+        reason: str,
+        now: datetime,
+        request_id: str | None = None,
+        fingerprint: str = "",
+    ) -> ApiKey: ...
 
     def count_active(self, role: Role | None = None) -> int: ...
 

@@ -83,9 +83,9 @@ class ScoreCall:
 
     txn: TransactionInput
     payer: Payer
-    request_id: str  # "" for none
+    request_id: str  # "" for none; the caller's own key (see store.idempotency)
     fingerprint: str
-    actor: str  # the caller's key id, recorded with a dynamic code's redemption
+    actor: str  # the caller's key id: whose request_id it is, recorded with a dynamic code's redemption
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ class ScoringService:
 
     def _score_in(self, unit: ScoringUnit, calls: Sequence[ScoreCall], serving: Serving) -> list[Scoring]:
         now = datetime.now(UTC)
-        unit.load_earlier([c.txn.transaction_id for c in calls], [c.request_id for c in calls])
+        unit.load_earlier([c.txn.transaction_id for c in calls], [(c.actor, c.request_id) for c in calls])
         pending = [_first_look(unit, call) for call in calls]
         _refuse_conflicts_within(pending)
         todo = [p for p in pending if p.error is None and p.replay is None]
@@ -184,7 +184,9 @@ class ScoringService:
             if p.error is not None:
                 continue
             customer = p.replay.transaction.customer_id if p.replay is not None else p.customer
-            request = ScoreRequest(p.call.txn, customer, p.identity, p.call.request_id, p.call.fingerprint)
+            request = ScoreRequest(
+                p.call.txn, customer, p.identity, p.call.request_id, p.call.fingerprint, p.call.actor
+            )
             # Not caught per call: what fails here now (loading a customer's model) fails the whole batch,
             # so no redemption made above is kept without its transaction.
             items.append(self._engine.item(request, serving))
@@ -255,7 +257,7 @@ def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:
     try:
         # Checked before a code is redeemed: a call refused after its redemption would spend the code.
         major_amount(call.txn.amount_minor, call.txn.currency)
-        p.replay = unit.replay_of(call.txn.transaction_id, call.fingerprint, call.request_id)
+        p.replay = unit.replay_of(call.txn.transaction_id, call.fingerprint, call.actor, call.request_id)
     except PosguardError as error:
         p.error = error
         return p
@@ -278,18 +280,18 @@ def _refuse_conflicts_within(pending: Sequence[_Pending]) -> None:
     transaction that is never stored. (A repeat with the same fingerprint is a retry: the store replays it.)
     """
     fingerprints: dict[str, str] = {}
-    request_ids: dict[str, str] = {}
+    request_ids: dict[tuple[str, str], str] = {}  # (caller, request_id) → transaction id
     for p in pending:
-        txn_id, request_id = p.call.txn.transaction_id, p.call.request_id
+        txn_id, key = p.call.txn.transaction_id, (p.call.actor, p.call.request_id)
         if p.error is None and p.replay is None:
             if fingerprints.get(txn_id, p.call.fingerprint) != p.call.fingerprint:
                 p.error = _conflict("transaction.transaction_id")
-            elif request_id and request_ids.get(request_id, txn_id) != txn_id:
+            elif p.call.request_id and request_ids.get(key, txn_id) != txn_id:
                 p.error = _conflict("request_id")
         if p.error is None:
             fingerprints.setdefault(txn_id, p.call.fingerprint)
-            if request_id:
-                request_ids.setdefault(request_id, txn_id)
+            if p.call.request_id:
+                request_ids.setdefault(key, txn_id)
 
 
 def _by_number(

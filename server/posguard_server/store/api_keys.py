@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from posguard_server.domain.api_keys import ApiKey, Role
 from posguard_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
+from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.schema import (
     API_KEY_NAME_MAX,
     REQUEST_ID_MAX,
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+
+
+_REVOKED = "api_key.revoked"
 
 
 class SqlApiKeyStore:
@@ -44,8 +48,9 @@ class SqlApiKeyStore:
     ) -> tuple[ApiKey, bool]:
         """Store a new key and return ``(key, True)``.
 
-        A retry with the ``request_id`` of an earlier create returns ``(earlier key, False)`` and stores
-        nothing; reusing a ``request_id`` for a different name or role is an ``InvalidArgument``.
+        A retry with the ``request_id`` of an earlier create by the same ``created_by`` returns
+        ``(earlier key, False)`` and stores nothing; reusing a ``request_id`` for a different name or role is
+        an ``InvalidArgument``. Another caller's ``request_id`` is not this caller's: it creates a key.
         A clash on ``key_id`` is ``AlreadyExists``.
         """
         _check_length("name", name, API_KEY_NAME_MAX)
@@ -55,7 +60,7 @@ class SqlApiKeyStore:
         try:
             with self._db.session() as session:
                 if request_id is not None:
-                    earlier = _by_request_id(session, request_id)
+                    earlier = _by_request_id(session, created_by, request_id)
                     if earlier is not None:
                         return _replay(earlier, name=name, role=role), False
                 row = SqlApiKey(
@@ -84,7 +89,7 @@ class SqlApiKeyStore:
             # index on request_id stops the second insert, and the winner's key is the answer.
             if request_id is not None:
                 with self._db.session(read_only=True) as session:
-                    earlier = _by_request_id(session, request_id)
+                    earlier = _by_request_id(session, created_by, request_id)
                     if earlier is not None:
                         return _replay(earlier, name=name, role=role), False
             raise AlreadyExists(
@@ -126,8 +131,21 @@ class SqlApiKeyStore:
             cursor = page[-1].id if len(rows) > limit else None
             return [_to_domain(row) for row in page], cursor
 
-    def revoke(self, key_id: str, *, revoked_by: str, reason: str, now: datetime) -> ApiKey:
-        """Revoke a key; revoking it again changes nothing and returns it as first revoked."""
+    def revoke(
+        self,
+        key_id: str,
+        *,
+        revoked_by: str,
+        reason: str,
+        now: datetime,
+        request_id: str | None = None,
+        fingerprint: str = "",
+    ) -> ApiKey:
+        """Revoke a key; revoking it again changes nothing and returns it as first revoked.
+
+        With a ``request_id``, the call is kept as ``revoked_by``'s: a retry (same ``fingerprint``) replays
+        and another request under it is an ``InvalidArgument`` (IDEMPOTENCY_CONFLICT).
+        """
         _check_length("reason", reason, REVOKE_REASON_MAX)
         now = _utc(now)
         with self._db.session() as session:
@@ -135,6 +153,14 @@ class SqlApiKeyStore:
             row = session.scalars(
                 select(SqlApiKey).where(SqlApiKey.key_id == key_id).with_for_update()
             ).one_or_none()
+            done = (
+                None
+                if request_id is None
+                else earlier_call(session, _REVOKED, revoked_by, request_id, fingerprint)
+            )
+            if done is not None and row is not None:
+                # The same request names the same key, so the key as it is now is the first answer.
+                return _to_domain(row)
             if row is None:
                 raise NotFound(
                     "no API key with this key_id", reason="API_KEY_NOT_FOUND", metadata={"key_id": key_id}
@@ -147,11 +173,13 @@ class SqlApiKeyStore:
                 append_event(
                     session,
                     actor=revoked_by,
-                    action="api_key.revoked",
+                    action=_REVOKED,
                     subject=key_id,
                     details={"reason": reason},
                     now=now,
                 )
+            if request_id is not None:
+                record_call(session, _REVOKED, revoked_by, request_id, fingerprint, customer_id="", now=now)
             return _to_domain(row)
 
     def count_active(self, role: Role | None = None) -> int:
@@ -166,8 +194,11 @@ def _by_key_id(session: Session, key_id: str) -> SqlApiKey | None:
     return session.scalars(select(SqlApiKey).where(SqlApiKey.key_id == key_id)).one_or_none()
 
 
-def _by_request_id(session: Session, request_id: str) -> SqlApiKey | None:
-    return session.scalars(select(SqlApiKey).where(SqlApiKey.request_id == request_id)).one_or_none()
+def _by_request_id(session: Session, created_by: str, request_id: str) -> SqlApiKey | None:
+    """The key ``created_by`` created with this request_id: request ids are their callers' own."""
+    return session.scalars(
+        select(SqlApiKey).where(SqlApiKey.request_id == request_id, SqlApiKey.created_by == created_by)
+    ).one_or_none()
 
 
 def _replay(earlier: SqlApiKey, *, name: str, role: Role) -> ApiKey:

@@ -41,6 +41,11 @@ from posguard_server.domain.customers import (
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
 from posguard_server.store.caller_limits import SqlCallerFailures
+from posguard_server.store.idempotency import (
+    earlier_call,
+    idempotency_conflict,
+    record_call,
+)
 from posguard_server.store.schema import Base, insert_for
 
 if TYPE_CHECKING:
@@ -69,6 +74,7 @@ class SqlNumberCounter(Base):
 
 class SqlCustomer(Base):
     __tablename__ = "customers"
+    __table_args__ = (UniqueConstraint("request_id", "created_by"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX), unique=True)
@@ -79,7 +85,8 @@ class SqlCustomer(Base):
     # AES-GCM ciphertext of the holder's details (see HolderCipher); never plain text in the database.
     holder_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
     holder_key_version: Mapped[int | None] = mapped_column(Integer)
-    request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    # The IssueCustomerId call that made the customer: a request_id is unique per caller (created_by).
+    request_id: Mapped[str | None] = mapped_column(String(128))
     request_fingerprint: Mapped[str | None] = mapped_column(String(FINGERPRINT_MAX))
 
 
@@ -139,20 +146,6 @@ class SqlVerificationFailure(Base):
     last_failed_at: Mapped[datetime]
 
 
-class SqlIdempotencyKey(Base):
-    """A mutating call already carried out: its request_id, what it asked, and the customer it touched."""
-
-    __tablename__ = "idempotency_keys"
-
-    method: Mapped[str] = mapped_column(String(64), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
-    customer_id: Mapped[str] = mapped_column(String(CUSTOMER_ID_MAX))
-    # The number the call produced, when it produced one (a sub number), so a retry answers with it.
-    result_number: Mapped[str | None] = mapped_column(String(NUMBER_MAX))
-    created_at: Mapped[datetime]
-
-
 # (prefix, counter) → (number, key version that made it)
 MakeNumber = Callable[[str, int], tuple[str, int]]
 
@@ -183,12 +176,6 @@ class StoredCustomer:
     customer: Customer
     holder_ciphertext: bytes | None
     holder_key_version: int | None
-
-
-def _conflict() -> InvalidArgument:
-    return InvalidArgument.field(
-        "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
-    )
 
 
 class SqlCustomerStore:
@@ -224,7 +211,7 @@ class SqlCustomerStore:
         except AlreadyExists:
             # Another call with this request_id committed first (the unique index stopped us): answer with it.
             with self._db.session(read_only=True) as session:
-                replay = _replay(session, request_id, fingerprint)
+                replay = _replay(session, actor, request_id, fingerprint)
             if replay is None:
                 raise
             return replay, True
@@ -240,7 +227,7 @@ class SqlCustomerStore:
         now: datetime,
     ) -> tuple[StoredCustomer, bool]:
         with self._db.session() as session:
-            replay = _replay(session, request_id, fingerprint)
+            replay = _replay(session, actor, request_id, fingerprint)
             if replay is not None:
                 return replay, True
             for ref in new.external_ids:
@@ -371,7 +358,7 @@ class SqlCustomerStore:
         with self._db.session() as session:
             # Lock first, then look for an earlier run: a concurrent retry waits here and then replays.
             row = _lock_number(session, number)
-            done = _earlier_call(session, method, request_id, fingerprint)
+            done = earlier_call(session, method, actor, request_id, fingerprint)
             if done is not None:
                 customer = session.scalar(
                     select(SqlCustomer).where(SqlCustomer.customer_id == done.customer_id)
@@ -406,15 +393,7 @@ class SqlCustomerStore:
             customer = session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id))
             assert customer is not None
             customer.updated_at = now
-            session.add(
-                SqlIdempotencyKey(
-                    method=method,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    customer_id=row.customer_id,
-                    created_at=now,
-                )
-            )
+            record_call(session, method, actor, request_id, fingerprint, customer_id=row.customer_id, now=now)
             append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
             session.flush()
             return _load(session, customer), number, False
@@ -438,7 +417,7 @@ class SqlCustomerStore:
         method = "customer.sub_issued"
         with self._db.session() as session:
             primary = _lock_number(session, primary_number)
-            done = _earlier_call(session, method, request_id, fingerprint)
+            done = earlier_call(session, method, actor, request_id, fingerprint)
             if done is not None:
                 earlier = session.scalar(
                     select(SqlCustomerNumber).where(SqlCustomerNumber.number == done.result_number)
@@ -477,15 +456,15 @@ class SqlCustomerStore:
                 failed_verifications=0,
             )
             session.add(row)
-            session.add(
-                SqlIdempotencyKey(
-                    method=method,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    customer_id=primary.customer_id,
-                    result_number=number,
-                    created_at=now,
-                )
+            record_call(
+                session,
+                method,
+                actor,
+                request_id,
+                fingerprint,
+                customer_id=primary.customer_id,
+                result_number=number,
+                now=now,
             )
             details = {"customer_id": primary.customer_id, "primary": mask(primary.number)}
             if merchant_id:
@@ -523,7 +502,7 @@ class SqlCustomerStore:
         """Link an external id to a customer; ``(customer_id, replayed)``. Unique per namespace."""
         method = "external_id.linked"
         with self._db.session() as session:
-            done = _earlier_call(session, method, request_id, fingerprint)
+            done = earlier_call(session, method, actor, request_id, fingerprint)
             if done is not None:
                 return done.customer_id, True
             customer = _find_customer(session, customer_id=customer_id, number=number, external=None)
@@ -556,14 +535,8 @@ class SqlCustomerStore:
                     details={"namespace": ref.namespace},
                     now=now,
                 )
-            session.add(
-                SqlIdempotencyKey(
-                    method=method,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    customer_id=customer.customer_id,
-                    created_at=now,
-                )
+            record_call(
+                session, method, actor, request_id, fingerprint, customer_id=customer.customer_id, now=now
             )
             return customer.customer_id, replayed
 
@@ -578,21 +551,15 @@ class SqlCustomerStore:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _earlier_call(
-    session: Session, method: str, request_id: str, fingerprint: str
-) -> SqlIdempotencyKey | None:
-    done = session.get(SqlIdempotencyKey, (method, request_id))
-    if done is not None and done.fingerprint != fingerprint:
-        raise _conflict()
-    return done
-
-
-def _replay(session: Session, request_id: str, fingerprint: str) -> StoredCustomer | None:
-    earlier = session.scalar(select(SqlCustomer).where(SqlCustomer.request_id == request_id))
+def _replay(session: Session, caller: str, request_id: str, fingerprint: str) -> StoredCustomer | None:
+    """The customer the caller's earlier IssueCustomerId with this request_id made, or None."""
+    earlier = session.scalar(
+        select(SqlCustomer).where(SqlCustomer.request_id == request_id, SqlCustomer.created_by == caller)
+    )
     if earlier is None:
         return None
     if earlier.request_fingerprint != fingerprint:
-        raise _conflict()
+        raise idempotency_conflict()
     return _load(session, earlier)
 
 

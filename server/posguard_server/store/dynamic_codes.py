@@ -25,8 +25,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.customers import mask
 from posguard_server.domain.dynamic_codes import Reason
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from posguard_server.domain.errors import AlreadyExists, FailedPrecondition
 from posguard_server.store.audit import append_event
+from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ FINGERPRINT_MAX = 64
 MERCHANT_MAX = 64
 # How often a write that lost a race on a unique constraint is re-run before the error goes out.
 _ATTEMPTS = 3
+_ENROLLED = "dynamic_code.enrolled"
 
 
 class SqlDynamicEnrollment(Base):
@@ -66,7 +68,9 @@ class SqlDynamicEnrollment(Base):
     # Wrong codes against this enrolment in the current window, from any key (the per-target limit).
     guess_window_started_at: Mapped[datetime | None]
     guess_window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), unique=True)
+    # The EnrollDynamicCodes call (request_id of ``enrolled_by``) that made this key: a retry of it may
+    # show the key again; a retry of an earlier call, whose key this one replaced, may not.
+    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX))
     request_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
 
 
@@ -95,6 +99,8 @@ class SqlDynamicCodeAttempt(Base):
     )
 
     request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), primary_key=True)
+    # The caller: a request_id is its caller's own (see store.idempotency).
+    attempted_by: Mapped[str] = mapped_column(String(64), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
     reason: Mapped[str] = mapped_column(String(24))
     handle: Mapped[str | None] = mapped_column(String(HANDLE_LENGTH), index=True)
@@ -106,7 +112,6 @@ class SqlDynamicCodeAttempt(Base):
     amount_minor: Mapped[int | None] = mapped_column(BigInteger)
     currency: Mapped[str | None] = mapped_column(String(3))
     attempted_at: Mapped[datetime] = mapped_column(index=True)
-    attempted_by: Mapped[str] = mapped_column(String(64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +159,6 @@ class RedemptionAnswer:
 
 # (ciphertext, customer id, key version) → the TOTP key
 OpenKey = Callable[[bytes, str, int], bytes]
-
-
-def idempotency_conflict() -> InvalidArgument:
-    return InvalidArgument.field(
-        "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
-    )
 
 
 class SqlDynamicCodeStore:
@@ -215,18 +214,28 @@ class SqlDynamicCodeStore:
         now: datetime,
     ) -> tuple[StoredEnrollment, bool]:
         with self._db.session() as session:
-            earlier = session.scalar(
-                select(SqlDynamicEnrollment).where(SqlDynamicEnrollment.request_id == request_id)
-            )
-            if earlier is not None:
-                if earlier.request_fingerprint != fingerprint:
-                    raise idempotency_conflict()
-                return _enrollment(earlier), True
+            # The enrolment first (locked), then the key: a concurrent retry waits here and then replays.
             row = session.scalar(
                 select(SqlDynamicEnrollment)
                 .where(SqlDynamicEnrollment.customer_id == customer_id)
                 .with_for_update()
             )
+            done = earlier_call(session, _ENROLLED, actor, request_id, fingerprint)
+            if done is not None:
+                current = (
+                    row is not None
+                    and done.customer_id == customer_id
+                    and (row.request_id, row.enrolled_by) == (request_id, actor)
+                )
+                if row is None or not current:
+                    # Showing the replaced key again would hand out a secret that no longer works, and
+                    # enrolling again would break the device holding the current one.
+                    raise FailedPrecondition(
+                        "the enrolment this request made has been replaced by a later one; its secret no "
+                        "longer works (enrol again under a new request_id to replace the current one)",
+                        reason="ENROLLMENT_REPLACED",
+                    )
+                return _enrollment(row), True
             if row is not None and not replace_existing:
                 raise FailedPrecondition(
                     "the customer is already enrolled for dynamic codes; set replace_existing to replace",
@@ -244,11 +253,12 @@ class SqlDynamicCodeStore:
             row.enrolled_by = actor
             row.request_id = request_id
             row.request_fingerprint = fingerprint
+            record_call(session, _ENROLLED, actor, request_id, fingerprint, customer_id=customer_id, now=now)
             session.flush()
             append_event(
                 session,
                 actor=actor,
-                action="dynamic_code.enrolled",
+                action=_ENROLLED,
                 subject=mask(number),
                 details={"customer_id": customer_id, "replaced": str(replaced).lower()},
                 now=now,

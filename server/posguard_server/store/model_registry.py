@@ -31,7 +31,7 @@ from posguard_server.domain.risk import (
     promotion_refusal,
 )
 from posguard_server.store.audit import SqlAuditEvent, append_event
-from posguard_server.store.customers import SqlIdempotencyKey
+from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.risk_tables import (
     CHUNK,
     GENERATION,
@@ -193,7 +193,8 @@ class SqlModelRegistry:
         with self._db.session() as session:
             lock_registry(session, now)
             if request_id is not None:
-                details = _earlier_registry_call(session, _PROMOTED, request_id, fingerprint)
+                assert actor is not None
+                details = _earlier_registry_call(session, _PROMOTED, actor, request_id, fingerprint)
                 if details is not None:
                     return Promotion(
                         version=version,
@@ -310,7 +311,8 @@ class SqlModelRegistry:
         with self._db.session() as session:
             lock_registry(session, now)
             if request_id is not None:
-                details = _earlier_registry_call(session, _ROLLED_BACK, request_id, fingerprint)
+                assert actor is not None
+                details = _earlier_registry_call(session, _ROLLED_BACK, actor, request_id, fingerprint)
                 if details is not None:
                     restored = details.get("restored_version", "")
                     return Rollback(
@@ -682,24 +684,24 @@ def _slot_model(session: Session, scope: str, customer: str | None, version: str
 
 
 def _earlier_registry_call(
-    session: Session, method: str, request_id: str, fingerprint: str
+    session: Session, method: str, caller: str, request_id: str, fingerprint: str
 ) -> dict[str, str] | None:
-    """The audit details of an earlier call with this ``request_id`` (its answer), or None.
+    """The audit details of the caller's earlier call with this ``request_id`` (its answer), or None.
 
     The answer is kept where the call already wrote it, in its audit event (with the request_id among the
-    details); the idempotency key finds the event by its time. Another request under the same request_id is
-    an InvalidArgument.
+    details); the idempotency key finds the event by its time and actor. Another request under the same
+    request_id is an InvalidArgument.
     """
-    done = session.get(SqlIdempotencyKey, (method, request_id))
+    done = earlier_call(session, method, caller, request_id, fingerprint)
     if done is None:
         return None
-    if done.fingerprint != fingerprint:
-        raise InvalidArgument.field(
-            "request_id", "was already used for a different request", reason="IDEMPOTENCY_CONFLICT"
-        )
     events = session.scalars(
         select(SqlAuditEvent.details)
-        .where(SqlAuditEvent.action == method, SqlAuditEvent.occurred_at == done.created_at)
+        .where(
+            SqlAuditEvent.action == method,
+            SqlAuditEvent.actor == caller,
+            SqlAuditEvent.occurred_at == done.created_at,
+        )
         .order_by(SqlAuditEvent.sequence)
     )
     for text_ in events:
@@ -728,13 +730,5 @@ def _append_registry_event(
         details["reason"] = reason
     if request_id is not None:
         details["request_id"] = request_id
-        session.add(
-            SqlIdempotencyKey(
-                method=method,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                customer_id=customer or "",
-                created_at=utc(now),
-            )
-        )
+        record_call(session, method, actor, request_id, fingerprint, customer_id=customer or "", now=utc(now))
     append_event(session, actor=actor, action=method, subject=version, details=details, now=now)

@@ -45,13 +45,14 @@ class SqlOutcomeStore:
         note: str,
         request_id: str,
         fingerprint: str,
+        caller: str,
         now: datetime,
     ) -> tuple[OutcomeRecord, bool]:
         """Label a stored transaction; ``(record, replayed)``.
 
         A later report (another request_id) replaces the label: a chargeback can follow a legitimate. A
-        retry with the same ``request_id`` and ``fingerprint`` returns what that report set and changes
-        nothing, even after a later report replaced its label.
+        retry with the same ``request_id`` and ``fingerprint`` from the same ``caller`` returns what that
+        report set and changes nothing, even after a later report replaced its label.
         """
         for attempt in range(ATTEMPTS):
             try:
@@ -62,6 +63,7 @@ class SqlOutcomeStore:
                     note=note,
                     request_id=request_id,
                     fingerprint=fingerprint,
+                    caller=caller,
                     now=now,
                 )
             except AlreadyExists:
@@ -79,10 +81,11 @@ class SqlOutcomeStore:
         note: str,
         request_id: str,
         fingerprint: str,
+        caller: str,
         now: datetime,
     ) -> tuple[OutcomeRecord, bool]:
         with self._db.session() as session:
-            earlier = session.get(SqlRiskOutcomeReport, request_id)
+            earlier = session.get(SqlRiskOutcomeReport, (request_id, caller))
             if earlier is not None:
                 if earlier.fingerprint != fingerprint:
                     raise request_conflict("was already used for a different request")
@@ -116,6 +119,7 @@ class SqlOutcomeStore:
             session.add(
                 SqlRiskOutcomeReport(
                     request_id=request_id,
+                    caller=caller,
                     fingerprint=fingerprint,
                     transaction_id=transaction_id,
                     outcome=outcome.value,

@@ -48,8 +48,8 @@ from posguard_server.store.dynamic_codes import (
     SqlDynamicCodeAttempt,
     SqlDynamicCodeUse,
     SqlDynamicEnrollment,
-    idempotency_conflict,
 )
+from posguard_server.store.idempotency import idempotency_conflict
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Table
@@ -87,7 +87,7 @@ _attempts = cast("Table", SqlDynamicCodeAttempt.__table__)
 _uses = cast("Table", SqlDynamicCodeUse.__table__)
 _enrolments = cast("Table", SqlDynamicEnrollment.__table__)
 _A, _U, _E = _attempts.c, _uses.c, _enrolments.c
-_EARLIER = select(_A.request_id, _A.fingerprint, _A.reason, _A.customer_id, _A.number).where(
+_EARLIER = select(_A.request_id, _A.attempted_by, _A.fingerprint, _A.reason, _A.customer_id, _A.number).where(
     _A.request_id.in_(bindparam("request_ids", expanding=True))
 )
 # Locked, so concurrent redemptions against one enrolment are judged one after the other.
@@ -218,7 +218,9 @@ class _Batch:
         self._open_key = open_key
         self._code_limit = code_limit
         connection = session.connection()
-        self._earlier = _earlier(connection, {item.attempt.request_id for item in items})
+        self._earlier = _earlier(
+            connection, {(item.attempt.actor, item.attempt.request_id) for item in items}
+        )
         handles = sorted({item.code.handle for item in items if item.code is not None})
         self._enrolments: dict[str, Any] = {}  # rows of _ENROLMENTS by handle
         self._primaries: dict[str, CustomerNumber] = {}
@@ -245,7 +247,8 @@ class _Batch:
         """The answer to item ``slot``, judged after the items before it, and recorded for ``write``."""
         item = self._items[slot]
         code, attempt = item.code, item.attempt
-        earlier = self._earlier.get(attempt.request_id)
+        key = (attempt.actor, attempt.request_id)  # a request_id is its caller's own
+        earlier = self._earlier.get(key)
         if earlier is not None:
             if earlier.fingerprint != attempt.fingerprint:
                 return idempotency_conflict()
@@ -306,7 +309,7 @@ class _Batch:
             }
         )
         answer = RedemptionAnswer(reason, customer_id, number, replayed=False)
-        self._earlier[attempt.request_id] = _Attempted(attempt.fingerprint, answer)
+        self._earlier[key] = _Attempted(attempt.fingerprint, answer)
         if reason is not Reason.MALFORMED:
             # Never the code: a refused code (e.g. WRONG_CUSTOMER) may still be redeemable.
             details = {"reason": reason.name, "merchant_id": attempt.merchant_id}
@@ -386,12 +389,14 @@ class _Batch:
         return {"b_started": window.started_at, "b_failures": window.failures}
 
 
-def _earlier(connection: Connection, request_ids: set[str]) -> dict[str, _Attempted]:
-    rows = connection.execute(_EARLIER, {"request_ids": sorted(request_ids)})
+def _earlier(connection: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Attempted]:
+    """The attempts stored under the (caller, request_id) ``keys``."""
+    rows = connection.execute(_EARLIER, {"request_ids": sorted({request_id for _, request_id in keys})})
     return {
-        row.request_id: _Attempted(
+        (row.attempted_by, row.request_id): _Attempted(
             row.fingerprint,
             RedemptionAnswer(Reason(row.reason), row.customer_id or "", row.number or "", False),
         )
         for row in rows
+        if (row.attempted_by, row.request_id) in keys
     }

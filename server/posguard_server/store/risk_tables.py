@@ -41,7 +41,7 @@ from posguard_server.domain.risk import (
     TransactionSource,
 )
 from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer
-from posguard_server.store.schema import REQUEST_ID_MAX, Base
+from posguard_server.store.schema import PRINCIPAL_MAX, REQUEST_ID_MAX, Base
 from posguard_server.store.schema import insert_for as schema_insert_for
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ class SqlRiskTransaction(Base):
     in_history: Mapped[bool] = mapped_column(Boolean)
     # The scored request's fingerprint: a retry must match it to be answered from the stored answer.
     fingerprint: Mapped[str | None] = mapped_column(String(FINGERPRINT_MAX))
-    # Unique so that an idempotency key reused for another transaction is refused; NULLs do not collide.
-    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX), unique=True)
+    # The request that stored it; not unique: request ids are their callers' own (see store.idempotency).
+    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX))
     scored_at: Mapped[datetime | None]
     risk_score: Mapped[float | None] = mapped_column(Double)
     decision: Mapped[str | None] = mapped_column(String(16))
@@ -155,6 +155,8 @@ class SqlRiskOutcomeReport(Base):
     __table_args__ = (CheckConstraint(_in_list("outcome", (o.value for o in Outcome)), name="outcome"),)
 
     request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX), primary_key=True)
+    # The caller's key id: a request_id is its caller's own.
+    caller: Mapped[str] = mapped_column(String(PRINCIPAL_MAX), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_MAX))
     transaction_id: Mapped[str] = mapped_column(
         String(TRANSACTION_ID_MAX), ForeignKey("risk_transactions.transaction_id"), index=True

@@ -13,7 +13,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import CheckConstraint, DateTime, Dialect, Integer, MetaData, String, TypeDecorator
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -84,7 +93,12 @@ class SqlApiKey(Base):
     """An API key; only the SHA-256 digest of its secret is kept."""
 
     __tablename__ = "api_keys"
-    __table_args__ = (CheckConstraint(_in_list("role", [role.value for role in Role]), name="role"),)
+    __table_args__ = (
+        CheckConstraint(_in_list("role", [role.value for role in Role]), name="role"),
+        # A request_id is its caller's own: unique per creator, so that two concurrent retries of one
+        # CreateApiKey cannot both insert; NULLs do not collide.
+        UniqueConstraint("request_id", "created_by"),
+    )
 
     # A surrogate integer key gives a stable, cheap keyset-pagination order.
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -97,8 +111,7 @@ class SqlApiKey(Base):
     revoked_at: Mapped[datetime | None]
     revoked_by: Mapped[str | None] = mapped_column(String(PRINCIPAL_MAX))
     revoke_reason: Mapped[str | None] = mapped_column(String(REVOKE_REASON_MAX))
-    # Unique so that two concurrent retries of one CreateApiKey cannot both insert; NULLs do not collide.
-    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX), unique=True)
+    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX))
 
     def __repr__(self) -> str:
         # Never includes secret_hash: reprs end up in logs and tracebacks.

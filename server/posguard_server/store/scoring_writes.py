@@ -36,6 +36,7 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
+from posguard_server.store.idempotency import SqlIdempotencyKey
 from posguard_server.store.redemptions import redeem_in
 from posguard_server.store.risk_tables import (
     ATTEMPTS,
@@ -53,7 +54,7 @@ from posguard_server.store.risk_tables import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement, Connection, Select
+    from sqlalchemy import ColumnElement, Connection, Select, Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -129,6 +130,8 @@ class ScoreItem:
     # The same over the shadow run's window, when it differs from ``place_since``'s (each training run picks
     # its own); handed to ``evaluate`` as ``shadow_place``. None: not needed.
     shadow_place_since: datetime | None = None
+    # Who sent it: ``request_id`` is this caller's own idempotency key (see store.idempotency).
+    caller: str = ""
 
 
 def _transaction_conflict(message: str) -> InvalidArgument:
@@ -151,6 +154,7 @@ class SqlScoringStore:
         now: datetime,
         place_since: datetime | None = None,
         finish: Finish,
+        caller: str = "",
     ) -> Scored:
         """Score and store one transaction and update the customer's profile, all in one transaction.
 
@@ -160,7 +164,9 @@ class SqlScoringStore:
         the database, and may be called again if the write lost a race. ``request_id`` "" means none.
         """
         (result,) = self.score_many(
-            [ScoreItem(record, fingerprint, request_id, evaluate, place_since)], now=now, finish=finish
+            [ScoreItem(record, fingerprint, request_id, evaluate, place_since, caller=caller)],
+            now=now,
+            finish=finish,
         )
         if isinstance(result, PosguardError):
             raise result
@@ -180,7 +186,8 @@ class SqlScoringStore:
             try:
                 with self.scoring_unit() as unit:
                     unit.load_earlier(
-                        [item.record.transaction_id for item in items], [item.request_id for item in items]
+                        [item.record.transaction_id for item in items],
+                        [(item.caller, item.request_id) for item in items],
                     )
                     unit.lock_customers({item.record.customer_id for item in items})
                     return unit.score(items, now=now, finish=finish)
@@ -201,11 +208,6 @@ class SqlScoringStore:
         with self._db.session(read_only=True) as session:
             row = session.scalar(select(_T).where(_T.transaction_id == transaction_id))
             return _stored(row) if row is not None else None
-
-    def request_id_used(self, request_id: str) -> bool:
-        """Whether a stored transaction was scored under this idempotency key."""
-        with self._db.session(read_only=True) as session:
-            return session.scalar(select(_T.id).where(_T.request_id == request_id).limit(1)) is not None
 
     def place_activity(
         self, *, terminal_id: str, merchant_id: str, since: datetime, until: datetime
@@ -237,15 +239,18 @@ class ScoringUnit:
     def __init__(self, session: Session) -> None:
         self._session = session
         self._connection = session.connection()
-        self._earlier = _Earlier({}, set())
+        self._earlier = _Earlier({}, {})
         self._locked: set[str] = set()
 
-    def load_earlier(self, transaction_ids: Iterable[str], request_ids: Iterable[str]) -> None:
-        self._earlier = _Earlier.load(self._connection, transaction_ids, request_ids)
+    def load_earlier(self, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]) -> None:
+        """Read the stored transactions and the (caller, request_id) keys the batch names."""
+        self._earlier = _Earlier.load(self._connection, transaction_ids, request_keys)
 
-    def replay_of(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
+    def replay_of(
+        self, transaction_id: str, fingerprint: str, caller: str, request_id: str
+    ) -> StoredTransaction | None:
         """The stored transaction a retry replays; None for a new one; InvalidArgument on a conflict."""
-        return self._earlier.check(transaction_id, fingerprint, request_id)
+        return self._earlier.check(transaction_id, fingerprint, caller, request_id)
 
     def lock_customers(self, customer_ids: set[str]) -> set[str]:
         """Lock the customers until commit; those that exist. Called once per unit, so the order holds."""
@@ -302,7 +307,7 @@ class ScoringUnit:
             for (slot, item, _), evaluation in zip(waiting, evaluations, strict=True):
                 stored = _scored_transaction(item.record, evaluation, scored_at)
                 rows.append(_scored_values(stored, evaluation, item))
-                earlier.add(stored, item.fingerprint, item.request_id)
+                earlier.add(stored, item.fingerprint)
                 if evaluation.new_state is not None:
                     profiles.count(item.record, evaluation, scored_at)
                 results[slot] = (stored, False)
@@ -321,11 +326,13 @@ class ScoringUnit:
             if record.transaction_id in ids_pending:
                 settle(write=False)  # a retry within the batch replays the answer, once there is one
             try:
-                replay = earlier.check(record.transaction_id, item.fingerprint, item.request_id)
+                replay = earlier.check(record.transaction_id, item.fingerprint, item.caller, item.request_id)
             except InvalidArgument as conflict:
                 results[slot] = conflict
                 continue
             if replay is not None:
+                # The request_id of a retry is the caller's key for this transaction from now on too.
+                earlier.record(item, record.customer_id, scored_at)
                 results[slot] = (replay, True)
                 continue
             place = shadow_place = None
@@ -350,12 +357,13 @@ class ScoringUnit:
                 prepared = item.evaluate(snapshot, place, shadow_place=shadow_place)
             if prepared.new_state is not None:
                 profiles.advance(record.customer_id, prepared.new_state)
-            earlier.reserve(item.request_id)
+            earlier.record(item, record.customer_id, scored_at)
             waiting.append((slot, item, prepared))
             ids_pending.add(record.transaction_id)
             places_pending.add(_place_key(record))
         settle(write=True)
         profiles.write(connection)
+        earlier.write(connection)
         done = [result for result in results if result is not None]
         assert len(done) == len(items)
         return done
@@ -472,7 +480,14 @@ def _lock_customers(connection: Connection, customer_ids: set[str]) -> set[str]:
 
 
 _EARLIER = select(_TX).where(_T.transaction_id.in_(bindparam("ids", expanding=True)))
-_USED_REQUEST_IDS = select(_T.request_id).where(_T.request_id.in_(bindparam("ids", expanding=True)))
+_KEYS = cast("Table", SqlIdempotencyKey.__table__)
+# The request ids of scores, kept as idempotency keys whose fingerprint is the transaction's: a request_id
+# names one transaction for its caller, whether the call stored it or replayed it by its transaction id.
+SCORED = "risk.scored"
+_USED_REQUEST_IDS = select(_KEYS.c.caller, _KEYS.c.request_id, _KEYS.c.fingerprint).where(
+    _KEYS.c.method == SCORED, _KEYS.c.request_id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_KEYS = insert(_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,29 +500,36 @@ class _Known:
 
 
 class _Earlier:
-    """The stored transactions a batch's ids and request ids already name, kept up to date as it stores."""
+    """The stored transactions and request ids a batch names, kept up to date as it stores."""
 
-    def __init__(self, rows: dict[str, _Known], request_ids: set[str]) -> None:
+    def __init__(self, rows: dict[str, _Known], request_ids: dict[tuple[str, str], str]) -> None:
         self._rows = rows
+        # (caller, request_id) → the fingerprint of the transaction it names
         self._request_ids = request_ids
+        self._new_keys: list[dict[str, Any]] = []
 
     @classmethod
     def load(
-        cls, connection: Connection, transaction_ids: Iterable[str], request_ids: Iterable[str]
+        cls, connection: Connection, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]
     ) -> _Earlier:
         ids = sorted(set(transaction_ids))
-        wanted = sorted({request_id for request_id in request_ids if request_id})
+        keys = {(caller, request_id) for caller, request_id in request_keys if request_id}
+        wanted = sorted({request_id for _, request_id in keys})
         rows: dict[str, _Known] = {}
-        used: set[str] = set()
+        used: dict[tuple[str, str], str] = {}
         for chunk in chunks(ids, CHUNK):
             for row in connection.execute(_EARLIER, {"ids": chunk}):
                 stored = _stored(cast(SqlRiskTransaction, row))  # a Core row has the class's attribute names
                 rows[row.transaction_id] = _Known(stored.source, row.fingerprint, stored)
         for chunk in chunks(wanted, CHUNK):
-            used.update(connection.scalars(_USED_REQUEST_IDS, {"ids": chunk}))
+            for caller, request_id, fingerprint in connection.execute(_USED_REQUEST_IDS, {"ids": chunk}):
+                if (caller, request_id) in keys:
+                    used[caller, request_id] = fingerprint
         return cls(rows, used)
 
-    def check(self, transaction_id: str, fingerprint: str, request_id: str) -> StoredTransaction | None:
+    def check(
+        self, transaction_id: str, fingerprint: str, caller: str, request_id: str
+    ) -> StoredTransaction | None:
         """The stored transaction a call retries; None for a new one; InvalidArgument on a conflict."""
         known = self._rows.get(transaction_id)
         if known is not None:
@@ -516,20 +538,37 @@ class _Earlier:
                 raise _transaction_conflict("belongs to imported history")
             if known.fingerprint != fingerprint:
                 raise _transaction_conflict("was already used for a different transaction")
-            return known.stored
-        if request_id and request_id in self._request_ids:
+        named = self._request_ids.get((caller, request_id)) if request_id else None
+        if named is not None and named != fingerprint:
             raise request_conflict("was already used for a different transaction")
-        return None
+        return known.stored if known is not None else None
 
-    def reserve(self, request_id: str) -> None:
-        """A request id taken by a transaction of this batch that is not stored yet."""
-        if request_id:
-            self._request_ids.add(request_id)
+    def record(self, item: ScoreItem, customer_id: str, now: datetime) -> None:
+        """Keep the item's request_id (if new) as its caller's key for the item's transaction."""
+        key = (item.caller, item.request_id)
+        if not item.request_id or key in self._request_ids:
+            return
+        self._request_ids[key] = item.fingerprint
+        self._new_keys.append(
+            {
+                "method": SCORED,
+                "request_id": item.request_id,
+                "caller": item.caller,
+                "fingerprint": item.fingerprint,
+                "customer_id": customer_id,
+                "result_number": None,
+                "created_at": now,
+            }
+        )
 
-    def add(self, stored: StoredTransaction, fingerprint: str, request_id: str) -> None:
+    def add(self, stored: StoredTransaction, fingerprint: str) -> None:
         self._rows[stored.transaction.transaction_id] = _Known(TransactionSource.SCORE, fingerprint, stored)
-        if request_id:
-            self._request_ids.add(request_id)
+
+    def write(self, connection: Connection) -> None:
+        """Store the keys recorded since the last write (a concurrent writer of one makes this fail)."""
+        if self._new_keys:
+            connection.execute(_INSERT_KEYS, self._new_keys)
+            self._new_keys = []
 
 
 @dataclass(slots=True)
