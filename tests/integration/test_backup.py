@@ -469,8 +469,9 @@ def test_a_backup_of_an_older_schema_is_restored_through_its_revision_then_migra
     added_later = {
         "risk_transactions": {"shadow_version", "shadow_risk_score"},  # by revision 0006
         "risk_profiles": {"version"},  # by revision 0008
+        "risk_models": {"artifact_sha256"},  # by revision 0009
     }
-    tables_added_later = {"caller_failures"}  # by revision 0007
+    tables_added_later = {"caller_failures", "write_probe"}  # by revisions 0007 and 0009
 
     def as_0005(name: str, data: bytes) -> bytes | None:
         if name in {table_member(table) for table in tables_added_later}:
