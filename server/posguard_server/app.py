@@ -28,6 +28,7 @@ from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthe
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.group_commit import Writers
+from posguard_server.api.health import ServiceHealth
 from posguard_server.api.interceptors import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
 from posguard_server.api.risk import RiskServicer
@@ -35,6 +36,7 @@ from posguard_server.config import Settings
 from posguard_server.domain.dynamic_codes import SecretCipher
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.numbering import Numbering
+from posguard_server.domain.risk import Decision
 from posguard_server.issuers import build_numbering
 from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
 from posguard_server.services.scoring import ScoringService
@@ -51,6 +53,7 @@ from posguard_server.store import (
     SqlScoringStore,
     SqlShadowStore,
     SqlVerificationStore,
+    SqlWriteProbeStore,
 )
 from posguard_server.store.caller_limits import SqlGuessStore
 from posguard_server.store.migrate import open_database
@@ -85,9 +88,11 @@ class PosguardServer:
         metrics: Metrics,
         *,
         writers: Sequence[Closable] = (),
+        health: ServiceHealth | None = None,
     ) -> None:
         self.settings = settings
         self._writers = writers
+        self.health = health if health is not None else ServiceHealth(health_servicer, metrics, SERVICE_NAMES)
         self.grpc_server = grpc_server
         self.database = database
         self.metrics = metrics
@@ -100,12 +105,12 @@ class PosguardServer:
             self.metrics_port = self.metrics.serve_http(
                 self.settings.metrics_host, self.settings.metrics_port
             )
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
+        await self.health.stop()
         await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
         for writer in self._writers:
             # Off the loop: a writer may still be committing the batch of a call the grace period cut off.
@@ -190,6 +195,12 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     guard = FailureGuard(
         limit, SqlGuessStore(database, limit), metrics, spike_limit=settings.guess_spike_limit
     )
+    health_servicer = health_aio.HealthServicer()
+    # What health reports: whether writes work (every write tells it; a probe when none comes) and whether
+    # the risk models are usable (the model cache tells it).
+    health = ServiceHealth(health_servicer, metrics, SERVICE_NAMES)
+    database.observe_writes(health.write_result)
+    health.watch_writes(SqlWriteProbeStore(database).probe, settings.health_probe_seconds)
     customers, dynamic, registry = (
         SqlCustomerStore(database),
         SqlDynamicCodeStore(database),
@@ -206,12 +217,11 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(
-        database, registry, customers, dynamic, numbering, settings, metrics, guard, writers
+        database, registry, customers, dynamic, numbering, settings, metrics, guard, writers, health
     )
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
-    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -227,7 +237,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         raise OSError(f"cannot listen on {settings.listen}")
     # The authenticator's key-lookup threads are let go with the writers.
     built = PosguardServer(
-        settings, server, health_servicer, database, metrics, writers=[writers, authenticator]
+        settings, server, health_servicer, database, metrics, writers=[writers, authenticator], health=health
     )
     return built, port
 
@@ -248,10 +258,14 @@ def _risk_servicer(
     metrics: Metrics,
     guard: FailureGuard,
     writers: Writers,
+    health: ServiceHealth,
 ) -> RiskServicer:
     """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
     writes = SqlScoringStore(database)
-    models = ModelCache(registry, SqlShadowStore(database), refresh_seconds=settings.model_refresh_seconds)
+    models = ModelCache(
+        registry, SqlShadowStore(database), refresh_seconds=settings.model_refresh_seconds, events=health
+    )
+    health.watch_models(models.serving, settings.model_refresh_seconds)
     engine = RiskEngine(
         models,
         writes,
@@ -260,6 +274,7 @@ def _risk_servicer(
         customers,
         dynamic,
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
+        no_model_decision=Decision(settings.risk_no_model_decision.upper()),
     )
     scoring = ScoringService(
         engine,

@@ -17,6 +17,7 @@ from posguard_server.logs import LOG_FORMATS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVENT_LOOPS = ("uvloop", "asyncio")
+NO_MODEL_DECISIONS = ("review", "decline", "approve")
 
 
 class Settings(BaseSettings):
@@ -208,6 +209,21 @@ class Settings(BaseSettings):
         float,
         Field(gt=0, description="How often a server checks the registry for newly promoted models."),
     ] = 5.0
+    risk_no_model_decision: Annotated[
+        str,
+        Field(
+            description="The decision (review, decline or approve) for a transaction no model can score: no "
+            "model is active yet, or the active global model cannot be loaded and none loaded before it is.",
+        ),
+    ] = "review"
+    health_probe_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="How often a server that wrote nothing meanwhile writes one row to check that the "
+            "database takes writes; while writes fail, health reports the services NOT_SERVING.",
+        ),
+    ] = 5.0
     insecure_no_auth: Annotated[
         bool,
         Field(description="Turn authentication off (local development only; refused off loopback)."),
@@ -233,6 +249,13 @@ class Settings(BaseSettings):
     def _known_loop(cls, value: str) -> str:
         if value.lower() not in EVENT_LOOPS:
             raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}")
+        return value.lower()
+
+    @field_validator("risk_no_model_decision")
+    @classmethod
+    def _known_decision(cls, value: str) -> str:
+        if value.lower() not in NO_MODEL_DECISIONS:
+            raise ValueError(f"must be one of {', '.join(NO_MODEL_DECISIONS)}")
         return value.lower()
 
     @field_validator("listen")

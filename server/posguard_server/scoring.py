@@ -10,6 +10,12 @@ thread (``api.group_commit``), or on a worker thread for the other RPCs.
 When a training run is in shadow, every transaction a model scores is scored by the shadow run too, from the
 same features, and the shadow score is stored next to the answer for comparison; the answer is always the
 active models'. A shadow model that cannot be loaded is skipped, never a reason to fail a score.
+
+A model that cannot be loaded (its artifact does not match its checksum, or loading fails in any way) never
+fails a call either: the global model loaded before it keeps serving, a customer's transactions are scored
+by the global model alone. Without any usable global model (none active yet, or the first one this server
+loads is unusable) nothing can be scored, not even with an intact customer model, whose score only the
+global model calibrates: the answer is the configured ``no_model`` decision, with a reason saying why.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -209,7 +215,33 @@ def _as_prepared(item: object) -> Prepared:
     return item
 
 
-_NO_MODEL = "no risk model is active yet: the transaction was not scored"
+# The reasons of an answer no model scored (its decision is the configured no-model decision).
+NO_MODEL = StoredReason("NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0)
+NO_USABLE_MODEL = StoredReason(
+    "NO_USABLE_MODEL",
+    "the active risk model cannot be loaded and no earlier one is loaded: no usable model, the transaction "
+    "was not scored",
+    0.0,
+)
+
+
+class ModelEvents(Protocol):
+    """What the model cache tells the rest of the server (health and metrics); called from any thread."""
+
+    def model_load_failed(self, kind: str) -> None:
+        """A model of ``kind`` ("global", "customer" or "shadow") could not be loaded."""
+
+    def risk_model_usable(self, usable: bool) -> None:
+        """Whether a global model is loaded while one is active (False: answers are the no-model decision)."""
+
+
+class _NoEvents:
+    def model_load_failed(self, kind: str) -> None:
+        pass
+
+    def risk_model_usable(self, usable: bool) -> None:
+        pass
+
 
 _Model = TypeVar("_Model")
 # A cached customer model and the registry generation it was loaded under (None: before the first read).
@@ -234,12 +266,16 @@ class ModelCache:
         refresh_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         capacity: int = CUSTOMER_CACHE_SIZE,
+        events: ModelEvents | None = None,
     ) -> None:
         self._registry = registry
         self._shadow = shadow
         self._refresh = refresh_seconds
         self._clock = clock
         self._capacity = capacity
+        self._events: ModelEvents = events if events is not None else _NoEvents()
+        # The active global model's version when it could not be loaded (None: loaded, or none active).
+        self._unloadable: str | None = None
         self._lock = threading.Lock()
         self._generation: int | None = None
         self._checked = -float("inf")
@@ -252,6 +288,10 @@ class ModelCache:
 
     def current(self) -> ActiveGlobal | None:
         return self.serving()[0]
+
+    def no_model_reason(self) -> StoredReason:
+        """Why no global model serves: none is active yet, or the active one could not be loaded."""
+        return NO_USABLE_MODEL if self._unloadable is not None else NO_MODEL
 
     def serving(self) -> tuple[ActiveGlobal | None, ShadowRun | None]:
         """The active global model and the shadow run (None when none is in shadow), of one generation."""
@@ -270,18 +310,36 @@ class ModelCache:
                 self._customers.clear()
                 self._shadow_customers.clear()
                 self._generation = generation
+            elif self._unloadable is not None:
+                # The active global model failed to load: try again every refresh, the failure may have
+                # passed (memory, a read cut short). The shadow run and the customers' models stay.
+                self._global = self._load_global()
+                self._serving = (self._global, self._serving[1])
             return self._serving
 
     def _load_global(self) -> ActiveGlobal | None:
+        # A failing read raises (the call is UNAVAILABLE, the next one reads again); only loading is caught.
         record = self._registry.active_model(ModelScope.GLOBAL, "")
-        if record is None or record.artifact is None:
-            return None
-        try:
-            return ActiveGlobal(record.version, GlobalModel.from_bytes(record.artifact))
-        except ValueError:
-            # A model this server cannot read must not stop it scoring: keep serving the one it had.
-            log.exception("active global model %s cannot be loaded; keeping the previous one", record.version)
-            return self._global
+        if record is None:
+            loaded, self._unloadable = None, None
+        else:
+            try:
+                loaded = ActiveGlobal(record.version, _global_model(record))
+                self._unloadable = None
+            except Exception:
+                # Caught broadly on purpose: a damaged artifact makes the parsers raise almost anything (zlib,
+                # zipfile, tokenizer errors, NotImplementedError for an unknown compression), and none of it
+                # may fail a call or leave the server without the model it had. Keep serving that one.
+                if record.version != self._unloadable:  # logged once per version, not at every retry
+                    log.exception(
+                        "active global model %s cannot be loaded; %s",
+                        record.version,
+                        f"keeping model {self._global.version}" if self._global else "no usable model",
+                    )
+                self._events.model_load_failed("global")
+                loaded, self._unloadable = self._global, record.version
+        self._events.risk_model_usable(loaded is not None or self._unloadable is None)
+        return loaded
 
     def _load_shadow(self, active: ActiveGlobal | None) -> ShadowRun | None:
         version = self._shadow.shadow_version()
@@ -295,18 +353,19 @@ class ModelCache:
                 return None
             return ShadowRun(version, active.model)
         try:
-            return ShadowRun(record.version, GlobalModel.from_bytes(record.artifact))
-        except ValueError:
+            return ShadowRun(record.version, _global_model(record))
+        except Exception:  # broadly, as for the active model: a shadow model never fails a call
             log.exception(
                 "shadow global model %s cannot be loaded; not scoring the shadow run", record.version
             )
+            self._events.model_load_failed("shadow")
             return None
 
     def customer(self, customer_id: str) -> CustomerForest | None:
         return self._cached(
             self._customers,
             customer_id,
-            lambda: _customer_forest(self._registry.active_model(ModelScope.CUSTOMER, customer_id)),
+            lambda: self._customer_forest(self._registry.active_model(ModelScope.CUSTOMER, customer_id)),
         )
 
     def shadow_customer(self, customer_id: str) -> ShadowCustomer:
@@ -314,8 +373,28 @@ class ModelCache:
         return self._cached(
             self._shadow_customers,
             customer_id,
-            lambda: _shadow_forest(self._shadow.shadow_model(ModelScope.CUSTOMER, customer_id)),
+            lambda: self._shadow_forest(self._shadow.shadow_model(ModelScope.CUSTOMER, customer_id)),
         )
+
+    def _customer_forest(self, record: ModelRecord | None) -> CustomerForest | None:
+        if record is None:
+            return None
+        try:
+            return CustomerForest(record.version, _forest(record), record.sample_count)
+        except Exception:  # broadly, as for the global model (see _load_global)
+            log.exception("customer model %s cannot be loaded; scoring with the global model", record.version)
+            self._events.model_load_failed("customer")
+            return None
+
+    def _shadow_forest(self, record: ModelRecord | None) -> ShadowCustomer:
+        if record is None:
+            return None
+        try:
+            return CustomerForest(record.version, _forest(record), record.sample_count)
+        except Exception:  # broadly, as for the global model (see _load_global)
+            log.exception("shadow customer model %s cannot be loaded; no shadow score for it", record.version)
+            self._events.model_load_failed("shadow")
+            return Unreadable.MODEL
 
     def _cached(
         self, cache: OrderedDict[str, _Entry[_Model]], customer_id: str, load: Callable[[], _Model]
@@ -343,28 +422,25 @@ class ModelCache:
         return loaded
 
 
-def _customer_forest(record: ModelRecord | None) -> CustomerForest | None:
-    if record is None or record.artifact is None:
-        return None
-    try:
-        return CustomerForest(record.version, CompiledForest.from_bytes(record.artifact), record.sample_count)
-    except ValueError:
-        log.exception("customer model %s cannot be loaded; scoring with the global model", record.version)
-        return None
+def _global_model(record: ModelRecord) -> GlobalModel:
+    """Load a global model whose artifact matches its checksum, and score once with it before it serves."""
+    model = GlobalModel.from_bytes(record.verified_artifact())
+    # What scoring and explaining touch, once: a model that loads but cannot score is refused here, not
+    # on every call.
+    x = np.zeros(len(FEATURES))
+    model.score(x, None, 0)
+    model.rarity(x)
+    return model
 
 
-def _shadow_forest(record: ModelRecord | None) -> ShadowCustomer:
-    if record is None or record.artifact is None:
-        return None
-    try:
-        forest = CompiledForest.from_bytes(record.artifact)
-        if forest.n_features != len(FEATURES):
-            # Checked here, not left to fail while scoring: a shadow model must never fail a score.
-            raise ValueError(f"the forest takes {forest.n_features} features, not {len(FEATURES)}")
-    except ValueError:
-        log.exception("shadow customer model %s cannot be loaded; no shadow score for it", record.version)
-        return Unreadable.MODEL
-    return CustomerForest(record.version, forest, record.sample_count)
+def _forest(record: ModelRecord) -> CompiledForest:
+    """Load a customer forest whose artifact matches its checksum and that scores this server's features."""
+    forest = CompiledForest.from_bytes(record.verified_artifact())
+    if forest.n_features != len(FEATURES):
+        # Checked here, not left to fail while scoring: a model that cannot be used must never fail a score.
+        raise ValueError(f"the forest takes {forest.n_features} features, not {len(FEATURES)}")
+    forest.score_one(np.zeros(len(FEATURES)))
+    return forest
 
 
 def major_amount(amount_minor: int, currency: str) -> float:
@@ -385,8 +461,10 @@ class RiskEngine:
         dynamic: SqlDynamicCodeStore,
         *,
         thresholds: Thresholds,
+        no_model_decision: Decision = Decision.REVIEW,
     ) -> None:
         self.models = models
+        self._no_model_decision = no_model_decision
         self._writes = writes
         self._outcomes = outcomes
         self._profiles = profiles
@@ -536,14 +614,11 @@ class RiskEngine:
             shadow_risk_score=shadow_risk,
         )
         if active is None:
+            # Not scored: the decision is the operator's setting (review by default), never a score's.
             prepared.evaluation = Evaluation(
                 risk_score=0.0,
-                decision=Decision.APPROVE,
-                reasons=(
-                    StoredReason(
-                        "NO_MODEL", "no risk model is active yet: the transaction was not scored", 0.0
-                    ),
-                ),
+                decision=self._no_model_decision,
+                reasons=(self.models.no_model_reason(),),
                 model_scope=ModelScope.NONE,
                 model_version="",
                 history_size=profile.count,

@@ -469,8 +469,12 @@ def test_a_backup_of_an_older_schema_is_restored_through_its_revision_then_migra
     added_later = {
         "risk_transactions": {"shadow_version", "shadow_risk_score"},  # by revision 0006
         "risk_profiles": {"version"},  # by revision 0008
+        "idempotency_keys": {"caller"},  # by revision 0009
+        "risk_outcome_reports": {"caller"},  # by revision 0009
+        "dynamic_enrollments": {"guess_window_started_at", "guess_window_failures"},  # by revision 0010
+        "risk_models": {"artifact_sha256"},  # by revision 0011
     }
-    tables_added_later = {"caller_failures"}  # by revision 0007
+    tables_added_later = {"caller_failures", "write_probe"}  # by revisions 0007 and 0011
 
     def as_0005(name: str, data: bytes) -> bytes | None:
         if name in {table_member(table) for table in tables_added_later}:

@@ -97,7 +97,9 @@ def test_a_refused_redemption_is_answered_then_exits_3(server: RunningServer) ->
     assert (answer["redeemed"], answer["reason"]) == (False, "REDEMPTION_REASON_ALREADY_USED")
 
 
-def test_score_exits_0_for_approve_and_3_for_decline(server: RunningServer) -> None:
+def test_score_exits_0_for_approve_and_3_for_decline(server_factory: Callable[..., RunningServer]) -> None:
+    # No model is active: the answer is the no-model decision, here set to approve.
+    server = server_factory(risk_no_model_decision="approve")
     gateway = server.key("gateway")
     number = _issue(server)
     approved = run(server, "--json", *_score_args("tx-approve", "--number", number), key=gateway)
@@ -181,10 +183,11 @@ def test_audit_verify_exits_3_on_a_break_and_prints_where(server: RunningServer)
 def test_running_the_same_score_again_replays_the_first_answer(server: RunningServer) -> None:
     gateway = server.key("gateway")
     args = ["--json", *_score_args("tx-again", "--number", _issue(server))]
+    # No model is active: REVIEW (exit 4), the default no-model decision.
     first = run(server, *args, key=gateway)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 4, first.output
     second = run(server, *args, key=gateway)
-    assert second.exit_code == 0, second.output
+    assert second.exit_code == 4, second.output
     one, two = json.loads(first.stdout), json.loads(second.stdout)
     assert (one["replayed"], two["replayed"]) == (False, True)
     assert {**one, "replayed": True} == two
@@ -197,8 +200,9 @@ def test_running_the_same_score_again_replays_the_first_answer(server: RunningSe
 
 
 def test_running_the_same_score_with_a_dynamic_code_again_replays_without_using_the_code(
-    server: RunningServer,
+    server_factory: Callable[..., RunningServer],
 ) -> None:
+    server = server_factory(risk_no_model_decision="approve")
     gateway = server.key("gateway")
     number = _issue(server)
     assert run(server, "enroll", number, key=gateway).exit_code == 0

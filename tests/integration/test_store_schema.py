@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from posguard_server.domain.risk import ModelScope
 from posguard_server.store.db import Database
 from posguard_server.store.migrate import (
     current_revision,
@@ -16,6 +18,7 @@ from posguard_server.store.migrate import (
     migration_connection,
     upgrade,
 )
+from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
@@ -50,7 +53,7 @@ def test_upgrade_reaches_head(database_url: str) -> None:
     upgrade(database_url)
     db = Database(database_url)
     try:
-        assert current_revision(db.engine) == head_revision() == "0010"
+        assert current_revision(db.engine) == head_revision() == "0011"
     finally:
         db.dispose()
     assert is_current(database_url)
@@ -145,5 +148,32 @@ def test_sqlite_migrations_run_without_foreign_key_enforcement(tmp_path: Path) -
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 0
         with db.session(read_only=True) as session:
             assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        db.dispose()
+
+
+def test_models_stored_before_checksums_get_theirs_from_their_bytes(database_url: str) -> None:
+    """Revision 0011 computes the checksum of every artifact already stored: every model loads as before."""
+    upgrade(database_url, "0008")
+    artifacts = {f"v{n}": bytes(range(n, 256)) * (n + 1) for n in range(1, 4)}
+    db = Database(database_url)
+    try:
+        with db.engine.begin() as connection:
+            for version, artifact in artifacts.items():
+                connection.execute(
+                    text(
+                        "INSERT INTO risk_models (scope, customer_id, version, status, created_at,"
+                        " training_window_start, training_window_end, sample_count, metrics, artifact)"
+                        " VALUES ('GLOBAL', NULL, :version, 'CANDIDATE', :at, :at, :at, 1, '{}', :artifact)"
+                    ),
+                    {"version": version, "at": "2025-03-01 12:00:00", "artifact": artifact},
+                )
+        upgrade(database_url)
+        models = {model.version: model for model in SqlModelRegistry(db).list_models()[0]}
+        for version, artifact in artifacts.items():
+            record = SqlModelRegistry(db).get_model(ModelScope.GLOBAL, "", version)
+            assert record is not None
+            assert models[version].artifact_sha256 == hashlib.sha256(artifact).hexdigest()
+            assert record.verified_artifact() == artifact
     finally:
         db.dispose()

@@ -18,7 +18,7 @@ from sklearn.ensemble import IsolationForest
 from posguard_models.features import Event, Profile
 from posguard_models.forest import CompiledForest
 from posguard_models.training import History, Trained, TrainingConfig, train
-from posguard_server.domain.risk import Evaluation, ModelRecord, ModelScope, ModelStatus
+from posguard_server.domain.risk import Evaluation, ModelRecord, ModelScope, ModelStatus, artifact_digest
 from posguard_server.scoring import (
     IdentityDecline,
     ModelCache,
@@ -74,6 +74,7 @@ def _record(
         metrics={},
         activated_at=None,
         artifact=artifact,
+        artifact_sha256=artifact_digest(artifact),
     )
 
 

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Scores are calibrated so 1 - score is an alert rate: the interesting resolution is in the top percent.
 SCORE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+# The parts whose failure posguard_degraded reports (api.health).
+DEGRADED_COMPONENTS = ("storage", "risk_model")
 
 
 class Metrics:
@@ -74,6 +76,22 @@ class Metrics:
         self.guess_spikes = Counter(
             "posguard_guess_spikes",
             "Times the guesses across all keys crossed guess_spike_limit within a minute.",
+            registry=self.registry,
+        )
+        self.degraded = Gauge(
+            "posguard_degraded",
+            "1 while a part the server needs fails: storage (writes to the database fail) or risk_model (a "
+            "global model is active but none is usable: answers are the no-model decision).",
+            ("component",),
+            registry=self.registry,
+        )
+        for component in DEGRADED_COMPONENTS:
+            self.degraded.labels(component).set(0)
+        self.model_load_failures = Counter(
+            "posguard_risk_model_load_failures",
+            "Models that could not be loaded (checksum mismatch or any failure while loading), by kind: "
+            "global, customer or shadow.",
+            ("kind",),
             registry=self.registry,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None

@@ -441,7 +441,7 @@ def _active_set(active_global: ModelRecord | None, customers: dict[str, ModelRec
     if active_global is None or active_global.artifact is None:
         return None
     try:
-        model = GlobalModel.from_bytes(active_global.artifact)
+        model = GlobalModel.from_bytes(active_global.verified_artifact())
     except ValueError:
         return None
     forests: dict[str, CustomerForest] = {}
@@ -450,7 +450,7 @@ def _active_set(active_global: ModelRecord | None, customers: dict[str, ModelRec
             continue
         try:
             forests[customer] = CustomerForest(
-                CompiledForest.from_bytes(record.artifact), record.sample_count
+                CompiledForest.from_bytes(record.verified_artifact()), record.sample_count
             )
         except ValueError:
             continue  # a server scores this customer with the global model alone; so does the comparison
@@ -595,10 +595,10 @@ def evaluate_run(history_store: SqlHistoryStore, registry: SqlModelRegistry, ver
         if record is None or record.artifact is None:
             continue
         if model.scope is ModelScope.GLOBAL:
-            candidate_global = GlobalModel.from_bytes(record.artifact)
+            candidate_global = GlobalModel.from_bytes(record.verified_artifact())
         else:
             forests[model.customer_id] = CustomerForest(
-                CompiledForest.from_bytes(record.artifact), record.sample_count
+                CompiledForest.from_bytes(record.verified_artifact()), record.sample_count
             )
     if candidate_global is None:
         raise ValueError("the run has no global model and none is active to score it with")

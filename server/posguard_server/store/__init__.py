@@ -18,6 +18,7 @@ from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
 from posguard_server.store.verifications import SqlVerificationStore
+from posguard_server.store.write_probe import SqlWriteProbeStore
 
 __all__ = [
     "Database",
@@ -33,4 +34,5 @@ __all__ = [
     "SqlScoringStore",
     "SqlShadowStore",
     "SqlVerificationStore",
+    "SqlWriteProbeStore",
 ]

@@ -26,7 +26,7 @@ from posguard_server.domain.deadlines import check_deadline
 from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -95,6 +95,7 @@ class Database:
         self._read_sessions = sessionmaker(
             bind=self._engine.execution_options(**{_READ_ONLY_OPTION: True}), expire_on_commit=False
         )
+        self._write_observers: list[Callable[[bool], None]] = []
 
     def _sqlite_engine(self, *, pool_size: int, max_overflow: int) -> Engine:
         path = _sqlite_file(self._url)
@@ -146,6 +147,19 @@ class Database:
     def engine(self) -> Engine:
         return self._engine
 
+    def observe_writes(self, observer: Callable[[bool], None]) -> None:
+        """Tell ``observer`` how every write unit of work ends: True once it committed, False when the
+        database failed it (unreachable, full, locked past the busy timeout). Business refusals, deadlines
+        and a pool with no free connection (overload, which load shedding answers) tell nothing.
+
+        It runs on the thread that wrote, once per commit: it must be quick and thread-safe.
+        """
+        self._write_observers.append(observer)
+
+    def _wrote(self, ok: bool) -> None:
+        for observer in self._write_observers:
+            observer(ok)
+
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:
         """The unit of work: commit on success, roll back on any exception, always close.
@@ -175,7 +189,14 @@ class Database:
             translated = translate_error(exc)
             if translated is None:
                 raise
+            # A pool with no free connection (sa_exc.TimeoutError) is overload, not a failing database.
+            failed = isinstance(translated, Unavailable) and not isinstance(exc, sa_exc.TimeoutError)
+            if failed and not read_only:
+                self._wrote(False)
             raise translated from exc
+        else:
+            if not read_only:
+                self._wrote(True)
         finally:
             session.close()
 

@@ -28,6 +28,7 @@ from posguard_server.domain.risk import (
     NewModel,
     Promotion,
     Rollback,
+    artifact_digest,
     promotion_refusal,
 )
 from posguard_server.store.audit import SqlAuditEvent, append_event
@@ -91,6 +92,7 @@ class SqlModelRegistry:
                     "activated_at": None,
                     "previous_id": None,
                     "artifact": model.artifact,
+                    "artifact_sha256": artifact_digest(model.artifact),
                 }
             )
         with self._db.session() as session:
@@ -532,6 +534,7 @@ def model_record(row: SqlRiskModel, *, with_artifact: bool) -> ModelRecord:
         metrics={name: float(value) for name, value in json.loads(row.metrics).items()},
         activated_at=row.activated_at,
         artifact=row.artifact if with_artifact else None,
+        artifact_sha256=row.artifact_sha256,
     )
 
 

@@ -254,6 +254,8 @@ class SqlRiskModel(Base):
     # The model that was active when this one was activated: where a rollback returns to.
     previous_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("risk_models.id"))
     artifact: Mapped[bytes] = mapped_column(LargeBinary)
+    # SHA-256 of ``artifact`` (hex), written with it: a server loads no artifact that does not match it.
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
 
 
 class SqlRiskModelGeneration(Base):
