@@ -29,14 +29,30 @@ class Detection:
         }
 
 
-def recall_at(y: npt.NDArray[np.bool_], scores: npt.NDArray[np.float64], alert_rate: float) -> float:
-    """Share of fraud among the ``alert_rate`` highest scores (ties broken by arrival order)."""
+def alert_shares(scores: npt.NDArray[np.float64], alert_rate: float) -> npt.NDArray[np.float64]:
+    """Each transaction's expected place in the alert set of the ``alert_rate`` highest scores.
+
+    1 above the cut, 0 below it; the places left at the cut are shared equally among the scores tied there,
+    so which of them would be alerted never depends on the order they arrived in.
+    """
     k = max(1, int(len(scores) * alert_rate))
-    top = np.argsort(-scores, kind="stable")[:k]
-    return float(y[top].sum() / max(1, y.sum()))
+    cut = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th highest score
+    above = scores > cut
+    tied = scores == cut
+    shares: npt.NDArray[np.float64] = above.astype(np.float64)
+    shares[tied] = (k - int(above.sum())) / int(tied.sum())
+    return shares
 
 
-def detection(y: npt.ArrayLike, scores: npt.ArrayLike) -> Detection:
+def _recall(y: npt.NDArray[np.bool_], shares: npt.NDArray[np.float64]) -> float:
+    return float(shares[y].sum() / max(1, int(y.sum())))
+
+
+def detection(
+    y: npt.ArrayLike, scores: npt.ArrayLike, *, shares: npt.NDArray[np.float64] | None = None
+) -> Detection:
+    """The metrics of ``scores`` against ``y``; recall in the alert set of these scores, or of ``shares``
+    (the places of these rows in the alert set of a larger set, see ``by_scenario``)."""
     truth = np.asarray(y, dtype=np.bool_)
     s = np.asarray(scores, dtype=np.float64)
     if truth.all() or not truth.any():
@@ -46,17 +62,23 @@ def detection(y: npt.ArrayLike, scores: npt.ArrayLike) -> Detection:
         frauds=int(truth.sum()),
         average_precision=float(average_precision_score(truth, s)),
         roc_auc=float(roc_auc_score(truth, s)),
-        recall_at_alert_rate=recall_at(truth, s, ALERT_RATE),
+        recall_at_alert_rate=_recall(truth, alert_shares(s, ALERT_RATE) if shares is None else shares),
     )
 
 
 def by_scenario(y: npt.ArrayLike, scores: npt.ArrayLike, scenarios: npt.ArrayLike) -> dict[int, Detection]:
-    """Each fraud scenario against all genuine transactions (scenario 0 is genuine)."""
+    """Each fraud scenario against all genuine transactions (scenario 0 is genuine).
+
+    AP and ROC-AUC rank the scenario's frauds among the genuine transactions; recall is the share of the
+    scenario's frauds in the real alert set, the 1% highest scores of all transactions (other scenarios'
+    frauds take places in it too), not in a set re-ranked without them.
+    """
     truth = np.asarray(y, dtype=np.bool_)
     s = np.asarray(scores, dtype=np.float64)
     scenario = np.asarray(scenarios, dtype=np.int64)
+    shares = alert_shares(s, ALERT_RATE)
     out: dict[int, Detection] = {}
     for k in sorted(set(scenario[truth].tolist())):
         rows = ~truth | (scenario == k)
-        out[int(k)] = detection(truth[rows], s[rows])
+        out[int(k)] = detection(truth[rows], s[rows], shares=shares[rows])
     return out

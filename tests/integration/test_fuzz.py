@@ -270,15 +270,22 @@ def _seed(server: RunningServer) -> World:
 
 # A refused dynamic code is a risk signal the server records on purpose, also when it refuses the call (a
 # transaction naming a code no enrolment matches is NOT_FOUND): the attempt, the enrolment's refusal counters
-# and an audit event (so the audit head moves). Every other row must stay as it was.
+# and an audit event (so the audit head moves). So is a call naming a customer that does not exist (a guess,
+# audited as lookup.missed). Every other row must stay as it was.
 SIGNAL_ROWS = {
     "dynamic_code_attempts": "reason <> 'ok'",
-    "audit_events": "action IN ('dynamic_code.refused', 'caller.refused')",
-    # A guessed code counts toward the key's failure limit (enumeration defence).
+    "audit_events": "action IN ('dynamic_code.refused', 'caller.refused', 'lookup.missed', 'guessing.spike')",
+    # A guess counts toward the key's failure limit (enumeration defence).
     "caller_failures": "1 = 1",
 }
 SIGNAL_COLUMNS = {
-    "dynamic_enrollments": {"refusals", "replays", "last_refused_at"},
+    "dynamic_enrollments": {
+        "refusals",
+        "replays",
+        "last_refused_at",
+        "guess_window_started_at",
+        "guess_window_failures",
+    },
     "audit_head": {"sequence", "hash"},
 }
 

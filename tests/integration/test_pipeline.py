@@ -101,7 +101,9 @@ def test_import_is_idempotent_and_a_trained_model_reaches_a_running_server(
 def _evaluated(cli: Cli, *flags: str) -> dict[str, Any]:
     result = cli("evaluate", str(SAMPLE), "--seeds", "0", "--json", *flags, *TRAIN[1:], timeout=280)
     assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
+    *seed_lines, last = result.stdout.splitlines()  # a line per seed as it finishes, then the report
+    report: dict[str, Any] = json.loads(last)
+    assert [json.loads(line)["seed_result"] for line in seed_lines] == report["seeds"]
     for seed in report["seeds"]:
         del seed["seconds"]  # the stages differ: import and replay, or prepare and score
     return report

@@ -162,7 +162,8 @@ class Transaction(_message.Message):
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the transaction happened (not when it was sent), required. Features use only what happened before
-        this time, so history can be replayed.
+        this time, so history can be replayed. Accepted from 2000-01-01T00:00:00Z up to 5 minutes after the
+        server's clock (skew allowed); anything else is INVALID_ARGUMENT naming `transaction.event_time`.
         """
 
     @_builtins.property

@@ -138,7 +138,12 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
     show_default=True,
     help="Processes fitting the customer forests (not with --through-server).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print JSON lines: {"seed_result": ...} as each seed finishes, then the whole report.',
+)
 @training_options
 def evaluate(
     file: Path,
@@ -178,9 +183,10 @@ def evaluate(
         progress=progress,
         through_server=through_server,
         jobs=jobs,
+        on_seed=(lambda seed: click.echo(json.dumps({"seed_result": seed.as_dict()}))) if as_json else None,
     )
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
+        click.echo(json.dumps(result.as_dict()))
         return
     click.echo("", err=True)
     mean = result.mean()

@@ -93,6 +93,19 @@ class SeedResult:
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, float] = field(default_factory=dict)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            **self.overall.as_dict(),
+            "scenarios": {str(k): v.as_dict() for k, v in self.scenarios.items()},
+            "scored": self.scored,
+            "refused": self.refused,
+            "refusals": self.refusals,
+            "outcomes_reported": self.outcomes_reported,
+            "seconds": self.seconds,
+            "training": self.training,
+        }
+
 
 @dataclass(slots=True)
 class Evaluation:
@@ -122,20 +135,7 @@ class Evaluation:
                 "test_start_day": self.split.test_start,
             },
             "mean": self.mean(),
-            "seeds": [
-                {
-                    "seed": s.seed,
-                    **s.overall.as_dict(),
-                    "scenarios": {str(k): v.as_dict() for k, v in s.scenarios.items()},
-                    "scored": s.scored,
-                    "refused": s.refused,
-                    "refusals": s.refusals,
-                    "outcomes_reported": s.outcomes_reported,
-                    "seconds": s.seconds,
-                    "training": s.training,
-                }
-                for s in self.seeds
-            ],
+            "seeds": [s.as_dict() for s in self.seeds],
         }
 
 
@@ -161,8 +161,12 @@ def evaluate(
     progress: Progress | None = None,
     through_server: bool = False,
     jobs: int = 1,
+    on_seed: Callable[[SeedResult], None] | None = None,
 ) -> Evaluation:
-    """The protocol on ``path``, once per seed; ``jobs`` processes fit the customer forests (direct only)."""
+    """The protocol on ``path``, once per seed; ``jobs`` processes fit the customer forests (direct only).
+
+    ``on_seed`` gets each seed's result as soon as it is measured (a run of several seeds takes hours).
+    """
     rows = load_rows(path, customers_limit=customers_limit)
     if not rows:
         raise ValueError(f"{path.name} has no transactions")
@@ -177,10 +181,13 @@ def evaluate(
             config = training or TrainingConfig()
             config = TrainingConfig(**{**_fields(config), "seed": seed})
             if stored is not None:
-                results.append(_score_seed(stored, config, jobs, progress))
-                continue
-            with tempfile.TemporaryDirectory(dir=tmp, prefix="seed-") as seed_dir:
-                results.append(_run_seed(rows, day, split, config, labels, delay, Path(seed_dir), progress))
+                result = _score_seed(stored, config, jobs, progress)
+            else:
+                with tempfile.TemporaryDirectory(dir=tmp, prefix="seed-") as seed_dir:
+                    result = _run_seed(rows, day, split, config, labels, delay, Path(seed_dir), progress)
+            results.append(result)
+            if on_seed is not None:
+                on_seed(result)
     return Evaluation(path.name.split(".")[0], labels, split, results)
 
 
