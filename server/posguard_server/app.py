@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from posguard.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    cases_pb2,
+    cases_pb2_grpc,
     customer_ids_pb2,
     customer_ids_pb2_grpc,
     risk_pb2,
@@ -25,6 +27,7 @@ from posguard.v1 import (
 )
 from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
+from posguard_server.api.cases import CasesServicer
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.group_commit import Writers
@@ -44,6 +47,7 @@ from posguard_server.store import (
     Database,
     SqlApiKeyStore,
     SqlAuditStore,
+    SqlCaseStore,
     SqlCustomerStore,
     SqlDynamicCodeStore,
     SqlModelRegistry,
@@ -64,6 +68,7 @@ SERVICE_NAMES = (
     customer_ids_pb2.DESCRIPTOR.services_by_name["CustomerIds"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["Risk"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    cases_pb2.DESCRIPTOR.services_by_name["Cases"].full_name,
 )
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
@@ -222,6 +227,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    cases_pb2_grpc.add_CasesServicer_to_server(CasesServicer(SqlCaseStore(database), numbering), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -261,7 +267,8 @@ def _risk_servicer(
     health: ServiceHealth,
 ) -> RiskServicer:
     """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
-    writes = SqlScoringStore(database)
+    case_decisions = {Decision.REVIEW, Decision.DECLINE} if settings.cases_on_decline else {Decision.REVIEW}
+    writes = SqlScoringStore(database, case_decisions=frozenset(case_decisions))
     models = ModelCache(
         registry, SqlShadowStore(database), refresh_seconds=settings.model_refresh_seconds, events=health
     )

@@ -216,6 +216,13 @@ class Settings(BaseSettings):
             "model is active yet, or the active global model cannot be loaded and none loaded before it is.",
         ),
     ] = "review"
+    cases_on_decline: Annotated[
+        bool,
+        Field(
+            description="Open a review case for every transaction decided DECLINE too (REVIEW always opens "
+            "one)."
+        ),
+    ] = False
     health_probe_seconds: Annotated[
         float,
         Field(

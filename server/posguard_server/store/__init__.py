@@ -7,6 +7,7 @@ define tables are imported here, so that ``schema.Base.metadata`` is complete wh
 
 from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.audit import SqlAuditStore
+from posguard_server.store.cases import SqlCaseStore
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
@@ -24,6 +25,7 @@ __all__ = [
     "Database",
     "SqlApiKeyStore",
     "SqlAuditStore",
+    "SqlCaseStore",
     "SqlCustomerStore",
     "SqlDynamicCodeStore",
     "SqlHistoryStore",
