@@ -40,9 +40,11 @@ from posguard_server.domain.dynamic_codes import SecretCipher
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Decision
+from posguard_server.domain.watch import Thresholds as WatchThresholds
 from posguard_server.issuers import build_numbering
 from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
 from posguard_server.services.scoring import ScoringService
+from posguard_server.services.watch import NumberWatch
 from posguard_server.store import (
     Database,
     SqlApiKeyStore,
@@ -51,6 +53,7 @@ from posguard_server.store import (
     SqlCustomerStore,
     SqlDynamicCodeStore,
     SqlModelRegistry,
+    SqlNumberWatchStore,
     SqlOutcomeStore,
     SqlProfileStore,
     SqlRedemptionStore,
@@ -94,8 +97,12 @@ class PosguardServer:
         *,
         writers: Sequence[Closable] = (),
         health: ServiceHealth | None = None,
+        watch: NumberWatch | None = None,
     ) -> None:
         self.settings = settings
+        # The number watch; its background passes run while the server is started (none without an interval).
+        self.watch = watch
+        self._watching: asyncio.Task[None] | None = None
         self._writers = writers
         self.health = health if health is not None else ServiceHealth(health_servicer, metrics, SERVICE_NAMES)
         self.grpc_server = grpc_server
@@ -111,10 +118,15 @@ class PosguardServer:
                 self.settings.metrics_host, self.settings.metrics_port
             )
         await self.health.start()
+        if self.watch is not None and self.settings.watch_interval_seconds > 0:
+            self._watching = asyncio.create_task(self.watch.run_forever(), name="number-watch")
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
         await self.health.stop()
         await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
         for writer in self._writers:
@@ -243,9 +255,28 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         raise OSError(f"cannot listen on {settings.listen}")
     # The authenticator's key-lookup threads are let go with the writers.
     built = PosguardServer(
-        settings, server, health_servicer, database, metrics, writers=[writers, authenticator], health=health
+        settings,
+        server,
+        health_servicer,
+        database,
+        metrics,
+        writers=[writers, authenticator],
+        health=health,
+        watch=build_watch(settings, database),
     )
     return built, port
+
+
+def build_watch(settings: Settings, database: Database) -> NumberWatch:
+    """The number watch with the thresholds the settings give."""
+    thresholds = WatchThresholds(
+        min_events=settings.watch_min_events,
+        own_ratio=settings.watch_own_ratio,
+        population_ratio=settings.watch_population_ratio,
+    )
+    return NumberWatch(
+        SqlNumberWatchStore(database), thresholds, interval_seconds=settings.watch_interval_seconds
+    )
 
 
 def failure_limits(settings: Settings) -> tuple[FailureLimit, FailureLimit]:

@@ -19,6 +19,7 @@ from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
 from posguard_server.store.verifications import SqlVerificationStore
+from posguard_server.store.watch import SqlNumberWatchStore
 from posguard_server.store.write_probe import SqlWriteProbeStore
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SqlDynamicCodeStore",
     "SqlHistoryStore",
     "SqlModelRegistry",
+    "SqlNumberWatchStore",
     "SqlOutcomeStore",
     "SqlProfileStore",
     "SqlRedemptionStore",

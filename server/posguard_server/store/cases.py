@@ -364,54 +364,61 @@ class SqlCaseStore:
 
     def open_watch_cases(self, findings: Sequence[WatchFinding], *, actor: str, now: datetime) -> list[Case]:
         """Open a number watch case for each finding whose number has no unresolved case yet (audited)."""
-        if not findings:
-            return []
         with self._db.session() as session:
-            numbers = sorted({f.number for f in findings})
-            taken = set(
-                session.scalars(
-                    select(SqlCase.number).where(
-                        SqlCase.number.in_(numbers), SqlCase.status != CaseStatus.RESOLVED.value
-                    )
-                )
+            return open_watch_cases_in(session, findings, actor=actor, now=now)
+
+
+def open_watch_cases_in(
+    session: Session, findings: Sequence[WatchFinding], *, actor: str, now: datetime
+) -> list[Case]:
+    """``SqlCaseStore.open_watch_cases`` in the caller's transaction; the audit events are its last write."""
+    if not findings:
+        return []
+    numbers = sorted({f.number for f in findings})
+    taken = set(
+        session.scalars(
+            select(SqlCase.number).where(
+                SqlCase.number.in_(numbers), SqlCase.status != CaseStatus.RESOLVED.value
             )
-            rows = []
-            for finding in findings:
-                if finding.number in taken:
-                    continue
-                taken.add(finding.number)
-                rows.append(
-                    SqlCase(
-                        case_id=new_case_id(),
-                        kind=CaseKind.NUMBER_WATCH.value,
-                        status=CaseStatus.OPEN.value,
-                        customer_id=finding.customer_id,
-                        number=finding.number,
-                        reasons=reasons_json(finding.reasons),
-                        reason_codes=_codes(finding.reasons),
-                        opened_at=now,
-                    )
-                )
-            session.add_all(rows)
-            session.flush()
-            append_events(
-                session,
-                [
-                    NewEvent(
-                        actor,
-                        OPENED,
-                        row.case_id,
-                        {
-                            "customer_id": row.customer_id,
-                            "number": mask(row.number or ""),
-                            "reasons": row.reason_codes.strip(","),
-                        },
-                    )
-                    for row in rows
-                ],
-                now,
+        )
+    )
+    rows = []
+    for finding in findings:
+        if finding.number in taken:
+            continue
+        taken.add(finding.number)
+        rows.append(
+            SqlCase(
+                case_id=new_case_id(),
+                kind=CaseKind.NUMBER_WATCH.value,
+                status=CaseStatus.OPEN.value,
+                customer_id=finding.customer_id,
+                number=finding.number,
+                reasons=reasons_json(finding.reasons),
+                reason_codes=_codes(finding.reasons),
+                opened_at=now,
             )
-            return [_case(row) for row in rows]
+        )
+    session.add_all(rows)
+    session.flush()
+    append_events(
+        session,
+        [
+            NewEvent(
+                actor,
+                OPENED,
+                row.case_id,
+                {
+                    "customer_id": row.customer_id,
+                    "number": mask(row.number or ""),
+                    "reasons": row.reason_codes.strip(","),
+                },
+            )
+            for row in rows
+        ],
+        now,
+    )
+    return [_case(row) for row in rows]
 
 
 def _find(session: Session, case_id: str, *, lock: bool = False) -> SqlCase:

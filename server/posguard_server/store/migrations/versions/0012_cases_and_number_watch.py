@@ -1,4 +1,5 @@
-"""Review cases (opened by scoring and by the number watch) and the analyst role that works them.
+"""Review cases (opened by scoring and by the number watch), the analyst role that works them, and the number
+watch's memory: each number's counters as last seen and its usual use, and the watch's clock.
 
 Revision ID: 0012
 Revises: 0011
@@ -75,9 +76,35 @@ def upgrade() -> None:
         sqlite_where=_UNRESOLVED,
         postgresql_where=_UNRESOLVED,
     )
+    op.create_table(
+        "number_watch",
+        sa.Column("number", sa.String(length=40), nullable=False),
+        sa.Column("customer_id", sa.String(length=32), nullable=False),
+        sa.Column("verifications", sa.BigInteger(), nullable=False),
+        sa.Column("failed_verifications", sa.BigInteger(), nullable=False),
+        sa.Column("usual_verifications", sa.Double(), nullable=False),
+        sa.Column("usual_failed_verifications", sa.Double(), nullable=False),
+        sa.Column("usual_transactions", sa.Double(), nullable=False),
+        sa.Column("usual_refused_codes", sa.Double(), nullable=False),
+        sa.Column("usual_merchants", sa.Double(), nullable=False),
+        sa.Column("windows", sa.Integer(), nullable=False),
+        sa.Column("seen_at", _TIME, nullable=False),
+        sa.PrimaryKeyConstraint("number", name=op.f("pk_number_watch")),
+    )
+    op.create_table(
+        "number_watch_state",
+        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("started_at", _TIME, nullable=False),
+        sa.Column("last_run_at", _TIME, nullable=False),
+        sa.Column("last_transaction_row", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_number_watch_state")),
+        sa.CheckConstraint("id = 1", name=op.f("ck_number_watch_state_single_row")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("number_watch_state")
+    op.drop_table("number_watch")
     op.drop_table("cases")
     op.execute("DELETE FROM api_keys WHERE role = 'analyst'")
     with op.batch_alter_table("api_keys") as batch:
