@@ -33,7 +33,7 @@ def service_config() -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    services = ("posguard.v1.CustomerIds", "posguard.v1.Risk", "posguard.v1.Admin")
+    services = ("posguard.v1.CustomerIds", "posguard.v1.Risk", "posguard.v1.Admin", "posguard.v1.Cases")
     return json.dumps(
         {
             "methodConfig": [

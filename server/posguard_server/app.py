@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from posguard.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    cases_pb2,
+    cases_pb2_grpc,
     customer_ids_pb2,
     customer_ids_pb2_grpc,
     risk_pb2,
@@ -25,6 +27,7 @@ from posguard.v1 import (
 )
 from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
+from posguard_server.api.cases import CasesServicer
 from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.group_commit import Writers
@@ -37,16 +40,20 @@ from posguard_server.domain.dynamic_codes import SecretCipher
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Decision
+from posguard_server.domain.watch import Thresholds as WatchThresholds
 from posguard_server.issuers import build_numbering
 from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
 from posguard_server.services.scoring import ScoringService
+from posguard_server.services.watch import NumberWatch
 from posguard_server.store import (
     Database,
     SqlApiKeyStore,
     SqlAuditStore,
+    SqlCaseStore,
     SqlCustomerStore,
     SqlDynamicCodeStore,
     SqlModelRegistry,
+    SqlNumberWatchStore,
     SqlOutcomeStore,
     SqlProfileStore,
     SqlRedemptionStore,
@@ -64,6 +71,7 @@ SERVICE_NAMES = (
     customer_ids_pb2.DESCRIPTOR.services_by_name["CustomerIds"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["Risk"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    cases_pb2.DESCRIPTOR.services_by_name["Cases"].full_name,
 )
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
@@ -89,8 +97,12 @@ class PosguardServer:
         *,
         writers: Sequence[Closable] = (),
         health: ServiceHealth | None = None,
+        watch: NumberWatch | None = None,
     ) -> None:
         self.settings = settings
+        # The number watch; its background passes run while the server is started (none without an interval).
+        self.watch = watch
+        self._watching: asyncio.Task[None] | None = None
         self._writers = writers
         self.health = health if health is not None else ServiceHealth(health_servicer, metrics, SERVICE_NAMES)
         self.grpc_server = grpc_server
@@ -106,10 +118,15 @@ class PosguardServer:
                 self.settings.metrics_host, self.settings.metrics_port
             )
         await self.health.start()
+        if self.watch is not None and self.settings.watch_interval_seconds > 0:
+            self._watching = asyncio.create_task(self.watch.run_forever(), name="number-watch")
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
         await self.health.stop()
         await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
         for writer in self._writers:
@@ -222,6 +239,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    cases_pb2_grpc.add_CasesServicer_to_server(CasesServicer(SqlCaseStore(database), numbering), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -237,9 +255,28 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         raise OSError(f"cannot listen on {settings.listen}")
     # The authenticator's key-lookup threads are let go with the writers.
     built = PosguardServer(
-        settings, server, health_servicer, database, metrics, writers=[writers, authenticator], health=health
+        settings,
+        server,
+        health_servicer,
+        database,
+        metrics,
+        writers=[writers, authenticator],
+        health=health,
+        watch=build_watch(settings, database),
     )
     return built, port
+
+
+def build_watch(settings: Settings, database: Database) -> NumberWatch:
+    """The number watch with the thresholds the settings give."""
+    thresholds = WatchThresholds(
+        min_events=settings.watch_min_events,
+        own_ratio=settings.watch_own_ratio,
+        population_ratio=settings.watch_population_ratio,
+    )
+    return NumberWatch(
+        SqlNumberWatchStore(database), thresholds, interval_seconds=settings.watch_interval_seconds
+    )
 
 
 def failure_limits(settings: Settings) -> tuple[FailureLimit, FailureLimit]:
@@ -261,7 +298,8 @@ def _risk_servicer(
     health: ServiceHealth,
 ) -> RiskServicer:
     """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
-    writes = SqlScoringStore(database)
+    case_decisions = {Decision.REVIEW, Decision.DECLINE} if settings.cases_on_decline else {Decision.REVIEW}
+    writes = SqlScoringStore(database, case_decisions=frozenset(case_decisions))
     models = ModelCache(
         registry, SqlShadowStore(database), refresh_seconds=settings.model_refresh_seconds, events=health
     )

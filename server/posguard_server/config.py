@@ -216,6 +216,40 @@ class Settings(BaseSettings):
             "model is active yet, or the active global model cannot be loaded and none loaded before it is.",
         ),
     ] = "review"
+    cases_on_decline: Annotated[
+        bool,
+        Field(
+            description="Open a review case for every transaction decided DECLINE too (REVIEW always opens "
+            "one)."
+        ),
+    ] = False
+    watch_interval_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="How often the number watch looks at how each number was used since it last looked "
+            "(0: never).",
+        ),
+    ] = 60.0
+    watch_min_events: Annotated[
+        int,
+        Field(ge=1, description="Fewest events of one kind in a watch window that can flag a number."),
+    ] = 20
+    watch_own_ratio: Annotated[
+        float,
+        Field(
+            ge=1,
+            description="How many times its own usual use per window a number's use must be to be flagged.",
+        ),
+    ] = 5.0
+    watch_population_ratio: Annotated[
+        float,
+        Field(
+            ge=1,
+            description="How many times the median use of the other numbers in the window a number's use "
+            "must be to be flagged.",
+        ),
+    ] = 10.0
     health_probe_seconds: Annotated[
         float,
         Field(

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, func, select, text
 import posguard
 from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.errors import from_rpc_error
-from posguard.v1 import admin_pb2, common_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.domain.risk import ModelScope, NewModel
@@ -35,7 +35,7 @@ from posguard_server.store.schema import SqlApiKey, UTCDateTime
 if TYPE_CHECKING:
     from .conftest import RunningServer
 
-V, R, A = customer_ids_pb2, risk_pb2, admin_pb2
+V, R, A, C = customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2
 CONFLICT = "IDEMPOTENCY_CONFLICT"
 
 
@@ -209,6 +209,31 @@ def _outcome(server: RunningServer, admin: posguard.Client) -> Call:
     )
 
 
+def _case_ids(server: RunningServer, admin: posguard.Client) -> dict[int, str]:
+    """Two review cases: no model is trained, so each score is REVIEW and opens one."""
+    number = issue(admin).primary.number
+    with client(server, server.key("gateway")) as gateway:
+        ids = {
+            b: gateway.score_transaction(transaction=transaction(number, minutes=b)).transaction_id
+            for b in (1, 2)
+        }
+    with client(server, server.key("analyst")) as analyst:
+        cases = {c.transaction_id: c.case_id for c in analyst.list_cases().cases}
+    return {b: cases[ids[b]] for b in (1, 2)}
+
+
+def _assign_case(server: RunningServer, admin: posguard.Client) -> Call:
+    cases = _case_ids(server, admin)
+    return lambda c, rid, body: c.assign_case(request_id=rid, case_id=cases[body], assignee=f"analyst {body}")
+
+
+def _resolve_case(server: RunningServer, admin: posguard.Client) -> Call:
+    cases = _case_ids(server, admin)
+    return lambda c, rid, body: c.resolve_case(
+        request_id=rid, case_id=cases[body], resolution=C.CASE_RESOLUTION_FRAUD, note="confirmed"
+    )
+
+
 def _create_key(server: RunningServer, admin: posguard.Client) -> Call:
     return lambda c, rid, body: c.create_api_key(request_id=rid, name=f"till {body}", role=A.ROLE_GATEWAY)
 
@@ -257,6 +282,8 @@ CASES = {
     "RevokeApiKey": Case(Role.ADMIN, _revoke_key),
     "PromoteModel": Case(Role.TRAINER, _promote),
     "RollbackModel": Case(Role.TRAINER, _rollback),
+    "AssignCase": Case(Role.ANALYST, _assign_case),
+    "ResolveCase": Case(Role.ANALYST, _resolve_case),
 }
 
 

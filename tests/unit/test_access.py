@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posguard.v1 import admin_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.api.access import ROLE_MATRIX, allowed_roles, is_public
 from posguard_server.domain.api_keys import Role
 
@@ -17,7 +17,7 @@ _RPC = re.compile(r"((?:[ \t]*//[^\n]*\n)+)[ \t]*rpc (\w+)\(")
 
 def contract_methods() -> set[str]:
     methods = set()
-    for module in (customer_ids_pb2, risk_pb2, admin_pb2):
+    for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             methods.update(f"/{service.full_name}/{m.name}" for m in service.methods)
     return methods
@@ -30,7 +30,7 @@ def documented_roles() -> dict[str, frozenset[Role]]:
         for comment, rpc in _RPC.findall(proto.read_text()):
             line = next(ln for ln in comment.splitlines() if "Roles:" in ln)
             names = re.findall(
-                r"\b(GATEWAY|ADMIN|AUDITOR|TRAINER)\b", line.split("Roles:", 1)[1].split("(")[0]
+                r"\b(GATEWAY|ADMIN|AUDITOR|TRAINER|ANALYST)\b", line.split("Roles:", 1)[1].split("(")[0]
             )
             found[rpc] = frozenset(Role[name] for name in names)
     return found
@@ -46,10 +46,17 @@ def test_the_matrix_equals_the_roles_documented_in_the_protos() -> None:
     assert {m.rsplit("/", 1)[1]: roles for m, roles in ROLE_MATRIX.items()} == documented
 
 
-def test_admin_may_do_what_trainers_and_auditors_may() -> None:
+def test_admin_may_do_what_trainers_auditors_and_analysts_may() -> None:
     for method, roles in ROLE_MATRIX.items():
-        if roles & {Role.TRAINER, Role.AUDITOR}:
+        if roles & {Role.TRAINER, Role.AUDITOR, Role.ANALYST}:
             assert Role.ADMIN in roles, method
+
+
+def test_analysts_may_work_cases_and_nothing_else() -> None:
+    analyst = {method for method, roles in ROLE_MATRIX.items() if Role.ANALYST in roles}
+    cases = {f"/posguard.v1.Cases/{m.name}" for m in cases_pb2.DESCRIPTOR.services_by_name["Cases"].methods}
+    assert analyst == cases
+    assert len(cases) == 4
 
 
 @pytest.mark.parametrize(

@@ -44,11 +44,15 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_GATEWAY: _Role.ValueType  # 1
     """A payment gateway or POS system: issue, verify and resolve numbers, dynamic codes, scoring."""
     ROLE_ADMIN: _Role.ValueType  # 2
-    """An operator: number lifecycle, holder details, API keys, and everything AUDITOR and TRAINER may do."""
+    """An operator: number lifecycle, holder details, API keys, and everything AUDITOR, TRAINER and ANALYST
+    may do.
+    """
     ROLE_AUDITOR: _Role.ValueType  # 3
     """Reads and verifies the audit log."""
     ROLE_TRAINER: _Role.ValueType  # 4
     """The data team: lists, promotes and rolls back models; reads risk profiles."""
+    ROLE_ANALYST: _Role.ValueType  # 5
+    """A fraud analyst: lists, assigns and resolves review cases (the Cases service), and nothing else."""
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """What an API key may do. Each RPC's comment lists the roles that may call it."""
@@ -58,11 +62,15 @@ ROLE_UNSPECIFIED: Role.ValueType  # 0
 ROLE_GATEWAY: Role.ValueType  # 1
 """A payment gateway or POS system: issue, verify and resolve numbers, dynamic codes, scoring."""
 ROLE_ADMIN: Role.ValueType  # 2
-"""An operator: number lifecycle, holder details, API keys, and everything AUDITOR and TRAINER may do."""
+"""An operator: number lifecycle, holder details, API keys, and everything AUDITOR, TRAINER and ANALYST
+may do.
+"""
 ROLE_AUDITOR: Role.ValueType  # 3
 """Reads and verifies the audit log."""
 ROLE_TRAINER: Role.ValueType  # 4
 """The data team: lists, promotes and rolls back models; reads risk profiles."""
+ROLE_ANALYST: Role.ValueType  # 5
+"""A fraud analyst: lists, assigns and resolves review cases (the Cases service), and nothing else."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 class _ModelStatus:

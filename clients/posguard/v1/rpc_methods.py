@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from posguard.v1 import admin_pb2
+from posguard.v1 import cases_pb2
 from posguard.v1 import common_pb2
 from posguard.v1 import customer_ids_pb2
 from posguard.v1 import risk_pb2
@@ -246,6 +247,71 @@ class SyncRpcs:
         Errors: INVALID_ARGUMENT (negative from_sequence).
         """
         return self._unary("/posguard.v1.Admin/VerifyAuditLog", admin_pb2.VerifyAuditLogRequest, admin_pb2.VerifyAuditLogResponse, request, fields, timeout)
+
+    def list_cases(
+        self,
+        request: cases_pb2.ListCasesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.ListCasesResponse:
+        """Lists cases, oldest first (the order a queue is worked in). Read-only.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (an unknown status or kind, a malformed reason code, assignee over 100
+        characters, opened_after later than opened_before, negative page_size, a page_token that is malformed
+        or was issued for other filters).
+        """
+        return self._unary("/posguard.v1.Cases/ListCases", cases_pb2.ListCasesRequest, cases_pb2.ListCasesResponse, request, fields, timeout)
+
+    def get_case(
+        self,
+        request: cases_pb2.GetCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.GetCaseResponse:
+        """Returns one case with what an analyst decides on: the transaction with its score and reasons, and the
+        customer's recent transactions. Read-only.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty or over-long case_id); NOT_FOUND (no such case).
+        """
+        return self._unary("/posguard.v1.Cases/GetCase", cases_pb2.GetCaseRequest, cases_pb2.GetCaseResponse, request, fields, timeout)
+
+    def assign_case(
+        self,
+        request: cases_pb2.AssignCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.AssignCaseResponse:
+        """Assigns a case that is not resolved to someone (again, to reassign it).
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty case_id, assignee over 100 characters, a reused request_id);
+        NOT_FOUND (no such case); FAILED_PRECONDITION (the case is resolved).
+        """
+        return self._unary("/posguard.v1.Cases/AssignCase", cases_pb2.AssignCaseRequest, cases_pb2.AssignCaseResponse, request, fields, timeout)
+
+    def resolve_case(
+        self,
+        request: cases_pb2.ResolveCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.ResolveCaseResponse:
+        """Resolves a case, once. FRAUD and LEGITIMATE resolve a transaction case and record that outcome for the
+        transaction as ReportOutcome would (with the note). ROTATE and DISMISS resolve a number watch case:
+        ROTATE rotates the number (the successor number replaces it, as RotateCustomerId does), DISMISS leaves
+        it as it is. The case, its outcome or rotation and its audit events change together or not at all.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty case_id, UNSPECIFIED resolution or one that does not fit the case's kind,
+        a note over 1000 characters, a reused request_id); NOT_FOUND (no such case); FAILED_PRECONDITION (the
+        case is already resolved, or the number to rotate can no longer be rotated).
+        """
+        return self._unary("/posguard.v1.Cases/ResolveCase", cases_pb2.ResolveCaseRequest, cases_pb2.ResolveCaseResponse, request, fields, timeout)
 
     def issue_customer_id(
         self,
@@ -699,6 +765,71 @@ class AsyncRpcs:
         Errors: INVALID_ARGUMENT (negative from_sequence).
         """
         return await self._unary("/posguard.v1.Admin/VerifyAuditLog", admin_pb2.VerifyAuditLogRequest, admin_pb2.VerifyAuditLogResponse, request, fields, timeout)
+
+    async def list_cases(
+        self,
+        request: cases_pb2.ListCasesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.ListCasesResponse:
+        """Lists cases, oldest first (the order a queue is worked in). Read-only.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (an unknown status or kind, a malformed reason code, assignee over 100
+        characters, opened_after later than opened_before, negative page_size, a page_token that is malformed
+        or was issued for other filters).
+        """
+        return await self._unary("/posguard.v1.Cases/ListCases", cases_pb2.ListCasesRequest, cases_pb2.ListCasesResponse, request, fields, timeout)
+
+    async def get_case(
+        self,
+        request: cases_pb2.GetCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.GetCaseResponse:
+        """Returns one case with what an analyst decides on: the transaction with its score and reasons, and the
+        customer's recent transactions. Read-only.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty or over-long case_id); NOT_FOUND (no such case).
+        """
+        return await self._unary("/posguard.v1.Cases/GetCase", cases_pb2.GetCaseRequest, cases_pb2.GetCaseResponse, request, fields, timeout)
+
+    async def assign_case(
+        self,
+        request: cases_pb2.AssignCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.AssignCaseResponse:
+        """Assigns a case that is not resolved to someone (again, to reassign it).
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty case_id, assignee over 100 characters, a reused request_id);
+        NOT_FOUND (no such case); FAILED_PRECONDITION (the case is resolved).
+        """
+        return await self._unary("/posguard.v1.Cases/AssignCase", cases_pb2.AssignCaseRequest, cases_pb2.AssignCaseResponse, request, fields, timeout)
+
+    async def resolve_case(
+        self,
+        request: cases_pb2.ResolveCaseRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> cases_pb2.ResolveCaseResponse:
+        """Resolves a case, once. FRAUD and LEGITIMATE resolve a transaction case and record that outcome for the
+        transaction as ReportOutcome would (with the note). ROTATE and DISMISS resolve a number watch case:
+        ROTATE rotates the number (the successor number replaces it, as RotateCustomerId does), DISMISS leaves
+        it as it is. The case, its outcome or rotation and its audit events change together or not at all.
+        Roles: ANALYST, ADMIN.
+        Errors: INVALID_ARGUMENT (empty case_id, UNSPECIFIED resolution or one that does not fit the case's kind,
+        a note over 1000 characters, a reused request_id); NOT_FOUND (no such case); FAILED_PRECONDITION (the
+        case is already resolved, or the number to rotate can no longer be rotated).
+        """
+        return await self._unary("/posguard.v1.Cases/ResolveCase", cases_pb2.ResolveCaseRequest, cases_pb2.ResolveCaseResponse, request, fields, timeout)
 
     async def issue_customer_id(
         self,

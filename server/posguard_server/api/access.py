@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from posguard_server.domain.api_keys import Role
 
-GATEWAY, ADMIN, AUDITOR, TRAINER = Role.GATEWAY, Role.ADMIN, Role.AUDITOR, Role.TRAINER
+GATEWAY, ADMIN, AUDITOR, TRAINER, ANALYST = Role.GATEWAY, Role.ADMIN, Role.AUDITOR, Role.TRAINER, Role.ANALYST
 
 PUBLIC_PREFIXES: tuple[str, ...] = (
     "/grpc.health.v1.Health/",
@@ -22,6 +22,7 @@ PUBLIC_PREFIXES: tuple[str, ...] = (
 _CUSTOMER_IDS = "/posguard.v1.CustomerIds/"
 _RISK = "/posguard.v1.Risk/"
 _ADMIN = "/posguard.v1.Admin/"
+_CASES = "/posguard.v1.Cases/"
 
 ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     # Gateways issue and check numbers at the till; admins manage the lifecycle.
@@ -53,6 +54,11 @@ ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     _ADMIN + "RollbackModel": frozenset({TRAINER, ADMIN}),
     _ADMIN + "ListAuditEvents": frozenset({AUDITOR, ADMIN}),
     _ADMIN + "VerifyAuditLog": frozenset({AUDITOR, ADMIN}),
+    # Analysts work the review queue and nothing else; admins may too.
+    _CASES + "ListCases": frozenset({ANALYST, ADMIN}),
+    _CASES + "GetCase": frozenset({ANALYST, ADMIN}),
+    _CASES + "AssignCase": frozenset({ANALYST, ADMIN}),
+    _CASES + "ResolveCase": frozenset({ANALYST, ADMIN}),
 }
 
 

@@ -51,7 +51,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         check.request_id(request.request_id)
         check.text(request.name, "name", required=True, max_length=MAX_KEY_NAME)
         check.check(
-            request.role in convert.ROLE_FROM_PROTO, "role", "must be GATEWAY, ADMIN, AUDITOR or TRAINER"
+            request.role in convert.ROLE_FROM_PROTO,
+            "role",
+            "must be GATEWAY, ADMIN, AUDITOR, TRAINER or ANALYST",
         )
         check.done()
         key, token = await asyncio.to_thread(

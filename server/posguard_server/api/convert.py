@@ -16,6 +16,7 @@ ROLE_TO_PROTO: dict[Role, admin_pb2.Role.ValueType] = {
     Role.ADMIN: admin_pb2.ROLE_ADMIN,
     Role.AUDITOR: admin_pb2.ROLE_AUDITOR,
     Role.TRAINER: admin_pb2.ROLE_TRAINER,
+    Role.ANALYST: admin_pb2.ROLE_ANALYST,
 }
 ROLE_FROM_PROTO: dict[admin_pb2.Role.ValueType, Role] = {v: k for k, v in ROLE_TO_PROTO.items()}
 

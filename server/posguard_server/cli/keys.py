@@ -10,8 +10,9 @@ import click
 from posguard_server.cli.command import OperatorGroup
 from posguard_server.cli.stores import opened
 from posguard_server.config import Settings
+from posguard_server.domain.api_keys import Role
 
-_ROLE_NAMES = ["gateway", "admin", "auditor", "trainer"]
+_ROLE_NAMES = [role.value for role in Role]
 
 
 @click.group(cls=OperatorGroup)
@@ -37,7 +38,7 @@ def _key_dict(key: Any) -> dict[str, Any]:
 @click.pass_obj
 def keys_create(settings: Settings, role: str, name: str, as_json: bool) -> None:
     """Create a key and print it once; only its digest is stored."""
-    from posguard_server.domain.api_keys import Role, create_key
+    from posguard_server.domain.api_keys import create_key
     from posguard_server.store import SqlApiKeyStore
 
     with opened(settings, SqlApiKeyStore) as store:

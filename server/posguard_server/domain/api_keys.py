@@ -26,6 +26,7 @@ class Role(enum.Enum):
     ADMIN = "admin"
     AUDITOR = "auditor"
     TRAINER = "trainer"
+    ANALYST = "analyst"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ define tables are imported here, so that ``schema.Base.metadata`` is complete wh
 
 from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.audit import SqlAuditStore
+from posguard_server.store.cases import SqlCaseStore
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
@@ -18,16 +19,19 @@ from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.scoring_writes import SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
 from posguard_server.store.verifications import SqlVerificationStore
+from posguard_server.store.watch import SqlNumberWatchStore
 from posguard_server.store.write_probe import SqlWriteProbeStore
 
 __all__ = [
     "Database",
     "SqlApiKeyStore",
     "SqlAuditStore",
+    "SqlCaseStore",
     "SqlCustomerStore",
     "SqlDynamicCodeStore",
     "SqlHistoryStore",
     "SqlModelRegistry",
+    "SqlNumberWatchStore",
     "SqlOutcomeStore",
     "SqlProfileStore",
     "SqlRedemptionStore",

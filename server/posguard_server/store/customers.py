@@ -149,7 +149,7 @@ class SqlVerificationFailure(Base):
 # (prefix, counter) → (number, key version that made it)
 MakeNumber = Callable[[str, int], tuple[str, int]]
 
-_ACTIONS = {
+TRANSITION_ACTIONS = {
     Transition.SUSPEND: "customer.suspended",
     Transition.REACTIVATE: "customer.reactivated",
     Transition.REVOKE: "customer.revoked",
@@ -354,7 +354,7 @@ class SqlCustomerStore:
         Rotation issues the successor under the same prefix with ``make_number``. A retry with the same
         ``request_id`` and ``fingerprint`` changes nothing and returns the customer as it is now.
         """
-        method = _ACTIONS[action]
+        method = TRANSITION_ACTIONS[action]
         with self._db.session() as session:
             # Lock first, then look for an earlier run: a concurrent retry waits here and then replays.
             row = _lock_number(session, number)
@@ -365,35 +365,12 @@ class SqlCustomerStore:
                 )
                 assert customer is not None
                 return _load(session, customer), number, True
-            if row is None:
-                raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
-            if row.kind != NumberKind.STATIC.value:
-                raise InvalidArgument.field("number", "must be a primary number, not a sub number")
-            target = next_status(NumberStatus(row.status), action)
-            row.status = target.value
-            row.status_reason = reason
-            row.status_changed_at = now
-            row.status_changed_by = actor
-            details = {"customer_id": row.customer_id, "reason": reason}
-            if action is Transition.ROTATE:
-                new_number = _add_static_number(
-                    session, row.customer_id, row.issuer, row.prefix, make_number, actor, now, reason=reason
-                )
-                row.successor_number = new_number
-                # Sub numbers hang off whichever number is the customer's primary now.
-                session.execute(
-                    update(SqlCustomerNumber)
-                    .where(
-                        SqlCustomerNumber.customer_id == row.customer_id,
-                        SqlCustomerNumber.kind == NumberKind.SUB.value,
-                    )
-                    .values(primary_number=new_number)
-                )
-                details["successor"] = mask(new_number)
-            customer = session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id))
+            customer_id, details = apply_transition(
+                session, row, action, reason=reason, actor=actor, now=now, make_number=make_number
+            )
+            customer = session.scalar(select(SqlCustomer).where(SqlCustomer.customer_id == customer_id))
             assert customer is not None
-            customer.updated_at = now
-            record_call(session, method, actor, request_id, fingerprint, customer_id=row.customer_id, now=now)
+            record_call(session, method, actor, request_id, fingerprint, customer_id=customer_id, now=now)
             append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
             session.flush()
             return _load(session, customer), number, False
@@ -624,6 +601,59 @@ def _lock_number(session: Session, number: str) -> SqlCustomerNumber | None:
     return session.scalar(
         select(SqlCustomerNumber).where(SqlCustomerNumber.number == number).with_for_update()
     )
+
+
+def lock_number(session: Session, number: str) -> SqlCustomerNumber | None:
+    """The number's row, locked until the caller's transaction ends; None when no such number exists."""
+    return _lock_number(session, number)
+
+
+def apply_transition(
+    session: Session,
+    row: SqlCustomerNumber | None,
+    action: Transition,
+    *,
+    reason: str,
+    actor: str,
+    now: datetime,
+    make_number: MakeNumber,
+) -> tuple[str, dict[str, str]]:
+    """Apply ``action`` to a locked primary number row in the caller's transaction: the one definition of a
+    lifecycle change (RotateCustomerId and its kin, and a review case that rotates a number).
+
+    Returns the customer id and the details of the audit event the caller appends (action
+    ``TRANSITION_ACTIONS[action]``, subject the masked number) as its last write. Rotation issues the
+    successor under the same prefix with ``make_number``.
+    """
+    if row is None:
+        raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+    if row.kind != NumberKind.STATIC.value:
+        raise InvalidArgument.field("number", "must be a primary number, not a sub number")
+    target = next_status(NumberStatus(row.status), action)
+    row.status = target.value
+    row.status_reason = reason
+    row.status_changed_at = now
+    row.status_changed_by = actor
+    details = {"customer_id": row.customer_id, "reason": reason}
+    if action is Transition.ROTATE:
+        new_number = _add_static_number(
+            session, row.customer_id, row.issuer, row.prefix, make_number, actor, now, reason=reason
+        )
+        row.successor_number = new_number
+        # Sub numbers hang off whichever number is the customer's primary now.
+        session.execute(
+            update(SqlCustomerNumber)
+            .where(
+                SqlCustomerNumber.customer_id == row.customer_id,
+                SqlCustomerNumber.kind == NumberKind.SUB.value,
+            )
+            .values(primary_number=new_number)
+        )
+        details["successor"] = mask(new_number)
+    session.execute(
+        update(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id).values(updated_at=now)
+    )
+    return row.customer_id, details
 
 
 def _ensure_external_free(session: Session, ref: ExternalRef) -> None:

@@ -24,6 +24,8 @@ from posguard_server.store.risk_tables import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from posguard_server.store.db import Database
 
 
@@ -85,51 +87,17 @@ class SqlOutcomeStore:
         now: datetime,
     ) -> tuple[OutcomeRecord, bool]:
         with self._db.session() as session:
-            earlier = session.get(SqlRiskOutcomeReport, (request_id, caller))
-            if earlier is not None:
-                if earlier.fingerprint != fingerprint:
-                    raise request_conflict("was already used for a different request")
-                customer_id = session.scalar(
-                    select(_T.customer_id).where(_T.transaction_id == earlier.transaction_id)
-                )
-                return (
-                    OutcomeRecord(
-                        transaction_id=earlier.transaction_id,
-                        customer_id=customer_id or "",
-                        outcome=Outcome(earlier.outcome),
-                        outcome_at=earlier.outcome_at,
-                        note=earlier.note,
-                    ),
-                    True,
-                )
-            outcome_at = utc(reported_at)
-            customer_id = session.scalar(
-                update(_T)
-                .where(_T.transaction_id == transaction_id)
-                .values(
-                    outcome=outcome.value,
-                    outcome_at=outcome_at,
-                    outcome_note=note,
-                    outcome_request_id=request_id,
-                )
-                .returning(_T.customer_id)
+            return report_outcome_in(
+                session,
+                transaction_id,
+                outcome,
+                reported_at=reported_at,
+                note=note,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                caller=caller,
+                now=now,
             )
-            if customer_id is None:
-                raise NotFound("no transaction has this id", reason="TRANSACTION_NOT_FOUND")
-            session.add(
-                SqlRiskOutcomeReport(
-                    request_id=request_id,
-                    caller=caller,
-                    fingerprint=fingerprint,
-                    transaction_id=transaction_id,
-                    outcome=outcome.value,
-                    outcome_at=outcome_at,
-                    note=note,
-                    received_at=utc(now),
-                )
-            )
-            session.flush()
-            return OutcomeRecord(transaction_id, customer_id, outcome, outcome_at, note), False
 
     def bulk_outcomes(self, items: Sequence[tuple[str, Outcome, datetime]]) -> int:
         """Label stored transactions ``(transaction_id, outcome, outcome_at)`` in one transaction.
@@ -189,3 +157,67 @@ class SqlOutcomeStore:
                 )
                 for row in session.execute(query)
             ]
+
+
+def report_outcome_in(
+    session: Session,
+    transaction_id: str,
+    outcome: Outcome,
+    *,
+    reported_at: datetime,
+    note: str,
+    request_id: str,
+    fingerprint: str,
+    caller: str,
+    now: datetime,
+) -> tuple[OutcomeRecord, bool]:
+    """Label a stored transaction in the caller's transaction: the one definition of an outcome report.
+
+    ReportOutcome runs it in a transaction of its own; resolving a review case runs it in the case's, so the
+    label and the case's resolution commit together. ``(record, replayed)`` as ``report_outcome`` says.
+    """
+    earlier = session.get(SqlRiskOutcomeReport, (request_id, caller))
+    if earlier is not None:
+        if earlier.fingerprint != fingerprint:
+            raise request_conflict("was already used for a different request")
+        customer_id = session.scalar(
+            select(_T.customer_id).where(_T.transaction_id == earlier.transaction_id)
+        )
+        return (
+            OutcomeRecord(
+                transaction_id=earlier.transaction_id,
+                customer_id=customer_id or "",
+                outcome=Outcome(earlier.outcome),
+                outcome_at=earlier.outcome_at,
+                note=earlier.note,
+            ),
+            True,
+        )
+    outcome_at = utc(reported_at)
+    customer_id = session.scalar(
+        update(_T)
+        .where(_T.transaction_id == transaction_id)
+        .values(
+            outcome=outcome.value,
+            outcome_at=outcome_at,
+            outcome_note=note,
+            outcome_request_id=request_id,
+        )
+        .returning(_T.customer_id)
+    )
+    if customer_id is None:
+        raise NotFound("no transaction has this id", reason="TRANSACTION_NOT_FOUND")
+    session.add(
+        SqlRiskOutcomeReport(
+            request_id=request_id,
+            caller=caller,
+            fingerprint=fingerprint,
+            transaction_id=transaction_id,
+            outcome=outcome.value,
+            outcome_at=outcome_at,
+            note=note,
+            received_at=utc(now),
+        )
+    )
+    session.flush()
+    return OutcomeRecord(transaction_id, customer_id, outcome, outcome_at, note), False

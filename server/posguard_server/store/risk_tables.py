@@ -7,6 +7,7 @@ a store of their own; the ORM classes here never leave those modules.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -38,6 +39,7 @@ from posguard_server.domain.risk import (
     NewTransaction,
     Outcome,
     ProfileSnapshot,
+    StoredReason,
     TransactionSource,
 )
 from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer
@@ -352,4 +354,21 @@ def profile_snapshot(row: SqlRiskProfile) -> ProfileSnapshot:
         last_seen=row.last_seen,
         declines=row.declines,
         reviews=row.reviews,
+    )
+
+
+def reasons_json(reasons: Sequence[StoredReason]) -> str:
+    """Reasons as stored: a JSON list of {"code", "message", "weight"}."""
+    return json.dumps(
+        [{"code": r.code, "message": r.message, "weight": r.weight} for r in reasons],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def reasons_from_json(raw: str | None) -> tuple[StoredReason, ...]:
+    if not raw:
+        return ()
+    return tuple(
+        StoredReason(item["code"], item["message"], float(item["weight"])) for item in json.loads(raw)
     )

@@ -8,7 +8,6 @@ on ``transaction_id`` backs this up across customers and replicas.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,10 +29,10 @@ from posguard_server.domain.risk import (
     NewTransaction,
     Outcome,
     ProfileSnapshot,
-    StoredReason,
     StoredTransaction,
     TransactionSource,
 )
+from posguard_server.store.cases import case_row, insert_cases
 from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
 from posguard_server.store.idempotency import SqlIdempotencyKey
@@ -47,6 +46,8 @@ from posguard_server.store.risk_tables import (
     TRANSACTIONS,
     SqlRiskTransaction,
     chunks,
+    reasons_from_json,
+    reasons_json,
     request_conflict,
     summed_rowcount,
     transaction_values,
@@ -138,11 +139,19 @@ def _transaction_conflict(message: str) -> InvalidArgument:
     return InvalidArgument.field("transaction.transaction_id", message, reason="IDEMPOTENCY_CONFLICT")
 
 
-class SqlScoringStore:
-    """Scores stored with their answers and profile updates, and the reads that check or explain them."""
+# The decisions that open a review case unless the store is told otherwise (setting cases_on_decline).
+CASE_DECISIONS = frozenset({Decision.REVIEW})
 
-    def __init__(self, database: Database) -> None:
+
+class SqlScoringStore:
+    """Scores stored with their answers and profile updates, and the reads that check or explain them.
+
+    A transaction decided one of ``case_decisions`` opens a review case in the same transaction.
+    """
+
+    def __init__(self, database: Database, *, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
         self._db = database
+        self._case_decisions = case_decisions
 
     def score(
         self,
@@ -202,7 +211,7 @@ class SqlScoringStore:
     def scoring_unit(self) -> Iterator[ScoringUnit]:
         """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit."""
         with self._db.session() as session:
-            yield ScoringUnit(session)
+            yield ScoringUnit(session, self._case_decisions)
 
     def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
         with self._db.session(read_only=True) as session:
@@ -232,12 +241,13 @@ class ScoringUnit:
 
     The statements are SQLAlchemy Core, built once, on the session's connection: no ORM objects, no unit of
     work, no reading back what was just written. A batch's transactions go in one executemany (pipelined by
-    psycopg on PostgreSQL: one round trip), its profiles in one more. Only a dynamic code's redemption uses
-    the ORM session.
+    psycopg on PostgreSQL: one round trip), its profiles in one more, and the review cases its decisions
+    open (``case_decisions``) in one more. Only a dynamic code's redemption uses the ORM session.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
         self._session = session
+        self._case_decisions = case_decisions
         self._connection = session.connection()
         self._earlier = _Earlier({}, {})
         self._locked: set[str] = set()
@@ -298,6 +308,8 @@ class ScoringUnit:
         profiles = _Profiles.load(connection, {item.record.customer_id for item in items} & known)
         waiting: list[tuple[int, ScoreItem, Prepared]] = []  # prepared, not yet scored
         rows: list[dict[str, Any]] = []  # scored, not yet written
+        cases: list[dict[str, Any]] = []  # the review cases of those rows
+        case_decisions = self._case_decisions
         # What waits or is unwritten: the transaction ids, and the places they paid at.
         ids_pending: set[str] = set()
         places_pending: set[tuple[str, str]] = set()
@@ -306,7 +318,20 @@ class ScoringUnit:
             evaluations = finish([prepared for _, _, prepared in waiting]) if waiting else []
             for (slot, item, _), evaluation in zip(waiting, evaluations, strict=True):
                 stored = _scored_transaction(item.record, evaluation, scored_at)
-                rows.append(_scored_values(stored, evaluation, item))
+                values = _scored_values(stored, evaluation, item)
+                rows.append(values)
+                if evaluation.decision in case_decisions:
+                    cases.append(
+                        case_row(
+                            transaction_id=item.record.transaction_id,
+                            customer_id=item.record.customer_id,
+                            decision=evaluation.decision,
+                            risk_score=evaluation.risk_score,
+                            reasons=evaluation.reasons,
+                            reasons_stored=values["reasons"],
+                            opened_at=scored_at,
+                        )
+                    )
                 earlier.add(stored, item.fingerprint)
                 if evaluation.new_state is not None:
                     profiles.count(item.record, evaluation, scored_at)
@@ -315,7 +340,9 @@ class ScoringUnit:
             ids_pending.clear()
             if write:
                 _insert_transactions(connection, rows)
+                insert_cases(connection, cases)  # after their transactions, which they reference
                 rows.clear()
+                cases.clear()
                 places_pending.clear()
 
         for slot, item in enumerate(items):
@@ -405,7 +432,7 @@ def _scored_values(stored: StoredTransaction, evaluation: Evaluation, item: Scor
         "scored_at": answer.scored_at,
         "risk_score": answer.risk_score,
         "decision": answer.decision.value,
-        "reasons": _reasons_json(answer.reasons),
+        "reasons": reasons_json(answer.reasons),
         "model_scope": answer.model_scope.value,
         "model_version": answer.model_version,
         "history_size": answer.history_size,
@@ -691,22 +718,6 @@ class _Profiles:
         self._changed.clear()
 
 
-def _reasons_json(reasons: Sequence[StoredReason]) -> str:
-    return json.dumps(
-        [{"code": r.code, "message": r.message, "weight": r.weight} for r in reasons],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _reasons(raw: str | None) -> tuple[StoredReason, ...]:
-    if not raw:
-        return ()
-    return tuple(
-        StoredReason(item["code"], item["message"], float(item["weight"])) for item in json.loads(raw)
-    )
-
-
 def _stored(row: SqlRiskTransaction) -> StoredTransaction:
     answer: Answer | None = None
     if row.source == TransactionSource.SCORE.value:
@@ -717,7 +728,7 @@ def _stored(row: SqlRiskTransaction) -> StoredTransaction:
         answer = Answer(
             risk_score=row.risk_score,
             decision=Decision(row.decision),
-            reasons=_reasons(row.reasons),
+            reasons=reasons_from_json(row.reasons),
             model_scope=ModelScope(row.model_scope),
             model_version=row.model_version or "",
             history_size=row.history_size or 0,
