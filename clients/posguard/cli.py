@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import posguard
 from posguard import _channel, errors
-from posguard.v1 import admin_pb2, common_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, risk_pb2
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -680,6 +680,83 @@ def profile(
         "NUMBER, --customer-id or --external", number=number, customer_id=customer_id, external_id=external
     )
     g.run(lambda c: c.get_customer_risk_profile(customer=selector))
+
+
+# --- review cases -------------------------------------------------------------------------------------------
+
+
+@main.group()
+def cases() -> None:
+    """Work the review queue: list, show, assign and resolve cases (analyst and admin keys)."""
+
+
+@cases.command("list")
+@click.option(
+    "--status",
+    type=EnumName(cases_pb2.CaseStatus.DESCRIPTOR),
+    default=None,
+    help="Only cases in this status.",
+)
+@click.option("--kind", type=EnumName(cases_pb2.CaseKind.DESCRIPTOR), default=None, help="Only this kind.")
+@click.option("--assignee", default="", help="Only cases assigned to this person.")
+@click.option("--reason", default="", help="Only cases with this reason code, e.g. RISK_SCORE_HIGH.")
+@click.option("--opened-after", type=Iso8601(), default=None, help="Only cases opened at or after this time.")
+@click.option("--opened-before", type=Iso8601(), default=None, help="Only cases opened before this time.")
+@_page_options
+@pass_globals
+def cases_list(
+    g: Globals,
+    status: int | None,
+    kind: int | None,
+    assignee: str,
+    reason: str,
+    opened_after: datetime | None,
+    opened_before: datetime | None,
+    page_size: int,
+    page_token: str,
+) -> None:
+    """List cases, oldest first."""
+    g.run(
+        lambda c: c.list_cases(
+            status=status,
+            kind=kind,
+            assignee=assignee,
+            reason=reason,
+            opened_after=_timestamp(opened_after) if opened_after else None,
+            opened_before=_timestamp(opened_before) if opened_before else None,
+            page_size=page_size,
+            page_token=page_token,
+        ),
+        listing=Listing("cases", "no cases match"),
+    )
+
+
+@cases.command("show")
+@click.argument("case_id")
+@pass_globals
+def cases_show(g: Globals, case_id: str) -> None:
+    """Show a case: its transaction with score and reasons, and the customer's recent transactions."""
+    g.run(lambda c: c.get_case(case_id=case_id))
+
+
+@cases.command("assign")
+@click.argument("case_id")
+@click.argument("assignee")
+@pass_globals
+def cases_assign(g: Globals, case_id: str, assignee: str) -> None:
+    """Assign a case that is not resolved (again, to reassign it)."""
+    g.run(lambda c: c.assign_case(case_id=case_id, assignee=assignee))
+
+
+@cases.command("resolve")
+@click.argument("case_id")
+@click.argument("resolution", type=EnumName(cases_pb2.CaseResolution.DESCRIPTOR))
+@click.option("--note", default="", help="What was found; recorded with the outcome.")
+@pass_globals
+def cases_resolve(g: Globals, case_id: str, resolution: int, note: str) -> None:
+    """Resolve a case: fraud or legitimate (recorded as the transaction's outcome), rotate or dismiss (a
+    number watch case; rotate gives the customer a new number)."""
+    g.run(lambda c: c.resolve_case(case_id=case_id, resolution=resolution, note=note))
 
 
 # --- admin --------------------------------------------------------------------------------------------------

@@ -307,3 +307,48 @@ def test_tls_options_reach_both_the_client_and_the_health_check(
     plaintext = run(running, "--timeout", "2", "health")
     assert plaintext.exit_code == 1
     assert plaintext.stderr.startswith(("error: UNAVAILABLE", "error: DEADLINE_EXCEEDED"))
+
+
+def test_an_analyst_works_a_case_from_the_command_line(server: RunningServer) -> None:
+    gateway, analyst = server.key("gateway"), server.key("analyst")
+    number = json.loads(run(server, "--json", "issue", key=gateway).stdout)["customer"]["primary"]["number"]
+    # With no model trained yet the answer is the no-model decision, REVIEW by default: a case opens.
+    scored = run(
+        server,
+        "score",
+        "--transaction-id",
+        "tx-cli-case",
+        "--number",
+        number,
+        "--amount-minor",
+        "1250",
+        "--currency",
+        "CNY",
+        "--merchant-id",
+        "m-1",
+        "--time",
+        "2026-01-31T12:00:00Z",
+        key=gateway,
+    )
+    assert scored.exit_code == 4, scored.output  # REVIEW
+    listed = run(server, "--json", "cases", "list", "--status", "open", key=analyst)
+    assert listed.exit_code == 0, listed.output
+    (case,) = json.loads(listed.stdout)["cases"]
+    assert case["transaction_id"] == "tx-cli-case"
+    shown = run(server, "cases", "show", case["case_id"], key=analyst)
+    assert shown.exit_code == 0, shown.output
+    assert "tx-cli-case" in shown.stdout
+    assigned = run(server, "--json", "cases", "assign", case["case_id"], "alice", key=analyst)
+    assert json.loads(assigned.stdout)["case"]["assignee"] == "alice"
+    resolved = run(
+        server, "--json", "cases", "resolve", case["case_id"], "fraud", "--note", "card stolen", key=analyst
+    )
+    assert resolved.exit_code == 0, resolved.output
+    assert json.loads(resolved.stdout)["case"]["resolution"] == "CASE_RESOLUTION_FRAUD"
+    assert (
+        run(server, "--json", "cases", "list", "--status", "open", key=analyst).stdout.count("case_id") == 0
+    )
+    # The analyst may work cases and nothing else.
+    refused = run(server, "issue", key=analyst)
+    assert refused.exit_code == 1
+    assert "PERMISSION_DENIED" in refused.stderr
