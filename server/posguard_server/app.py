@@ -78,6 +78,9 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 1024 * 1024
 # Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
 _COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
+# Threads reading customers for batches of look-ups (GetCustomer, ResolveExternalId): reads do not wait for
+# the writer on SQLite (WAL), so two readers overlap one batch's database time with the next one's Python.
+_READ_WORKERS = 2
 
 
 class Closable(Protocol):
@@ -225,12 +228,13 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     )
     # The gateway RPCs' writes share the database's writer threads (see group_commit).
     writers = Writers(_COMMIT_WORKERS[database.dialect])
+    readers = Writers(_READ_WORKERS, name="posguard-reader")
     verifications = SqlVerificationStore(database, limit)
     redemptions = SqlRedemptionStore(
         database, SecretCipher(dict(numbering.keys.keys)).decrypt, limit, code_limit=code_limit
     )
     customer_ids = CustomerIdsServicer(
-        customers, numbering, dynamic, guard, verifications, redemptions, writers
+        customers, numbering, dynamic, guard, verifications, redemptions, writers, readers
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(
@@ -260,7 +264,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         health_servicer,
         database,
         metrics,
-        writers=[writers, authenticator],
+        writers=[writers, readers, authenticator],
         health=health,
         watch=build_watch(settings, database),
     )

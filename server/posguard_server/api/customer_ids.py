@@ -30,7 +30,7 @@ from posguard_server.domain.customers import (
 )
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.verification import BY_PROBLEM, GUESSES, Verdict
-from posguard_server.store.customers import NewCustomer, SqlCustomerStore, StoredCustomer
+from posguard_server.store.customers import CustomerLookup, NewCustomer, SqlCustomerStore, StoredCustomer
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.verifications import METHOD as VERIFY_METHOD
@@ -68,6 +68,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         verifications: SqlVerificationStore,
         redemptions: SqlRedemptionStore,
         writers: Writers,
+        readers: Writers,
     ) -> None:
         self._store = store
         self._numbering = numbering
@@ -79,6 +80,10 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             verifications.verify_many, limit=GATEWAY_BATCH, writers=writers
         )
         self._redemptions = GroupCommit(redemptions.redeem_many, limit=GATEWAY_BATCH, writers=writers)
+        # Look-ups of customers (GetCustomer, ResolveExternalId) are read in batches on reader threads.
+        self._lookups: GroupCommit[CustomerLookup, StoredCustomer] = GroupCommit(
+            store.get_many, limit=GATEWAY_BATCH, writers=readers
+        )
 
     # -- validation helpers ---------------------------------------------------------------------------
 
@@ -246,9 +251,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             refs = self._external_ids(check, [request.customer.external_id], field="customer.external_id")
             external = refs[0] if refs else None
         check.done()
-        stored = await asyncio.to_thread(
-            self._store.get, customer_id=customer_id, number=number, external=external
-        )
+        stored = await self._lookups.submit(CustomerLookup(customer_id, number, external))
         # Holder details go to admins only; others get the customer without them, as the contract says.
         with_holder = request.include_holder and Role.ADMIN in current_principal().roles
         return customer_ids_pb2.GetCustomerResponse(customer=self._message(stored, with_holder=with_holder))
@@ -417,9 +420,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             request.namespace, "namespace", max_length=64, pattern=_NAMESPACE, pattern_hint=_NAMESPACE_HINT
         )
         check.done()
-        stored = await asyncio.to_thread(
-            self._store.get, customer_id=customer_id, number=number, external=external
-        )
+        stored = await self._lookups.submit(CustomerLookup(customer_id, number, external))
         found = stored.customer
         return customer_ids_pb2.ResolveExternalIdResponse(
             customer_id=found.customer_id,

@@ -178,6 +178,15 @@ class StoredCustomer:
     holder_key_version: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class CustomerLookup:
+    """A customer named by one of: its id, one of its numbers (canonical form), a linked external id."""
+
+    customer_id: str | None = None
+    number: str | None = None
+    external: ExternalRef | None = None
+
+
 class SqlCustomerStore:
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -280,10 +289,34 @@ class SqlCustomerStore:
         number: str | None = None,
         external: ExternalRef | None = None,
     ) -> StoredCustomer:
+        """The customer named by its id, one of its numbers or a linked external id; NotFound otherwise."""
+        found = self.get_many([CustomerLookup(customer_id, number, external)])[0]
+        if isinstance(found, NotFound):
+            raise found
+        return found
+
+    def get_many(self, lookups: Sequence[CustomerLookup]) -> list[StoredCustomer | NotFound]:
+        """Each lookup's customer, or NotFound, in one read transaction of five Core statements at most.
+
+        The lookups of concurrent GetCustomer and ResolveExternalId calls are read together
+        (``api.group_commit``): the numbers and external ids named, then the customers they lead to with
+        their numbers and external ids.
+        """
         with self._db.session(read_only=True) as session:
-            return _load(
-                session, _find_customer(session, customer_id=customer_id, number=number, external=external)
-            )
+            connection = session.connection()
+            by_number = numbers_in(connection, {k.number for k in lookups if k.number is not None})
+            by_external = externals_in(connection, {k.external for k in lookups if k.external is not None})
+            named: list[str | None] = []
+            for lookup in lookups:
+                if lookup.number is not None:
+                    owner = by_number.get(lookup.number)
+                    named.append(owner[1] if owner is not None else None)
+                elif lookup.external is not None:
+                    named.append(by_external.get(lookup.external))
+                else:
+                    named.append(lookup.customer_id)
+            found = customers_in(connection, {c for c in named if c is not None})
+            return [(found.get(c) if c is not None else None) or _no_customer() for c in named]
 
     def primary_of_external(self, ref: ExternalRef) -> tuple[str, NumberStatus]:
         """The customer an external id is linked to and the status of its primary number, in one read."""
@@ -333,7 +366,8 @@ class SqlCustomerStore:
             rows = list(session.scalars(query))
             more = len(rows) > limit
             rows = rows[:limit]
-            return [_load(session, r) for r in rows], (rows[-1].id if more and rows else None)
+            loaded = customers_in(session.connection(), [r.customer_id for r in rows])
+            return [loaded[r.customer_id] for r in rows], (rows[-1].id if more and rows else None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -709,6 +743,23 @@ _EXTERNALS_IN = select(SqlExternalId.value, SqlExternalId.customer_id).where(
     SqlExternalId.namespace == bindparam("namespace"),
     SqlExternalId.value.in_(bindparam("values", expanding=True)),
 )
+_CUSTOMERS_IN = select(
+    SqlCustomer.customer_id,
+    SqlCustomer.created_at,
+    SqlCustomer.updated_at,
+    SqlCustomer.holder_ciphertext,
+    SqlCustomer.holder_key_version,
+).where(SqlCustomer.customer_id.in_(bindparam("customers", expanding=True)))
+_NUMBERS_OF = (
+    select(SqlCustomerNumber.__table__)
+    .where(SqlCustomerNumber.customer_id.in_(bindparam("customers", expanding=True)))
+    .order_by(SqlCustomerNumber.id)
+)
+_EXTERNALS_OF = (
+    select(SqlExternalId.customer_id, SqlExternalId.namespace, SqlExternalId.value)
+    .where(SqlExternalId.customer_id.in_(bindparam("customers", expanding=True)))
+    .order_by(SqlExternalId.id)
+)
 
 
 def numbers_in(connection: Connection, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
@@ -757,28 +808,40 @@ def _number(row: SqlCustomerNumber) -> CustomerNumber:
 
 
 def _load(session: Session, row: SqlCustomer) -> StoredCustomer:
-    numbers = list(
-        session.scalars(
-            select(SqlCustomerNumber)
-            .where(SqlCustomerNumber.customer_id == row.customer_id)
-            .order_by(SqlCustomerNumber.id)
+    session.flush()  # what this unit of work changed, for the Core reads below
+    return customers_in(session.connection(), [row.customer_id])[row.customer_id]
+
+
+def customers_in(connection: Connection, customer_ids: Collection[str]) -> dict[str, StoredCustomer]:
+    """The stored customers among ``customer_ids``, with their numbers and external ids: three reads."""
+    if not customer_ids:
+        return {}
+    ids = {"customers": sorted(set(customer_ids))}
+    numbers: dict[str, list[CustomerNumber]] = {}
+    for row in connection.execute(_NUMBERS_OF, ids):
+        numbers.setdefault(row.customer_id, []).append(_number(cast(SqlCustomerNumber, row)))
+    externals: dict[str, list[ExternalRef]] = {}
+    for row in connection.execute(_EXTERNALS_OF, ids):
+        externals.setdefault(row.customer_id, []).append(ExternalRef(row.namespace, row.value))
+    found: dict[str, StoredCustomer] = {}
+    for row in connection.execute(_CUSTOMERS_IN, ids):
+        own = numbers.get(row.customer_id, [])
+        # The primary is the static number that has not been replaced; rotation chains end there.
+        primary = next(n for n in reversed(own) if n.kind is NumberKind.STATIC and not n.successor_number)
+        customer = Customer(
+            customer_id=row.customer_id,
+            primary=primary,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            sub_numbers=tuple(n for n in own if n.kind is NumberKind.SUB),
+            external_ids=tuple(externals.get(row.customer_id, ())),
         )
-    )
-    statics = [n for n in numbers if n.kind == NumberKind.STATIC.value]
-    # The primary is the static number that has not been replaced; rotation chains end there.
-    primary = next(n for n in reversed(statics) if n.successor_number is None)
-    externals = session.scalars(
-        select(SqlExternalId).where(SqlExternalId.customer_id == row.customer_id).order_by(SqlExternalId.id)
-    )
-    customer = Customer(
-        customer_id=row.customer_id,
-        primary=_number(primary),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        sub_numbers=tuple(_number(n) for n in numbers if n.kind == NumberKind.SUB.value),
-        external_ids=tuple(ExternalRef(e.namespace, e.value) for e in externals),
-    )
-    return StoredCustomer(customer, row.holder_ciphertext, row.holder_key_version)
+        found[row.customer_id] = StoredCustomer(customer, row.holder_ciphertext, row.holder_key_version)
+    return found
+
+
+def _no_customer() -> NotFound:
+    return NotFound("no such customer", reason="CUSTOMER_NOT_FOUND")
 
 
 def build_audit_report(
