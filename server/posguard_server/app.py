@@ -20,6 +20,8 @@ from posguard.v1 import (
     admin_pb2_grpc,
     customer_ids_pb2,
     customer_ids_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
     risk_pb2,
     risk_pb2_grpc,
 )
@@ -31,6 +33,7 @@ from posguard_server.api.group_commit import Writers
 from posguard_server.api.health import ServiceHealth
 from posguard_server.api.interceptors import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
+from posguard_server.api.policy import PolicyServicer
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
 from posguard_server.domain.dynamic_codes import SecretCipher
@@ -38,7 +41,8 @@ from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Decision
 from posguard_server.issuers import build_numbering
-from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
+from posguard_server.scoring import ModelCache, PolicyCache, RiskEngine, Thresholds
+from posguard_server.services.backtest import BacktestService
 from posguard_server.services.scoring import ScoringService
 from posguard_server.store import (
     Database,
@@ -48,6 +52,7 @@ from posguard_server.store import (
     SqlDynamicCodeStore,
     SqlModelRegistry,
     SqlOutcomeStore,
+    SqlPolicyStore,
     SqlProfileStore,
     SqlRedemptionStore,
     SqlScoringStore,
@@ -64,6 +69,7 @@ SERVICE_NAMES = (
     customer_ids_pb2.DESCRIPTOR.services_by_name["CustomerIds"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["Risk"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
 )
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
@@ -222,6 +228,11 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    policy_store = SqlPolicyStore(database)
+    policy_pb2_grpc.add_PolicyServicer_to_server(
+        PolicyServicer(policy_store, BacktestService(policy_store, time_zone=settings.policy_time_zone)),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -275,6 +286,9 @@ def _risk_servicer(
         dynamic,
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
         no_model_decision=Decision(settings.risk_no_model_decision.upper()),
+        # Lists and rules, reloaded as models are: within model_refresh_seconds of a change.
+        policy=PolicyCache(SqlPolicyStore(database), refresh_seconds=settings.model_refresh_seconds),
+        time_zone=settings.policy_time_zone,
     )
     scoring = ScoringService(
         engine,

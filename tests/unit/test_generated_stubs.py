@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_protos.py"
 PROTO_ROOT = ROOT / "proto"
 PACKAGE = "posguard.v1"
-SERVICES = {"CustomerIds", "Risk", "Admin"}
+SERVICES = {"CustomerIds", "Risk", "Admin", "Policy"}
 
 # RPCs that change nothing. Every other RPC mutates and its request must carry `string request_id = 1`.
 READ_ONLY_RPCS = frozenset(
@@ -40,6 +40,10 @@ READ_ONLY_RPCS = frozenset(
         "ListModels",
         "ListAuditEvents",
         "VerifyAuditLog",
+        "ListLists",
+        "ListEntries",
+        "ListRules",
+        "BacktestRules",
     }
 )
 

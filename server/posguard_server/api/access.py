@@ -22,6 +22,7 @@ PUBLIC_PREFIXES: tuple[str, ...] = (
 _CUSTOMER_IDS = "/posguard.v1.CustomerIds/"
 _RISK = "/posguard.v1.Risk/"
 _ADMIN = "/posguard.v1.Admin/"
+_POLICY = "/posguard.v1.Policy/"
 
 ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     # Gateways issue and check numbers at the till; admins manage the lifecycle.
@@ -53,6 +54,17 @@ ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     _ADMIN + "RollbackModel": frozenset({TRAINER, ADMIN}),
     _ADMIN + "ListAuditEvents": frozenset({AUDITOR, ADMIN}),
     _ADMIN + "VerifyAuditLog": frozenset({AUDITOR, ADMIN}),
+    # Lists and rules decide payments: only admins change them; the data team reads and backtests them.
+    _POLICY + "CreateList": frozenset({ADMIN}),
+    _POLICY + "ListLists": frozenset({ADMIN, TRAINER}),
+    _POLICY + "AddListEntry": frozenset({ADMIN}),
+    _POLICY + "RemoveListEntry": frozenset({ADMIN}),
+    _POLICY + "ListEntries": frozenset({ADMIN, TRAINER}),
+    _POLICY + "CreateRule": frozenset({ADMIN}),
+    _POLICY + "ActivateRule": frozenset({ADMIN}),
+    _POLICY + "RetireRule": frozenset({ADMIN}),
+    _POLICY + "ListRules": frozenset({ADMIN, TRAINER}),
+    _POLICY + "BacktestRules": frozenset({ADMIN, TRAINER}),
 }
 
 
