@@ -7,6 +7,7 @@ bound, and asserts on what was answered, never on how long it took.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -23,7 +24,13 @@ from posguard.v1 import common_pb2, policy_pb2, risk_pb2
 from posguard_server.domain.api_keys import Role
 from posguard_server.store.migrate import upgrade
 
+from .conftest import run_cli
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from click.testing import Result
+
     from .conftest import RunningServer
 
 P = policy_pb2
@@ -386,3 +393,60 @@ def test_backtest_counts_labelled_fraud_among_its_hits(
             end_time=_stamp(start + timedelta(days=1)),
         )
     assert refused.value.field_violations[0].field == "conditions[0].condition"
+
+
+def test_the_commands_manage_lists_and_rules_and_refuse_a_rule_that_does_not_compile(
+    servers: list[RunningServer], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from posguard.cli import main
+
+    env = {"POSGUARD_TARGET": servers[0].target, "POSGUARD_API_KEY": servers[0].key(Role.ADMIN)}
+
+    def run(*args: str) -> Result:
+        result = CliRunner().invoke(main, ["--json", *args], env=env)
+        assert "Traceback" not in result.output
+        return result
+
+    assert run("lists", "create", "mccs", "--kind", "mcc", "--type", "deny").exit_code == 0
+    assert (
+        run("lists", "add", "mccs", "7995", "--reason", "no gambling", "--expires", "2099-01-01").exit_code
+        == 0
+    )
+    listed = json.loads(run("lists", "entries", "mccs").stdout)
+    assert [(e["value"], e["expires_at"]) for e in listed["entries"]] == [("7995", "2099-01-01T00:00:00Z")]
+    assert run("lists", "remove", "mccs", "6051", "--reason", "not there").exit_code == 3
+    refused = run(
+        "rules", "create", "BAD", "--condition", "txn.amount >> 3", "--action", "decline", "--reason", "x"
+    )
+    assert refused.exit_code == 1
+    report = json.loads(refused.stderr)
+    assert report["reason"] == "RULE_DOES_NOT_COMPILE"
+    assert report["field_violations"] == [
+        {"field": "condition", "description": "line 1, column 13: unexpected '>'"}
+    ]
+    created = run(
+        "rules", "create", "BIG", "--condition", "txn.amount > 100", "--action", "review", "--reason", "big"
+    )
+    assert json.loads(created.stdout)["rule"]["status"] == "RULE_STATUS_DRAFT"
+    backtest = run("rules", "backtest", "--rule", "BIG@1", "--start", "2020-01-01", "--end", "2020-01-02")
+    assert json.loads(backtest.stdout)["total"]["transactions"] == "0"
+
+    # The operator's command backtests a rules file on the database directly.
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text('[[rule]]\nname = "BIG"\ncondition = "txn.amount > "\naction = "review"\n')
+    server_cli = run_cli(
+        "--database-url",
+        servers[0].settings.effective_database_url,
+        "rules",
+        "backtest",
+        "--rules-file",
+        str(rules_file),
+        "--start",
+        "2020-01-01",
+        "--end",
+        "2020-01-02",
+    )
+    assert server_cli.returncode == 1
+    assert "rule 1 (BIG): the condition does not compile: line 1, column 14" in server_cli.stderr
