@@ -666,6 +666,7 @@ class RiskEngine:
             hour=local.hour,
             weekday=local.isoweekday(),
             history=profile.count,
+            typical_amount=profile.typical_amount() or 0.0,
             recent=[(at, amount) for at, amount, _ in profile.recent],
             new_merchant=facts.new_merchant,
             new_terminal=facts.new_terminal,

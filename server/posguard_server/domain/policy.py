@@ -144,6 +144,7 @@ class PolicyInput:
     hour: int
     weekday: int
     history: int
+    typical_amount: float = 0.0
     recent: Sequence[tuple[float, float]] = ()
     new_merchant: bool | None = None
     new_terminal: bool | None = None
@@ -173,6 +174,7 @@ _LAZY: Final[Mapping[str, Callable[[PolicyInput], Any]]] = {
     "txn.hour": lambda i: i.hour,
     "txn.weekday": lambda i: i.weekday,
     "customer.history": lambda i: i.history,
+    "customer.typical_amount": lambda i: i.typical_amount,
     **{f"customer.count_{name}": _count(seconds) for name, seconds in WINDOWS.items()},
     **{f"customer.spend_{name}": _spend(seconds) for name, seconds in WINDOWS.items()},
     "customer.new_merchant": lambda i: bool(i.new_merchant),

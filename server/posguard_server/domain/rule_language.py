@@ -55,6 +55,10 @@ VARIABLES: Final[Mapping[str, tuple[Kind, str]]] = {
     "txn.hour": (Kind.NUMBER, "hour of the event time in the policy time zone, 0-23"),
     "txn.weekday": (Kind.NUMBER, "day of the week of the event time in the policy time zone, 1 (Monday)-7"),
     "customer.history": (Kind.NUMBER, "the customer's earlier transactions in history"),
+    "customer.typical_amount": (
+        Kind.NUMBER,
+        "the customer's usual amount (geometric mean, major units) before this one; 0 without history",
+    ),
     "customer.count_10m": (Kind.NUMBER, "the customer's transactions in the 10 minutes before this one"),
     "customer.count_1h": (Kind.NUMBER, "the same over 1 hour"),
     "customer.count_24h": (Kind.NUMBER, "the same over 24 hours"),

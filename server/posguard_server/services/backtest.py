@@ -15,6 +15,7 @@ presented (number and external-id lists match live only) and what the numbers' s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -29,7 +30,9 @@ from posguard_server.store.policy import ReplayRow, SqlPolicyStore
 _RECENT_WINDOW = 86400.0
 _RECENT_LIMIT = 64
 # Variables that need the customer's whole history, not just the day before the period.
-_WHOLE_HISTORY = frozenset({"customer.history", "customer.new_merchant", "customer.new_terminal"})
+_WHOLE_HISTORY = frozenset(
+    {"customer.history", "customer.typical_amount", "customer.new_merchant", "customer.new_terminal"}
+)
 
 
 @dataclass(slots=True)
@@ -66,6 +69,7 @@ class _Customer:
     """A customer's history as the replay walks it."""
 
     count: int = 0
+    sum_log_amount: float = 0.0
     last_time: float = 0.0
     recent: list[tuple[float, float]] = field(default_factory=list)
     merchants: set[str] = field(default_factory=set)
@@ -73,6 +77,7 @@ class _Customer:
 
     def add(self, at: float, amount: float, merchant: str, terminal: str) -> None:
         self.count += 1
+        self.sum_log_amount += math.log1p(amount)
         self.last_time = max(self.last_time, at)
         self.recent.append((at, amount))
         horizon = self.last_time - _RECENT_WINDOW
@@ -151,6 +156,7 @@ class BacktestService:
             hour=local.hour,
             weekday=local.isoweekday(),
             history=customer.count,
+            typical_amount=math.expm1(customer.sum_log_amount / customer.count) if customer.count else 0.0,
             recent=list(customer.recent),
             new_merchant=row.merchant_id not in customer.merchants,
             new_terminal=bool(row.terminal_id) and row.terminal_id not in customer.terminals,
