@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from posguard import Client, dynamic_code
+from posguard.errors import FailedPreconditionError, NotFoundError
 from posguard.v1 import common_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, read_transactions
 from posguard_server.store.scratch import scratch_postgres_database
@@ -93,7 +95,9 @@ def set_rules(port: int, rules: list[tuple[str, str]], active: bool) -> None:
                 )
                 client.activate_rule(name=name, reason="benchmark")
             else:
-                client.retire_rule(name=name, reason="benchmark")
+                # Before the first window with rules they do not exist yet.
+                with contextlib.suppress(NotFoundError, FailedPreconditionError):
+                    client.retire_rule(name=name, reason="benchmark")
     time.sleep(6.0)  # past model_refresh_seconds (5 s by default): every call of the window sees the change
 
 
@@ -582,11 +586,11 @@ async def with_rules(
                 batch = requests.scores(need)
                 base[active].append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
                 ours[active].append(await unary_window(server, SCORE, token, batch, inflight, args.seconds))
-            await asyncio.to_thread(set_rules, server.port, rules, False)
         for active in (False, True):
             name = f"ScoreTransaction, {len(rules) if active else 0} rules"
             rows.append(row(name, "SQLite", str(inflight), base[active], ours[active]))
             _progress(rows[-1])
+        await asyncio.to_thread(set_rules, server.port, rules, False)
         without, with_ = (_median(ours[a], lambda w: w.cpu_ms_per_call) for a in (False, True))
         print(
             f"rules: server CPU per call {without:.3f} ms without, {with_:.3f} ms with {len(rules)} "
