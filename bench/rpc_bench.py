@@ -1,7 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify,redeem] [--py-spy DIR]
+        [--only score,stream,verify,redeem] [--py-spy DIR] [--rules N]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
 it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
@@ -10,7 +10,9 @@ the size posguard sends), and measures each in turn with the same load generator
 both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median over ``--repeats``
 windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured in the same run.
 ``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database. ``--only`` measures some
-of the RPCs. ``--py-spy DIR`` records each posguard server
+of the RPCs. ``--rules N`` measures ScoreTransaction on SQLite without rules and with ``N`` active rules
+(``bench_rules``: every kind of variable, few of them firing), alternating window by window on one server,
+and reports the server CPU per call of each and their ratio. ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``. Linux only (server CPU is read from /proc).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -40,8 +43,9 @@ from typing import Any
 from google.protobuf.message import Message
 from grpc import aio
 
-from posguard import dynamic_code
-from posguard.v1 import common_pb2, customer_ids_pb2, risk_pb2
+from posguard import Client, dynamic_code
+from posguard.errors import FailedPreconditionError, NotFoundError
+from posguard.v1 import common_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, read_transactions
 from posguard_server.store.scratch import scratch_postgres_database
 
@@ -54,6 +58,47 @@ VERIFY = "/posguard.v1.CustomerIds/VerifyCustomerId"
 REDEEM = "/posguard.v1.CustomerIds/RedeemDynamicCode"
 ECHO, ECHO_STREAM = "/bench.Echo/Unary", "/bench.Echo/Stream"
 _TICKS = os.sysconf("SC_CLK_TCK")
+ADMIN_TOKEN = ""  # an admin key of the server ``posguard`` started last (rules are an admin's)
+# The rules' templates: every kind of variable a rule reads (the transaction, the counters, new places, the
+# numbers' signals, the model's score), with thresholds that few of the benchmark's transactions reach.
+RULE_TEMPLATES = (
+    "txn.amount > {big} && txn.mcc in ['7995', '{mcc}']",
+    "customer.count_10m > {count} && txn.channel == 'online'",
+    "risk_score > 0.995 && customer.spend_24h > {big}",
+    "txn.hour == {hour} && txn.amount > {big}",
+    "customer.new_terminal && txn.amount > {big}",
+    "number.failed_verifications > {count} || customer.count_1h > {many}",
+    "txn.currency != 'EUR' && customer.spend_1h > {big}",
+)
+
+
+def bench_rules(n: int) -> list[tuple[str, str]]:
+    """``n`` (name, condition) pairs made from ``RULE_TEMPLATES`` in turn."""
+    return [
+        (
+            f"BENCH_{i:03d}",
+            RULE_TEMPLATES[i % len(RULE_TEMPLATES)].format(
+                big=2_000 + 37 * i, mcc=6000 + i, count=5 + i % 7, hour=i % 24, many=40 + i
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+def set_rules(port: int, rules: list[tuple[str, str]], active: bool) -> None:
+    """Activate (a new draft version of) each rule, or retire each; then wait out the servers' refresh."""
+    with Client(f"127.0.0.1:{port}", api_key=ADMIN_TOKEN, timeout=30) as client:
+        for name, condition in rules:
+            if active:
+                client.create_rule(
+                    name=name, condition=condition, action=policy_pb2.RULE_ACTION_REVIEW, reason="benchmark"
+                )
+                client.activate_rule(name=name, reason="benchmark")
+            else:
+                # Before the first window with rules they do not exist yet.
+                with contextlib.suppress(NotFoundError, FailedPreconditionError):
+                    client.retire_rule(name=name, reason="benchmark")
+    time.sleep(6.0)  # past model_refresh_seconds (5 s by default): every call of the window sees the change
 
 
 MakeRequests = Callable[[int], list[bytes]]
@@ -135,6 +180,8 @@ def posguard(
     _cli(settings, "import", "transactions", str(SAMPLE))
     _cli(settings, "train")
     token = json.loads(_cli(settings, "keys", "create", "--role", "gateway", "--json"))["token"]
+    global ADMIN_TOKEN
+    ADMIN_TOKEN = json.loads(_cli(settings, "keys", "create", "--role", "admin", "--json"))["token"]
     process = _start(
         [*SERVER, *settings, "--listen", "127.0.0.1:0", "--log-level", "INFO", "serve"],
         r"posguard serving on 127\.0\.0\.1:(\d+)",
@@ -489,6 +536,8 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
             with echo(await _reply_size(server, token, requests)) as baseline:
                 if "score" in args.only:
                     await unary("ScoreTransaction", "SQLite", SCORE, server, baseline, token, requests.scores)
+                if args.rules:
+                    await with_rules(args, rows, server, baseline, token, requests, need)
                 if "stream" in args.only:
                     base, ours = [], []
                     for _ in range(args.repeats):
@@ -515,6 +564,39 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
             ):
                 await unary("ScoreTransaction", "PostgreSQL", SCORE, server, baseline, token, requests.scores)
     return rows, fsync
+
+
+async def with_rules(
+    args: argparse.Namespace,
+    rows: list[Row],
+    server: Process,
+    baseline: Process,
+    token: str,
+    requests: Requests,
+    need: int,
+) -> None:
+    """ScoreTransaction without rules and with ``args.rules`` active, window after window, same server."""
+    rules = bench_rules(args.rules)
+    for inflight in args.inflight:
+        base: dict[bool, list[Window]] = {False: [], True: []}
+        ours: dict[bool, list[Window]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for active in (False, True):
+                await asyncio.to_thread(set_rules, server.port, rules, active)
+                batch = requests.scores(need)
+                base[active].append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
+                ours[active].append(await unary_window(server, SCORE, token, batch, inflight, args.seconds))
+        for active in (False, True):
+            name = f"ScoreTransaction, {len(rules) if active else 0} rules"
+            rows.append(row(name, "SQLite", str(inflight), base[active], ours[active]))
+            _progress(rows[-1])
+        await asyncio.to_thread(set_rules, server.port, rules, False)
+        without, with_ = (_median(ours[a], lambda w: w.cpu_ms_per_call) for a in (False, True))
+        print(
+            f"rules: server CPU per call {without:.3f} ms without, {with_:.3f} ms with {len(rules)} "
+            f"(x{with_ / without:.3f}), {inflight} in flight",
+            file=sys.stderr,
+        )
 
 
 async def _reply_size(server: Process, token: str, requests: Requests) -> int:
@@ -549,6 +631,9 @@ def main() -> None:
         type=lambda s: set(s.split(",")),
         default={"score", "stream", "verify", "redeem"},
         help="which SQLite measurements: score,stream,verify,redeem (--postgres adds its own)",
+    )
+    parser.add_argument(
+        "--rules", type=int, default=0, help="also measure scoring with this many active rules (SQLite)"
     )
     parser.add_argument(
         "--py-spy", type=Path, help="record each posguard server with py-spy into this folder"

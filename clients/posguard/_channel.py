@@ -12,6 +12,8 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf.message import Message
 
+from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, policy_pb2, risk_pb2
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 
@@ -33,7 +35,11 @@ def service_config() -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    services = ("posguard.v1.CustomerIds", "posguard.v1.Risk", "posguard.v1.Admin", "posguard.v1.Cases")
+    services = [
+        service.full_name
+        for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2, policy_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    ]
     return json.dumps(
         {
             "methodConfig": [

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import posguard
 from posguard import _channel, errors
-from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -902,4 +902,168 @@ def audit_verify(g: Globals, from_sequence: int) -> None:
     g.run(
         lambda c: c.verify_audit_log(from_sequence=from_sequence),
         verdict=lambda answer: _yes_or_no(answer.intact),
+    )
+
+
+# --- lists and rules ------------------------------------------------------------------------------------
+
+LIST_KIND = EnumName(policy_pb2.ListKind.DESCRIPTOR)
+LIST_TYPE = EnumName(policy_pb2.ListType.DESCRIPTOR)
+RULE_ACTION = EnumName(policy_pb2.RuleAction.DESCRIPTOR)
+RULE_STATUS = EnumName(policy_pb2.RuleStatus.DESCRIPTOR)
+MOMENT = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"])
+
+
+def _utc_timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """A time given on the command line, read as UTC when it names no zone."""
+    return _timestamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+@main.group()
+def lists() -> None:
+    """Deny and allow lists: create them, add and remove entries (admin keys change them)."""
+
+
+@lists.command("create")
+@click.argument("name")
+@click.option("--kind", type=LIST_KIND, required=True, help="What the list holds.")
+@click.option("--type", "list_type", type=LIST_TYPE, required=True, help="deny or allow.")
+@click.option("--description", default="", help="What the list is for.")
+@pass_globals
+def lists_create(g: Globals, name: str, kind: int, list_type: int, description: str) -> None:
+    """Create an empty list."""
+    g.run(lambda c: c.create_list(name=name, kind=kind, type=list_type, description=description))
+
+
+@lists.command("list")
+@pass_globals
+def lists_list(g: Globals) -> None:
+    """Show every list with its count of unexpired entries."""
+    g.run(lambda c: c.list_lists(), listing=Listing("lists", "no lists"))
+
+
+@lists.command("add")
+@click.argument("name")
+@click.argument("value")
+@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@click.option("--expires", type=MOMENT, default=None, help="When the entry stops matching (UTC).")
+@pass_globals
+def lists_add(g: Globals, name: str, value: str, reason: str, expires: datetime | None) -> None:
+    """Add VALUE to list NAME (or replace its entry)."""
+    request = policy_pb2.AddListEntryRequest(list_name=name, value=value, reason=reason)
+    if expires is not None:
+        request.expires_at.CopyFrom(_utc_timestamp(expires))
+    g.run(lambda c: c.add_list_entry(request))
+
+
+@lists.command("remove")
+@click.argument("name")
+@click.argument("value")
+@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@pass_globals
+def lists_remove(g: Globals, name: str, value: str, reason: str) -> None:
+    """Remove VALUE from list NAME; exit 3 if it was not there."""
+    g.run(
+        lambda c: c.remove_list_entry(list_name=name, value=value, reason=reason),
+        verdict=lambda answer: _yes_or_no(answer.removed),
+    )
+
+
+@lists.command("entries")
+@click.argument("name")
+@click.option("--all", "include_expired", is_flag=True, help="Also show expired entries.")
+@_page_options
+@pass_globals
+def lists_entries(g: Globals, name: str, include_expired: bool, page_size: int, page_token: str) -> None:
+    """Show the entries of list NAME, oldest first."""
+    g.run(
+        lambda c: c.list_entries(
+            list_name=name, include_expired=include_expired, page_size=page_size, page_token=page_token
+        ),
+        listing=Listing("entries", "no entries"),
+    )
+
+
+@main.group()
+def rules() -> None:
+    """Rules: create drafts, activate, retire, list and backtest them (admin keys change them)."""
+
+
+@rules.command("create")
+@click.argument("name")
+@click.option("--condition", required=True, help="The condition, in the rule language (docs/rules.md).")
+@click.option("--action", type=RULE_ACTION, required=True, help="What the rule does when it holds.")
+@click.option("--reason", required=True, help="The sentence answers carry when it fires.")
+@pass_globals
+def rules_create(g: Globals, name: str, condition: str, action: int, reason: str) -> None:
+    """Add a draft version of rule NAME."""
+    g.run(lambda c: c.create_rule(name=name, condition=condition, action=action, reason=reason))
+
+
+@rules.command("activate")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(0, INT32_MAX), default=0, help="The draft; 0: the newest.")
+@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@pass_globals
+def rules_activate(g: Globals, name: str, version: int, reason: str) -> None:
+    """Make a draft version of rule NAME active (the active one is retired)."""
+    g.run(lambda c: c.activate_rule(name=name, version=version, reason=reason))
+
+
+@rules.command("retire")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@pass_globals
+def rules_retire(g: Globals, name: str, reason: str) -> None:
+    """Retire the active version of rule NAME."""
+    g.run(lambda c: c.retire_rule(name=name, reason=reason))
+
+
+@rules.command("list")
+@click.option("--name", default="", help="Only versions of this rule.")
+@click.option("--status", type=RULE_STATUS, default=None, help="Only versions in this status.")
+@pass_globals
+def rules_list(g: Globals, name: str, status: int | None) -> None:
+    """Show rule versions, by name, newest version first."""
+    g.run(lambda c: c.list_rules(name=name, status=status), listing=Listing("rules", "no rules"))
+
+
+@rules.command("backtest")
+@click.option(
+    "--rule", "rule_names", multiple=True, help="NAME or NAME@VERSION of a stored rule; repeatable."
+)
+@click.option("--condition", "conditions", multiple=True, help="A condition to try as is; repeatable.")
+@click.option("--action", type=RULE_ACTION, default="decline", help="What --condition rules would do.")
+@click.option("--list", "list_names", multiple=True, help="A list to replay; repeatable.")
+@click.option("--start", type=MOMENT, required=True, help="From this event time (UTC).")
+@click.option("--end", type=MOMENT, required=True, help="Up to this event time, excluded (UTC).")
+@pass_globals
+def rules_backtest(
+    g: Globals,
+    rule_names: tuple[str, ...],
+    conditions: tuple[str, ...],
+    action: policy_pb2.RuleAction.ValueType,
+    list_names: tuple[str, ...],
+    start: datetime,
+    end: datetime,
+) -> None:
+    """Replay stored transactions through rules and lists: hits, fraud among them, changed decisions."""
+    refs = []
+    for text in rule_names:
+        name, _, version = text.partition("@")
+        if version and not version.isdigit():
+            raise click.UsageError(f"--rule {text}: the version after @ must be a number")
+        refs.append(policy_pb2.RuleRef(name=name, version=int(version or 0)))
+    candidates = [
+        policy_pb2.CandidateRule(name=f"CONDITION_{i + 1}", condition=text, action=action)
+        for i, text in enumerate(conditions)
+    ]
+    g.run(
+        lambda c: c.backtest_rules(
+            rules=refs,
+            conditions=candidates,
+            lists=list(list_names),
+            start_time=_utc_timestamp(start),
+            end_time=_utc_timestamp(end),
+        )
     )

@@ -16,15 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from posguard.v1 import (
-    admin_pb2,
     admin_pb2_grpc,
-    cases_pb2,
     cases_pb2_grpc,
-    customer_ids_pb2,
     customer_ids_pb2_grpc,
-    risk_pb2,
+    policy_pb2_grpc,
     risk_pb2_grpc,
 )
+from posguard_server.api.access import SERVICE_NAMES
 from posguard_server.api.admin import AdminServicer
 from posguard_server.api.auth import ApiKeyAuthenticator, Authenticator, NoAuthenticator
 from posguard_server.api.cases import CasesServicer
@@ -34,6 +32,7 @@ from posguard_server.api.group_commit import Writers
 from posguard_server.api.health import ServiceHealth
 from posguard_server.api.interceptors import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
+from posguard_server.api.policy import PolicyServicer
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
 from posguard_server.domain.dynamic_codes import SecretCipher
@@ -42,7 +41,8 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.risk import Decision
 from posguard_server.domain.watch import Thresholds as WatchThresholds
 from posguard_server.issuers import build_numbering
-from posguard_server.scoring import ModelCache, RiskEngine, Thresholds
+from posguard_server.scoring import ModelCache, PolicyCache, RiskEngine, Thresholds
+from posguard_server.services.backtest import BacktestService
 from posguard_server.services.scoring import ScoringService
 from posguard_server.services.watch import NumberWatch
 from posguard_server.store import (
@@ -55,6 +55,7 @@ from posguard_server.store import (
     SqlModelRegistry,
     SqlNumberWatchStore,
     SqlOutcomeStore,
+    SqlPolicyStore,
     SqlProfileStore,
     SqlRedemptionStore,
     SqlScoringStore,
@@ -67,12 +68,6 @@ from posguard_server.store.migrate import open_database
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    customer_ids_pb2.DESCRIPTOR.services_by_name["CustomerIds"].full_name,
-    risk_pb2.DESCRIPTOR.services_by_name["Risk"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-    cases_pb2.DESCRIPTOR.services_by_name["Cases"].full_name,
-)
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -244,6 +239,11 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     cases_pb2_grpc.add_CasesServicer_to_server(CasesServicer(SqlCaseStore(database), numbering), server)
+    policy_store = SqlPolicyStore(database)
+    policy_pb2_grpc.add_PolicyServicer_to_server(
+        PolicyServicer(policy_store, BacktestService(policy_store, time_zone=settings.policy_time_zone)),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -317,6 +317,9 @@ def _risk_servicer(
         dynamic,
         thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
         no_model_decision=Decision(settings.risk_no_model_decision.upper()),
+        # Lists and rules, reloaded as models are: within model_refresh_seconds of a change.
+        policy=PolicyCache(SqlPolicyStore(database), refresh_seconds=settings.model_refresh_seconds),
+        time_zone=settings.policy_time_zone,
     )
     scoring = ScoringService(
         engine,

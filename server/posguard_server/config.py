@@ -7,6 +7,7 @@ Each field of :class:`Settings` is an environment variable (``listen`` → ``POS
 from __future__ import annotations
 
 import logging
+import zoneinfo
 from pathlib import Path
 from typing import Annotated
 
@@ -250,6 +251,13 @@ class Settings(BaseSettings):
             "must be to be flagged.",
         ),
     ] = 10.0
+    policy_time_zone: Annotated[
+        str,
+        Field(
+            description="The IANA time zone in which rules read a transaction's local hour and weekday "
+            "(txn.hour, txn.weekday), e.g. Asia/Shanghai.",
+        ),
+    ] = "UTC"
     health_probe_seconds: Annotated[
         float,
         Field(
@@ -291,6 +299,15 @@ class Settings(BaseSettings):
         if value.lower() not in NO_MODEL_DECISIONS:
             raise ValueError(f"must be one of {', '.join(NO_MODEL_DECISIONS)}")
         return value.lower()
+
+    @field_validator("policy_time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name such as UTC or Asia/Shanghai") from None
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -24,6 +24,7 @@ import enum
 import logging
 import threading
 import time
+import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from posguard_models.forest import CompiledForest
 from posguard_models.model import GlobalModel
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.errors import InvalidArgument, PosguardError
+from posguard_server.domain.policy import NumberSignals, Policy, PolicyInput
 from posguard_server.domain.risk import (
     Channel,
     Decision,
@@ -55,6 +57,7 @@ from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.policy import SqlPolicyStore
 from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.scoring_writes import PlaceActivity, Scored, ScoreItem, SqlScoringStore
 from posguard_server.store.shadow import SqlShadowStore
@@ -98,6 +101,20 @@ class ScoreRequest:
     request_id: str  # "" for none
     fingerprint: str
     caller: str = ""  # whose request_id it is (the caller's key id)
+    # What lists and rules read beyond the transaction (see ``PolicyFacts``); None without a policy.
+    policy: PolicyFacts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFacts:
+    """What the scoring unit read for lists and rules: whom the call named, and, when an active rule reads
+    them, whether the merchant and terminal are new to the customer and what the numbers say."""
+
+    numbers: tuple[str, ...] = ()  # the number presented and the customer's primary number
+    external_id: str = ""  # "namespace:value" when the call named the customer by one
+    new_merchant: bool | None = None
+    new_terminal: bool | None = None
+    signals: NumberSignals | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +216,9 @@ class Prepared:
     shadow_version: str = ""
     shadow_risk_score: float | None = None
     evaluation: Evaluation | None = None
+    # Set when lists or rules are in force and the transaction is not an identity decline.
+    policy: Policy | None = None
+    policy_input: PolicyInput | None = None
 
     @property
     def counts_in_history(self) -> bool:
@@ -422,6 +442,58 @@ class ModelCache:
         return loaded
 
 
+class PolicyCache:
+    """The lists and active rules in force, compiled, reloaded when the policy's generation changes.
+
+    As ``ModelCache`` does for models: the generation (one single-row read) is compared at most every
+    ``refresh_seconds``, so a change reaches every server within that time and no call reads the lists.
+    Rules are compiled once per load. An entry's expiry is checked at match time, so an expired entry stops
+    matching at once, without waiting for a change. A rule that no longer compiles (it named a variable a
+    later version removed) is left out and logged; the other rules and the lists still apply.
+    """
+
+    def __init__(
+        self,
+        store: SqlPolicyStore,
+        *,
+        refresh_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._checked = -float("inf")
+        self._policy = Policy(generation=-1)
+
+    def current(self) -> Policy:
+        now = self._clock()
+        if now - self._checked < self._refresh:
+            return self._policy
+        with self._lock:
+            if now - self._checked < self._refresh:
+                return self._policy
+            generation = self._store.generation()
+            self._checked = now
+            if generation != self._policy.generation:
+                self._policy = self._load()
+            return self._policy
+
+    def _load(self) -> Policy:
+        state = self._store.state(datetime.now(UTC))
+        rules = []
+        for rule in state.rules:
+            try:
+                Policy.build(0, (), (), (rule,))
+            except ValueError:
+                log.error(
+                    "active rule %s version %d does not compile; it is not applied", rule.name, rule.version
+                )
+                continue
+            rules.append(rule)
+        return Policy.build(state.generation, state.lists, state.entries, rules)
+
+
 def _global_model(record: ModelRecord) -> GlobalModel:
     """Load a global model whose artifact matches its checksum, and score once with it before it serves."""
     model = GlobalModel.from_bytes(record.verified_artifact())
@@ -462,8 +534,12 @@ class RiskEngine:
         *,
         thresholds: Thresholds,
         no_model_decision: Decision = Decision.REVIEW,
+        policy: PolicyCache | None = None,
+        time_zone: str = "UTC",
     ) -> None:
         self.models = models
+        self.policy = policy
+        self._zone = zoneinfo.ZoneInfo(time_zone)
         self._no_model_decision = no_model_decision
         self._writes = writes
         self._outcomes = outcomes
@@ -499,6 +575,9 @@ class RiskEngine:
         """What the store runs to score ``request`` with ``serving``, the models of one generation."""
         active, shadow = serving
         txn, identity = request.txn, request.identity
+        policy = self.policy.current() if self.policy is not None and identity is None else None
+        if policy is not None and policy.empty:
+            policy = None
         event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
         model = active if identity is None else None
         own = self.models.customer(request.customer_id) if model is not None else None
@@ -552,7 +631,11 @@ class RiskEngine:
                     )
                 )
             shadow_terminal = shadow_place if shadow_place_since is not None else place
-            return self._prepare(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
+            prepared = self._prepare(profile, event, txn.currency, model, own, place, pick, shadow_terminal)
+            if policy is not None:
+                prepared.policy = policy
+                prepared.policy_input = self._policy_input(request, profile, event)
+            return prepared
 
         return ScoreItem(
             record,
@@ -562,6 +645,32 @@ class RiskEngine:
             place_since,
             shadow_place_since,
             caller=request.caller,
+        )
+
+    def _policy_input(self, request: ScoreRequest, profile: Profile, event: Event) -> PolicyInput:
+        """What lists and rules read of one transaction, before the model's score."""
+        txn, facts = request.txn, request.policy or PolicyFacts()
+        local = txn.event_time.astimezone(self._zone)
+        return PolicyInput(
+            customer_id=request.customer_id,
+            numbers=facts.numbers,
+            external_id=facts.external_id,
+            merchant_id=txn.merchant_id,
+            terminal_id=txn.terminal_id,
+            mcc=txn.mcc,
+            currency=txn.currency,
+            channel=txn.channel.lower(),
+            amount=event.amount,
+            amount_minor=txn.amount_minor,
+            time=event.time,
+            hour=local.hour,
+            weekday=local.isoweekday(),
+            history=profile.count,
+            typical_amount=profile.typical_amount() or 0.0,
+            recent=[(at, amount) for at, amount, _ in profile.recent],
+            new_merchant=facts.new_merchant,
+            new_terminal=facts.new_terminal,
+            signals=facts.signals,
         )
 
     def _shadow_pick(
@@ -640,6 +749,11 @@ class RiskEngine:
                 by_model.setdefault(id(item.active.model), []).append(row)
         for rows in by_model.values():
             self._finish_rows([prepared[row] for row in rows])
+        now = time.time()
+        for item in prepared:
+            if item.policy is not None and item.evaluation is not None:
+                # Lists and rules decide on top of the model (see domain.policy), in this same unit of work.
+                item.evaluation = item.policy.apply(item.policy_input, item.evaluation, now=now)
         evaluations = [item.evaluation for item in prepared]
         assert all(evaluation is not None for evaluation in evaluations)
         return cast(list[Evaluation], evaluations)

@@ -20,7 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
 import posguard
-from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.api.access import ROLE_MATRIX
 from posguard_server.domain.api_keys import Role
 from posguard_server.store import SqlAuditStore
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def contract_methods() -> dict[str, MethodDescriptor]:
     """Full method path → descriptor, for every RPC of the posguard.v1 services."""
     methods: dict[str, MethodDescriptor] = {}
-    for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2):
+    for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2, policy_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 methods[f"/{service.full_name}/{method.name}"] = method

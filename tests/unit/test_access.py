@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, risk_pb2
+from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.api.access import ROLE_MATRIX, allowed_roles, is_public
 from posguard_server.domain.api_keys import Role
 
@@ -17,7 +17,7 @@ _RPC = re.compile(r"((?:[ \t]*//[^\n]*\n)+)[ \t]*rpc (\w+)\(")
 
 def contract_methods() -> set[str]:
     methods = set()
-    for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2):
+    for module in (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2, policy_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             methods.update(f"/{service.full_name}/{m.name}" for m in service.methods)
     return methods

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_protos.py"
 PROTO_ROOT = ROOT / "proto"
 PACKAGE = "posguard.v1"
-SERVICES = {"CustomerIds", "Risk", "Admin", "Cases"}
+SERVICES = {"CustomerIds", "Risk", "Admin", "Cases", "Policy"}
 
 # RPCs that change nothing. Every other RPC mutates and its request must carry `string request_id = 1`.
 READ_ONLY_RPCS = frozenset(
@@ -42,6 +42,10 @@ READ_ONLY_RPCS = frozenset(
         "VerifyAuditLog",
         "ListCases",
         "GetCase",
+        "ListLists",
+        "ListEntries",
+        "ListRules",
+        "BacktestRules",
     }
 )
 

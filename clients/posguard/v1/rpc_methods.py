@@ -14,6 +14,7 @@ from posguard.v1 import admin_pb2
 from posguard.v1 import cases_pb2
 from posguard.v1 import common_pb2
 from posguard.v1 import customer_ids_pb2
+from posguard.v1 import policy_pb2
 from posguard.v1 import risk_pb2
 
 _Req = TypeVar("_Req", bound=Message)
@@ -533,6 +534,161 @@ class SyncRpcs:
         """
         return self._unary("/posguard.v1.CustomerIds/RedeemDynamicCode", customer_ids_pb2.RedeemDynamicCodeRequest, customer_ids_pb2.RedeemDynamicCodeResponse, request, fields, timeout)
 
+    def create_list(
+        self,
+        request: policy_pb2.CreateListRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.CreateListResponse:
+        """Creates an empty list of one kind, deny or allow.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (a name that is not 1 to 64 of a-z 0-9 _ . - starting with a letter or digit,
+        or is taken (LIST_EXISTS); kind or type UNSPECIFIED; a description over 500 characters; a reused
+        request_id).
+        """
+        return self._unary("/posguard.v1.Policy/CreateList", policy_pb2.CreateListRequest, policy_pb2.CreateListResponse, request, fields, timeout)
+
+    def list_lists(
+        self,
+        request: policy_pb2.ListListsRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListListsResponse:
+        """Lists every list, by name, with how many unexpired entries each holds. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: none of its own.
+        """
+        return self._unary("/posguard.v1.Policy/ListLists", policy_pb2.ListListsRequest, policy_pb2.ListListsResponse, request, fields, timeout)
+
+    def add_list_entry(
+        self,
+        request: policy_pb2.AddListEntryRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.AddListEntryResponse:
+        """Adds a value to a list, or replaces its entry (reason, author, expiry) when the value is there already.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty list_name, value or reason, a value over 128 characters, an expiry in
+        the past, a reused request_id); NOT_FOUND (no such list).
+        """
+        return self._unary("/posguard.v1.Policy/AddListEntry", policy_pb2.AddListEntryRequest, policy_pb2.AddListEntryResponse, request, fields, timeout)
+
+    def remove_list_entry(
+        self,
+        request: policy_pb2.RemoveListEntryRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.RemoveListEntryResponse:
+        """Removes a value from a list. Removing a value that is not there answers removed = false.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty list_name, value or reason, a reused request_id); NOT_FOUND (no such
+        list).
+        """
+        return self._unary("/posguard.v1.Policy/RemoveListEntry", policy_pb2.RemoveListEntryRequest, policy_pb2.RemoveListEntryResponse, request, fields, timeout)
+
+    def list_entries(
+        self,
+        request: policy_pb2.ListEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListEntriesResponse:
+        """Lists a list's entries, oldest first. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (empty list_name, negative page_size, a page_token that is malformed or was
+        issued for other filters); NOT_FOUND (no such list).
+        """
+        return self._unary("/posguard.v1.Policy/ListEntries", policy_pb2.ListEntriesRequest, policy_pb2.ListEntriesResponse, request, fields, timeout)
+
+    def create_rule(
+        self,
+        request: policy_pb2.CreateRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.CreateRuleResponse:
+        """Adds a DRAFT version of a rule (version 1 for a new name). The condition is compiled first: one that
+        does not compile is refused with the line and column of the fault.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (a name that is not 1 to 64 of A-Z 0-9 _ starting with a letter; a condition
+        that does not compile (reason RULE_DOES_NOT_COMPILE, metadata line and column); action UNSPECIFIED;
+        an empty reason or one over 500 characters; a reused request_id).
+        """
+        return self._unary("/posguard.v1.Policy/CreateRule", policy_pb2.CreateRuleRequest, policy_pb2.CreateRuleResponse, request, fields, timeout)
+
+    def activate_rule(
+        self,
+        request: policy_pb2.ActivateRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ActivateRuleResponse:
+        """Makes a DRAFT version the active version of its rule; the version active before is retired.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty name or reason, a negative version, a reused request_id); NOT_FOUND (no
+        such rule or version); FAILED_PRECONDITION (the version is not a draft: RULE_NOT_DRAFT).
+        """
+        return self._unary("/posguard.v1.Policy/ActivateRule", policy_pb2.ActivateRuleRequest, policy_pb2.ActivateRuleResponse, request, fields, timeout)
+
+    def retire_rule(
+        self,
+        request: policy_pb2.RetireRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.RetireRuleResponse:
+        """Retires the active version of a rule: it stops deciding.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty name or reason, a reused request_id); NOT_FOUND (no such rule);
+        FAILED_PRECONDITION (no version of the rule is active: RULE_NOT_ACTIVE).
+        """
+        return self._unary("/posguard.v1.Policy/RetireRule", policy_pb2.RetireRuleRequest, policy_pb2.RetireRuleResponse, request, fields, timeout)
+
+    def list_rules(
+        self,
+        request: policy_pb2.ListRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListRulesResponse:
+        """Lists rule versions, by name, newest version first. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (a status that is not known).
+        """
+        return self._unary("/posguard.v1.Policy/ListRules", policy_pb2.ListRulesRequest, policy_pb2.ListRulesResponse, request, fields, timeout)
+
+    def backtest_rules(
+        self,
+        request: policy_pb2.BacktestRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.BacktestRulesResponse:
+        """Replays the stored transactions of a period through rules and lists as if they had been in force, on
+        top of the answers given then: per day, how many transactions they would have hit, how many of those
+        are labelled fraud, and how many decisions would have changed. Changes nothing. Imported history, which
+        has no answer, counts as approved with risk score 0.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (no rule, condition or list given; a condition that does not compile; start_time
+        or end_time missing, or end_time not after start_time, or a period over 400 days); NOT_FOUND (a rule
+        version or list that does not exist).
+        """
+        return self._unary("/posguard.v1.Policy/BacktestRules", policy_pb2.BacktestRulesRequest, policy_pb2.BacktestRulesResponse, request, fields, timeout)
+
 
 class AsyncRpcs:
     """The RPCs of posguard.v1 as coroutines (streams as async iterators)."""
@@ -1050,3 +1206,158 @@ class AsyncRpcs:
         request_id).
         """
         return await self._unary("/posguard.v1.CustomerIds/RedeemDynamicCode", customer_ids_pb2.RedeemDynamicCodeRequest, customer_ids_pb2.RedeemDynamicCodeResponse, request, fields, timeout)
+
+    async def create_list(
+        self,
+        request: policy_pb2.CreateListRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.CreateListResponse:
+        """Creates an empty list of one kind, deny or allow.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (a name that is not 1 to 64 of a-z 0-9 _ . - starting with a letter or digit,
+        or is taken (LIST_EXISTS); kind or type UNSPECIFIED; a description over 500 characters; a reused
+        request_id).
+        """
+        return await self._unary("/posguard.v1.Policy/CreateList", policy_pb2.CreateListRequest, policy_pb2.CreateListResponse, request, fields, timeout)
+
+    async def list_lists(
+        self,
+        request: policy_pb2.ListListsRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListListsResponse:
+        """Lists every list, by name, with how many unexpired entries each holds. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: none of its own.
+        """
+        return await self._unary("/posguard.v1.Policy/ListLists", policy_pb2.ListListsRequest, policy_pb2.ListListsResponse, request, fields, timeout)
+
+    async def add_list_entry(
+        self,
+        request: policy_pb2.AddListEntryRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.AddListEntryResponse:
+        """Adds a value to a list, or replaces its entry (reason, author, expiry) when the value is there already.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty list_name, value or reason, a value over 128 characters, an expiry in
+        the past, a reused request_id); NOT_FOUND (no such list).
+        """
+        return await self._unary("/posguard.v1.Policy/AddListEntry", policy_pb2.AddListEntryRequest, policy_pb2.AddListEntryResponse, request, fields, timeout)
+
+    async def remove_list_entry(
+        self,
+        request: policy_pb2.RemoveListEntryRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.RemoveListEntryResponse:
+        """Removes a value from a list. Removing a value that is not there answers removed = false.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty list_name, value or reason, a reused request_id); NOT_FOUND (no such
+        list).
+        """
+        return await self._unary("/posguard.v1.Policy/RemoveListEntry", policy_pb2.RemoveListEntryRequest, policy_pb2.RemoveListEntryResponse, request, fields, timeout)
+
+    async def list_entries(
+        self,
+        request: policy_pb2.ListEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListEntriesResponse:
+        """Lists a list's entries, oldest first. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (empty list_name, negative page_size, a page_token that is malformed or was
+        issued for other filters); NOT_FOUND (no such list).
+        """
+        return await self._unary("/posguard.v1.Policy/ListEntries", policy_pb2.ListEntriesRequest, policy_pb2.ListEntriesResponse, request, fields, timeout)
+
+    async def create_rule(
+        self,
+        request: policy_pb2.CreateRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.CreateRuleResponse:
+        """Adds a DRAFT version of a rule (version 1 for a new name). The condition is compiled first: one that
+        does not compile is refused with the line and column of the fault.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (a name that is not 1 to 64 of A-Z 0-9 _ starting with a letter; a condition
+        that does not compile (reason RULE_DOES_NOT_COMPILE, metadata line and column); action UNSPECIFIED;
+        an empty reason or one over 500 characters; a reused request_id).
+        """
+        return await self._unary("/posguard.v1.Policy/CreateRule", policy_pb2.CreateRuleRequest, policy_pb2.CreateRuleResponse, request, fields, timeout)
+
+    async def activate_rule(
+        self,
+        request: policy_pb2.ActivateRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ActivateRuleResponse:
+        """Makes a DRAFT version the active version of its rule; the version active before is retired.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty name or reason, a negative version, a reused request_id); NOT_FOUND (no
+        such rule or version); FAILED_PRECONDITION (the version is not a draft: RULE_NOT_DRAFT).
+        """
+        return await self._unary("/posguard.v1.Policy/ActivateRule", policy_pb2.ActivateRuleRequest, policy_pb2.ActivateRuleResponse, request, fields, timeout)
+
+    async def retire_rule(
+        self,
+        request: policy_pb2.RetireRuleRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.RetireRuleResponse:
+        """Retires the active version of a rule: it stops deciding.
+        Roles: ADMIN.
+        Errors: INVALID_ARGUMENT (empty name or reason, a reused request_id); NOT_FOUND (no such rule);
+        FAILED_PRECONDITION (no version of the rule is active: RULE_NOT_ACTIVE).
+        """
+        return await self._unary("/posguard.v1.Policy/RetireRule", policy_pb2.RetireRuleRequest, policy_pb2.RetireRuleResponse, request, fields, timeout)
+
+    async def list_rules(
+        self,
+        request: policy_pb2.ListRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.ListRulesResponse:
+        """Lists rule versions, by name, newest version first. Read-only.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (a status that is not known).
+        """
+        return await self._unary("/posguard.v1.Policy/ListRules", policy_pb2.ListRulesRequest, policy_pb2.ListRulesResponse, request, fields, timeout)
+
+    async def backtest_rules(
+        self,
+        request: policy_pb2.BacktestRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> policy_pb2.BacktestRulesResponse:
+        """Replays the stored transactions of a period through rules and lists as if they had been in force, on
+        top of the answers given then: per day, how many transactions they would have hit, how many of those
+        are labelled fraud, and how many decisions would have changed. Changes nothing. Imported history, which
+        has no answer, counts as approved with risk score 0.
+        Roles: ADMIN, TRAINER.
+        Errors: INVALID_ARGUMENT (no rule, condition or list given; a condition that does not compile; start_time
+        or end_time missing, or end_time not after start_time, or a period over 400 days); NOT_FOUND (a rule
+        version or list that does not exist).
+        """
+        return await self._unary("/posguard.v1.Policy/BacktestRules", policy_pb2.BacktestRulesRequest, policy_pb2.BacktestRulesResponse, request, fields, timeout)

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.domain.api_keys import Role
+
+# The services of the contract, one definition for the server (registration, health, admission, the tests).
+CONTRACT_MODULES = (customer_ids_pb2, risk_pb2, admin_pb2, cases_pb2, policy_pb2)
+SERVICE_NAMES = tuple(
+    service.full_name
+    for module in CONTRACT_MODULES
+    for service in module.DESCRIPTOR.services_by_name.values()
+)
 
 GATEWAY, ADMIN, AUDITOR, TRAINER, ANALYST = Role.GATEWAY, Role.ADMIN, Role.AUDITOR, Role.TRAINER, Role.ANALYST
 
@@ -23,6 +32,7 @@ _CUSTOMER_IDS = "/posguard.v1.CustomerIds/"
 _RISK = "/posguard.v1.Risk/"
 _ADMIN = "/posguard.v1.Admin/"
 _CASES = "/posguard.v1.Cases/"
+_POLICY = "/posguard.v1.Policy/"
 
 ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     # Gateways issue and check numbers at the till; admins manage the lifecycle.
@@ -59,6 +69,17 @@ ROLE_MATRIX: Mapping[str, frozenset[Role]] = {
     _CASES + "GetCase": frozenset({ANALYST, ADMIN}),
     _CASES + "AssignCase": frozenset({ANALYST, ADMIN}),
     _CASES + "ResolveCase": frozenset({ANALYST, ADMIN}),
+    # Lists and rules decide payments: only admins change them; the data team reads and backtests them.
+    _POLICY + "CreateList": frozenset({ADMIN}),
+    _POLICY + "ListLists": frozenset({ADMIN, TRAINER}),
+    _POLICY + "AddListEntry": frozenset({ADMIN}),
+    _POLICY + "RemoveListEntry": frozenset({ADMIN}),
+    _POLICY + "ListEntries": frozenset({ADMIN, TRAINER}),
+    _POLICY + "CreateRule": frozenset({ADMIN}),
+    _POLICY + "ActivateRule": frozenset({ADMIN}),
+    _POLICY + "RetireRule": frozenset({ADMIN}),
+    _POLICY + "ListRules": frozenset({ADMIN, TRAINER}),
+    _POLICY + "BacktestRules": frozenset({ADMIN, TRAINER}),
 }
 
 

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import grpc
 from grpc import aio
 
-from posguard.v1 import admin_pb2, customer_ids_pb2, risk_pb2
-from posguard_server.api.access import allowed_roles, is_public
+from posguard_server.api.access import CONTRACT_MODULES, allowed_roles, is_public
 from posguard_server.api.auth import Authenticator, Metadata, Principal
 from posguard_server.api.errors import status_for
 from posguard_server.api.metrics import Metrics
@@ -112,7 +111,7 @@ else:  # generic only in the type stubs
 def _streaming_kinds() -> dict[str, tuple[bool, bool]]:
     """``/package.Service/Method`` → (client streams, server streams), for every RPC of the contract."""
     kinds = {}
-    for module in (customer_ids_pb2, risk_pb2, admin_pb2):
+    for module in CONTRACT_MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for rpc in service.methods:
                 kinds[f"/{service.full_name}/{rpc.name}"] = (rpc.client_streaming, rpc.server_streaming)

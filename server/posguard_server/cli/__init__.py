@@ -23,6 +23,7 @@ from posguard_server.cli.models import models
 from posguard_server.cli.number_keys import number_keys
 from posguard_server.cli.report import report
 from posguard_server.cli.retrain import retrain
+from posguard_server.cli.rules import rules
 from posguard_server.cli.serve import serve
 from posguard_server.cli.settings_flags import setting_options, settings_from
 from posguard_server.cli.training import evaluate, train
@@ -53,6 +54,7 @@ for _command in (
     number_keys,
     audit,
     models,
+    rules,
     backup,
     restore,
     import_,

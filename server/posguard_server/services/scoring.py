@@ -30,9 +30,11 @@ from posguard_server.domain.customers import CustomerNumber, ExternalRef, Number
 from posguard_server.domain.dynamic_codes import PresentedCode, Reason, parse_code
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
+from posguard_server.domain.policy import Policy
 from posguard_server.domain.risk import StoredTransaction
 from posguard_server.scoring import (
     IdentityDecline,
+    PolicyFacts,
     RiskEngine,
     ScoreRequest,
     Serving,
@@ -178,6 +180,8 @@ class ScoringService:
                     self._redeem(unit, p, primaries, locked, now)
             except PosguardError as error:
                 p.error = error
+        policy = self._engine.policy.current() if self._engine.policy is not None else None
+        facts = _policy_facts(unit, policy, todo, primaries, now) if policy is not None else {}
         items: list[ScoreItem] = []
         scored: list[_Pending] = []
         for p in pending:
@@ -185,7 +189,13 @@ class ScoringService:
                 continue
             customer = p.replay.transaction.customer_id if p.replay is not None else p.customer
             request = ScoreRequest(
-                p.call.txn, customer, p.identity, p.call.request_id, p.call.fingerprint, p.call.actor
+                p.call.txn,
+                customer,
+                p.identity,
+                p.call.request_id,
+                p.call.fingerprint,
+                p.call.actor,
+                facts.get(id(p)),
             )
             # Not caught per call: what fails here now (loading a customer's model) fails the whole batch,
             # so no redemption made above is kept without its transaction.
@@ -249,6 +259,51 @@ class ScoringService:
                 "DYNAMIC_CODE_INVALID", f"dynamic code was refused ({answer.reason.value.replace('_', ' ')})"
             )
         p.identity = decline
+
+
+def _policy_facts(
+    unit: ScoringUnit,
+    policy: Policy,
+    todo: Sequence[_Pending],
+    primaries: dict[str, CustomerNumber],
+    now: datetime,
+) -> dict[int, PolicyFacts]:
+    """What lists and rules read beyond the transaction, per call (by ``id``), read under the lock.
+
+    Whether a merchant or terminal is new to the customer, and the numbers' signals, are read only when an
+    active rule names them: without such a rule they cost nothing. Within a batch, a customer's second
+    payment at a place is not new: the first one, earlier in the batch, is stored before it.
+    """
+    if policy.empty:
+        return {}
+    live = [p for p in todo if p.error is None and p.identity is None and p.customer]
+    customers = {p.customer for p in live}
+    places = "customer.new_merchant" in policy.needs or "customer.new_terminal" in policy.needs
+    seen_merchants: set[tuple[str, str]] = set()
+    seen_terminals: set[tuple[str, str]] = set()
+    if places:
+        seen_merchants, seen_terminals = unit.places_seen(
+            customers, {p.call.txn.merchant_id for p in live}, {p.call.txn.terminal_id for p in live}
+        )
+    signals = (
+        unit.number_signals(customers, now) if any(n.startswith("number.") for n in policy.needs) else {}
+    )
+    facts: dict[int, PolicyFacts] = {}
+    for p in live:
+        txn, payer = p.call.txn, p.call.payer
+        primary = primaries.get(p.customer)
+        numbers = tuple(
+            dict.fromkeys(n for n in (payer.number, primary.number if primary else None) if n is not None)
+        )
+        external = f"{payer.external.namespace}:{payer.external.value}" if payer.external else ""
+        new_merchant = new_terminal = None
+        if places:
+            new_merchant = (p.customer, txn.merchant_id) not in seen_merchants
+            new_terminal = bool(txn.terminal_id) and (p.customer, txn.terminal_id) not in seen_terminals
+            seen_merchants.add((p.customer, txn.merchant_id))
+            seen_terminals.add((p.customer, txn.terminal_id))
+        facts[id(p)] = PolicyFacts(numbers, external, new_merchant, new_terminal, signals.get(p.customer))
+    return facts
 
 
 def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:

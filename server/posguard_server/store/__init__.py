@@ -14,6 +14,7 @@ from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.policy import SqlPolicyStore
 from posguard_server.store.profiles import SqlProfileStore
 from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.scoring_writes import SqlScoringStore
@@ -33,6 +34,7 @@ __all__ = [
     "SqlModelRegistry",
     "SqlNumberWatchStore",
     "SqlOutcomeStore",
+    "SqlPolicyStore",
     "SqlProfileStore",
     "SqlRedemptionStore",
     "SqlScoringStore",

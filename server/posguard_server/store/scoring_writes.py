@@ -20,6 +20,7 @@ from posguard_server.domain.customers import CustomerNumber, ExternalRef
 from posguard_server.domain.dynamic_codes import PresentedCode
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PosguardError
+from posguard_server.domain.policy import NumberSignals
 from posguard_server.domain.risk import (
     Answer,
     Channel,
@@ -36,6 +37,7 @@ from posguard_server.store.cases import case_row, insert_cases
 from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
 from posguard_server.store.idempotency import SqlIdempotencyKey
+from posguard_server.store.policy import number_signals, places_seen
 from posguard_server.store.redemptions import redeem_in
 from posguard_server.store.risk_tables import (
     ATTEMPTS,
@@ -278,6 +280,16 @@ class ScoringUnit:
 
     def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
         return enrolment_owners(self._session, handles)
+
+    def places_seen(
+        self, customers: set[str], merchants: set[str], terminals: set[str]
+    ) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """For rules: which (customer, merchant) and (customer, terminal) pairs history already holds."""
+        return places_seen(self._connection, customers, merchants, terminals)
+
+    def number_signals(self, customers: set[str], now: datetime) -> dict[str, NumberSignals]:
+        """For rules: what the customers' numbers say (failed verifications, replays, rotation)."""
+        return number_signals(self._connection, customers, now)
 
     def redeem(
         self,
