@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 import posguard
 from posguard.dynamic_codes import PERIOD_SECONDS
@@ -466,21 +466,12 @@ def test_a_backup_of_an_older_schema_is_restored_through_its_revision_then_migra
     current = tmp_path / "current.zip"
     backup(source, current)
 
-    added_later = {
-        "risk_transactions": {"shadow_version", "shadow_risk_score"},  # by revision 0006
-        "risk_profiles": {"version"},  # by revision 0008
-        "idempotency_keys": {"caller"},  # by revision 0009
-        "risk_outcome_reports": {"caller"},  # by revision 0009
-        "dynamic_enrollments": {"guess_window_started_at", "guess_window_failures"},  # by revision 0010
-        "risk_models": {"artifact_sha256"},  # by revision 0011
-    }
-    tables_added_later = {  # by revisions 0007, 0011 and 0012
-        "caller_failures",
-        "write_probe",
-        "cases",
-        "number_watch",
-        "number_watch_state",
-    }
+    # What revisions after 0005 added, read from the migrations themselves: an archive made at 0005 lacks it.
+    then, now = _schema_at("0005", tmp_path / "at-0005.db"), _schema_at("head", tmp_path / "at-head.db")
+    tables_added_later = now.keys() - then.keys()
+    added_later = {table: now[table] - columns for table, columns in then.items() if now[table] - columns}
+    assert tables_added_later  # the test has something to drop
+    assert added_later
 
     def as_0005(name: str, data: bytes) -> bytes | None:
         if name in {table_member(table) for table in tables_added_later}:
@@ -516,6 +507,22 @@ def test_a_backup_of_an_older_schema_is_restored_through_its_revision_then_migra
         restored.dispose()
     with pytest.raises(BackupError, match="not empty"):
         restore(target, older)
+
+
+def _schema_at(revision: str, path: Path) -> dict[str, set[str]]:
+    """The tables of the schema at ``revision``, each with its columns (on a scratch SQLite file)."""
+    url = f"sqlite:///{path}"
+    upgrade(url, revision)
+    database = Database(url)
+    try:
+        inspector = inspect(database.engine)
+        return {
+            table: {column["name"] for column in inspector.get_columns(table)}
+            for table in inspector.get_table_names()
+            if table != "alembic_version"
+        }
+    finally:
+        database.dispose()
 
 
 @pytest.mark.postgres
