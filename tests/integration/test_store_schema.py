@@ -53,7 +53,7 @@ def test_upgrade_reaches_head(database_url: str) -> None:
     upgrade(database_url)
     db = Database(database_url)
     try:
-        assert current_revision(db.engine) == head_revision() == "0013"
+        assert current_revision(db.engine) == head_revision() == "0014"
     finally:
         db.dispose()
     assert is_current(database_url)

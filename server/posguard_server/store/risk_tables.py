@@ -82,6 +82,10 @@ class SqlRiskTransaction(Base):
         # Feature history and training read a customer's transactions in event-time order.
         Index("ix_risk_transactions_customer_time", "customer_id", "event_time", "id"),
         Index("ix_risk_transactions_outcome", "outcome", "outcome_at"),
+        # Rules ask whether a customer paid at a merchant or terminal before (customer.new_merchant,
+        # customer.new_terminal): an index probe per pair instead of a scan of the customer's history.
+        Index("ix_risk_transactions_customer_merchant", "customer_id", "merchant_id", "in_history"),
+        Index("ix_risk_transactions_customer_terminal", "customer_id", "terminal_id", "in_history"),
         # Label feedback asks, per score, who paid at a terminal (or a terminal-less merchant) lately.
         Index("ix_risk_transactions_terminal_time", "terminal_id", "event_time"),
         Index(
