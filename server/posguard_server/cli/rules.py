@@ -158,16 +158,7 @@ def backtest(
             chosen, lists, since=since, until=until, now=now
         )
     rows: list[dict[str, Any]] = [
-        {
-            "day": day.day.isoformat() if day.day else "total",
-            "transactions": day.transactions,
-            "fraud": day.fraud,
-            "hits": day.hits,
-            "fraud_hits": day.fraud_hits,
-            "decisions_changed": day.decisions_changed,
-            "declines": day.declines,
-            "reviews": day.reviews,
-        }
+        {"day": day.day.isoformat() if day.day else "total", **day.counts()}
         for day in [*report.days, report.total]
     ]
     if as_json:

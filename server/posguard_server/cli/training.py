@@ -139,6 +139,12 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
     help="Processes fitting the customer forests (not with --through-server).",
 )
 @click.option(
+    "--rules-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A TOML rules file (as for `rules backtest`): also report what its rules do on the test days.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -153,6 +159,7 @@ def evaluate(
     customers_limit: int | None,
     through_server: bool,
     jobs: int,
+    rules_file: Path | None,
     as_json: bool,
     **flags: Any,
 ) -> None:
@@ -162,6 +169,7 @@ def evaluate(
     server would; with --through-server each seed runs on its own fresh embedded database and a real server
     on loopback.
     """
+    from posguard_server.cli.rules import read_rules_file
     from posguard_server.pipeline.evaluate import evaluate as run
 
     try:
@@ -184,6 +192,7 @@ def evaluate(
         through_server=through_server,
         jobs=jobs,
         on_seed=(lambda seed: click.echo(json.dumps({"seed_result": seed.as_dict()}))) if as_json else None,
+        rules=read_rules_file(rules_file) if rules_file is not None else (),
     )
     if as_json:
         click.echo(json.dumps(result.as_dict()))
@@ -208,3 +217,13 @@ def evaluate(
             f"{seed.scored} scored, {seed.refused} refused; "
             + ", ".join(f"{k} {v:.0f}s" for k, v in seed.seconds.items())
         )
+        if seed.rules is not None:
+            effect = seed.rules
+            precision = effect.fraud_hits / effect.hits if effect.hits else 0.0
+            click.echo(
+                f"    rules: {effect.hits} hits of {effect.transactions} test transactions, "
+                f"{effect.fraud_hits} of them fraud (precision {precision:.3f}, "
+                f"{effect.fraud_hits / max(1, effect.fraud):.3f} of {effect.fraud} frauds); "
+                f"{effect.decisions_changed} decisions changed ({effect.declines} declines and "
+                f"{effect.reviews} reviews in all)"
+            )

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
@@ -49,14 +50,18 @@ from posguard_server.config import Settings
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.errors import InvalidArgument
 from posguard_server.domain.numbering import Numbering
-from posguard_server.domain.risk import Outcome, event_time_refusal
+from posguard_server.domain.policy import Policy, Rule
+from posguard_server.domain.risk import Outcome, TransactionSource, event_time_refusal
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import DEFAULT_NAMESPACE, CsvTransaction, Importer, read_transactions
 from posguard_server.pipeline.trainer import train_and_register
+from posguard_server.scoring import Thresholds
+from posguard_server.services.backtest import DayCounts, replay
 from posguard_server.store.db import Database
 from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.migrate import upgrade
 from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.policy import ReplayRow
 
 HISTORY_SHARE = 0.6
 TEST_SHARE = 0.3
@@ -92,6 +97,9 @@ class SeedResult:
     refusals: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, float] = field(default_factory=dict)
+    rules: DayCounts | None = None  # what the rules given to ``evaluate`` did over the test days
+    # The model's risk score of each replayed row, by its index in the dataset (for the rules' effect).
+    scores: dict[int, float] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +112,7 @@ class SeedResult:
             "outcomes_reported": self.outcomes_reported,
             "seconds": self.seconds,
             "training": self.training,
+            **({"rules": self.rules.counts()} if self.rules is not None else {}),
         }
 
 
@@ -162,10 +171,14 @@ def evaluate(
     through_server: bool = False,
     jobs: int = 1,
     on_seed: Callable[[SeedResult], None] | None = None,
+    rules: Sequence[Rule] = (),
 ) -> Evaluation:
     """The protocol on ``path``, once per seed; ``jobs`` processes fit the customer forests (direct only).
 
     ``on_seed`` gets each seed's result as soon as it is measured (a run of several seeds takes hours).
+    With ``rules``, each seed also reports what they would have done over the test days on top of the
+    model's decisions (``services.backtest``: the same replay as ``posguard-server rules backtest``, with
+    the dataset's fraud labels).
     """
     rows = load_rows(path, customers_limit=customers_limit)
     if not rows:
@@ -185,6 +198,8 @@ def evaluate(
             else:
                 with tempfile.TemporaryDirectory(dir=tmp, prefix="seed-") as seed_dir:
                     result = _run_seed(rows, day, split, config, labels, delay, Path(seed_dir), progress)
+            if rules:
+                result.rules = _rules_effect(rows, day, split, result.scores, rules)
             results.append(result)
             if on_seed is not None:
                 on_seed(result)
@@ -208,6 +223,7 @@ class _Stored:
     everything: History
     replayed: npt.NDArray[np.bool_]
     index: npt.NDArray[np.int64]
+    row: npt.NDArray[np.int64]  # each position's index in the dataset's rows
     measured: npt.NDArray[np.bool_]
     fraud: npt.NDArray[np.bool_]
     scenario: npt.NDArray[np.int64]
@@ -296,6 +312,7 @@ def _stored_rows(
         everything=everything,
         replayed=replayed,
         index=index,
+        row=np.array([i for i, _ in kept], dtype=np.int64),
         measured=replayed & test_day,
         fraud=is_fraud,
         scenario=np.array([r.scenario or 0 for r in picked], dtype=np.int64),
@@ -345,6 +362,7 @@ def _score_seed(stored: _Stored, config: TrainingConfig, jobs: int, progress: Pr
         outcomes_reported=stored.outcomes_reported,
         seconds=seconds,
         training=trained.metrics,
+        scores={int(stored.row[p]): float(risk[p]) for p in np.flatnonzero(stored.replayed)},
     )
 
 
@@ -368,6 +386,7 @@ def _run_seed(
     seconds: dict[str, float] = {}
     history = [r for r, d in zip(rows, day, strict=True) if d < split.history_days]
     later = [(r, d) for r, d in zip(rows, day, strict=True) if d >= split.history_days]
+    later_rows = [i for i, d in enumerate(day) if d >= split.history_days]
     trained_at = history[-1].transaction.event_time if history else rows[0].transaction.event_time
 
     clock = time.perf_counter()
@@ -421,7 +440,51 @@ def _run_seed(
         outcomes_reported=reported,
         seconds=seconds,
         training=report.metrics,
+        scores={later_rows[i]: score for i, score in scores.items()},
     )
+
+
+def _rules_effect(
+    rows: list[CsvTransaction], day: list[int], split: Split, scores: dict[int, float], rules: Sequence[Rule]
+) -> DayCounts:
+    """What ``rules`` do over the test days on top of the model's decisions, replayed as a backtest does.
+
+    The history days are imported history, every replayed row is stored with its score and the decision
+    the server's default thresholds give it; each row is labelled with the dataset's truth.
+    """
+    defaults = Settings.model_fields
+    thresholds = Thresholds(
+        review=defaults["risk_review_threshold"].default, decline=defaults["risk_decline_threshold"].default
+    )
+    kept = [i for i, d in enumerate(day) if d < split.history_days or i in scores]
+    kept.sort(key=lambda i: rows[i].customer_ref)  # stable: each customer's rows stay in time order
+    stored = []
+    for i in kept:
+        txn, score = rows[i].transaction, scores.get(i)
+        stored.append(
+            ReplayRow(
+                transaction_id=txn.transaction_id,
+                customer_id=rows[i].customer_ref,
+                event_time=txn.event_time,
+                amount_minor=txn.amount_minor,
+                currency=txn.currency,
+                merchant_id=txn.merchant_id,
+                terminal_id=txn.terminal_id,
+                mcc=txn.mcc,
+                channel=txn.channel,
+                in_history=True,
+                source=TransactionSource.IMPORT if score is None else TransactionSource.SCORE,
+                risk_score=score,
+                decision=None if score is None else thresholds.decide(score),
+                reason_codes=(),
+                fraud=bool(rows[i].is_fraud),
+            )
+        )
+    first = rows[0].transaction.event_time
+    since = datetime.combine(first.date() + timedelta(days=split.test_start), datetime.min.time(), UTC)
+    policy = Policy.build(0, [], [], rules)
+    zone = ZoneInfo(Settings.model_fields["policy_time_zone"].default)
+    return replay(policy, [stored], since=since, now=datetime.now(UTC), zone=zone).total
 
 
 def _step(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:

@@ -48,6 +48,18 @@ class DayCounts:
     declines: int = 0
     reviews: int = 0
 
+    def counts(self) -> dict[str, int]:
+        """The counts by name, as reports show them."""
+        return {
+            "transactions": self.transactions,
+            "fraud": self.fraud,
+            "hits": self.hits,
+            "fraud_hits": self.fraud_hits,
+            "decisions_changed": self.decisions_changed,
+            "declines": self.declines,
+            "reviews": self.reviews,
+        }
+
     def add(self, fraud: bool, hit: bool, changed: bool, decision: Decision) -> None:
         self.transactions += 1
         self.fraud += fraud
@@ -109,68 +121,90 @@ class BacktestService:
         policy = Policy.build(
             0, [plist for plist, _ in chosen], [entry for _, entries in chosen for entry in entries], rules
         )
-        whole = bool(policy.needs & _WHOLE_HISTORY)
-        start = EARLIEST_EVENT_TIME if whole else since - timedelta(seconds=_RECENT_WINDOW)
-        report = BacktestReport()
-        by_day: dict[date, DayCounts] = {}
-        at_now = now.timestamp()
-        customer_id, customer = "", _Customer()
-        for batch in self._store.replay(since=start, until=until):
-            for row in batch:
-                if row.customer_id != customer_id:
-                    customer_id, customer = row.customer_id, _Customer()
-                amount = _major(row.amount_minor, row.currency)
-                at = row.event_time.timestamp()
-                identity_decline = row.source is TransactionSource.SCORE and not row.in_history
-                if row.event_time >= since and not identity_decline:
-                    self._replay(policy, row, customer, amount, at, at_now, report, by_day)
-                if row.in_history:
-                    customer.add(at, amount, row.merchant_id, row.terminal_id)
-        report.days = [by_day[day] for day in sorted(by_day)]
-        return report
+        rows = self._store.replay(since=history_start(policy, since), until=until)
+        return replay(policy, rows, since=since, now=now, zone=self._zone)
 
-    def _replay(
-        self,
-        policy: Policy,
-        row: ReplayRow,
-        customer: _Customer,
-        amount: float,
-        at: float,
-        now: float,
-        report: BacktestReport,
-        by_day: dict[date, DayCounts],
-    ) -> None:
-        local = row.event_time.astimezone(self._zone)
-        policy_input = PolicyInput(
-            customer_id=row.customer_id,
-            numbers=(),
-            external_id="",
-            merchant_id=row.merchant_id,
-            terminal_id=row.terminal_id,
-            mcc=row.mcc,
-            currency=row.currency,
-            channel=row.channel.value,
-            amount=amount,
-            amount_minor=row.amount_minor,
-            time=at,
-            hour=local.hour,
-            weekday=local.isoweekday(),
-            history=customer.count,
-            typical_amount=math.expm1(customer.sum_log_amount / customer.count) if customer.count else 0.0,
-            recent=list(customer.recent),
-            new_merchant=row.merchant_id not in customer.merchants,
-            new_terminal=bool(row.terminal_id) and row.terminal_id not in customer.terminals,
-        )
-        decision = row.decision or Decision.APPROVE
-        verdict = policy.verdict(policy_input, row.risk_score or 0.0, decision, now=now)
-        after = verdict.decision if verdict is not None else decision
-        hit = verdict is not None and verdict.hit
-        day = row.event_time.astimezone(UTC).date()
-        counts = by_day.get(day)
-        if counts is None:
-            counts = by_day[day] = DayCounts(day)
-        for target in (counts, report.total):
-            target.add(row.fraud, hit, after is not decision, after)
+
+def history_start(policy: Policy, since: datetime) -> datetime:
+    """From when a replay from ``since`` must read history, for the counters ``policy`` needs."""
+    whole = bool(policy.needs & _WHOLE_HISTORY)
+    return EARLIEST_EVENT_TIME if whole else since - timedelta(seconds=_RECENT_WINDOW)
+
+
+def replay(
+    policy: Policy,
+    batches: Iterable[Sequence[ReplayRow]],
+    *,
+    since: datetime,
+    now: datetime,
+    zone: ZoneInfo,
+) -> BacktestReport:
+    """Replay transactions through ``policy``: those from ``since`` are decided, the earlier ones are history.
+
+    ``batches`` hold the rows grouped by customer, each customer's in event-time order (as
+    ``SqlPolicyStore.replay`` reads them, and as ``evaluate`` builds them from a dataset).
+    """
+    report = BacktestReport()
+    by_day: dict[date, DayCounts] = {}
+    at_now = now.timestamp()
+    customer_id, customer = "", _Customer()
+    for batch in batches:
+        for row in batch:
+            if row.customer_id != customer_id:
+                customer_id, customer = row.customer_id, _Customer()
+            amount = _major(row.amount_minor, row.currency)
+            at = row.event_time.timestamp()
+            identity_decline = row.source is TransactionSource.SCORE and not row.in_history
+            if row.event_time >= since and not identity_decline:
+                _replay_one(policy, row, customer, amount, at, at_now, zone, report, by_day)
+            if row.in_history:
+                customer.add(at, amount, row.merchant_id, row.terminal_id)
+    report.days = [by_day[day] for day in sorted(by_day)]
+    return report
+
+
+def _replay_one(
+    policy: Policy,
+    row: ReplayRow,
+    customer: _Customer,
+    amount: float,
+    at: float,
+    now: float,
+    zone: ZoneInfo,
+    report: BacktestReport,
+    by_day: dict[date, DayCounts],
+) -> None:
+    local = row.event_time.astimezone(zone)
+    policy_input = PolicyInput(
+        customer_id=row.customer_id,
+        numbers=(),
+        external_id="",
+        merchant_id=row.merchant_id,
+        terminal_id=row.terminal_id,
+        mcc=row.mcc,
+        currency=row.currency,
+        channel=row.channel.value,
+        amount=amount,
+        amount_minor=row.amount_minor,
+        time=at,
+        hour=local.hour,
+        weekday=local.isoweekday(),
+        history=customer.count,
+        typical_amount=math.expm1(customer.sum_log_amount / customer.count) if customer.count else 0.0,
+        recent=list(customer.recent),
+        new_merchant=row.merchant_id not in customer.merchants,
+        new_terminal=bool(row.terminal_id) and row.terminal_id not in customer.terminals,
+    )
+    decision = row.decision or Decision.APPROVE
+    verdict = policy.verdict(policy_input, row.risk_score or 0.0, decision, now=now)
+    after = verdict.decision if verdict is not None else decision
+    hit = verdict is not None and verdict.hit
+    day = row.event_time.astimezone(UTC).date()
+    counts = by_day.get(day)
+    if counts is None:
+        counts = by_day[day] = DayCounts(day)
+    for target in (counts, report.total):
+        target.add(row.fraud, hit, after is not decision, after)
 
 
 def _major(amount_minor: int, currency: str) -> float:
