@@ -140,3 +140,28 @@ def test_evaluate_runs_the_protocol_through_the_service(
     # Far above a random ranking (AP = fraud rate) on the unseen test days.
     assert seed["ap"] > 5 * seed["frauds"] / seed["transactions"]
     assert set(seed["scenarios"]) <= {"1", "2", "3"}
+
+
+def test_evaluate_reports_what_a_rules_file_does_on_the_test_days(cli: Cli, tmp_path: Path) -> None:
+    """A rule over the transaction alone hits exactly the test-day rows it names, and declines them."""
+    from posguard_server.pipeline.evaluate import Split, load_rows
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rule]]\nname = "BIG_AMOUNT"\ncondition = "txn.amount > 220"\naction = "decline"\n',
+        encoding="utf-8",
+    )
+    result = cli("evaluate", str(SAMPLE), "--seeds", "0", "--json", "--rules-file", str(rules), timeout=280)
+    assert result.returncode == 0, result.stderr
+    effect = json.loads(result.stdout.splitlines()[-1])["seeds"][0]["rules"]
+    rows = load_rows(SAMPLE)
+    start = rows[0].transaction.event_time.date()
+    days = [(r.transaction.event_time.date() - start).days for r in rows]
+    split = Split.of(days[-1] + 1)
+    test = [r for r, d in zip(rows, days, strict=True) if d >= split.test_start]
+    big = [r for r in test if r.transaction.amount_minor > 220_00]
+    assert effect["transactions"] == len(test)
+    assert effect["fraud"] == sum(bool(r.is_fraud) for r in test)
+    assert effect["hits"] == len(big) > 0
+    assert effect["fraud_hits"] == sum(bool(r.is_fraud) for r in big)
+    assert effect["declines"] >= len(big)  # the rule's, and the model's own
