@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -130,6 +132,33 @@ def test_global_model_artifact_round_trips_without_pickle(handbook: dict[str, np
     for row in x:
         assert loaded.score(row, None, 0, (2, 5)) == model.score(row, None, 0, (2, 5))
     assert np.array_equal(loaded.feature_quantiles, model.feature_quantiles)
+
+
+def test_a_feedback_model_stored_before_the_tie_breaker_scores_as_fitted(
+    handbook: dict[str, np.ndarray],
+) -> None:
+    rows = np.arange(len(handbook["times"]))
+    model = train(_history(handbook, rows, labels=True), CONFIG).global_model
+    assert model.feedback is not None
+    assert model.feedback.tie_break > 0
+    # The same artifact as an earlier version wrote it: no tie_break in the feedback metadata.
+    with np.load(io.BytesIO(model.to_bytes()), allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    del meta["feedback"]["tie_break"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    old = GlobalModel.from_bytes(buffer.getvalue())
+    assert old.feedback is not None
+    assert old.feedback.tie_break == 0.0
+    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])[0]
+    fb = old.feedback
+    anomaly = old.calibration(-old.forest.score_one(x))
+    expected = fb.calibration(
+        float(np.log(fb.fraud_probability(anomaly) / (1 - fb.fraud_probability(anomaly))))
+    )
+    assert old.score(x, None, 0, None).risk_score == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize(
