@@ -1,4 +1,5 @@
-"""Detection metrics of the evaluation protocol: AP, ROC-AUC and recall at a 1% alert rate, per scenario."""
+"""Detection metrics of the evaluation protocol: AP, ROC-AUC and recall at a 1% alert rate, per scenario;
+and how well the scores read as alert rates."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy.typing as npt
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 ALERT_RATE = 0.01
+# The score thresholds at which the share of traffic scoring at or above is checked against 1 - threshold.
+CALIBRATION_LEVELS = (0.5, 0.9, 0.99, 0.999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +85,33 @@ def by_scenario(y: npt.ArrayLike, scores: npt.ArrayLike, scenarios: npt.ArrayLik
         rows = ~truth | (scenario == k)
         out[int(k)] = detection(truth[rows], s[rows], shares=shares[rows])
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """How well a set of risk scores reads as alert rates: the share of traffic at or above each level of
+    ``CALIBRATION_LEVELS`` (nominally ``1 - level``), how many distinct scores there are and the share of the
+    most common one (ties at a cut make the alert set depend on arrival order)."""
+
+    transactions: int
+    at_or_above: dict[float, float]
+    distinct: int
+    most_common_share: float
+
+    def as_dict(self) -> dict[str, float]:
+        out = {f"at_or_above_{level:g}": share for level, share in self.at_or_above.items()}
+        out.update({"distinct_scores": float(self.distinct), "most_common_share": self.most_common_share})
+        return out
+
+
+def resolution(scores: npt.ArrayLike) -> Resolution:
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        raise ValueError("resolution needs scores")
+    _, counts = np.unique(s, return_counts=True)
+    return Resolution(
+        transactions=len(s),
+        at_or_above={level: float(np.mean(s >= level)) for level in CALIBRATION_LEVELS},
+        distinct=len(counts),
+        most_common_share=float(counts.max() / len(s)),
+    )

@@ -7,13 +7,14 @@ How a transaction is scored (docs/risk-model.md says why):
    own sample size, so they share a scale; they are blended by how much history backs the customer's model:
    ``raw = w * s_customer + (1 - w) * s_global`` with ``w = n / (n + n0)``. A customer without a model (too
    little history) gets the global score alone: that is the explicit cold start.
-2. **Calibration.** ``risk_score`` is the fraction of the training window's transactions whose score is below
-   this one, so ``1 - risk_score`` reads as the alert rate: flagging everything at or above 0.99 alerts on
-   about 1% of traffic.
+2. **Calibration.** ``risk_score`` is the mid-rank fraction of the training window's transactions below this
+   score (ties count half), so ``1 - risk_score`` reads as the alert rate at every level: flagging everything
+   at or above 0.99 alerts on about 1% of traffic, at or above 0.5 on about half.
 3. **Label feedback** (only when the training window had reported fraud). Fraud reported at a terminal (or
    merchant) by *several different customers* is the classic common point of compromise. The estimated
    probability of fraud of the anomaly score (isotonic, fitted on labelled history) is raised in log-odds by
-   the terminal's excess fraud rate over the base rate, and the result is calibrated again as above.
+   the terminal's excess fraud rate over the base rate, the anomaly risk breaks the ties left, and the result
+   is calibrated again as above.
 """
 
 from __future__ import annotations
@@ -48,27 +49,38 @@ def logit(p: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """An empirical distribution function stored as (score, fraction at or below) knots."""
+    """A mid-rank empirical distribution function stored as (score, fraction) knots.
+
+    A knot is a distinct reference score with its mid-rank fraction: the share of reference scores below it
+    plus half the share equal to it. Between knots the fraction is interpolated linearly, so the share of
+    the reference at or above a risk ``r`` is about ``1 - r`` at every level, not only in the tail; a score
+    shared by many reference rows (one-sided feature vectors tie often) sits in the middle of the range it
+    covers, so no threshold inside that range is off by more than half of it (mapping ties to the top of
+    their range, as format 1's fit did, overstated every threshold inside it by the whole range).
+    """
 
     scores: npt.NDArray[np.float64]
     fractions: npt.NDArray[np.float64]
 
     @classmethod
-    def fit(cls, reference: npt.ArrayLike, knots: int = 2048) -> Calibration:
-        ref = np.sort(np.asarray(reference, dtype=np.float64))
+    def fit(cls, reference: npt.ArrayLike, knots: int = 4096) -> Calibration:
+        ref = np.asarray(reference, dtype=np.float64)
         if len(ref) == 0:
             raise ValueError("calibration needs at least one reference score")
-        # Knots dense in the upper tail, where alert thresholds live: 1 - 10^-k spacing up to the last point.
-        upper = 1.0 - np.geomspace(1.0, 1.0 / len(ref), knots // 2)
-        probs = np.unique(np.clip(np.concatenate([np.linspace(0.0, 1.0, knots // 2), upper, [1.0]]), 0, 1))
-        idx = np.minimum((probs * len(ref)).astype(np.int64), len(ref) - 1)
-        scores = ref[idx]
-        # Fraction of reference scores at or below each knot, so ties and flat stretches stay exact.
-        # (n + 1) in the denominator leaves 1 / (n + 1) of the mass above the highest reference score.
-        fractions = np.searchsorted(ref, scores, side="right") / (len(ref) + 1)
-        scores, first = np.unique(scores, return_index=True)
-        last = np.r_[first[1:] - 1, len(fractions) - 1]
-        return cls(scores, fractions[last])
+        values, counts = np.unique(ref, return_counts=True)
+        at_or_below = np.cumsum(counts) / len(ref)
+        mid = at_or_below - counts / (2.0 * len(ref))
+        if len(values) > knots:
+            # Too many distinct scores to keep: keep those whose range holds a target fraction, the targets
+            # evenly spread and, as densely again, geometric towards the top where alert thresholds live.
+            # Every tie group wider than the spacing holds a target, so it keeps its own knot.
+            targets = np.concatenate(
+                [np.linspace(0.0, 1.0, knots // 2), 1.0 - np.geomspace(1.0, 1.0 / len(ref), knots // 2)]
+            )
+            picked = np.minimum(np.searchsorted(at_or_below, targets, side="left"), len(values) - 1)
+            keep = np.unique(np.concatenate([[0, len(values) - 1], picked]))
+            values, mid = values[keep], mid[keep]
+        return cls(values, mid)
 
     def __call__(self, score: float) -> float:
         return float(self.many(np.array([score]))[0])
@@ -94,6 +106,8 @@ class Feedback:
     curve_x: npt.NDArray[np.float64]
     curve_y: npt.NDArray[np.float64]
     calibration: Calibration
+    # Log-odds added per unit of anomaly risk (0 in models stored before it; see ``combined``).
+    tie_break: float
 
     def fraud_probability(self, anomaly_risk: float) -> float:
         return float(np.interp(anomaly_risk, self.curve_x, self.curve_y))
@@ -108,7 +122,15 @@ class Feedback:
         return max(0.0, logit(self.terminal_rate(fraud_customers, customers)) - logit(self.base_rate))
 
     def combined(self, anomaly_risk: float, evidence: float) -> float:
-        return logit(self.fraud_probability(anomaly_risk)) + evidence
+        """The fraud log-odds, with the anomaly risk as a tie-breaker.
+
+        The isotonic curve is flat over wide stretches of anomaly risk and most places carry no evidence, so
+        without the tie-breaker most of the traffic shares a handful of values, and which of them fall inside
+        an alert budget depends on arrival order. ``tie_break * anomaly_risk`` (at most ``tie_break``
+        log-odds) orders what the curve and the evidence leave tied, and reorders nothing they separate by
+        more.
+        """
+        return logit(self.fraud_probability(anomaly_risk)) + evidence + self.tie_break * anomaly_risk
 
 
 def _forest_scores(forest: CompiledForest, X: npt.NDArray[np.float64]) -> list[float]:  # noqa: N803
@@ -195,7 +217,10 @@ class GlobalModel:
         fb = self.feedback
         evidence = [fb.evidence(*terminal) if terminal is not None else 0.0 for terminal in terminals]
         fraud = np.interp(anomaly_risk, fb.curve_x, fb.curve_y)
-        combined = [logit(float(p)) + e for p, e in zip(fraud, evidence, strict=True)]
+        combined = [
+            logit(float(p)) + e + fb.tie_break * float(a)
+            for p, e, a in zip(fraud, evidence, anomaly_risk, strict=True)
+        ]
         risk = fb.calibration.many(combined)
         return [
             Score(r, float(a), float(k), customer is not None, e)
@@ -217,7 +242,7 @@ class GlobalModel:
         combined = np.log(p / (1.0 - p))
         if evidence is not None:
             combined = combined + evidence
-        return fb.calibration.many(combined)
+        return fb.calibration.many(combined + fb.tie_break * anomaly_risk)
 
     def rarity(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Per feature, the fraction of training rows with a value at least this high (small = unusual)."""
@@ -259,6 +284,7 @@ class GlobalModel:
                 "window_days": fb.window_days,
                 "prior_strength": fb.prior_strength,
                 "base_rate": fb.base_rate,
+                "tie_break": fb.tie_break,
             }
             arrays.update(
                 feedback_curve_x=fb.curve_x,
@@ -296,6 +322,8 @@ class GlobalModel:
                     calibration=_calibration(
                         arrays["feedback_calibration_scores"], arrays["feedback_calibration_fractions"]
                     ),
+                    # Models stored before the tie-breaker was fitted with none: they keep scoring as fitted.
+                    tie_break=float(fb.get("tie_break", 0.0)),
                 )
             quantiles = _floats(arrays["feature_quantiles"])
             if quantiles.ndim != 2 or quantiles.shape[0] != len(FEATURES):

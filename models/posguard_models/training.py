@@ -25,6 +25,10 @@ from posguard_models.model import Calibration, Feedback, GlobalModel, logit
 from posguard_models.training_config import TrainingConfig as TrainingConfig  # re-exported for callers
 
 DAY = 86400.0
+# Log-odds the anomaly risk adds, at most, to the label-feedback score to break its ties (Feedback.combined):
+# far below any difference the fraud curve or the evidence makes, far above float64 resolution (adjacent
+# anomaly risks of a million-row reference differ by ~1e-6, i.e. ~1e-9 log-odds, against ~1e-15 rounding).
+FEEDBACK_TIE_BREAK = 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,10 +362,19 @@ def _fit_feedback(
     best: tuple[float, float, npt.NDArray[np.float64]] | None = None
     probability_logit = np.array([logit(p) for p in np.interp(anomaly_risk, curve_x, curve_y)])
     for window in config.feedback_windows_days:
-        draft = Feedback(window, config.prior_strength, base_rate, curve_x, curve_y, Calibration.fit([0.0]))
+        draft = Feedback(
+            window,
+            config.prior_strength,
+            base_rate,
+            curve_x,
+            curve_y,
+            Calibration.fit([0.0]),
+            FEEDBACK_TIE_BREAK,
+        )
         frauds, seen = terminal_counts(history, window, rows=in_window)
         evidence = np.array([draft.evidence(int(f), int(c)) for f, c in zip(frauds, seen, strict=True)])
-        combined = probability_logit + evidence
+        # As Feedback.combined computes it, in the same order.
+        combined = probability_logit + evidence + FEEDBACK_TIE_BREAK * anomaly_risk
         ap = float(average_precision_score(y, combined[known]))
         metrics[f"ap_history_feedback_{window:g}d"] = ap
         if best is None or ap > best[1]:
@@ -376,4 +389,5 @@ def _fit_feedback(
         curve_x=curve_x,
         curve_y=curve_y,
         calibration=Calibration.fit(combined[in_window]),
+        tie_break=FEEDBACK_TIE_BREAK,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from posguard_models.evaluation import ALERT_RATE, alert_shares, by_scenario, detection
+from posguard_models.evaluation import ALERT_RATE, alert_shares, by_scenario, detection, resolution
 
 
 def test_tied_scores_at_the_cut_share_the_places_left_whatever_their_order() -> None:
@@ -46,3 +46,11 @@ def test_a_scenarios_recall_counts_only_its_frauds_in_the_overall_alert_set() ->
     assert per[2].recall_at_alert_rate == pytest.approx(0.0)
     assert per[2].average_precision == pytest.approx(1.0)  # its ranking among genuine ones is perfect
     assert detection(y, scores).recall_at_alert_rate == pytest.approx(0.5)
+
+
+def test_resolution_counts_the_share_at_or_above_each_level_and_the_ties() -> None:
+    scores = np.array([0.2, 0.5, 0.5, 0.5, 0.9, 0.95, 0.99, 0.999, 0.3, 0.6])
+    result = resolution(scores)
+    assert result.at_or_above == {0.5: 0.8, 0.9: 0.4, 0.99: 0.2, 0.999: 0.1}
+    assert (result.distinct, result.most_common_share) == (8, 0.3)
+    assert result.as_dict()["at_or_above_0.999"] == 0.1

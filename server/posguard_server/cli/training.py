@@ -210,6 +210,13 @@ def evaluate(
             f"  scenario {scenario}: AP {mean[key]:.3f}   "
             f"recall@1% {mean[f'scenario_{scenario}_recall_at_1pct']:.3f}"
         )
+    click.echo(
+        "  share at or above "
+        + ", ".join(
+            f"{k.removeprefix('at_or_above_')}: {v:.4f}" for k, v in mean.items() if k.startswith("at_or_")
+        )
+        + f"; {mean['distinct_scores']:.0f} distinct scores, the commonest {mean['most_common_share']:.1%}"
+    )
     for seed in result.seeds:
         click.echo(
             f"  seed {seed.seed}: AP {seed.overall.average_precision:.3f} ROC-AUC {seed.overall.roc_auc:.3f} "

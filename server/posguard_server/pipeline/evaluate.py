@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from posguard.aio import Client
 from posguard.v1 import common_pb2, risk_pb2
-from posguard_models.evaluation import Detection, by_scenario, detection
+from posguard_models.evaluation import Detection, Resolution, by_scenario, detection, resolution
 from posguard_models.features import batch_features
 from posguard_models.retraining import CustomerForest, ModelSet, set_risk
 from posguard_models.training import History, TrainingConfig, train
@@ -94,6 +94,7 @@ class SeedResult:
     scored: int
     refused: int
     outcomes_reported: int
+    resolution: Resolution
     refusals: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, float] = field(default_factory=dict)
@@ -110,6 +111,7 @@ class SeedResult:
             "refused": self.refused,
             "refusals": self.refusals,
             "outcomes_reported": self.outcomes_reported,
+            "calibration": self.resolution.as_dict(),
             "seconds": self.seconds,
             "training": self.training,
             **({"rules": self.rules.counts()} if self.rules is not None else {}),
@@ -132,6 +134,8 @@ class Evaluation:
             values = [s.scenarios[k] for s in self.seeds if k in s.scenarios]
             out[f"scenario_{k}_ap"] = float(np.mean([v.average_precision for v in values]))
             out[f"scenario_{k}_recall_at_1pct"] = float(np.mean([v.recall_at_alert_rate for v in values]))
+        for key in self.seeds[0].resolution.as_dict() if self.seeds else ():
+            out[key] = float(np.mean([s.resolution.as_dict()[key] for s in self.seeds]))
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -360,6 +364,7 @@ def _score_seed(stored: _Stored, config: TrainingConfig, jobs: int, progress: Pr
         refused=sum(stored.refusals.values()),
         refusals=dict(stored.refusals),
         outcomes_reported=stored.outcomes_reported,
+        resolution=resolution(s),
         seconds=seconds,
         training=trained.metrics,
         scores={int(stored.row[p]): float(risk[p]) for p in np.flatnonzero(stored.replayed)},
@@ -438,6 +443,7 @@ def _run_seed(
         refused=sum(refusals.values()),
         refusals=refusals,
         outcomes_reported=reported,
+        resolution=resolution(s),
         seconds=seconds,
         training=report.metrics,
         scores={later_rows[i]: score for i, score in scores.items()},
