@@ -332,6 +332,7 @@ def build_console(
         cert_file=settings.tls_cert_file,
         key_file=settings.tls_key_file,
         client_ca_file=settings.tls_client_ca_file,
+        routes=console.routes,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
@@ -44,7 +45,10 @@ class ConsoleServer:
         cert_file: Path | None = None,
         key_file: Path | None = None,
         client_ca_file: Path | None = None,
+        routes: Sequence[tuple[str, str, str]] = (),
     ) -> None:
+        # (method, path, rpc) of every page and action, as the application declares them.
+        self.routes = tuple(routes)
         self._sock = sock
         self.host, self.port = sock.getsockname()[:2]
         self.scheme = "https" if cert_file is not None else "http"
