@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 _PG_URL_ENV = "POSGUARD_TEST_DATABASE_URL"
+# Every server a test starts, in this process or in a child, serves its console on a free port: the default
+# 127.0.0.1:8080 would be shared by tests running at once (tests that check the setting set it themselves).
+os.environ.setdefault("POSGUARD_CONSOLE_LISTEN", "127.0.0.1:0")
 
 
 def _postgresql_server_url() -> str:

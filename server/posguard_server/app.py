@@ -35,6 +35,7 @@ from posguard_server.api.metrics import Metrics
 from posguard_server.api.policy import PolicyServicer
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings
+from posguard_server.console.server import ConsoleServer
 from posguard_server.domain.dynamic_codes import SecretCipher
 from posguard_server.domain.enumeration import FailureLimit
 from posguard_server.domain.numbering import Numbering
@@ -96,8 +97,11 @@ class PosguardServer:
         writers: Sequence[Closable] = (),
         health: ServiceHealth | None = None,
         watch: NumberWatch | None = None,
+        console: ConsoleServer | None = None,
     ) -> None:
         self.settings = settings
+        # The web console, on its own port and this loop (None when console_enabled is off).
+        self.console = console
         # The number watch; its background passes run while the server is started (none without an interval).
         self.watch = watch
         self._watching: asyncio.Task[None] | None = None
@@ -109,6 +113,10 @@ class PosguardServer:
         self.metrics_port: int | None = None
         self._health = health_servicer
 
+    @property
+    def console_port(self) -> int | None:
+        return self.console.port if self.console is not None else None
+
     async def start(self) -> None:
         await self.grpc_server.start()
         if self.settings.metrics_enabled:
@@ -116,12 +124,16 @@ class PosguardServer:
                 self.settings.metrics_host, self.settings.metrics_port
             )
         await self.health.start()
+        if self.console is not None:
+            await self.console.start()
         if self.watch is not None and self.settings.watch_interval_seconds > 0:
             self._watching = asyncio.create_task(self.watch.run_forever(), name="number-watch")
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, give in-flight calls ``grace`` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
+        if self.console is not None:
+            await self.console.stop()
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)
@@ -257,6 +269,11 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     if not port:
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
+    try:
+        console = build_console(settings, database, authenticator, keys, numbering, metrics, registry)
+    except OSError:
+        database.dispose()
+        raise
     # The authenticator's key-lookup threads are let go with the writers.
     built = PosguardServer(
         settings,
@@ -267,8 +284,60 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         writers=[writers, readers, authenticator],
         health=health,
         watch=build_watch(settings, database),
+        console=console,
     )
     return built, port
+
+
+def build_console(
+    settings: Settings,
+    database: Database,
+    authenticator: Authenticator,
+    keys: SqlApiKeyStore,
+    numbering: Numbering,
+    metrics: Metrics,
+    registry: SqlModelRegistry,
+) -> ConsoleServer | None:
+    """The web console on the server's stores and authenticator, its socket bound (None when turned off)."""
+    if not settings.console_enabled:
+        return None
+    from posguard_server.console.app import Console, ConsoleParts
+    from posguard_server.console.server import bind
+    from posguard_server.console.sessions import SessionStore
+
+    def key_valid(key_id: str) -> bool:
+        if settings.insecure_no_auth:
+            return True
+        found = keys.find_for_auth(key_id)
+        return found is not None and not found[0].revoked
+
+    secure = settings.tls_cert_file is not None
+    host = settings.console_listen.rpartition(":")[0].strip("[]")
+    if not secure and not (host in ("localhost", "::1") or host.startswith("127.")):
+        log.warning("the console listens on %s without TLS: sign-ins cross the network in clear", host)
+    console = Console(
+        ConsoleParts(
+            authenticator=authenticator,
+            key_valid=key_valid,
+            customers=SqlCustomerStore(database),
+            cases=SqlCaseStore(database),
+            registry=registry,
+            audit=SqlAuditStore(database),
+            numbering=numbering,
+            metrics=metrics.registry,
+            reports_dir=settings.effective_reports_dir,
+            sessions=SessionStore(settings.console_session_seconds),
+            secure=secure,
+        )
+    )
+    return ConsoleServer(
+        console.app,
+        bind(settings.console_listen),
+        cert_file=settings.tls_cert_file,
+        key_file=settings.tls_key_file,
+        client_ca_file=settings.tls_client_ca_file,
+        routes=console.routes,
+    )
 
 
 def build_watch(settings: Settings, database: Database) -> NumberWatch:

@@ -266,6 +266,31 @@ class Settings(BaseSettings):
             "database takes writes; while writes fail, health reports the services NOT_SERVING.",
         ),
     ] = 5.0
+    console_enabled: Annotated[
+        bool, Field(description="Serve the web console (sign-in with an API key) on console_listen.")
+    ] = True
+    console_listen: Annotated[
+        str,
+        Field(
+            description="Web console listen address, host:port (port 0 picks a free one); HTTPS with the "
+            "gRPC port's certificate when TLS is set."
+        ),
+    ] = "127.0.0.1:8080"
+    console_session_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="How long a console sign-in lasts; sessions live in the server process's memory, so "
+            "a restart ends them, and a revoked key's sessions end at its next request.",
+        ),
+    ] = 8 * 3600.0
+    reports_dir: Annotated[
+        Path | None,
+        Field(
+            description="Folder of evaluation reports, one folder per training run (VERSION/index.html), "
+            "which the console links; default: data_dir/reports."
+        ),
+    ] = None
     insecure_no_auth: Annotated[
         bool,
         Field(description="Turn authentication off (local development only; refused off loopback)."),
@@ -309,7 +334,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an IANA time zone name such as UTC or Asia/Shanghai") from None
         return value
 
-    @field_validator("listen")
+    @field_validator("listen", "console_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
@@ -334,6 +359,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'posguard.db').resolve()}"
+
+    @property
+    def effective_reports_dir(self) -> Path:
+        return self.reports_dir if self.reports_dir is not None else self.data_dir / "reports"
 
     @property
     def number_key_file(self) -> Path:

@@ -85,7 +85,11 @@ def serve_workers(settings: Settings) -> int:
 
 def _worker_settings(settings: Settings, index: int, listen: str) -> Settings:
     metrics_port = settings.metrics_port + index if settings.metrics_port else 0
-    return settings.model_copy(update={"listen": listen, "workers": 1, "metrics_port": metrics_port})
+    # Console sessions live in one process's memory: only the first worker serves the console.
+    console = settings.console_enabled and index == 0
+    return settings.model_copy(
+        update={"listen": listen, "workers": 1, "metrics_port": metrics_port, "console_enabled": console}
+    )
 
 
 def _reserve_port(host: str) -> tuple[socket.socket, int]:

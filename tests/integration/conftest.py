@@ -91,7 +91,12 @@ def start_server(settings: Settings) -> RunningServer:
 
 def settings_for_test(tmp_path: Path, **overrides: Any) -> Settings:
     """Settings for a test server: free ports, its own data directory."""
-    base: dict[str, Any] = {"listen": "127.0.0.1:0", "data_dir": tmp_path / "data", "metrics_port": 0}
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": tmp_path / "data",
+        "metrics_port": 0,
+        "console_listen": "127.0.0.1:0",
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -158,6 +163,8 @@ def serve_process() -> Iterator[ServeProcess]:
             "127.0.0.1:0",
             "--metrics-port",
             "0",
+            "--console-listen",
+            "127.0.0.1:0",
             *flags,
             "serve",
         ]

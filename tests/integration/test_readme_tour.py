@@ -154,7 +154,12 @@ def _environment(**settings: str) -> dict[str, str]:
 
 
 def _start_server(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    env = _environment(POSGUARD_LISTEN="127.0.0.1:0", POSGUARD_METRICS_PORT="0", POSGUARD_GRACE_PERIOD="1")
+    env = _environment(
+        POSGUARD_LISTEN="127.0.0.1:0",
+        POSGUARD_METRICS_PORT="0",
+        POSGUARD_CONSOLE_LISTEN="127.0.0.1:0",
+        POSGUARD_GRACE_PERIOD="1",
+    )
     log = (work / "server.log").open("wb")
     process = subprocess.Popen(
         [str(work / ".venv" / "bin" / "posguard-server"), "serve"],

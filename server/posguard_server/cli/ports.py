@@ -18,12 +18,15 @@ from posguard_server.config import Settings
 
 
 def check_ports_free(settings: Settings) -> None:
-    """Raise :class:`ConfigurationError` naming the first listen or metrics port that cannot be bound."""
+    """Raise :class:`ConfigurationError` naming the first listen, metrics or console port not free."""
     host, _, port = settings.listen.rpartition(":")
     _check(host, int(port), "listen")
     if settings.metrics_enabled and settings.metrics_port:
         for index in range(settings.workers):  # worker i serves metrics on metrics_port + i
             _check(settings.metrics_host, settings.metrics_port + index, "metrics_port", index)
+    if settings.console_enabled:
+        host, _, port = settings.console_listen.rpartition(":")
+        _check(host, int(port), "console_listen")
 
 
 def cannot_listen(address: str, setting: str, reason: str, worker: int = 0) -> ConfigurationError:

@@ -17,11 +17,11 @@ from posguard_server.config import Settings
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for index.html and the PNG plots.",
+    default=None,
+    help="Folder for index.html and the PNG plots (default: REPORTS_DIR/VERSION, which the console links).",
 )
 @click.pass_obj
-def report(settings: Settings, version: str, out_dir: Path) -> None:
+def report(settings: Settings, version: str, out_dir: Path | None) -> None:
     """Write the evaluation report of a training run against the active models (HTML and PNG plots).
 
     Scores the run's held-out window again with the run's models and with the models active now; a run in
@@ -36,6 +36,8 @@ def report(settings: Settings, version: str, out_dir: Path) -> None:
             if not newest:
                 raise click.ClickException("no model is registered yet: run posguard-server retrain first")
             version = newest[0].version
+        if out_dir is None:
+            out_dir = settings.effective_reports_dir / version
         try:
             evaluated = evaluate_run(risk.history, risk.registry, version)
             written = write_report(

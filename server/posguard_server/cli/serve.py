@@ -46,6 +46,10 @@ def _bind_failure(settings: Settings, error: Exception) -> ConfigurationError | 
     # server reports as OSError("cannot listen on ...").
     if message.startswith(("Failed to bind", "cannot listen on")):
         return cannot_listen(settings.listen, "listen", "the address is in use or not available here")
+    if message.startswith("console: cannot listen on"):
+        return cannot_listen(
+            settings.console_listen, "console_listen", "the address is in use or not available here"
+        )
     if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:  # the only other port: metrics
         address = f"{settings.metrics_host}:{settings.metrics_port}"
         return cannot_listen(address, "metrics_port", "address already in use")

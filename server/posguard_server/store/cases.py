@@ -265,6 +265,17 @@ class SqlCaseStore:
             )
             return CaseDetail(_case(row), transaction, [_view(t) for t in recent])
 
+    def customer_transactions(self, customer_id: str, *, limit: int) -> list[CaseTransactionView]:
+        """A customer's latest scored transactions, newest first (the console's customer page)."""
+        with self._db.session(read_only=True) as session:
+            rows = session.scalars(
+                select(SqlRiskTransaction)
+                .where(SqlRiskTransaction.customer_id == customer_id)
+                .order_by(SqlRiskTransaction.event_time.desc(), SqlRiskTransaction.id.desc())
+                .limit(limit)
+            )
+            return [_view(row) for row in rows]
+
     def assign(
         self, case_id: str, assignee: str, *, request_id: str, fingerprint: str, actor: str, now: datetime
     ) -> Case:
