@@ -9,6 +9,7 @@ back; a revoked key's session ended.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -393,3 +394,56 @@ def test_a_report_is_served_only_from_the_reports_folder(
         answer = http.get(path)
         assert answer.status_code == 404, path
         assert "not a report" not in answer.text
+
+
+def test_a_merchant_id_holding_script_renders_as_text(
+    running: RunningServer, signed_in: Callable[[Role], httpx.Client]
+) -> None:
+    merchant = '<script>alert("m")</script>'
+    with posguard.Client(running.target, api_key=running.key("gateway"), timeout=30) as client:
+        customer = client.issue_customer_id().customer
+        transaction = risk_pb2.Transaction(
+            transaction_id="tx-" + uuid.uuid4().hex,
+            customer_number=customer.primary.number,
+            amount=common_pb2.Money(amount_minor=12_50, currency="CNY"),
+            merchant_id=merchant,
+            channel=common_pb2.CHANNEL_POS,
+        )
+        transaction.event_time.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
+        assert client.score_transaction(transaction=transaction).decision == risk_pb2.DECISION_REVIEW
+    with posguard.Client(running.target, api_key=running.key("analyst"), timeout=30) as client:
+        (case,) = client.list_cases().cases
+    http = signed_in(Role.ADMIN)
+    for path in (f"/customers/{customer.customer_id}", f"/cases/{case.case_id}"):
+        page = http.get(path).text
+        assert "&lt;script&gt;alert(&#34;m&#34;)&lt;/script&gt;" in page, path
+        assert "<script>alert" not in page, path
+
+
+def test_an_expired_session_is_sent_to_sign_in(server_factory: Callable[..., RunningServer]) -> None:
+    running = server_factory(console_session_seconds=1)
+    http = sign_in(running, Role.AUDITOR)
+    try:
+        assert http.get("/audit").status_code == 200
+        time.sleep(1.5)
+        expired = http.get("/audit")
+        assert expired.status_code == 303
+        assert expired.headers["location"] == "/signin"
+    finally:
+        http.close()
+
+
+def test_a_trainer_cannot_rotate_a_number(
+    running: RunningServer, signed_in: Callable[[Role], httpx.Client]
+) -> None:
+    _, number, _ = review_case(running)
+    http = signed_in(Role.TRAINER)
+    csrf = csrf_of(http.get("/overview").text)
+    before = audit_length(running)
+    answer = http.post(
+        "/numbers/rotate", data={"csrf": csrf, "number": number, "reason": "x", "request_id": "rotate-1"}
+    )
+    assert answer.status_code == 403
+    with posguard.Client(running.target, api_key=running.key("gateway"), timeout=30) as client:
+        assert client.verify_customer_id(number=number).valid  # still the customer's number
+    assert audit_length(running) == before
