@@ -1,6 +1,7 @@
 """Take the screenshots of docs/console.md: a server with sample data, each console page in headless Chromium.
 
     .venv/bin/python scripts/console_screenshots.py [--out docs/console] [--chromium /usr/bin/chromium]
+        [--only NAME ...]
 
 Starts a posguard server in this process (a temporary data directory, free ports), issues a few customers and
 scores their transactions through the gRPC API, registers two training runs and flags a number, then signs
@@ -25,9 +26,11 @@ from posguard.v1 import common_pb2, risk_pb2
 from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
+from posguard_server.domain.policy import ListKind, ListType, RuleAction
 from posguard_server.domain.risk import ModelScope, NewModel, StoredReason
 from posguard_server.store import SqlApiKeyStore, SqlModelRegistry
 from posguard_server.store.cases import SqlCaseStore, WatchFinding
+from posguard_server.store.policy import SqlPolicyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -106,13 +109,39 @@ def seed(server: PosguardServer, target: str) -> tuple[str, str]:
         request_id="screenshots-1",
         fingerprint="screenshots",
     )
+    seed_policy(server)
     return admin, customer_id
+
+
+def seed_policy(server: PosguardServer) -> None:
+    """A deny list with an entry, an active rule and a draft of a second one."""
+    policy = SqlPolicyStore(server.database)
+    once = {"actor": "ops-key", "now": NOW, "fingerprint": "screenshots"}
+    policy.create_list(
+        "compromised-terminals", ListKind.TERMINAL, ListType.DENY, "skimmers found", request_id="", **once
+    )
+    policy.add_entry(
+        "compromised-terminals", "t-66", reason="skimmer found", expires_at=None, request_id="", **once
+    )
+    policy.create_rule(
+        "LARGE_AMOUNT", "txn.amount > 220", RuleAction.DECLINE, "an amount above 220", request_id="", **once
+    )
+    policy.activate_rule("LARGE_AMOUNT", 1, reason="backtested", request_id="", **once)
+    policy.create_rule(
+        "NIGHT_NEW_TERMINAL",
+        "customer.new_terminal && txn.hour < 6",
+        RuleAction.REVIEW,
+        "a new terminal at night",
+        request_id="",
+        **once,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "console")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--only", action="append", default=[], help="take only this screenshot (repeatable)")
     options = parser.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as data:
@@ -131,8 +160,10 @@ def main() -> None:
                 browser = playwright.chromium.launch(executable_path=options.chromium, headless=True)
                 page = browser.new_page(viewport={"width": 1200, "height": 760})
 
-                def shot(name: str) -> None:
-                    page.screenshot(path=str(options.out / f"{name}.png"))
+                def shot(name: str, *, full_page: bool = False) -> None:
+                    if options.only and name not in options.only:
+                        return
+                    page.screenshot(path=str(options.out / f"{name}.png"), full_page=full_page)
                     print(f"{options.out / name}.png")
 
                 page.goto(base + "/signin")
@@ -163,6 +194,13 @@ def main() -> None:
                 page.locator("tr[data-version='20250308-0200'] button").click()
                 page.wait_for_load_state()
                 shot("promote")
+                page.goto(base + "/policy/rules")
+                shot("rules")
+                page.locator("tr[data-rule=NIGHT_NEW_TERMINAL] >> text=Backtest…").click()
+                page.wait_for_url("**/policy/backtest?*")
+                page.click("#run-backtest")
+                page.wait_for_load_state()
+                shot("backtest", full_page=True)
                 page.goto(base + "/audit/verify")
                 shot("audit")
                 browser.close()

@@ -252,10 +252,9 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     cases_pb2_grpc.add_CasesServicer_to_server(CasesServicer(SqlCaseStore(database), numbering), server)
     policy_store = SqlPolicyStore(database)
-    policy_pb2_grpc.add_PolicyServicer_to_server(
-        PolicyServicer(policy_store, BacktestService(policy_store, time_zone=settings.policy_time_zone)),
-        server,
-    )
+    # One backtest service: the BacktestRules RPC and the console's backtests replay alike.
+    backtests = BacktestService(policy_store, time_zone=settings.policy_time_zone)
+    policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(policy_store, backtests), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -270,7 +269,9 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         database.dispose()
         raise OSError(f"cannot listen on {settings.listen}")
     try:
-        console = build_console(settings, database, authenticator, keys, numbering, metrics, registry)
+        console = build_console(
+            settings, database, authenticator, keys, numbering, metrics, registry, policy_store, backtests
+        )
     except OSError:
         database.dispose()
         raise
@@ -297,6 +298,8 @@ def build_console(
     numbering: Numbering,
     metrics: Metrics,
     registry: SqlModelRegistry,
+    policy: SqlPolicyStore,
+    backtests: BacktestService,
 ) -> ConsoleServer | None:
     """The web console on the server's stores and authenticator, its socket bound (None when turned off)."""
     if not settings.console_enabled:
@@ -323,6 +326,8 @@ def build_console(
             cases=SqlCaseStore(database),
             registry=registry,
             audit=SqlAuditStore(database),
+            policy=policy,
+            backtests=backtests,
             numbering=numbering,
             metrics=metrics.registry,
             reports_dir=settings.effective_reports_dir,

@@ -249,3 +249,68 @@ def test_the_overview_updates_without_a_reload(page: Page, running: RunningServe
     )
     assert "REVIEW: 1" in page.locator("#live-figures").inner_text()
     assert page.url.endswith("/overview")
+
+
+def test_an_admin_denies_a_terminal_and_backtests_then_activates_a_rule(
+    page: Page, running: RunningServer
+) -> None:
+    review_case(running)  # today: 99.00 CNY at terminal t-1, decided REVIEW
+    sign_in(page, running, "admin")
+    page.click("nav >> text=Lists and rules")
+    page.wait_for_url("**/policy")
+    page.fill("#list-name", "compromised-terminals")
+    page.select_option("#list-type", "deny")
+    page.select_option("#list-kind", "terminal")
+    page.fill("#list-description", "terminals with a skimmer")
+    page.click("#create-list button[type=submit]")
+    page.wait_for_url("**/policy/lists/compromised-terminals")
+    page.fill("#entry-value", "t-66")
+    page.fill("#entry-reason", "skimmer found by the field team")
+    page.click("#add-entry button[type=submit]")
+    page.wait_for_load_state()
+    row = page.locator("#entries tr[data-value=t-66]")
+    assert "skimmer found by the field team" in row.inner_text()
+    assert "never" in row.inner_text()
+    # A condition that does not compile is shown back with where it fails; nothing is saved.
+    page.click(".tabs >> text=Rules")
+    page.wait_for_url("**/policy/rules")
+    page.fill("#rule-name", "LARGE_AMOUNT")
+    page.fill("#rule-condition", "txn.amount > > 50")
+    page.select_option("#rule-action", "DECLINE")
+    page.fill("#rule-reason", "an amount above 50")
+    page.click("#create-rule button[type=submit]")
+    error = page.locator("#rule-error").inner_text()
+    assert "line 1, column" in error
+    assert "Nothing was saved" in error
+    assert "No rule yet" in page.locator("#rules").inner_text()
+    assert page.input_value("#rule-condition") == "txn.amount > > 50"
+    page.fill("#rule-condition", "txn.amount > 50")
+    page.click("#create-rule button[type=submit]")
+    page.wait_for_url("**/policy/rules")
+    assert "Rule LARGE_AMOUNT version 1 saved as a draft." in page.locator(".flash").inner_text()
+    draft = page.locator("#rules tr[data-rule=LARGE_AMOUNT][data-version='1']")
+    assert "draft" in draft.inner_text()
+    # Backtest the draft over the last 30 days (the form's default): the REVIEW today would be declined.
+    draft.locator("text=Backtest…").click()
+    page.wait_for_url("**/policy/backtest?*")
+    page.click("#run-backtest")
+    page.wait_for_load_state()
+    total = [cell.inner_text() for cell in page.locator("#backtest-total td").all()]
+    # transactions, fraud, hits, fraud among hits, decisions changed, declines, reviews
+    assert total == ["1", "0", "1", "0", "1", "1", "0"]
+    assert page.locator("#backtest-days tbody tr").count() == 1
+    # Activating asks for a confirmation and a reason.
+    page.click("text=Activate version 1…")
+    assert page.locator("h1").inner_text() == "Activate rule LARGE_AMOUNT version 1?"
+    page.fill("#reason", "backtest declines only the large amount")
+    page.click("#confirm")
+    page.wait_for_url("**/policy/rules")
+    assert "Rule LARGE_AMOUNT version 1 is active." in page.locator(".flash").inner_text()
+    assert "active" in page.locator("#rules tr[data-rule=LARGE_AMOUNT]").inner_text()
+    admin = running.key("admin").split("_")[1]
+    rows = audit_rows(page, running, "policy.list.entry_added")
+    assert any(admin in row and "compromised-terminals" in row and "t-66" in row for row in rows)
+    rows = audit_rows(page, running, "policy.rule.created")
+    assert any(admin in row and "LARGE_AMOUNT@1" in row for row in rows)
+    rows = audit_rows(page, running, "policy.rule.activated")
+    assert any(admin in row and "LARGE_AMOUNT" in row and "backtest declines" in row for row in rows)

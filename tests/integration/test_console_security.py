@@ -24,7 +24,8 @@ import posguard
 from posguard.v1 import common_pb2, risk_pb2
 from posguard_server.api.access import allowed_roles
 from posguard_server.domain.api_keys import Role
-from posguard_server.store.audit import SqlAuditEvent
+from posguard_server.domain.audit import AuditEvent
+from posguard_server.store.audit import SqlAuditEvent, SqlAuditStore
 from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:
@@ -48,6 +49,17 @@ EXPECTED_RPC: dict[tuple[str, str], str] = {
     ("GET", "/cases/{case_id}"): "/posguard.v1.Cases/GetCase",
     ("POST", "/cases/{case_id}/assign"): "/posguard.v1.Cases/AssignCase",
     ("POST", "/cases/{case_id}/resolve"): "/posguard.v1.Cases/ResolveCase",
+    ("GET", "/policy"): "/posguard.v1.Policy/ListLists",
+    ("POST", "/policy/lists"): "/posguard.v1.Policy/CreateList",
+    ("GET", "/policy/lists/{list_name}"): "/posguard.v1.Policy/ListEntries",
+    ("POST", "/policy/lists/{list_name}/add"): "/posguard.v1.Policy/AddListEntry",
+    ("POST", "/policy/lists/{list_name}/remove"): "/posguard.v1.Policy/RemoveListEntry",
+    ("GET", "/policy/rules"): "/posguard.v1.Policy/ListRules",
+    ("POST", "/policy/rules"): "/posguard.v1.Policy/CreateRule",
+    ("POST", "/policy/rules/{rule}/activate"): "/posguard.v1.Policy/ActivateRule",
+    ("POST", "/policy/rules/{rule}/retire"): "/posguard.v1.Policy/RetireRule",
+    ("GET", "/policy/backtest"): "/posguard.v1.Policy/BacktestRules",
+    ("POST", "/policy/backtest"): "/posguard.v1.Policy/BacktestRules",
     ("GET", "/models"): "/posguard.v1.Admin/ListModels",
     ("GET", "/models/reports/{version}/{name}"): "/posguard.v1.Admin/ListModels",
     ("POST", "/models/promote"): "/posguard.v1.Admin/PromoteModel",
@@ -139,6 +151,7 @@ def test_the_console_declares_exactly_the_pages_this_test_knows(running: Running
 def test_no_page_or_action_without_a_session(running: RunningServer) -> None:
     customer_id, _, case_id = review_case(running)
     values = {"customer_id": customer_id, "case_id": case_id, "version": "r1", "name": "index.html"}
+    values |= {"list_name": "blocked-terminals", "rule": "BIG_AMOUNT"}
     before = audit_length(running)
     with httpx.Client(base_url=base_url(running), timeout=30) as http:
         for method, path in EXPECTED_RPC:
@@ -162,6 +175,7 @@ def test_a_role_has_the_pages_and_actions_of_its_rpcs(
 ) -> None:
     customer_id, _, case_id = review_case(running)
     values = {"customer_id": customer_id, "case_id": case_id, "version": "r1", "name": "index.html"}
+    values |= {"list_name": "blocked-terminals", "rule": "BIG_AMOUNT"}
     http = signed_in(role)
     csrf = csrf_of(http.get("/overview").text)
     allowed_pages: set[str] = set()
@@ -447,3 +461,94 @@ def test_a_trainer_cannot_rotate_a_number(
     with posguard.Client(running.target, api_key=running.key("gateway"), timeout=30) as client:
         assert client.verify_customer_id(number=number).valid  # still the customer's number
     assert audit_length(running) == before
+
+
+def _audit_of(server: RunningServer, action: str) -> list[AuditEvent]:
+    events, _ = SqlAuditStore(server.server.database).list(action=action, limit=100)
+    return events
+
+
+def test_lists_and_rules_change_as_their_rpcs_do_and_show_values_as_text(
+    running: RunningServer, signed_in: Callable[[Role], httpx.Client]
+) -> None:
+    http = signed_in(Role.ADMIN)
+    admin = running.key("admin").split("_")[1]
+    csrf = csrf_of(http.get("/policy").text)
+    created = http.post(
+        "/policy/lists",
+        data={
+            "csrf": csrf,
+            "request_id": "console-list-1",
+            "name": "blocked-terminals",
+            "type": "deny",
+            "kind": "terminal",
+            "description": MARKUP,
+        },
+    )
+    assert created.status_code == 303
+    assert created.headers["location"] == "/policy/lists/blocked-terminals"
+    entry = {"csrf": csrf, "request_id": "console-entry-1", "value": " t-<b>9</b> ", "reason": MARKUP}
+    # The same form sent twice adds the entry once.
+    for _ in range(2):
+        assert http.post("/policy/lists/blocked-terminals/add", data=entry).status_code == 303
+    added = _audit_of(running, "policy.list.entry_added")
+    assert [(e.actor, e.subject, e.details["value"]) for e in added] == [
+        (admin, "blocked-terminals", "t-<b>9</b>")
+    ]
+    assert [e.actor for e in _audit_of(running, "policy.list.created")] == [admin]
+    for path in ("/policy", "/policy/lists/blocked-terminals", "/audit?action=policy.list.entry_added"):
+        shown = http.get(path).text
+        assert "<script>alert" not in shown, path
+        assert "<b>" not in shown, path
+        assert "&lt;script&gt;" in shown or "t-&lt;b&gt;9&lt;/b&gt;" in shown, path
+    # A condition that does not compile: shown back with where it fails, nothing saved, nothing audited.
+    before = audit_length(running)
+    rule = {"csrf": csrf, "request_id": "console-rule-1", "name": "BIG_AMOUNT", "action": "REVIEW"}
+    refused = http.post("/policy/rules", data={**rule, "condition": "txn.amount >> 500", "reason": MARKUP})
+    assert refused.status_code == 400
+    assert re.search(r"line 1, column \d+", refused.text)
+    assert "Nothing was saved" in refused.text
+    assert "txn.amount &gt;&gt; 500" in refused.text  # the condition is kept in the form, escaped
+    assert "<script>alert" not in refused.text
+    assert audit_length(running) == before
+    assert "No rule yet" in http.get("/policy/rules").text
+    saved = http.post("/policy/rules", data={**rule, "condition": "txn.amount > 500", "reason": MARKUP})
+    assert saved.status_code == 303
+    [event] = _audit_of(running, "policy.rule.created")
+    assert (event.actor, event.subject) == (admin, "BIG_AMOUNT@1")
+    rules = http.get("/policy/rules").text
+    assert 'data-rule="BIG_AMOUNT" data-version="1"' in rules
+    assert "<script>alert" not in rules
+    # Activation asks for a confirmation first: nothing changes before it.
+    asked = http.post("/policy/rules/BIG_AMOUNT/activate", data={"csrf": csrf, "version": "1"})
+    assert asked.status_code == 200
+    assert "Activate rule BIG_AMOUNT version 1?" in asked.text
+    assert _audit_of(running, "policy.rule.activated") == []
+    done = http.post(
+        "/policy/rules/BIG_AMOUNT/activate",
+        data={
+            "csrf": csrf_of(asked.text),
+            "version": "1",
+            "confirm": "yes",
+            "reason": "r",
+            "request_id": "c-a",
+        },
+    )
+    assert done.status_code == 303
+    [event] = _audit_of(running, "policy.rule.activated")
+    assert (event.actor, event.subject, event.details["version"]) == (admin, "BIG_AMOUNT", "1")
+    # A trainer reads and backtests but has no form that changes anything.
+    trainer = signed_in(Role.TRAINER)
+    for path in ("/policy", "/policy/lists/blocked-terminals", "/policy/rules"):
+        page = trainer.get(path)
+        assert page.status_code == 200, path
+        for changing in (
+            'action="/policy/lists"',
+            "/add",
+            "/remove",
+            "Activate…",
+            "Retire…",
+            "Save the draft",
+        ):
+            assert changing not in page.text, (path, changing)
+    assert "Run the backtest" in trainer.get("/policy/backtest?rule=BIG_AMOUNT&version=1").text

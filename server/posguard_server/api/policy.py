@@ -35,14 +35,11 @@ from posguard_server.domain.policy import (
     normalize_value,
 )
 from posguard_server.domain.rule_language import MAX_EXPRESSION_LENGTH, RuleSyntaxError, compile_condition
-from posguard_server.services.backtest import BacktestService, DayCounts
+from posguard_server.services.backtest import MAX_BACKTEST_DAYS, BacktestService, DayCounts
 from posguard_server.store.policy import SqlPolicyStore
 
 log = logging.getLogger(__name__)
 Context = aio.ServicerContext[Any, Any]
-
-# The longest period a backtest replays in one call.
-MAX_BACKTEST_DAYS = 400
 
 KIND_TO_PROTO: dict[ListKind, policy_pb2.ListKind.ValueType] = {
     ListKind.CUSTOMER: policy_pb2.LIST_KIND_CUSTOMER,

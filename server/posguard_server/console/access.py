@@ -37,7 +37,16 @@ PROMOTE_MODEL = _rpc("Admin", "PromoteModel")
 ROLLBACK_MODEL = _rpc("Admin", "RollbackModel")
 LIST_AUDIT = _rpc("Admin", "ListAuditEvents")
 VERIFY_AUDIT = _rpc("Admin", "VerifyAuditLog")
-# Lists and rules (posguard.v1.Policy) get their RPC names here when that service lands.
+LIST_LISTS = _rpc("Policy", "ListLists")
+LIST_ENTRIES = _rpc("Policy", "ListEntries")
+CREATE_LIST = _rpc("Policy", "CreateList")
+ADD_LIST_ENTRY = _rpc("Policy", "AddListEntry")
+REMOVE_LIST_ENTRY = _rpc("Policy", "RemoveListEntry")
+LIST_RULES = _rpc("Policy", "ListRules")
+CREATE_RULE = _rpc("Policy", "CreateRule")
+ACTIVATE_RULE = _rpc("Policy", "ActivateRule")
+RETIRE_RULE = _rpc("Policy", "RetireRule")
+BACKTEST_RULES = _rpc("Policy", "BacktestRules")
 
 
 def permitted(roles: Collection[Role], rpc: str) -> bool:
@@ -62,7 +71,7 @@ NAV: tuple[NavEntry, ...] = (
     NavEntry("Numbers", "/numbers", GET_CUSTOMER, "n"),
     NavEntry("Number watch", "/watch", LIST_CASES, "w"),
     NavEntry("Review queue", "/cases", LIST_CASES, "q"),
-    # Lists and rules (posguard.v1.Policy): its entry goes here, between the queue and the models.
+    NavEntry("Lists and rules", "/policy", LIST_LISTS, "l"),
     NavEntry("Models", "/models", LIST_MODELS, "m"),
     NavEntry("Audit", "/audit", LIST_AUDIT, "a"),
 )

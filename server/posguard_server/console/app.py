@@ -19,7 +19,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,26 @@ from posguard_server.domain.errors import (
     Unauthenticated,
 )
 from posguard_server.domain.numbering import Numbering
+from posguard_server.domain.policy import (
+    LIST_NAME_PATTERN,
+    NAME_PATTERN,
+    REASON_MAX,
+    VALUE_MAX,
+    ListKind,
+    ListType,
+    Rule,
+    RuleAction,
+    RuleStatus,
+    normalize_value,
+)
 from posguard_server.domain.risk import Decision, ModelScope
+from posguard_server.domain.rule_language import MAX_EXPRESSION_LENGTH, RuleSyntaxError, compile_condition
+from posguard_server.services.backtest import MAX_BACKTEST_DAYS, BacktestService
 from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.cases import SqlCaseStore
 from posguard_server.store.customers import MakeNumber, SqlCustomerStore
 from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.policy import SqlPolicyStore
 from posguard_server.store.risk_tables import MODEL_VERSION_MAX, OUTCOME_NOTE_MAX
 
 log = logging.getLogger(__name__)
@@ -117,6 +132,8 @@ class ConsoleParts:
     cases: SqlCaseStore
     registry: SqlModelRegistry
     audit: SqlAuditStore
+    policy: SqlPolicyStore
+    backtests: BacktestService  # the BacktestRules RPC's own
     numbering: Numbering
     metrics: CollectorRegistry
     reports_dir: Path
@@ -231,7 +248,19 @@ class Console:
             self._route("/cases/{case_id}", access.GET_CASE, self._case),
             self._route("/cases/{case_id}/assign", access.ASSIGN_CASE, self._assign, "POST"),
             self._route("/cases/{case_id}/resolve", access.RESOLVE_CASE, self._resolve, "POST"),
-            # Lists and rules (posguard.v1.Policy): view, edit and backtest routes go here.
+            self._route("/policy", access.LIST_LISTS, self._policy),
+            self._route("/policy/lists", access.CREATE_LIST, self._create_list, "POST"),
+            self._route("/policy/lists/{list_name}", access.LIST_ENTRIES, self._list),
+            self._route("/policy/lists/{list_name}/add", access.ADD_LIST_ENTRY, self._add_entry, "POST"),
+            self._route(
+                "/policy/lists/{list_name}/remove", access.REMOVE_LIST_ENTRY, self._remove_entry, "POST"
+            ),
+            self._route("/policy/rules", access.LIST_RULES, self._rules),
+            self._route("/policy/rules", access.CREATE_RULE, self._create_rule, "POST"),
+            self._route("/policy/rules/{rule}/activate", access.ACTIVATE_RULE, self._activate, "POST"),
+            self._route("/policy/rules/{rule}/retire", access.RETIRE_RULE, self._retire, "POST"),
+            self._route("/policy/backtest", access.BACKTEST_RULES, self._backtest_page),
+            self._route("/policy/backtest", access.BACKTEST_RULES, self._backtest, "POST"),
             self._route("/models", access.LIST_MODELS, self._models),
             self._route("/models/reports/{version}/{name}", access.LIST_MODELS, self._report),
             self._route("/models/promote", access.PROMOTE_MODEL, self._promote, "POST"),
@@ -692,6 +721,280 @@ class Console:
         session.flashes.append(f"Run {result.rolled_back_version} rolled back{active}.")
         return RedirectResponse("/models", status_code=303)
 
+    # -- lists and rules ----------------------------------------------------------------------------------
+
+    async def _policy(self, request: Request, session: Session) -> Response:
+        lists = await asyncio.to_thread(self.parts.policy.list_lists, _now())
+        return self._render(request, session, "policy.html", {"lists": lists, "kinds": list(ListKind)})
+
+    def _list_name(self, request: Request) -> str:
+        name = str(request.path_params["list_name"])
+        if not LIST_NAME_PATTERN.fullmatch(name):
+            raise _invalid("list_name", "is not the name of a list")
+        return name
+
+    async def _list(self, request: Request, session: Session) -> Response:
+        name = self._list_name(request)
+        everything = request.query_params.get("expired") == "1"
+        after = _cursor(request.query_params.get("after", ""))
+        plist = await asyncio.to_thread(self.parts.policy.get_list, name)
+        entries, cursor = await asyncio.to_thread(
+            self.parts.policy.list_entries,
+            name,
+            now=_now(),
+            include_expired=everything,
+            limit=PAGE_SIZE,
+            after=after,
+        )
+        return self._render(
+            request,
+            session,
+            "list.html",
+            {"plist": plist, "entries": entries, "cursor": cursor, "everything": everything, "now": _now()},
+        )
+
+    async def _create_list(self, request: Request, session: Session) -> Response:
+        form = await request.form()
+        name = _required_text(form, "name", 64)
+        if not LIST_NAME_PATTERN.fullmatch(name):
+            raise _invalid("name", "must be 1 to 64 of a-z 0-9 _ . -, starting with a letter or digit")
+        kind = _enum(ListKind, _text(form, "kind"), "kind")
+        list_type = _enum(ListType, _text(form, "type"), "type")
+        description = _required_text(form, "description", REASON_MAX, required=False)
+        request_id = _required_text(form, "request_id", 64)
+        created = await asyncio.to_thread(
+            self.parts.policy.create_list,
+            name,
+            kind,
+            list_type,
+            description,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint(
+                "create_list", name=name, kind=kind.value, type=list_type.value, description=description
+            ),
+        )
+        session.flashes.append(f"List {created.name} created ({created.type.value}, {created.kind.value}).")
+        return RedirectResponse(f"/policy/lists/{created.name}", status_code=303)
+
+    async def _add_entry(self, request: Request, session: Session) -> Response:
+        name = self._list_name(request)
+        form = await request.form()
+        value = _required_text(form, "value", VALUE_MAX)
+        reason = _required_text(form, "reason", REASON_MAX)
+        expires_at = _expiry(_text(form, "expires_at"))
+        request_id = _required_text(form, "request_id", 64)
+        plist = await asyncio.to_thread(self.parts.policy.get_list, name)
+        value = normalize_value(plist.kind, value)
+        entry = await asyncio.to_thread(
+            self.parts.policy.add_entry,
+            name,
+            value,
+            reason=reason,
+            expires_at=expires_at,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint(
+                "add_entry", list=name, value=value, reason=reason, expires_at=expires_at
+            ),
+        )
+        session.flashes.append(f"{entry.value} is on list {name}.")
+        return RedirectResponse(f"/policy/lists/{name}", status_code=303)
+
+    async def _remove_entry(self, request: Request, session: Session) -> Response:
+        name = self._list_name(request)
+        form = await request.form()
+        value = _required_text(form, "value", VALUE_MAX)
+        reason = _required_text(form, "reason", REASON_MAX)
+        request_id = _required_text(form, "request_id", 64)
+        plist = await asyncio.to_thread(self.parts.policy.get_list, name)
+        value = normalize_value(plist.kind, value)
+        removed = await asyncio.to_thread(
+            self.parts.policy.remove_entry,
+            name,
+            value,
+            reason=reason,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint("remove_entry", list=name, value=value, reason=reason),
+        )
+        session.flashes.append(
+            f"{value} removed from list {name}." if removed else f"{value} was not on list {name}."
+        )
+        return RedirectResponse(f"/policy/lists/{name}", status_code=303)
+
+    async def _rules(self, request: Request, session: Session) -> Response:
+        return await self._rules_page(request, session, {}, None)
+
+    async def _rules_page(
+        self,
+        request: Request,
+        session: Session,
+        draft: Mapping[str, str],
+        problem: RuleSyntaxError | None,
+        status: int = 200,
+    ) -> Response:
+        rules = await asyncio.to_thread(self.parts.policy.list_rules, name="", status=None)
+        return self._render(
+            request,
+            session,
+            "rules.html",
+            {
+                "rules": rules,
+                "actions": list(RuleAction),
+                "draft": draft,
+                "problem": problem,
+                "problem_line": _problem_line(draft.get("condition", ""), problem),
+            },
+            status,
+        )
+
+    async def _create_rule(self, request: Request, session: Session) -> Response:
+        form = await request.form()
+        name, condition, action = _rule_fields(form)
+        reason = _required_text(form, "reason", REASON_MAX)
+        request_id = _required_text(form, "request_id", 64)
+        try:
+            compile_condition(condition)
+        except RuleSyntaxError as error:
+            # Shown back with its position; nothing is stored (as CreateRule refuses it).
+            draft = {"name": name, "condition": condition, "action": action.value, "reason": reason}
+            return await self._rules_page(request, session, draft, error, 400)
+        rule = await asyncio.to_thread(
+            self.parts.policy.create_rule,
+            name,
+            condition,
+            action,
+            reason,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint(
+                "create_rule", name=name, condition=condition, then=action.value, reason=reason
+            ),
+        )
+        session.flashes.append(f"Rule {rule.name} version {rule.version} saved as a draft.")
+        return RedirectResponse("/policy/rules", status_code=303)
+
+    def _rule_name(self, request: Request) -> str:
+        name = str(request.path_params["rule"])
+        if not NAME_PATTERN.fullmatch(name):
+            raise _invalid("rule", "is not the name of a rule")
+        return name
+
+    async def _activate(self, request: Request, session: Session) -> Response:
+        name = self._rule_name(request)
+        form = await request.form()
+        version = _version(_text(form, "version"))
+        if _text(form, "confirm") != "yes":
+            rule = await asyncio.to_thread(self.parts.policy.get_rule, name, version)
+            active = await asyncio.to_thread(
+                self.parts.policy.list_rules, name=name, status=RuleStatus.ACTIVE
+            )
+            return self._render(
+                request,
+                session,
+                "rule_confirm.html",
+                {"action": "activate", "rule": rule, "active": active[0] if active else None},
+            )
+        reason = _required_text(form, "reason", REASON_MAX)
+        request_id = _required_text(form, "request_id", 64)
+        rule, retired = await asyncio.to_thread(
+            self.parts.policy.activate_rule,
+            name,
+            version,
+            reason=reason,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint("activate_rule", name=name, version=version, reason=reason),
+        )
+        log.info("rule %s version %d activated by %s", rule.name, rule.version, session.key_id)
+        was = f" (version {retired} retired)" if retired else ""
+        session.flashes.append(f"Rule {rule.name} version {rule.version} is active{was}.")
+        return RedirectResponse("/policy/rules", status_code=303)
+
+    async def _retire(self, request: Request, session: Session) -> Response:
+        name = self._rule_name(request)
+        form = await request.form()
+        if _text(form, "confirm") != "yes":
+            active = await asyncio.to_thread(
+                self.parts.policy.list_rules, name=name, status=RuleStatus.ACTIVE
+            )
+            if not active:
+                raise _invalid("name", "has no active version")
+            return self._render(
+                request, session, "rule_confirm.html", {"action": "retire", "rule": active[0], "active": None}
+            )
+        reason = _required_text(form, "reason", REASON_MAX)
+        request_id = _required_text(form, "request_id", 64)
+        rule = await asyncio.to_thread(
+            self.parts.policy.retire_rule,
+            name,
+            reason=reason,
+            actor=session.key_id,
+            now=_now(),
+            request_id=request_id,
+            fingerprint=_fingerprint("retire_rule", name=name, reason=reason),
+        )
+        log.info("rule %s version %d retired by %s", rule.name, rule.version, session.key_id)
+        session.flashes.append(f"Rule {rule.name} version {rule.version} retired.")
+        return RedirectResponse("/policy/rules", status_code=303)
+
+    async def _backtest_page(self, request: Request, session: Session) -> Response:
+        params = request.query_params
+        today = _now().date()
+        query = {
+            "rule": params.get("rule", "")[:64],
+            "version": params.get("version", "")[:18],
+            "since": (today - timedelta(days=30)).isoformat(),
+            "until": today.isoformat(),
+        }
+        return self._render(
+            request, session, "backtest.html", {"query": query, "report": None, "actions": list(RuleAction)}
+        )
+
+    async def _backtest(self, request: Request, session: Session) -> Response:
+        form = await request.form()
+        since = _day(_text(form, "since"), "since")
+        until = _day(_text(form, "until"), "until")
+        if until < since:
+            raise _invalid("until", "must not be before since")
+        if (until - since).days + 1 > MAX_BACKTEST_DAYS:
+            raise _invalid("until", f"must be at most {MAX_BACKTEST_DAYS} days after since")
+        condition = _text(form, "condition")
+        query = {k: _text(form, k) for k in ("rule", "version", "condition", "action", "since", "until")}
+        now = _now()
+        if condition:  # a condition not saved yet, as BacktestRules' ``conditions``
+            name, condition, action = _rule_fields(form, name_field="rule")
+            try:
+                compile_condition(condition)
+            except RuleSyntaxError as error:
+                raise _invalid("condition", str(error)) from None
+            candidate = Rule(name, 0, condition, action, name, RuleStatus.DRAFT, now, "")
+            rule: Rule | None = candidate
+        else:
+            rule = None
+            name = _required_text(form, "rule", 64)
+            version = _version(_text(form, "version"))
+
+        def run() -> tuple[Rule, Any]:
+            chosen = rule if rule is not None else self.parts.policy.get_rule(name, version)
+            start = datetime.combine(since, time(), UTC)
+            end = datetime.combine(until + timedelta(days=1), time(), UTC)
+            return chosen, self.parts.backtests.run([chosen], [], since=start, until=end, now=now)
+
+        chosen, report = await asyncio.to_thread(run)
+        return self._render(
+            request,
+            session,
+            "backtest.html",
+            {"query": query, "report": report, "rule": chosen, "actions": list(RuleAction)},
+        )
+
     # -- audit --------------------------------------------------------------------------------------------
 
     async def _audit(self, request: Request, session: Session) -> Response:
@@ -760,6 +1063,61 @@ def _enum(kind: Any, value: str, field: str) -> Any:
         return kind(value.lower())
     except ValueError:
         raise _invalid(field, "is not one of " + ", ".join(m.value for m in kind)) from None
+
+
+def _rule_fields(form: FormData, name_field: str = "name") -> tuple[str, str, RuleAction]:
+    """A rule's name, condition and action from a form, checked as CreateRule checks them."""
+    name = _required_text(form, name_field, 64)
+    if not NAME_PATTERN.fullmatch(name):
+        raise _invalid(name_field, "must be 1 to 64 of A-Z 0-9 _, starting with a letter")
+    value = form.get("condition", "")
+    condition = value if isinstance(value, str) else ""
+    if len(condition) > MAX_EXPRESSION_LENGTH:
+        raise _invalid("condition", f"must be at most {MAX_EXPRESSION_LENGTH} characters")
+    try:
+        action = RuleAction(_text(form, "action").upper())
+    except ValueError:
+        raise _invalid("action", "must be DECLINE, REVIEW or REASON") from None
+    return name, condition, action
+
+
+def _problem_line(condition: str, problem: RuleSyntaxError | None) -> tuple[str, int] | None:
+    """The condition's line at fault and the 0-based column under which to show the caret."""
+    if problem is None:
+        return None
+    lines = condition.splitlines() or [""]
+    line = lines[min(max(problem.line, 1), len(lines)) - 1]
+    return line, max(problem.column - 1, 0)
+
+
+def _version(value: str) -> int:
+    """A rule version from a form: 0 (or empty) names the newest."""
+    if not value:
+        return 0
+    if not value.isdigit() or len(value) > 9:
+        raise _invalid("version", "must be a version number")
+    return int(value)
+
+
+def _day(value: str, field: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise _invalid(field, "must be a day (YYYY-MM-DD)") from None
+
+
+def _expiry(value: str) -> datetime | None:
+    """An entry's expiry from a ``datetime-local`` field, read as UTC; None when empty."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _invalid("expires_at", "must be a date and time (YYYY-MM-DDTHH:MM)") from None
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if moment <= _now():
+        raise _invalid("expires_at", "must be in the future")
+    return moment
 
 
 def _cursor(value: str) -> int | None:

@@ -26,6 +26,8 @@ from posguard_server.domain.policy import ListEntry, Policy, PolicyInput, Policy
 from posguard_server.domain.risk import EARLIEST_EVENT_TIME, Decision, TransactionSource
 from posguard_server.store.policy import ReplayRow, SqlPolicyStore
 
+# The longest period a backtest replays in one call (the BacktestRules RPC and the console alike).
+MAX_BACKTEST_DAYS = 400
 # What the profile keeps (posguard_models.features): the last 24 hours, at most this many transactions.
 _RECENT_WINDOW = 86400.0
 _RECENT_LIMIT = 64
