@@ -270,7 +270,16 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         raise OSError(f"cannot listen on {settings.listen}")
     try:
         console = build_console(
-            settings, database, authenticator, keys, numbering, metrics, registry, policy_store, backtests
+            settings,
+            database,
+            authenticator,
+            keys,
+            numbering,
+            metrics,
+            registry,
+            policy_store,
+            backtests,
+            guard,
         )
     except OSError:
         database.dispose()
@@ -300,6 +309,7 @@ def build_console(
     registry: SqlModelRegistry,
     policy: SqlPolicyStore,
     backtests: BacktestService,
+    guard: FailureGuard,
 ) -> ConsoleServer | None:
     """The web console on the server's stores and authenticator, its socket bound (None when turned off)."""
     if not settings.console_enabled:
@@ -333,6 +343,7 @@ def build_console(
             reports_dir=settings.effective_reports_dir,
             sessions=SessionStore(settings.console_session_seconds),
             secure=secure,
+            guard=guard,
         )
     )
     return ConsoleServer(

@@ -552,3 +552,35 @@ def test_lists_and_rules_change_as_their_rpcs_do_and_show_values_as_text(
         ):
             assert changing not in page.text, (path, changing)
     assert "Run the backtest" in trainer.get("/policy/backtest?rule=BIG_AMOUNT&version=1").text
+
+
+def test_console_look_ups_naming_nobody_count_as_guesses(
+    server_factory: Callable[..., RunningServer], database_url: str
+) -> None:
+    from posguard_server.domain.check_digits import compute
+
+    upgrade(database_url)
+    running = server_factory(database_url=database_url, failure_limit=3)
+    _, number, _ = review_case(running)
+    http = sign_in(running, Role.ADMIN)
+    try:
+        csrf = csrf_of(http.get("/numbers").text)
+        for serial in range(3):
+            body = number[:10] + f"{90_000_000 + serial:08d}"
+            missed = http.post(
+                "/numbers", data={"csrf": csrf, "by": "number", "number": body + compute(body)}
+            )
+            assert missed.status_code == 404, missed.text
+        # Past the limit even a number that exists is refused, as GetCustomer refuses it.
+        refused = http.post("/numbers", data={"csrf": csrf, "by": "number", "number": number})
+        assert refused.status_code == 429
+        assert number not in refused.text
+    finally:
+        http.close()
+    with running.server.database.session(read_only=True) as session:
+        actions = [
+            e.action
+            for e in session.scalars(select(SqlAuditEvent))
+            if e.action.startswith(("lookup", "caller"))
+        ]
+    assert actions == ["lookup.missed"] * 3 + ["caller.refused"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from posguard_server.api.interceptors import current_principal
 from posguard_server.domain import enumeration
-from posguard_server.domain.enumeration import FailureLimit
+from posguard_server.domain.enumeration import MISS_REASONS, FailureLimit
 from posguard_server.domain.errors import NotFound, PosguardError, ResourceExhausted
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The NOT_FOUND reasons that say a customer named by number, external id, customer id or code does not exist.
-MISS_REASONS = frozenset({"NUMBER_NOT_FOUND", "CUSTOMER_NOT_FOUND", "DYNAMIC_CODE_NOT_FOUND"})
 SPIKE_SECONDS = 60
 
 

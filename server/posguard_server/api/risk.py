@@ -27,7 +27,7 @@ from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
-from posguard_server.api.enumeration import MISS_REASONS, FailureGuard, guarded
+from posguard_server.api.enumeration import FailureGuard, guarded
 from posguard_server.api.errors import status_for
 from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.interceptors import annotate_call, current_principal, stream_work
@@ -37,6 +37,7 @@ from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.currencies import is_money
 from posguard_server.domain.customers import ExternalRef, mask
 from posguard_server.domain.dynamic_codes import parse_code
+from posguard_server.domain.enumeration import MISS_REASONS
 from posguard_server.domain.errors import (
     DeadlineExceeded,
     InvalidArgument,

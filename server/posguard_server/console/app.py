@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CollectorRegistry
@@ -53,10 +53,12 @@ from posguard_server.domain.cases import (
 )
 from posguard_server.domain.currencies import minor_exponent
 from posguard_server.domain.customers import ExternalRef, Transition, mask
+from posguard_server.domain.enumeration import MISS_REASONS
 from posguard_server.domain.errors import (
     ErrorKind,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     PosguardError,
     ResourceExhausted,
     Unauthenticated,
@@ -79,7 +81,7 @@ from posguard_server.domain.rule_language import MAX_EXPRESSION_LENGTH, RuleSynt
 from posguard_server.services.backtest import MAX_BACKTEST_DAYS, BacktestService
 from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.cases import SqlCaseStore
-from posguard_server.store.customers import MakeNumber, SqlCustomerStore
+from posguard_server.store.customers import MakeNumber, SqlCustomerStore, StoredCustomer
 from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.policy import SqlPolicyStore
 from posguard_server.store.risk_tables import MODEL_VERSION_MAX, OUTCOME_NOTE_MAX
@@ -122,6 +124,14 @@ REPORT_CSP = (
 Handler = Callable[[Request, Session], Awaitable[Response]]
 
 
+class Guard(Protocol):
+    """The server's enumeration guard (``api.enumeration.FailureGuard``): the console's look-ups count too."""
+
+    def check(self, caller: str, now: datetime) -> None: ...
+
+    async def missed(self, caller: str, method: str, error: NotFound) -> PosguardError: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ConsoleParts:
     """What the console works with: the server's own authenticator, stores, numbering and metrics."""
@@ -139,6 +149,7 @@ class ConsoleParts:
     reports_dir: Path
     sessions: SessionStore
     secure: bool  # served over TLS: Secure cookies and HSTS
+    guard: Guard  # a look-up naming nobody is a guess, as GetCustomer's is
 
 
 def _now() -> datetime:
@@ -466,11 +477,29 @@ class Console:
             external = ExternalRef(namespace, value)
         else:
             number = self._number(_text(form, "number"), "number")
-        stored = await asyncio.to_thread(
-            self.parts.customers.get, customer_id=None, number=number, external=external
-        )
+        stored = await self._look_up(session, number=number, external=external)
         query = {"by": by, "namespace": _text(form, "namespace"), "value": _text(form, "value")}
         return self._render(request, session, "numbers.html", {"found": stored.customer, "query": query})
+
+    async def _look_up(
+        self,
+        session: Session,
+        *,
+        customer_id: str | None = None,
+        number: str | None = None,
+        external: ExternalRef | None = None,
+    ) -> StoredCustomer:
+        """A customer, as GetCustomer finds it: a key refused for guessing is refused here too, and a
+        look-up naming nobody counts against the key's limit."""
+        self.parts.guard.check(session.key_id, _now())
+        try:
+            return await asyncio.to_thread(
+                self.parts.customers.get, customer_id=customer_id, number=number, external=external
+            )
+        except NotFound as error:
+            if error.reason not in MISS_REASONS:
+                raise
+            raise await self.parts.guard.missed(session.key_id, "GetCustomer", error) from None
 
     def _number(self, value: str, field: str) -> str:
         if not value:
@@ -522,9 +551,7 @@ class Console:
         customer_id = request.path_params["customer_id"]
         if len(customer_id) > 32:
             raise _invalid("customer_id", "must be at most 32 characters")
-        stored = await asyncio.to_thread(
-            self.parts.customers.get, customer_id=customer_id, number=None, external=None
-        )
+        stored = await self._look_up(session, customer_id=customer_id)
         transactions = await asyncio.to_thread(
             self.parts.cases.customer_transactions, customer_id, limit=CUSTOMER_TRANSACTIONS
         )

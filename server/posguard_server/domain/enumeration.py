@@ -14,6 +14,10 @@ from datetime import datetime, timedelta
 
 from posguard_server.domain.errors import ResourceExhausted
 
+# The NOT_FOUND reasons that say a customer named by number, external id, customer id or code does not exist:
+# a call ending with one of these is a guess (a miss), wherever it came from (an RPC or the console).
+MISS_REASONS = frozenset({"NUMBER_NOT_FOUND", "CUSTOMER_NOT_FOUND", "DYNAMIC_CODE_NOT_FOUND"})
+
 
 @dataclass(frozen=True, slots=True)
 class FailureLimit:
