@@ -47,7 +47,7 @@ import posguard.v1
 from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.v1 import admin_pb2, common_pb2, customer_ids_pb2, risk_pb2
 from posguard_models.training import TrainingConfig, train
-from posguard_server.api.access import ADMIN, allowed_roles
+from posguard_server.api.access import ADMIN, SERVICE_NAMES, allowed_roles
 from posguard_server.app import MAX_MESSAGE_BYTES
 from posguard_server.domain.api_keys import Role
 from posguard_server.pipeline.trainer import load_history, register
@@ -815,7 +815,9 @@ def test_every_rpc_is_fuzzed_with_a_key_that_may_call_it() -> None:
         "posguard.v1.Risk",
         "posguard.v1.Admin",
         "posguard.v1.Cases",
+        "posguard.v1.Policy",
     }
+    assert {r.path.split("/")[1] for r in RPCS} == set(SERVICE_NAMES)  # every service the server serves
     for rpc in RPCS:
         assert allowed_roles(rpc.path), f"{rpc.path} is in no role's matrix: the fuzzer could not reach it"
 
