@@ -110,7 +110,10 @@ class FailureGuard:
                 SPIKE_SECONDS,
                 self._spike_limit,
             )
-            await asyncio.to_thread(self._store.record_spike, self._window_misses, SPIKE_SECONDS, _now())
+            try:
+                await asyncio.to_thread(self._store.record_spike, self._window_misses, SPIKE_SECONDS, _now())
+            except Exception:  # the call it rides on was answered already; the warning above still stands
+                log.warning("could not audit the guessing spike", exc_info=True)
 
 
 def refusal(until: datetime, now: datetime) -> ResourceExhausted:
