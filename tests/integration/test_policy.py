@@ -20,7 +20,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import posguard
-from posguard.v1 import common_pb2, policy_pb2, risk_pb2
+from posguard.v1 import common_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.domain.api_keys import Role
 from posguard_server.store.migrate import upgrade
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .conftest import RunningServer
 
 P = policy_pb2
+V = customer_ids_pb2
 REFRESH = 0.1  # seconds between a server's checks of the policy generation
 PATIENCE = 60.0  # how long a poll waits for every server to see a change before the test fails
 
@@ -55,6 +56,7 @@ def _transaction(
     number: str,
     *,
     terminal: str = "t-1",
+    merchant: str = "m-1",
     amount: int = 1290,
     mcc: str = "5411",
     at: datetime | None = None,
@@ -63,7 +65,7 @@ def _transaction(
         transaction_id="tx-" + uuid.uuid4().hex,
         customer_number=number,
         amount=common_pb2.Money(amount_minor=amount, currency="EUR"),
-        merchant_id="m-1",
+        merchant_id=merchant,
         terminal_id=terminal,
         mcc=mcc,
         channel=common_pb2.CHANNEL_POS,
@@ -276,6 +278,62 @@ def test_a_rule_is_versioned_audited_and_named_in_the_reasons_of_the_answers_it_
     ]
     created = [e.subject for e in admin.list_audit_events(action="policy.rule.created").events]
     assert created == ["BIG_GAMBLING@1", "BIG_GAMBLING@2"]
+
+
+# -- what rules read in the scoring transaction -----------------------------------------------------------
+
+SIGNAL_RULES = {
+    "SEEN_FAILURES": "number.failed_verifications >= 1",
+    "CODE_REPLAYED": "number.refused_codes >= 1",
+    "JUST_ROTATED": "number.days_since_rotation < 1",
+    "NEW_TERMINAL": "customer.new_terminal",
+    "NEW_MERCHANT": "customer.new_merchant",
+}
+
+
+def test_rules_read_the_numbers_signals_and_place_novelty_from_the_database(
+    servers: list[RunningServer], admin: posguard.Client
+) -> None:
+    """Each signal a rule can name is read in the scoring transaction, for the customer it belongs to."""
+    plain = admin.issue_customer_id().customer.primary.number
+    signalled = admin.issue_customer_id().customer.primary.number
+    # A failed verification (a sub number used outside its scope), a replayed code, then a rotation.
+    scoped = admin.issue_sub_id(primary_number=signalled, scope=V.SubScope(merchant_id="m-42")).sub_number
+    assert not admin.verify_customer_id(number=scoped.number, merchant_id="m-1").valid
+    enrolled = admin.enroll_dynamic_codes(number=signalled)
+    code = posguard.dynamic_code(enrolled.secret)
+    assert admin.redeem_dynamic_code(code=code, merchant_id="m-1").redeemed
+    assert not admin.redeem_dynamic_code(code=code, merchant_id="m-1").redeemed
+    rotated = admin.rotate_customer_id(number=signalled, reason="number leaked").customer.primary.number
+    for name, condition in SIGNAL_RULES.items():
+        admin.create_rule(name=name, condition=condition, action=P.RULE_ACTION_REVIEW, reason=name.lower())
+        admin.activate_rule(name=name, reason="signals under test")
+    with posguard.Client(servers[1].target, api_key=servers[1].key(Role.GATEWAY), timeout=30) as gateway:
+
+        def fired(number: str, terminal: str, merchant: str) -> set[str]:
+            answer = gateway.score_transaction(
+                transaction=_transaction(number, terminal=terminal, merchant=merchant)
+            )
+            return set(_codes(answer)) & set(SIGNAL_RULES)
+
+        probe = admin.issue_customer_id().customer.primary.number
+        _until(lambda: "NEW_TERMINAL" in fired(probe, "t-probe", "m-probe"), "the rules in force")
+        # The plain customer: each place is new once, and no number signal fires.
+        assert fired(plain, "t-1", "m-1") == {"NEW_TERMINAL", "NEW_MERCHANT"}
+        assert fired(plain, "t-1", "m-1") == set()
+        assert fired(plain, "t-2", "m-1") == {"NEW_TERMINAL"}
+        assert fired(plain, "t-2", "m-2") == {"NEW_MERCHANT"}
+        # The signalled customer, paying with the number that replaced the rotated one.
+        assert fired(rotated, "t-1", "m-1") == set(SIGNAL_RULES)
+        assert fired(rotated, "t-1", "m-1") == {"SEEN_FAILURES", "CODE_REPLAYED", "JUST_ROTATED"}
+        # One batch: the stream sends both customers together; each gets only its own signals.
+        both = [_transaction(plain, terminal="t-3", merchant="m-2"), _transaction(rotated, terminal="t-1")]
+        requests = [risk_pb2.ScoreTransactionsRequest(transaction=t) for t in both]
+        answers = [r.result for r in gateway.score_transactions(iter(requests))]
+        assert [set(_codes(a)) & set(SIGNAL_RULES) for a in answers] == [
+            {"NEW_TERMINAL"},
+            {"SEEN_FAILURES", "CODE_REPLAYED", "JUST_ROTATED"},
+        ]
 
 
 # -- backtest against live decisions ---------------------------------------------------------------------
