@@ -11,8 +11,9 @@ both. Reports throughput, p50/p99 latency and the server's CPU per call, each th
 windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured in the same run.
 ``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database. ``--only`` measures some
 of the RPCs. ``--rules N`` measures ScoreTransaction on SQLite without rules and with ``N`` active rules
-(``bench_rules``: every kind of variable, few of them firing), alternating window by window on one server,
-and reports the server CPU per call of each and their ratio. ``--py-spy DIR`` records each posguard server
+(``bench_rules``: every kind of variable, few of them firing), alternating window by window on one server
+in ABBA order, and reports the server CPU per call of each, their ratio, and the median and quartiles of the
+ratios of neighbouring windows. ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``. Linux only (server CPU is read from /proc).
 """
@@ -580,9 +581,13 @@ async def with_rules(
     for inflight in args.inflight:
         base: dict[bool, list[Window]] = {False: [], True: []}
         ours: dict[bool, list[Window]] = {False: [], True: []}
-        for _ in range(args.repeats):
-            for active in (False, True):
-                await asyncio.to_thread(set_rules, server.port, rules, active)
+        current: bool | None = None
+        for repeat in range(args.repeats):
+            # ABBA order: a drift during the run (the stored history grows) falls on both sides alike.
+            for active in (False, True) if repeat % 2 == 0 else (True, False):
+                if active != current:
+                    await asyncio.to_thread(set_rules, server.port, rules, active)
+                    current = active
                 batch = requests.scores(need)
                 base[active].append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
                 ours[active].append(await unary_window(server, SCORE, token, batch, inflight, args.seconds))
@@ -592,9 +597,17 @@ async def with_rules(
             _progress(rows[-1])
         await asyncio.to_thread(set_rules, server.port, rules, False)
         without, with_ = (_median(ours[a], lambda w: w.cpu_ms_per_call) for a in (False, True))
+        # Each pair of neighbouring windows shares the machine's state of the moment: the median of their
+        # ratios is steadier than the ratio of the two medians when other work comes and goes.
+        pairs = sorted(
+            w.cpu_ms_per_call / o.cpu_ms_per_call for w, o in zip(ours[True], ours[False], strict=True)
+        )
+        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
         print(
             f"rules: server CPU per call {without:.3f} ms without, {with_:.3f} ms with {len(rules)} "
-            f"(x{with_ / without:.3f}), {inflight} in flight",
+            f"(x{with_ / without:.3f}); paired windows: median x{statistics.median(pairs):.3f}, "
+            f"quartiles x{quartiles[0]:.3f} to x{quartiles[2]:.3f} over {len(pairs)} pairs; "
+            f"{inflight} in flight",
             file=sys.stderr,
         )
 
