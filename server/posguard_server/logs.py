@@ -15,12 +15,13 @@ import atexit
 import contextlib
 import json
 import logging
+import os
 import queue
 import sys
 import time
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
-from typing import TextIO
+from typing import Any, TextIO
 
 LOG_FORMATS = ("json", "text")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,28 +37,50 @@ class JsonFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")  # one attribute: two threads may format at once
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": self._time(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,  # tells the workers of `serve --workers N` apart
-            "message": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.process,
+            record.getMessage(),
+            fields if isinstance(fields, dict) else None,
+            exception,
+        )
+
+    def line(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        pid: int | None,
+        message: str,
+        fields: dict[str, object] | None = None,
+        exception: str | None = None,
+    ) -> str:
+        """One line: of a record, or of an access-log line handed over without one (:class:`AccessLines`)."""
+        entry: dict[str, object] = {
+            "time": self._time(created),
+            "level": level,
+            "logger": logger,
+            "pid": pid,  # tells the workers of `serve --workers N` apart
+            "message": message,
+        }
+        if fields:
             entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if exception:
+            entry["exception"] = exception
         return self._encode(entry)
 
-    def _time(self, record: logging.LogRecord) -> str:
+    def _time(self, created: float) -> str:
         """ISO 8601 in UTC to the millisecond; the date and time of a second are made once per second."""
         second, text = self._second
-        if second != int(record.created):
-            second = int(record.created)
+        if second != int(created):
+            second = int(created)
             text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
             self._second = (second, text)
-        return f"{text}.{int(record.msecs):03d}+00:00"
+        return f"{text}.{int((created - int(created)) * 1000):03d}+00:00"  # msecs, as LogRecord takes them
 
 
 class _Enqueue(QueueHandler):
@@ -79,21 +102,26 @@ class _Writer(QueueListener):
     interpreter from the event loop; an idle server's line is written as soon as it is logged.
     """
 
-    def __init__(
-        self, records: queue.SimpleQueue[logging.LogRecord], handler: logging.StreamHandler[TextIO]
-    ) -> None:
+    def __init__(self, records: queue.SimpleQueue[Any], handler: logging.StreamHandler[TextIO]) -> None:
         super().__init__(records, handler)
         self._records = records
         self._handler = handler
         self._lines: list[str] = []
 
-    def dequeue(self, block: bool) -> logging.LogRecord:
+    def dequeue(self, block: bool) -> Any:
         if self._records.empty():  # the queue ran dry: write what there is, let the next records gather
             self._write()
             time.sleep(_WRITE_INTERVAL_S)
         return self._records.get(block)
 
-    def handle(self, record: logging.LogRecord) -> None:
+    def handle(self, record: logging.LogRecord | _Line) -> None:
+        if isinstance(record, tuple):  # an access-log line handed over without a record
+            formatter = self._handler.formatter
+            assert isinstance(formatter, JsonFormatter)  # AccessLines hands lines over only to JSON output
+            created, name, pid, template, args, fields = record
+            message = template % args
+            self._lines.append(formatter.line(created, "INFO", name, pid, message, fields) + "\n")
+            return
         try:
             self._lines.append(self._handler.format(record) + self._handler.terminator)
         except Exception:
@@ -101,7 +129,12 @@ class _Writer(QueueListener):
 
     def stop(self) -> None:
         super().stop()
-        self._write()  # what came just before the end
+        # What came just before the end, and a line handed over while the thread was stopping.
+        while not self._records.empty():
+            item = self._records.get_nowait()
+            if item is not None:  # the stop signal
+                self.handle(item)
+        self._write()
 
     def _write(self) -> None:
         if self._lines:
@@ -112,6 +145,37 @@ class _Writer(QueueListener):
 
 
 _listener: _Writer | None = None
+# An INFO line as AccessLines hands it to the writing thread: time, logger, pid, message and its arguments,
+# fields.
+_Line = tuple[float, str, int, str, tuple[object, ...], dict[str, object]]
+_lines: queue.SimpleQueue[Any] | None = None  # the writing thread's queue, when its output is JSON
+
+
+class AccessLines:
+    """One logger's INFO lines, put straight on the writing thread's queue when nothing else needs a record.
+
+    A server's access log writes a line per call. Made into a ``LogRecord`` and passed through ``logging``'s
+    handlers, each cost more than the rest of the request pipeline together (measured with
+    ``bench/pipeline_bench.py``). When logging is set up as a server sets it up (JSON, written by the
+    background thread, the root logger's only handler, none on this logger), the line's parts go onto the
+    queue as a tuple and the writing thread formats it exactly as it formats a record. Otherwise (a process
+    with other handlers, text output, tests listening on the logger) :meth:`info` returns False and the
+    caller logs the ordinary way.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._root = logging.getLogger()
+
+    def info(self, template: str, args: tuple[object, ...], fields: dict[str, object]) -> bool:
+        lines, logger = _lines, self._logger
+        if lines is None or logger.handlers or not logger.isEnabledFor(logging.INFO):
+            return False
+        handlers = self._root.handlers
+        if len(handlers) != 1 or not isinstance(handlers[0], _Enqueue):
+            return False
+        lines.put((time.time(), logger.name, os.getpid(), template, args, fields))
+        return True
 
 
 def configure_logging(level: int, log_format: str, *, background: bool = False) -> None:
@@ -120,7 +184,7 @@ def configure_logging(level: int, log_format: str, *, background: bool = False) 
     ``background`` (a server) writes from a thread of its own; :func:`stop_logging` drains it. A process
     whose root logger has handlers already keeps them, as with ``logging.basicConfig``.
     """
-    global _listener
+    global _listener, _lines
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
     root = logging.getLogger()
@@ -128,11 +192,12 @@ def configure_logging(level: int, log_format: str, *, background: bool = False) 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
         if background:
-            records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+            records: queue.SimpleQueue[Any] = queue.SimpleQueue()
             _listener = _Writer(records, handler)
             _listener.start()
             atexit.register(stop_logging)
             root.addHandler(_Enqueue(records))
+            _lines = records if log_format == "json" else None
         else:
             root.addHandler(handler)
         root.setLevel(level)
@@ -143,8 +208,9 @@ def configure_logging(level: int, log_format: str, *, background: bool = False) 
 
 def stop_logging() -> None:
     """Write every record still queued, then write on the caller's thread again. Safe to call twice."""
-    global _listener
+    global _listener, _lines
     listener, _listener = _listener, None
+    _lines = None  # from now on the access log makes records again, which the handlers below write
     if listener is None:
         return
     root = logging.getLogger()

@@ -36,9 +36,12 @@ from posguard_server.domain.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from posguard_server.logs import AccessLines
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("posguard_server.access")
+_access_lines = AccessLines(access_log)
+_ACCESS_MESSAGE = "%s %s %.2fms caller=%s peer=%s customer=%s model=%s"
 
 _SHED_LOG_SECONDS = 10.0
 
@@ -488,27 +491,24 @@ class _MethodPipeline:
             "customer": state.customer or "-",
             "model_version": state.model_version or "-",
         }
-        # The JSON formatter writes ``fields`` as keys of their own; the text one, this message. The record is
-        # made directly (no search of the stack for the caller) and formatted by the thread that writes it.
-        record = access_log.makeRecord(
-            access_log.name,
-            logging.INFO,
-            __file__,
-            0,
-            "%s %s %.2fms caller=%s peer=%s customer=%s model=%s",
-            (
-                self._method,
-                code,
-                elapsed * 1e3,
-                caller,
-                fields["peer"],
-                fields["customer"],
-                fields["model_version"],
-            ),
-            None,
-            extra={"fields": fields},
+        # The JSON formatter writes ``fields`` as keys of their own; the text one, this message. The line is
+        # formatted by the thread that writes it: handed over as its parts where it can be (AccessLines), else
+        # as a record made directly (no search of the stack for the caller).
+        args = (
+            self._method,
+            code,
+            elapsed * 1e3,
+            caller,
+            fields["peer"],
+            fields["customer"],
+            fields["model_version"],
         )
-        access_log.handle(record)
+        if not _access_lines.info(_ACCESS_MESSAGE, args, fields):
+            extra = {"fields": fields}
+            record = access_log.makeRecord(
+                access_log.name, logging.INFO, __file__, 0, _ACCESS_MESSAGE, args, None, extra=extra
+            )
+            access_log.handle(record)
 
 
 def _failed(state: CallState, context: Context) -> None:

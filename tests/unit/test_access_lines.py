@@ -1,0 +1,52 @@
+"""Access-log lines handed to the writing thread without a record read exactly as lines made from records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+SCRIPT = """
+import logging, sys
+from posguard_server.logs import AccessLines, configure_logging, stop_logging
+configure_logging(logging.INFO, sys.argv[1], background=True)
+log = logging.getLogger('posguard_server.access')
+lines = AccessLines(log)
+fields = {'method': '/m', 'code': 'OK', 'latency_ms': 1.25, 'caller': 'k-1', 'peer': 'p "q"', 'customer': 'é'}
+args = ('/m', 'OK', 1.25, 'k-1')
+log.info('%s %s %.2fms caller=%s', *args, extra={'fields': fields})
+print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+listening = logging.StreamHandler(sys.stdout)
+log.addHandler(listening)  # someone listens on the logger itself: records again
+print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+log.removeHandler(listening)
+stop_logging()
+print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+"""
+
+
+def _run(log_format: str) -> tuple[list[str], list[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, log_format], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout.splitlines(), done.stderr.splitlines()
+
+
+def test_a_line_handed_over_reads_as_the_line_of_a_record() -> None:
+    answers, written = _run("json")
+    assert answers == ["True", "False", "False"]
+    assert len(written) == 2
+    from_record, handed_over = (json.loads(line) for line in written)
+    assert from_record.pop("time")[:10] == handed_over.pop("time")[:10]
+    assert handed_over == from_record
+    assert list(handed_over) == list(from_record)  # the same keys in the same order
+    assert handed_over["message"] == "/m OK 1.25ms caller=k-1"
+    assert handed_over["customer"] == "é"
+    assert handed_over["peer"] == 'p "q"'
+
+
+def test_text_output_always_takes_records() -> None:
+    answers, written = _run("text")
+    assert answers == ["False", "False", "False"]
+    assert len(written) == 1
+    assert written[0].endswith("posguard_server.access: /m OK 1.25ms caller=k-1")
