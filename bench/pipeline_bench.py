@@ -1,13 +1,13 @@
-"""The request pipeline alone: a handler that does nothing, behind posguard's interceptors, against the echo.
+"""The request pipeline alone: a handler that does nothing, behind posguard's pipeline, against the echo.
 
     .venv/bin/python bench/pipeline_bench.py [--seconds 5] [--repeats 3] [--inflight 1,64] [--reply-bytes 256]
 
 Every posguard call passes admission, the deadline, authentication and the role check, error mapping,
 metrics and the access log before its servicer runs. This measures that cost alone: a server process built
-the way ``posguard_server.app`` builds its interceptors (a real API key store on a temporary SQLite database,
+the way ``posguard_server.app`` builds its pipeline (a real API key store on a temporary SQLite database,
 a real gateway key, JSON access log at INFO, written to a pipe) serves ``VerifyCustomerId`` with a handler
 that answers ``--reply-bytes`` bytes at once; the echo server (``bench/echo_server.py``) answers the same
-number of bytes with no interceptors. Both are measured with ``rpc_bench``'s load generator, back to back,
+number of bytes with nothing in front. Both are measured with ``rpc_bench``'s load generator, back to back,
 and the medians of ``--repeats`` windows are reported with their ratio.
 """
 
@@ -25,7 +25,7 @@ from grpc import aio
 from rpc_bench import ECHO, VERIFY, Row, _progress, _start, echo, markdown, row, unary_window
 
 from posguard_server.api.metrics import Metrics
-from posguard_server.app import build_authenticator, build_interceptors
+from posguard_server.app import build_authenticator, build_pipeline
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.logs import configure_logging
@@ -45,29 +45,26 @@ def _identity(data: bytes) -> bytes:
 
 
 async def serve(data_dir: Path, reply_bytes: int) -> None:
-    """The pipeline server: posguard's interceptors in front of a handler that does nothing."""
+    """The pipeline server: posguard's request pipeline in front of a handler that does nothing."""
     settings = _settings(data_dir)
     configure_logging(settings.log_level_number, settings.log_format, background=True)
     keys = SqlApiKeyStore(open_database(settings.effective_database_url))
-    interceptors = build_interceptors(settings, build_authenticator(settings, keys), Metrics())
+    pipeline = build_pipeline(settings, build_authenticator(settings, keys), Metrics())
     reply = b"\x01" * reply_bytes
 
     async def unary(request: bytes, context: Any) -> bytes:
         return reply
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            METHOD: grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=_identity, response_serializer=_identity
-            )
-        },
-    )
-    # The echo server's options: the two servers differ only in the interceptors.
-    server = aio.server(
-        interceptors=interceptors, options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=1000
-    )
-    server.add_generic_rpc_handlers((handler,))
+    handlers = {
+        METHOD: grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=_identity, response_serializer=_identity
+        )
+    }
+    # The echo server's options, and registered as the echo server and posguard's services are: the two
+    # servers differ only in the pipeline.
+    server = pipeline.serve(aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=1000))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"pipeline serving on {port}", flush=True)

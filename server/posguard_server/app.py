@@ -169,15 +169,13 @@ def build_authenticator(settings: Settings, keys: SqlApiKeyStore) -> Authenticat
     )
 
 
-def build_interceptors(
-    settings: Settings, authenticator: Authenticator, metrics: Metrics
-) -> list[aio.ServerInterceptor[Any, Any]]:
+def build_pipeline(settings: Settings, authenticator: Authenticator, metrics: Metrics) -> RequestPipeline:
     """The request pipeline every call passes before its servicer (the benchmark builds it the same way)."""
     limits = {GATEWAY_CALLS: settings.max_concurrent_rpcs, ADMIN_CALLS: settings.max_concurrent_admin_rpcs}
     admission = Admission(limits, metrics)
-    return [
-        RequestPipeline(admission, metrics, authenticator, stream_idle_seconds=settings.stream_idle_seconds)
-    ]
+    return RequestPipeline(
+        admission, metrics, authenticator, stream_idle_seconds=settings.stream_idle_seconds
+    )
 
 
 def connection_options(settings: Settings) -> list[tuple[str, int]]:
@@ -216,7 +214,8 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         *connection_options(settings),
     ]
-    server = aio.server(interceptors=build_interceptors(settings, authenticator, metrics), options=options)
+    # Every service registered on it is served through the pipeline, each method composed with it once.
+    server = build_pipeline(settings, authenticator, metrics).serve(aio.server(options=options))
     # One guard for every RPC that names a customer: guesses count together per key.
     limit, code_limit = failure_limits(settings)
     guard = FailureGuard(

@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -103,12 +103,9 @@ def annotate_call(*, customer: str = "", model_version: str = "") -> None:
 
 
 if TYPE_CHECKING:
-    _Interceptor = aio.ServerInterceptor[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
-    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
     Context = aio.ServicerContext[Any, Any]
-else:  # generic only in the type stubs
-    _Interceptor = aio.ServerInterceptor
+    _Generic = grpc.GenericRpcHandler[Any, Any]
 
 
 def _streaming_kinds() -> dict[str, tuple[bool, bool]]:
@@ -168,57 +165,32 @@ class Admission:
         if any(limit < 1 for limit in limits.values()):
             raise ValueError("every limit must be at least 1")
         self._metrics = metrics
-        self.kinds = _streaming_kinds()
         classes = {name: _Slots(name, limit) for name, limit in limits.items()}
-        self._slots = {method: classes[admission_class(method)] for method in self.kinds}
+        self._slots = {method: classes[admission_class(method)] for method in _streaming_kinds()}
         self._gauges = {name: metrics.in_progress.labels(name) for name in classes}
         self._shed_since_log = 0
         self._shed_logged_at = 0.0
-        refusal = status_for(
+        self.refusal_status = status_for(
             ResourceExhausted("the server is at capacity; retry after a short backoff", reason="OVERLOADED"),
             "",
         )
-        self.refusal_status = refusal
-
-        async def refuse(request: Any, context: Context) -> Any:
-            await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
-
-        async def refuse_streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-            nothing: list[Any] = []
-            for item in nothing:  # makes this an async generator, as gRPC expects of a streaming handler
-                yield item
-            await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
-
-        # Raw bytes in (no deserializer): a refused request is never decoded.
-        self._refusals: dict[tuple[bool, bool], Handler] = {
-            (False, False): grpc.unary_unary_rpc_method_handler(refuse),
-            (True, False): grpc.stream_unary_rpc_method_handler(refuse),
-            (False, True): grpc.unary_stream_rpc_method_handler(refuse_streaming),
-            (True, True): grpc.stream_stream_rpc_method_handler(refuse_streaming),
-        }
 
     def counts(self, method: str) -> bool:
         """Whether calls of ``method`` are admitted at all (health and reflection are not)."""
         return method in self._slots
 
-    def refusal(self, method: str) -> Handler | None:
-        """The handler that refuses a call of ``method`` arriving at capacity, or None to let it in.
-
-        Client streams are let in: they take a slot per request worked on, not for being open.
-        """
-        slots = self._slots.get(method)
-        if slots is None or not slots.full:
-            return None
-        kind = self.kinds[method]
-        if kind[0]:
-            return None
+    def refuses(self, method: str) -> bool:
+        """Whether a unary request of ``method`` arriving now is refused at once (and counted as shed)."""
+        slots = self._slots[method]
+        if not slots.full:
+            return False
         self._shed(method, slots)
-        return self._refusals[kind]
+        return True
 
     def try_enter(self, method: str) -> bool:
         """Take a slot of ``method``'s class, or count a refusal and return False.
 
-        Calls let through together by :meth:`refusal` reach here after their requests arrive and their
+        Calls let through together by :meth:`refuses` reach here after their requests arrive and their
         caller is authenticated; the count is exact only now, so a burst that got past the cheap check is
         refused here.
         """
@@ -275,16 +247,19 @@ def stream_work() -> Iterator[None]:
         stream.start_idle_clock()
 
 
-class RequestPipeline(_Interceptor):
-    """posguard's one server interceptor: everything a call passes before and after its servicer.
+class RequestPipeline:
+    """posguard's request pipeline: everything a call passes before and after its servicer.
 
     Outermost first: the cheap refusal of a call whose admission class is full, the call's deadline, the
     access log and metrics, error mapping, authentication and the role check, admission, and the guard for
-    requests that do not decode (on client streams, with the idle timeout: ``stream_idle_seconds``). The
-    registered handler of a method never changes, so the pipeline of a method is composed once, the first
-    time the method is called, with its metric children, its roles and its access-log name bound; a call
-    then costs one dictionary lookup here and no closures. It must be the server's only interceptor (it
-    answers later calls of a method without asking the ones after it).
+    requests that do not decode (on client streams, with the idle timeout: ``stream_idle_seconds``).
+
+    It is not a gRPC interceptor: each method's pipeline is composed once, when its handler is registered
+    on the server :meth:`serve` returns), with its metric children, roles and access-log name bound, and
+    gRPC finds the composed handler in its table of methods. A call pays no interceptor hop (a coroutine, a
+    handler lookup and a call-details object per call, about a quarter of the pipeline's cost in
+    ``bench/pipeline_bench.py``) and no closures. A refusal at capacity happens where the request would be
+    decoded (``_MethodPipeline.decoder``), so a refused request is never decoded.
     """
 
     def __init__(
@@ -299,30 +274,80 @@ class RequestPipeline(_Interceptor):
         self._metrics = metrics
         self._authenticator = authenticator
         self._stream_idle_seconds = stream_idle_seconds or None  # 0: streams are never ended for idling
+
+    def serve(self, server: aio.Server) -> PipelinedServer:
+        """``server``, with every service registered on it from now on served through the pipeline."""
+        return PipelinedServer(server, self)
+
+    def compose(self, method: str, handler: Handler) -> Handler:
+        """``handler`` of ``method`` with the whole pipeline around it."""
+        pipeline = _MethodPipeline(
+            method, handler, self._admission, self._metrics, self._authenticator, self._stream_idle_seconds
+        )
+        return pipeline.handler()
+
+
+class PipelinedServer(aio.Server):
+    """A gRPC asyncio server that registers each method's handler composed with the request pipeline.
+
+    The generated ``add_*_to_server`` functions (and reflection's) register a service twice: in the table of
+    registered methods (found first, by name) and as a generic handler (asked in turn when the table has no
+    entry); both go through the pipeline. Everything else is the wrapped server's.
+    """
+
+    def __init__(self, server: aio.Server, pipeline: RequestPipeline) -> None:
+        self._server = server
+        self._pipeline = pipeline
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Handler]) -> None:
+        composed = {
+            name: self._pipeline.compose(f"/{service_name}/{name}", handler)
+            for name, handler in method_handlers.items()
+        }
+        # The type stubs predate registered methods (grpcio 1.62).
+        self._server.add_registered_method_handlers(service_name, composed)  # type: ignore[attr-defined]
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[_Generic]) -> None:
+        self._server.add_generic_rpc_handlers(
+            [_ComposedGeneric(handler, self._pipeline) for handler in generic_rpc_handlers]
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
+
+
+class _ComposedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose methods are composed the first time each is asked for.
+
+    Only methods the handler serves are kept: an unknown name is the caller's choice and stays unanswered,
+    so gRPC answers UNIMPLEMENTED.
+    """
+
+    def __init__(self, inner: _Generic, pipeline: RequestPipeline) -> None:
+        self._inner = inner
+        self._pipeline = pipeline
         self._composed: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method: str = handler_call_details.method
-        refusal = self._admission.refusal(method)
-        if refusal is not None:
-            return refusal
         composed = self._composed.get(method)
         if composed is None:
-            handler: Handler | None = await continuation(handler_call_details)
-            # An unknown method: gRPC answers UNIMPLEMENTED. Not cached: its name is the caller's choice.
+            handler = self._inner.service(handler_call_details)
             if handler is None:
-                return handler  # type: ignore[return-value]
-            pipeline = _MethodPipeline(
-                method,
-                handler,
-                self._admission,
-                self._metrics,
-                self._authenticator,
-                self._stream_idle_seconds,
-            )
-            composed = self._composed[method] = pipeline.handler()
+                return None
+            composed = self._composed[method] = self._pipeline.compose(method, handler)
         return composed
 
 
@@ -358,7 +383,7 @@ class _MethodPipeline:
 
     def handler(self) -> Handler:
         """The method's handler with the whole pipeline around it, and the lenient request decoder."""
-        decoder = _lenient(self._handler.request_deserializer)
+        decoder = self.decoder()
         serializer = self._handler.response_serializer
         if self._handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -376,7 +401,36 @@ class _MethodPipeline:
             self._streaming, request_deserializer=decoder, response_serializer=serializer
         )
 
+    def decoder(self) -> Callable[[bytes], Any] | None:
+        """The request decoder: lenient (:func:`_lenient`), and for a unary request, the cheap refusal.
+
+        A unary request arriving while its admission class is full is not decoded: it becomes ``_REFUSED``,
+        which the handler answers at once with the refusal built once (no authentication, no access-log
+        line; the ``posguard_rpc_shed`` metric counts it). A client stream is let in: it takes a slot per
+        request worked on, not for being open.
+        """
+        lenient = _lenient(self._handler.request_deserializer)
+        admission, method = self._admission, self._method
+        if admission is None or self._client_streams:
+            return lenient
+        decode = lenient or _raw
+
+        def decoder(data: bytes) -> Any:
+            if admission.refuses(method):
+                return _REFUSED
+            return decode(data)
+
+        return decoder
+
+    async def _refuse(self, context: Context) -> NoReturn:
+        assert self._admission is not None  # only counted methods refuse
+        refusal = self._admission.refusal_status
+        await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
+        raise AssertionError("abort returned")  # it raises AbortError
+
     async def _unary(self, request: Any, context: Context) -> Any:
+        if request is _REFUSED:
+            await self._refuse(context)
         call = self._begin(context)
         try:
             await self._authorize(call[0], context)
@@ -390,6 +444,8 @@ class _MethodPipeline:
             self._end(call, context)
 
     async def _streaming(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        if request is _REFUSED:
+            await self._refuse(context)
         call = self._begin(context)
         try:
             await self._authorize(call[0], context)
@@ -524,6 +580,17 @@ class _Undecodable:
 
 
 _UNDECODABLE = _Undecodable()
+
+
+class _Refused:
+    """Stands in for a request refused at capacity before it was decoded."""
+
+
+_REFUSED = _Refused()
+
+
+def _raw(data: bytes) -> bytes:
+    return data
 
 
 def _undecodable_request() -> InvalidArgument:
