@@ -244,7 +244,17 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(
-        database, registry, customers, dynamic, numbering, settings, metrics, guard, writers, health
+        database,
+        registry,
+        customers,
+        dynamic,
+        numbering,
+        settings,
+        metrics,
+        guard,
+        writers,
+        health,
+        code_limit,
     )
     risk_pb2_grpc.add_RiskServicer_to_server(risk, server)
     admin = AdminServicer(keys, SqlAuditStore(database), authenticator, registry)
@@ -384,6 +394,7 @@ def _risk_servicer(
     guard: FailureGuard,
     writers: Writers,
     health: ServiceHealth,
+    code_limit: FailureLimit,
 ) -> RiskServicer:
     """The Risk servicer, the scoring service and the engine behind it, on ``database``."""
     case_decisions = {Decision.REVIEW, Decision.DECLINE} if settings.cases_on_decline else {Decision.REVIEW}
@@ -409,7 +420,7 @@ def _risk_servicer(
         engine,
         writes,
         open_key=SecretCipher(dict(numbering.keys.keys)).decrypt,
-        code_limit=failure_limits(settings)[1],
+        code_limit=code_limit,
     )
     return RiskServicer(
         engine,
