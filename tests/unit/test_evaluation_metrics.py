@@ -13,13 +13,13 @@ def test_tied_scores_at_the_cut_share_the_places_left_whatever_their_order() -> 
     shares = alert_shares(scores, 3 / 6)  # three places: 0.9 and two of the four tied at 0.5
     assert shares.tolist() == [1.0, 0.5, 0.5, 0.5, 0.5, 0.0]
     assert shares.sum() == pytest.approx(3)
-    # Fraud first or last among the ties: the same recall, not one decided by arrival order.
-    for order in ([1, 2, 3, 4], [4, 3, 2, 1]):
-        y = np.zeros(6, dtype=bool)
-        y[order[0]] = True
-        y[5] = True
-        assert detection(y, scores).recall_at_alert_rate == pytest.approx(0.0)  # k = 1% of 6 is one place
-        picked = alert_shares(scores, 3 / 6)[y].sum() / y.sum()
+    # One fraud among the ties, one at the bottom. In any arrival order (a plain top-k would count the tied
+    # fraud in or out by its position), it gets half a place: recall 0.25.
+    y = np.array([False, True, False, False, False, True])
+    assert detection(y, scores).recall_at_alert_rate == pytest.approx(0.0)  # k = 1% of 6 is one place
+    rng = np.random.default_rng(7)
+    for order in [np.arange(6), np.arange(6)[::-1], *(rng.permutation(6) for _ in range(8))]:
+        picked = alert_shares(scores[order], 3 / 6)[y[order]].sum() / y.sum()
         assert picked == pytest.approx(0.25)
 
 
