@@ -142,7 +142,8 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
     "--rules-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="A TOML rules file (as for `rules backtest`): also report what its rules do on the test days.",
+    help="A TOML rules file (as for `rules backtest`): also report what its rules do on the test days, "
+    "on top of the decisions the configured risk thresholds give.",
 )
 @click.option(
     "--json",
@@ -151,7 +152,10 @@ def train(settings: Settings, /, seed: int, no_activate: bool, **flags: Any) -> 
     help='Print JSON lines: {"seed_result": ...} as each seed finishes, then the whole report.',
 )
 @training_options
+@click.pass_obj
 def evaluate(
+    settings: Settings,
+    /,
     file: Path,
     seeds: str,
     labels: bool,
@@ -171,6 +175,7 @@ def evaluate(
     """
     from posguard_server.cli.rules import read_rules_file
     from posguard_server.pipeline.evaluate import evaluate as run
+    from posguard_server.scoring import Thresholds
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -193,6 +198,9 @@ def evaluate(
         jobs=jobs,
         on_seed=(lambda seed: click.echo(json.dumps({"seed_result": seed.as_dict()}))) if as_json else None,
         rules=read_rules_file(rules_file) if rules_file is not None else (),
+        # The rules' effect is read against the decisions and local times this installation is set to.
+        thresholds=Thresholds(review=settings.risk_review_threshold, decline=settings.risk_decline_threshold),
+        time_zone=settings.policy_time_zone,
     )
     if as_json:
         click.echo(json.dumps(result.as_dict()))

@@ -176,13 +176,16 @@ def evaluate(
     jobs: int = 1,
     on_seed: Callable[[SeedResult], None] | None = None,
     rules: Sequence[Rule] = (),
+    thresholds: Thresholds | None = None,
+    time_zone: str | None = None,
 ) -> Evaluation:
     """The protocol on ``path``, once per seed; ``jobs`` processes fit the customer forests (direct only).
 
     ``on_seed`` gets each seed's result as soon as it is measured (a run of several seeds takes hours).
     With ``rules``, each seed also reports what they would have done over the test days on top of the
     model's decisions (``services.backtest``: the same replay as ``posguard-server rules backtest``, with
-    the dataset's fraud labels).
+    the dataset's fraud labels), the model deciding by ``thresholds`` and the rules reading local times in
+    ``time_zone`` (by default, the server's default settings).
     """
     rows = load_rows(path, customers_limit=customers_limit)
     if not rows:
@@ -203,7 +206,9 @@ def evaluate(
                 with tempfile.TemporaryDirectory(dir=tmp, prefix="seed-") as seed_dir:
                     result = _run_seed(rows, day, split, config, labels, delay, Path(seed_dir), progress)
             if rules:
-                result.rules = _rules_effect(rows, day, split, result.scores, rules)
+                result.rules = _rules_effect(
+                    rows, day, split, result.scores, rules, thresholds or _DEFAULT_THRESHOLDS, time_zone
+                )
             results.append(result)
             if on_seed is not None:
                 on_seed(result)
@@ -450,18 +455,26 @@ def _run_seed(
     )
 
 
+_DEFAULT_THRESHOLDS = Thresholds(
+    review=Settings.model_fields["risk_review_threshold"].default,
+    decline=Settings.model_fields["risk_decline_threshold"].default,
+)
+
+
 def _rules_effect(
-    rows: list[CsvTransaction], day: list[int], split: Split, scores: dict[int, float], rules: Sequence[Rule]
+    rows: list[CsvTransaction],
+    day: list[int],
+    split: Split,
+    scores: dict[int, float],
+    rules: Sequence[Rule],
+    thresholds: Thresholds,
+    time_zone: str | None,
 ) -> DayCounts:
     """What ``rules`` do over the test days on top of the model's decisions, replayed as a backtest does.
 
     The history days are imported history, every replayed row is stored with its score and the decision
-    the server's default thresholds give it; each row is labelled with the dataset's truth.
+    ``thresholds`` give it; each row is labelled with the dataset's truth.
     """
-    defaults = Settings.model_fields
-    thresholds = Thresholds(
-        review=defaults["risk_review_threshold"].default, decline=defaults["risk_decline_threshold"].default
-    )
     kept = [i for i, d in enumerate(day) if d < split.history_days or i in scores]
     kept.sort(key=lambda i: rows[i].customer_ref)  # stable: each customer's rows stay in time order
     stored = []
@@ -489,7 +502,7 @@ def _rules_effect(
     first = rows[0].transaction.event_time
     since = datetime.combine(first.date() + timedelta(days=split.test_start), datetime.min.time(), UTC)
     policy = Policy.build(0, [], [], rules)
-    zone = ZoneInfo(Settings.model_fields["policy_time_zone"].default)
+    zone = ZoneInfo(time_zone or Settings.model_fields["policy_time_zone"].default)
     return replay(policy, [stored], since=since, now=datetime.now(UTC), zone=zone).total
 
 
