@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -16,6 +17,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 SCORE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 # The parts whose failure posguard_degraded reports (api.health).
 DEGRADED_COMPONENTS = ("storage", "risk_model")
+
+
+# A scored transaction's three metric children: score histogram, decision counter, model counter.
+_ScoreChildren = tuple[Callable[[float], None], Callable[[], None], Callable[[], None]]
 
 
 class Metrics:
@@ -95,6 +100,7 @@ class Metrics:
             registry=self.registry,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._score_children: dict[tuple[str, str, str], _ScoreChildren] = {}
 
     def rpc_children(self, method: str, code: str) -> tuple[Counter, Histogram]:
         """The call counter and the latency histogram of one method and status code, to bind once."""
@@ -102,9 +108,20 @@ class Metrics:
 
     def observe_score(self, score: float, decision: str, scope: str, version: str) -> None:
         """Count one newly scored transaction (a replayed answer is not a new decision)."""
-        self.scores.labels(scope).observe(score)
-        self.decisions.labels(decision, scope).inc()
-        self.models.labels(scope, version or "-").inc()
+        key = (decision, scope, version)
+        children = self._score_children.get(key)
+        if children is None:
+            # Bound once per combination (a handful: decisions x scopes x active versions): ``labels`` looks
+            # its child up under a lock on every call.
+            children = self._score_children[key] = (
+                self.scores.labels(scope).observe,
+                self.decisions.labels(decision, scope).inc,
+                self.models.labels(scope, version or "-").inc,
+            )
+        observe, count_decision, count_model = children
+        observe(score)
+        count_decision()
+        count_model()
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the port it listens on."""
