@@ -84,6 +84,8 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         self._lookups: GroupCommit[CustomerLookup, StoredCustomer] = GroupCommit(
             store.get_many, limit=GATEWAY_BATCH, writers=readers
         )
+        # IssueDynamicCode reads what decides it (status, enrolment) in batches on the reader threads too.
+        self._code_issues = GroupCommit(dynamic.enrolments_to_issue, limit=GATEWAY_BATCH, writers=readers)
 
     # -- validation helpers ---------------------------------------------------------------------------
 
