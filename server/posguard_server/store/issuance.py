@@ -6,8 +6,10 @@ in memory (a retry of an earlier call of the batch replays it, an external id cl
 taken), takes the counters of the numbers it issues in one ``UPDATE … RETURNING`` per prefix, and writes the
 batch with one executemany per table and one audit append. The statements are SQLAlchemy Core, built once.
 
-A request_id that another process uses at the same moment makes the batch lose the race on the unique
-index: the batch is re-run, and then replays the winner's customer.
+A call whose request_id another transaction (another writer thread or process) commits at the same moment
+loses the race on the unique index without failing the batch (``ON CONFLICT DO NOTHING``): it replays the
+winner's customer. An external id claimed by another transaction at the same moment fails the batch, which
+is re-run and then refuses that call alone.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from posguard_server.store.customers import (
     static_number_columns,
 )
 from posguard_server.store.idempotency import idempotency_conflict
+from posguard_server.store.schema import insert_for
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Table
@@ -79,7 +82,6 @@ _C = _customers.c
 _EARLIER = select(_C.customer_id, _C.request_id, _C.created_by, _C.request_fingerprint).where(
     _C.request_id.in_(bindparam("request_ids", expanding=True))
 )
-_ADD_CUSTOMERS = insert(_customers)
 _ADD_NUMBERS = insert(cast("Table", SqlCustomerNumber.__table__))
 _ADD_EXTERNALS = insert(cast("Table", SqlExternalId.__table__))
 
@@ -87,6 +89,13 @@ _ADD_EXTERNALS = insert(cast("Table", SqlExternalId.__table__))
 class SqlIssuanceStore:
     def __init__(self, database: Database) -> None:
         self._db = database
+        # Customers whose (caller, request_id) another transaction committed meanwhile are left out, not
+        # an error: those calls replay the other transaction's customer.
+        self._add_customers = (
+            insert_for(database.dialect)(_customers)
+            .on_conflict_do_nothing(index_elements=[_C.request_id, _C.created_by])
+            .returning(_C.customer_id)
+        )
 
     def issue(self, item: Issuance) -> Issued:
         """Issue one customer (a batch of one); its error is raised."""
@@ -101,7 +110,9 @@ class SqlIssuanceStore:
         A retry of an earlier call (the caller's request_id and the same fingerprint), in an earlier
         transaction or earlier in this batch, replays the customer that call made; with another fingerprint
         it is an ``InvalidArgument`` (IDEMPOTENCY_CONFLICT). An external id already linked, or claimed by an
-        earlier call of the batch, is ``AlreadyExists`` (EXTERNAL_ID_TAKEN) for its call alone.
+        earlier call of the batch, is ``AlreadyExists`` (EXTERNAL_ID_TAKEN) for its call alone. Losing a
+        race for an external id (another transaction linked it after this batch read) re-runs the batch,
+        which then sees it taken.
         """
         for round_ in range(_ATTEMPTS):
             try:
@@ -115,30 +126,17 @@ class SqlIssuanceStore:
         with self._db.session() as session:
             connection = session.connection()
             decided = _decide(connection, items)
+            decided = self._claim(connection, items, decided)
             made = [slot for slot, outcome in enumerate(decided) if isinstance(outcome, Made)]
             allocated = allocate_numbers(
                 connection, [(items[s].new.prefix, items[s].make_number) for s in made]
             )
             stored: dict[str, StoredCustomer] = {}
-            customers: list[dict[str, Any]] = []
             numbers: list[dict[str, Any]] = []
             externals: list[dict[str, Any]] = []
             events: list[NewEvent] = []
             for slot, number in zip(made, allocated, strict=True):
                 item, new = items[slot], items[slot].new
-                customers.append(
-                    {
-                        "customer_id": new.customer_id,
-                        "issuer": new.issuer,
-                        "created_at": item.now,
-                        "updated_at": item.now,
-                        "created_by": item.actor,
-                        "holder_ciphertext": new.holder_ciphertext,
-                        "holder_key_version": new.holder_key_version,
-                        "request_id": item.request_id,
-                        "request_fingerprint": item.fingerprint,
-                    }
-                )
                 columns = static_number_columns(
                     new.customer_id, new.issuer, new.prefix, number, item.actor, item.now, "issued"
                 )
@@ -152,17 +150,10 @@ class SqlIssuanceStore:
                     }
                     for r in new.external_ids
                 )
-                events.append(
-                    NewEvent(
-                        item.actor,
-                        ISSUED,
-                        mask(number.number),
-                        {"customer_id": new.customer_id, "issuer": new.issuer},
-                    )
-                )
+                details = {"customer_id": new.customer_id, "issuer": new.issuer}
+                events.append(NewEvent(item.actor, ISSUED, mask(number.number), details))
                 stored[new.customer_id] = _made(new, columns, item.now)
-            if customers:
-                connection.execute(_ADD_CUSTOMERS, customers)
+            if numbers:
                 connection.execute(_ADD_NUMBERS, numbers)
             if externals:
                 connection.execute(_ADD_EXTERNALS, externals)
@@ -179,24 +170,87 @@ class SqlIssuanceStore:
             for outcome in decided
         ]
 
+    def _claim(
+        self, connection: Connection, items: Sequence[Issuance], decided: list[Outcome]
+    ) -> list[Outcome]:
+        """Insert the customers the batch makes; a call whose request_id another transaction took meanwhile
+        replays that transaction's customer instead (or conflicts with it), and so do its in-batch retries.
+
+        The rows go in (caller, request_id) order, so that concurrent batches on PostgreSQL that wait for
+        each other's request_ids wait in one order.
+        """
+        made = [
+            _customer_row(items[slot]) for slot, outcome in enumerate(decided) if isinstance(outcome, Made)
+        ]
+        rows = sorted(made, key=lambda row: (row["created_by"], row["request_id"]))
+        if not rows:
+            return decided
+        inserted = set(connection.scalars(self._add_customers, rows))
+        if len(inserted) == len(rows):
+            return decided
+        # Lost to a transaction that committed the same (caller, request_id) after this batch read.
+        lost = [row for row in rows if row["customer_id"] not in inserted]
+        found = connection.execute(_EARLIER, {"request_ids": sorted({row["request_id"] for row in lost})})
+        winners = {(w.created_by, w.request_id): (w.customer_id, w.request_fingerprint) for w in found}
+        instead: dict[str, Outcome] = {}
+        for row in lost:
+            winner, fingerprint = winners[row["created_by"], row["request_id"]]
+            conflict = fingerprint != row["request_fingerprint"]
+            instead[row["customer_id"]] = idempotency_conflict() if conflict else Replay(winner)
+        return [
+            _instead(outcome, instead[outcome.customer_id])
+            if not isinstance(outcome, Exception) and outcome.customer_id in instead
+            else outcome
+            for outcome in decided
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class Made:
+    """A call that makes its own new customer."""
+
     customer_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Replay:
+    """A call that replays the customer an earlier call with its request_id made."""
+
     customer_id: str
 
 
-def _decide(connection: Connection, items: Sequence[Issuance]) -> list[Made | Replay | Exception]:
+Outcome = Made | Replay | Exception
+
+
+def _customer_row(item: Issuance) -> dict[str, Any]:
+    return {
+        "customer_id": item.new.customer_id,
+        "issuer": item.new.issuer,
+        "created_at": item.now,
+        "updated_at": item.now,
+        "created_by": item.actor,
+        "holder_ciphertext": item.new.holder_ciphertext,
+        "holder_key_version": item.new.holder_key_version,
+        "request_id": item.request_id,
+        "request_fingerprint": item.fingerprint,
+    }
+
+
+def _instead(outcome: Made | Replay, replacement: Outcome) -> Outcome:
+    """What a call that made, or replayed, a customer lost to another transaction gets instead."""
+    if isinstance(replacement, Exception):
+        # A retry in the batch has the lost call's fingerprint, so it conflicts with the winner alike.
+        return idempotency_conflict()
+    return replacement
+
+
+def _decide(connection: Connection, items: Sequence[Issuance]) -> list[Outcome]:
     """Each call's new customer, the customer it replays, or its error, judged in order."""
     rows = connection.execute(_EARLIER, {"request_ids": sorted({item.request_id for item in items})})
     # A request_id is its caller's own (see store.idempotency): keyed by (caller, request_id).
     earlier = {(row.created_by, row.request_id): (row.customer_id, row.request_fingerprint) for row in rows}
     taken = externals_in(connection, {ref for item in items for ref in item.new.external_ids})
-    decided: list[Made | Replay | Exception] = []
+    decided: list[Outcome] = []
     for item in items:
         key = (item.actor, item.request_id)
         if key in earlier:
