@@ -18,7 +18,6 @@ from sqlalchemy import func, select
 
 import posguard
 import posguard.aio
-from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from posguard.v1 import common_pb2
 from posguard_server.domain.check_digits import compute
@@ -46,17 +45,24 @@ if TYPE_CHECKING:
     from .conftest import RunningServer
 
 
-@pytest.fixture
-def running(server_factory: Callable[..., RunningServer], database_url: str) -> RunningServer:
+def _batching_server(
+    server_factory: Callable[..., RunningServer],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    store: type,
+    method: str,
+) -> tuple[RunningServer, list[int]]:
+    """A server (shedding no call) whose ``store.method`` records the size of each batch it is handed."""
+    sizes: list[int] = []
+    batched = getattr(store, method)
+
+    def recording(self: Any, items: Sequence[Any]) -> Any:
+        sizes.append(len(items))
+        return batched(self, items)
+
+    monkeypatch.setattr(store, method, recording)  # before the server binds the store's method
     upgrade(database_url)
-    return server_factory(database_url=database_url)
-
-
-@pytest.fixture
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in the test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+    return server_factory(database_url=database_url, max_concurrent_rpcs=100), sizes
 
 
 def _count(server: RunningServer, model: type, *where: Any) -> int:
@@ -111,9 +117,9 @@ class _Issuer:
         )
 
 
-def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(running: RunningServer) -> None:
-    issuer = _Issuer(running)
-    store = SqlIssuanceStore(running.server.database)
+def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(migrated_server: RunningServer) -> None:
+    issuer = _Issuer(migrated_server)
+    store = SqlIssuanceStore(migrated_server.server.database)
     shop = ExternalRef("shop", "c-1")
     batch = [
         issuer.item("r-1", refs=[shop]),
@@ -139,14 +145,14 @@ def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(running: Runn
     made = [first, third, theirs]
     assert len({m.stored.customer.primary.number for m in made}) == 3
     # What the batch answers is what a look-up reads back.
-    customers = SqlCustomerStore(running.server.database)
+    customers = SqlCustomerStore(migrated_server.server.database)
     for answer in made:
         assert customers.get(customer_id=answer.stored.customer.customer_id) == answer.stored
-    assert _count(running, SqlCustomer) == 3
-    assert _count(running, SqlCustomerNumber) == 3
-    assert _count(running, SqlExternalId) == 2
-    assert _count(running, SqlAuditEvent, SqlAuditEvent.action == ISSUED) == 3
-    with running.server.database.session(read_only=True) as session:
+    assert _count(migrated_server, SqlCustomer) == 3
+    assert _count(migrated_server, SqlCustomerNumber) == 3
+    assert _count(migrated_server, SqlExternalId) == 2
+    assert _count(migrated_server, SqlAuditEvent, SqlAuditEvent.action == ISSUED) == 3
+    with migrated_server.server.database.session(read_only=True) as session:
         counters = sorted(session.scalars(select(SqlCustomerNumber.counter)))
         assert counters == [0, 1, 2]  # one counter per customer made, none for the replay or the refusals
         row = session.get(SqlNumberCounter, issuer.scheme.prefix())
@@ -157,14 +163,16 @@ def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(running: Runn
     later_retry, later_conflict = store.issue_many([issuer.item("r-1"), issuer.item("r-1", fingerprint="x")])
     assert later_retry == Issued(first.stored, replayed=True)
     assert isinstance(later_conflict, InvalidArgument)
-    assert _count(running, SqlCustomer) == 3
+    assert _count(migrated_server, SqlCustomer) == 3
 
 
-def test_a_number_already_in_use_is_skipped_for_the_call_it_would_go_to(running: RunningServer) -> None:
+def test_a_number_already_in_use_is_skipped_for_the_call_it_would_go_to(
+    migrated_server: RunningServer,
+) -> None:
     """As after a key rotation, a new permutation can make a number an older key made: its counter is
     skipped and the call gets the next one, while the rest of the batch keeps its counters."""
-    issuer = _Issuer(running)
-    store = SqlIssuanceStore(running.server.database)
+    issuer = _Issuer(migrated_server)
+    store = SqlIssuanceStore(migrated_server.server.database)
     first = store.issue(issuer.item("before"))
     taken = first.stored.customer.primary.number
 
@@ -177,7 +185,7 @@ def test_a_number_already_in_use_is_skipped_for_the_call_it_would_go_to(running:
     numbers = [r.stored.customer.primary.number for r in results if isinstance(r, Issued)]
     assert taken not in numbers
     assert len(set(numbers)) == 3
-    with running.server.database.session(read_only=True) as session:
+    with migrated_server.server.database.session(read_only=True) as session:
         by_number = dict(session.execute(select(SqlCustomerNumber.number, SqlCustomerNumber.counter)).all())
     assert [by_number[n] for n in numbers] == [1, 4, 3]  # counter 2 made a used number: skipped
 
@@ -185,16 +193,9 @@ def test_a_number_already_in_use_is_skipped_for_the_call_it_would_go_to(running:
 def test_concurrent_issue_calls_share_batches_and_a_refused_one_fails_alone(
     server_factory: Callable[..., RunningServer], database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sizes: list[int] = []
-    batched = SqlIssuanceStore.issue_many
-
-    def recording(self: SqlIssuanceStore, items: Sequence[Issuance]) -> list[Issued | Exception]:
-        sizes.append(len(items))
-        return batched(self, items)
-
-    monkeypatch.setattr(SqlIssuanceStore, "issue_many", recording)
-    upgrade(database_url)
-    server = server_factory(database_url=database_url, max_concurrent_rpcs=100)  # none shed
+    server, sizes = _batching_server(
+        server_factory, database_url, monkeypatch, SqlIssuanceStore, "issue_many"
+    )
     key = server.key("gateway")
     with posguard.Client(server.target, api_key=key) as client:
         client.issue_customer_id(external_ids=[common_pb2.ExternalId(namespace="shop", value="taken")])
@@ -276,8 +277,8 @@ def _rows(server: RunningServer, query: Any) -> list[Any]:
 # -- IssueDynamicCode -----------------------------------------------------------------------------------
 
 
-def test_one_read_decides_every_number_of_a_batch(running: RunningServer) -> None:
-    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+def test_one_read_decides_every_number_of_a_batch(migrated_server: RunningServer) -> None:
+    with posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin:
         enrolled, suspended, revoked, bare = (admin.issue_customer_id().customer for _ in range(4))
         for customer in (enrolled, suspended, revoked):
             admin.enroll_dynamic_codes(number=customer.primary.number)
@@ -291,7 +292,7 @@ def test_one_read_decides_every_number_of_a_batch(running: RunningServer) -> Non
         bare.primary.number,
         enrolled.primary.number,  # the same number twice in one batch
     ]
-    answers = SqlDynamicCodeStore(running.server.database).enrolments_to_issue(numbers)
+    answers = SqlDynamicCodeStore(migrated_server.server.database).enrolments_to_issue(numbers)
     good, unknown, paused, closed, unenrolled, again = answers
     assert isinstance(good, StoredEnrollment)
     assert good.customer_id == enrolled.customer_id
@@ -306,20 +307,13 @@ def test_one_read_decides_every_number_of_a_batch(running: RunningServer) -> Non
     assert unenrolled.reason == "NOT_ENROLLED"
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_concurrent_code_issues_share_reads_and_a_bad_number_fails_alone(
     server_factory: Callable[..., RunningServer], database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sizes: list[int] = []
-    batched = SqlDynamicCodeStore.enrolments_to_issue
-
-    def recording(self: SqlDynamicCodeStore, numbers: Sequence[str]) -> list[Any]:
-        sizes.append(len(numbers))
-        return batched(self, numbers)
-
-    monkeypatch.setattr(SqlDynamicCodeStore, "enrolments_to_issue", recording)
-    upgrade(database_url)
-    server = server_factory(database_url=database_url, max_concurrent_rpcs=100)  # none shed
+    server, sizes = _batching_server(
+        server_factory, database_url, monkeypatch, SqlDynamicCodeStore, "enrolments_to_issue"
+    )
     key = server.key("gateway")
     with posguard.Client(server.target, api_key=key) as client:
         numbers = [client.issue_customer_id().customer.primary.number for _ in range(4)]
@@ -347,12 +341,12 @@ def test_concurrent_code_issues_share_reads_and_a_bad_number_fails_alone(
     assert max(sizes) > 1
 
 
-def test_a_number_revoked_is_never_given_a_code_after_the_revocation(running: RunningServer) -> None:
+def test_a_number_revoked_is_never_given_a_code_after_the_revocation(migrated_server: RunningServer) -> None:
     """Code issuers race an operator's revocation: a call sent after it was answered gets no code."""
-    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+    with posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin:
         number = admin.issue_customer_id().customer.primary.number
         admin.enroll_dynamic_codes(number=number)
-    gateway = running.key("gateway")
+    gateway = migrated_server.key("gateway")
     revoked_at: list[float] = []
     seen: list[tuple[float, bool]] = []  # (sent at, given a code)
     errors: list[BaseException] = []
@@ -360,7 +354,7 @@ def test_a_number_revoked_is_never_given_a_code_after_the_revocation(running: Ru
     stop = threading.Event()
 
     def issue() -> None:
-        with posguard.Client(running.target, api_key=gateway) as client:
+        with posguard.Client(migrated_server.target, api_key=gateway) as client:
             while not stop.is_set():
                 sent = time.monotonic()
                 try:
@@ -377,7 +371,7 @@ def test_a_number_revoked_is_never_given_a_code_after_the_revocation(running: Ru
     for thread in threads:
         thread.start()
     time.sleep(0.3)
-    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+    with posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin:
         admin.revoke_customer_id(number=number, reason="closed")
     revoked_at.append(time.monotonic())
     time.sleep(0.3)

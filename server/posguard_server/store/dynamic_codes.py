@@ -30,9 +30,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.customers import NumberStatus, mask
 from posguard_server.domain.dynamic_codes import Reason
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, NotFound, PosguardError
+from posguard_server.domain.errors import FailedPrecondition, NotFound, PosguardError
 from posguard_server.store.audit import append_event
 from posguard_server.store.customers import SqlCustomerNumber
+from posguard_server.store.db import rerun_on_conflict
 from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.schema import Base
 
@@ -48,8 +49,6 @@ NUMBER_MAX = 40
 REQUEST_ID_MAX = 128
 FINGERPRINT_MAX = 64
 MERCHANT_MAX = 64
-# How often a write that lost a race on a unique constraint is re-run before the error goes out.
-_ATTEMPTS = 3
 _ENROLLED = "dynamic_code.enrolled"
 
 
@@ -222,22 +221,18 @@ class SqlDynamicCodeStore:
         ``seal()`` makes a fresh handle and encrypted key; it is called again when a write lost a race (a
         handle collision, or a concurrent enrolment), and the whole decision is taken again.
         """
-        for attempt in range(_ATTEMPTS):
-            try:
-                return self._enroll_once(
-                    customer_id,
-                    number,
-                    seal(),
-                    replace_existing=replace_existing,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    actor=actor,
-                    now=now,
-                )
-            except AlreadyExists:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return rerun_on_conflict(
+            lambda: self._enroll_once(
+                customer_id,
+                number,
+                seal(),
+                replace_existing=replace_existing,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                actor=actor,
+                now=now,
+            )
+        )
 
     def _enroll_once(
         self,
@@ -324,17 +319,7 @@ class SqlDynamicCodeStore:
                 message = "the customer is not enrolled for dynamic codes"
                 answers.append(FailedPrecondition(message, reason="NOT_ENROLLED"))
             else:
-                answers.append(
-                    StoredEnrollment(
-                        customer_id=row.customer_id,
-                        handle=row.handle,
-                        secret_ciphertext=row.secret_ciphertext,
-                        key_version=row.key_version,
-                        enrolled_at=row.enrolled_at,
-                        refusals=row.refusals,
-                        replays=row.replays,
-                    )
-                )
+                answers.append(_enrollment(cast(SqlDynamicEnrollment, row)))
         return answers
 
     def get_enrollment(self, customer_id: str) -> StoredEnrollment | None:
@@ -358,6 +343,7 @@ def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, st
 
 
 def _enrollment(row: SqlDynamicEnrollment) -> StoredEnrollment:
+    # Also given Core rows (cast to the class): they have the same attribute names.
     return StoredEnrollment(
         customer_id=row.customer_id,
         handle=row.handle,

@@ -43,6 +43,7 @@ from posguard_server.store.customers import (
     externals_in,
     static_number_columns,
 )
+from posguard_server.store.db import rerun_on_conflict
 from posguard_server.store.idempotency import idempotency_conflict
 from posguard_server.store.schema import insert_for
 
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
     from posguard_server.store.db import Database
 
 ISSUED = "customer.issued"  # the audit action
-# How often a batch that lost a race on a unique constraint is re-run before the error goes out.
-_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +113,7 @@ class SqlIssuanceStore:
         race for an external id (another transaction linked it after this batch read) re-runs the batch,
         which then sees it taken.
         """
-        for round_ in range(_ATTEMPTS):
-            try:
-                return self._issue(items)
-            except AlreadyExists:
-                if round_ == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return rerun_on_conflict(lambda: self._issue(items))
 
     def _issue(self, items: Sequence[Issuance]) -> list[Issued | Exception]:
         with self._db.session() as session:
