@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 import posguard
 import posguard.aio
@@ -164,6 +164,41 @@ def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(migrated_serv
     assert later_retry == Issued(first.stored, replayed=True)
     assert isinstance(later_conflict, InvalidArgument)
     assert _count(migrated_server, SqlCustomer) == 3
+
+
+def test_a_batch_costs_the_same_statements_whatever_its_size(migrated_server: RunningServer) -> None:
+    """Core statements per batch, not per call: a batch of 24 runs as many statements as a batch of one."""
+    issuer = _Issuer(migrated_server)
+    database = migrated_server.server.database
+    issuance, codes = SqlIssuanceStore(database), SqlDynamicCodeStore(database)
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    def run(batch: Callable[[list[Any]], object], items: list[Any]) -> int:
+        statements.clear()
+        batch(items)
+        return len(statements)
+
+    event.listen(database.engine, "before_cursor_execute", count)
+    try:
+        plain = [
+            run(issuance.issue_many, [issuer.item(f"p{size}-{n}") for n in range(size)]) for size in (1, 24)
+        ]
+        assert plain[0] == plain[1]
+        linked = [
+            run(
+                issuance.issue_many,
+                [issuer.item(f"l{size}-{n}", refs=[ExternalRef("shop", f"{size}-{n}")]) for n in range(size)],
+            )
+            for size in (1, 24)
+        ]
+        assert linked[0] == linked[1] == plain[0] + 2  # the external ids read, and written
+        looked_up = [run(codes.enrolments_to_issue, [str(n) for n in range(size)]) for size in (1, 24)]
+        assert looked_up[0] == looked_up[1]
+    finally:
+        event.remove(database.engine, "before_cursor_execute", count)
 
 
 def test_a_number_already_in_use_is_skipped_for_the_call_it_would_go_to(
