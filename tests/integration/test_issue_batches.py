@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 
 import posguard
 import posguard.aio
@@ -26,12 +26,14 @@ from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, Inv
 from posguard_server.issuers import build_numbering
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.customers import (
+    Allocated,
     NewCustomer,
     SqlCustomer,
     SqlCustomerNumber,
     SqlCustomerStore,
     SqlExternalId,
     SqlNumberCounter,
+    static_number_columns,
 )
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore, StoredEnrollment
 from posguard_server.store.issuance import ISSUED, Issuance, Issued, SqlIssuanceStore
@@ -164,6 +166,55 @@ def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(migrated_serv
     assert later_retry == Issued(first.stored, replayed=True)
     assert isinstance(later_conflict, InvalidArgument)
     assert _count(migrated_server, SqlCustomer) == 3
+
+
+def test_a_request_id_committed_by_another_transaction_meanwhile_is_replayed(
+    migrated_server: RunningServer,
+) -> None:
+    """Another transaction holds the request_id uncommitted while the batch reads, and commits while the batch
+    writes: that call and its retry in the batch replay the other transaction's customer, and the rest of the
+    batch is issued."""
+    issuer = _Issuer(migrated_server)
+    database = migrated_server.server.database
+    prefix = issuer.scheme.prefix()
+    winner = issuer.item("raced")
+    made, version = issuer.make_number(prefix, 10**6)  # a counter far from the batch's
+    number = Allocated(made, 10**6, version)
+    columns = static_number_columns(
+        winner.new.customer_id, winner.new.issuer, prefix, number, winner.actor, winner.now, "issued"
+    )
+    batch = [issuer.item("raced"), issuer.item("other"), issuer.item("raced")]
+    results: list[Any] = []
+    with database.engine.connect() as other:
+        transaction = other.begin()
+        other.execute(
+            insert(SqlCustomer),
+            {
+                "customer_id": winner.new.customer_id,
+                "issuer": winner.new.issuer,
+                "created_at": winner.now,
+                "updated_at": winner.now,
+                "created_by": winner.actor,
+                "request_id": winner.request_id,
+                "request_fingerprint": winner.fingerprint,
+            },
+        )
+        other.execute(insert(SqlCustomerNumber), columns)
+        thread = threading.Thread(target=lambda: results.extend(SqlIssuanceStore(database).issue_many(batch)))
+        thread.start()
+        time.sleep(0.5)  # the batch has read (PostgreSQL) or waits to begin (SQLite's one writer)
+        transaction.commit()
+        thread.join(timeout=30)
+    raced, other_call, retry = results
+    assert isinstance(raced, Issued)
+    assert raced.replayed
+    assert raced.stored.customer.customer_id == winner.new.customer_id
+    assert raced.stored.customer.primary.number == number.number
+    assert retry == raced
+    assert isinstance(other_call, Issued)
+    assert not other_call.replayed
+    assert _count(migrated_server, SqlCustomer) == 2
+    assert _count(migrated_server, SqlAuditEvent, SqlAuditEvent.action == ISSUED) == 1
 
 
 def test_a_batch_costs_the_same_statements_whatever_its_size(migrated_server: RunningServer) -> None:

@@ -24,7 +24,6 @@ from sqlalchemy import bindparam, insert, select
 from posguard_server.domain.customers import (
     Customer,
     CustomerNumber,
-    ExternalRef,
     NumberKind,
     NumberStatus,
     mask,
@@ -284,6 +283,6 @@ def _made(new: NewCustomer, number: dict[str, Any], now: datetime) -> StoredCust
         created_at=now,
         updated_at=now,
         sub_numbers=(),
-        external_ids=tuple(ExternalRef(r.namespace, r.value) for r in new.external_ids),
+        external_ids=tuple(new.external_ids),
     )
     return StoredCustomer(customer, new.holder_ciphertext, new.holder_key_version)
