@@ -1,7 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify,redeem] [--py-spy DIR] [--rules N]
+        [--only score,stream,verify,redeem,issue,code] [--py-spy DIR] [--rules N]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
 it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
@@ -57,6 +57,8 @@ SCORE = "/posguard.v1.Risk/ScoreTransaction"
 SCORE_STREAM = "/posguard.v1.Risk/ScoreTransactions"
 VERIFY = "/posguard.v1.CustomerIds/VerifyCustomerId"
 REDEEM = "/posguard.v1.CustomerIds/RedeemDynamicCode"
+ISSUE = "/posguard.v1.CustomerIds/IssueCustomerId"
+ISSUE_CODE = "/posguard.v1.CustomerIds/IssueDynamicCode"
 ECHO, ECHO_STREAM = "/bench.Echo/Unary", "/bench.Echo/Stream"
 _TICKS = os.sysconf("SC_CLK_TCK")
 ADMIN_TOKEN = ""  # an admin key of the server ``posguard`` started last (rules are an admin's)
@@ -282,6 +284,28 @@ class Requests:
                 request_id=f"bench-{self.run}-{self.made}-{i}",
                 code=codes[i % len(codes)],
                 merchant_id=f"T{i % 500:06d}",
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
+    def issues(self, n: int) -> list[bytes]:
+        """New customers, each under its own request_id and with an external id of its own, as a gateway
+        onboarding customers sends them; each makes a customer, a number, a link and an audit event."""
+        self.made += n
+        return [
+            customer_ids_pb2.IssueCustomerIdRequest(
+                request_id=f"bench-{self.run}-{self.made}-{i}",
+                external_ids=[common_pb2.ExternalId(namespace="bench", value=f"{self.run}-{self.made}-{i}")],
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
+    def code_issues(self, n: int) -> list[bytes]:
+        """Server-issued dynamic codes for the enrolled customers' numbers, customer after customer."""
+        self.made += n
+        return [
+            customer_ids_pb2.IssueDynamicCodeRequest(
+                request_id=f"bench-{self.run}-{self.made}-{i}", number=self.numbers[i % len(self.numbers)]
             ).SerializeToString()
             for i in range(n)
         ]
@@ -551,11 +575,24 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
                     await unary(
                         "VerifyCustomerId", "SQLite", VERIFY, server, baseline, token, requests.verifies
                     )
-                if "redeem" in args.only:
+                if "redeem" in args.only or "code" in args.only:
                     requests.secrets = await enroll(server.port, token, requests.numbers)
+                if "redeem" in args.only:
                     await unary(
                         "RedeemDynamicCode", "SQLite", REDEEM, server, baseline, token, requests.redemptions
                     )
+                if "code" in args.only:
+                    await unary(
+                        "IssueDynamicCode",
+                        "SQLite",
+                        ISSUE_CODE,
+                        server,
+                        baseline,
+                        token,
+                        requests.code_issues,
+                    )
+                if "issue" in args.only:
+                    await unary("IssueCustomerId", "SQLite", ISSUE, server, baseline, token, requests.issues)
         if args.postgres:
             pg_profile = args.py_spy / "postgresql.txt" if args.py_spy else None
             with (
@@ -642,8 +679,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         type=lambda s: set(s.split(",")),
-        default={"score", "stream", "verify", "redeem"},
-        help="which SQLite measurements: score,stream,verify,redeem (--postgres adds its own)",
+        default={"score", "stream", "verify", "redeem", "code", "issue"},
+        help="which SQLite measurements: score,stream,verify,redeem,code,issue (--postgres adds its own)",
     )
     parser.add_argument(
         "--rules", type=int, default=0, help="also measure scoring with this many active rules (SQLite)"

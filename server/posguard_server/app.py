@@ -53,6 +53,7 @@ from posguard_server.store import (
     SqlCaseStore,
     SqlCustomerStore,
     SqlDynamicCodeStore,
+    SqlIssuanceStore,
     SqlModelRegistry,
     SqlNumberWatchStore,
     SqlOutcomeStore,
@@ -240,7 +241,15 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         database, SecretCipher(dict(numbering.keys.keys)).decrypt, limit, code_limit=code_limit
     )
     customer_ids = CustomerIdsServicer(
-        customers, numbering, dynamic, guard, verifications, redemptions, writers, readers
+        customers,
+        numbering,
+        dynamic,
+        guard,
+        verifications,
+        redemptions,
+        SqlIssuanceStore(database),
+        writers,
+        readers,
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(

@@ -22,11 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.keyring import load_or_create
 from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:
     pass
@@ -119,6 +121,20 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
 def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
     """A server on the embedded SQLite default."""
     return server_factory()
+
+
+@pytest.fixture
+def migrated_server(server_factory: Callable[..., RunningServer], database_url: str) -> RunningServer:
+    """A server on each backend; the database is migrated first, as an operator would."""
+    upgrade(database_url)
+    return server_factory(database_url=database_url)
+
+
+@pytest.fixture
+def not_at_a_step_edge() -> None:
+    """Dynamic codes of "now" made in a test must still be "now" on the server: start well inside a step."""
+    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
+        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
 
 
 SERVING_LINE = re.compile(r"posguard serving on 127\.0\.0\.1:(\d+)")

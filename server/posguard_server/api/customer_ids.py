@@ -1,7 +1,8 @@
 """The ``posguard.v1.CustomerIds`` service: issuing, verifying and managing customer numbers.
 
-Verifications and redemptions, what a till calls on every customer, run in batches of concurrent calls on
-the database's writer threads (``group_commit``); the other RPCs are one unit of work each.
+Verifications, redemptions and issuances, what a till or gateway calls per customer, run in batches of
+concurrent calls on the database's writer threads (``group_commit``), and look-ups and issued dynamic codes
+in batches on reader threads; the other RPCs are one unit of work each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from posguard_server.domain.numbering import Numbering
 from posguard_server.domain.verification import BY_PROBLEM, GUESSES, Verdict
 from posguard_server.store.customers import CustomerLookup, NewCustomer, SqlCustomerStore, StoredCustomer
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.issuance import Issuance, Issued, SqlIssuanceStore
 from posguard_server.store.redemptions import SqlRedemptionStore
 from posguard_server.store.verifications import METHOD as VERIFY_METHOD
 from posguard_server.store.verifications import Presented, SqlVerificationStore, Verification
@@ -67,6 +69,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         guard: FailureGuard,
         verifications: SqlVerificationStore,
         redemptions: SqlRedemptionStore,
+        issuance: SqlIssuanceStore,
         writers: Writers,
         readers: Writers,
     ) -> None:
@@ -80,10 +83,15 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             verifications.verify_many, limit=GATEWAY_BATCH, writers=writers
         )
         self._redemptions = GroupCommit(redemptions.redeem_many, limit=GATEWAY_BATCH, writers=writers)
+        self._issues: GroupCommit[Issuance, Issued] = GroupCommit(
+            issuance.issue_many, limit=GATEWAY_BATCH, writers=writers
+        )
         # Look-ups of customers (GetCustomer, ResolveExternalId) are read in batches on reader threads.
         self._lookups: GroupCommit[CustomerLookup, StoredCustomer] = GroupCommit(
             store.get_many, limit=GATEWAY_BATCH, writers=readers
         )
+        # IssueDynamicCode reads what decides it (status, enrolment) in batches on the reader threads too.
+        self._code_issues = GroupCommit(dynamic.enrolments_to_issue, limit=GATEWAY_BATCH, writers=readers)
 
     # -- validation helpers ---------------------------------------------------------------------------
 
@@ -138,16 +146,19 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             holder_key_version=version if holder else None,
             external_ids=refs,
         )
-        stored, replayed = await asyncio.to_thread(
-            self._store.issue,
-            new,
-            make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
-            request_id=request.request_id,
-            fingerprint=fingerprint(request),
-            actor=current_principal().key_id,
-            now=_now(),
+        issued = await self._issues.submit(
+            Issuance(
+                new,
+                make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
+                request_id=request.request_id,
+                fingerprint=fingerprint(request),
+                actor=current_principal().key_id,
+                now=_now(),
+            )
         )
-        return customer_ids_pb2.IssueCustomerIdResponse(customer=self._message(stored), replayed=replayed)
+        return customer_ids_pb2.IssueCustomerIdResponse(
+            customer=self._message(issued.stored), replayed=issued.replayed
+        )
 
     def _external_ids(self, check: Checker, ids: Any, *, field: str = "external_ids") -> list[ExternalRef]:
         """Validate external ids; ``field`` names a list (``external_ids[i]``) or one message."""

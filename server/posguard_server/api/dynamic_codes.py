@@ -22,7 +22,7 @@ from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.interceptors import current_principal
 from posguard_server.api.validation import Checker, fingerprint
-from posguard_server.domain.customers import CustomerNumber, NumberKind, NumberStatus, mask
+from posguard_server.domain.customers import CustomerNumber, NumberKind, mask
 from posguard_server.domain.dynamic_codes import (
     GUESSES,
     Reason,
@@ -32,7 +32,7 @@ from posguard_server.domain.dynamic_codes import (
     parse_code,
     step_bounds,
 )
-from posguard_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from posguard_server.domain.errors import InvalidArgument
 from posguard_server.domain.numbering import Numbering
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import (
@@ -40,6 +40,7 @@ from posguard_server.store.dynamic_codes import (
     Sealed,
     SqlDynamicCodeStore,
     StoredEnrollment,
+    inactive_number,
 )
 from posguard_server.store.redemptions import METHOD, Redeemed, Redemption
 
@@ -76,6 +77,7 @@ class DynamicCodesRpcs:
     _dynamic: SqlDynamicCodeStore
     _guard: FailureGuard
     _redemptions: GroupCommit[Redemption, Redeemed]
+    _code_issues: GroupCommit[str, StoredEnrollment]
 
     @property
     def _secrets(self) -> SecretCipher:
@@ -101,14 +103,11 @@ class DynamicCodesRpcs:
 
     async def _active_number(self, number: str) -> tuple[CustomerNumber, str]:
         found = await asyncio.to_thread(self._store.find_number, number)
-        if found is None:
-            raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
-        stored, customer_id = found
-        if stored.status is not NumberStatus.ACTIVE:
-            raise FailedPrecondition(
-                f"the number is {stored.status.name.lower()}, not active", reason="NUMBER_NOT_ACTIVE"
-            )
-        return stored, customer_id
+        refused = inactive_number(found[0].status if found is not None else None)
+        if refused is not None:
+            raise refused
+        assert found is not None
+        return found
 
     def _secret_of(self, enrollment: StoredEnrollment) -> str:
         key = self._secrets.decrypt(
@@ -163,10 +162,9 @@ class DynamicCodesRpcs:
         number = self._number_field(check, request.number, "number", required=True)
         check.done()
         assert number is not None
-        _, customer_id = await self._active_number(number)
-        enrollment = await asyncio.to_thread(self._dynamic.get_enrollment, customer_id)
-        if enrollment is None:
-            raise FailedPrecondition("the customer is not enrolled for dynamic codes", reason="NOT_ENROLLED")
+        # The number's status and its customer's enrolment, read together with the concurrent calls' (its
+        # error when the number is not found, not active, or not enrolled).
+        enrollment = await self._code_issues.submit(number)
         # Issuing changes nothing on the server: the code is what the device would show for this step, and
         # a retry in the same step gets the same code.
         step = time_step(_now())

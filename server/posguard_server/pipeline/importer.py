@@ -39,6 +39,7 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.customers import NewCustomer, SqlCustomerStore
 from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.issuance import Issuance, SqlIssuanceStore
 from posguard_server.store.outcomes import SqlOutcomeStore
 from posguard_server.store.profiles import SqlProfileStore
 
@@ -239,6 +240,7 @@ class Importer:
         profiles: SqlProfileStore,
         outcomes: SqlOutcomeStore,
         customers: SqlCustomerStore,
+        issuance: SqlIssuanceStore,
         numbering: Numbering,
         *,
         namespace: str = DEFAULT_NAMESPACE,
@@ -248,6 +250,7 @@ class Importer:
         self._profiles = profiles
         self._outcomes = outcomes
         self._customers = customers
+        self._issuance = issuance
         self._numbering = numbering
         self._namespace = namespace
         self._actor = actor
@@ -268,6 +271,7 @@ class Importer:
             SqlProfileStore(database),
             SqlOutcomeStore(database),
             SqlCustomerStore(database),
+            SqlIssuanceStore(database),
             numbering,
             namespace=namespace,
             actor=actor,
@@ -294,15 +298,17 @@ class Importer:
             )
             # A deterministic request id makes a resumed import find, not duplicate, the customer.
             digest = hashlib.sha256(f"{self._namespace}\x00{ref}".encode()).hexdigest()
-            stored, replayed = self._customers.issue(
-                new,
-                make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
-                request_id=f"import-{digest[:48]}",
-                fingerprint=digest,
-                actor=self._actor,
-                now=datetime.now(UTC),
+            issued = self._issuance.issue(
+                Issuance(
+                    new,
+                    make_number=lambda p, c: self._numbering.make_number(scheme, p, c),
+                    request_id=f"import-{digest[:48]}",
+                    fingerprint=digest,
+                    actor=self._actor,
+                    now=datetime.now(UTC),
+                )
             )
-            customer_id, created = stored.customer.customer_id, not replayed
+            customer_id, created = issued.stored.customer.customer_id, not issued.replayed
         self._known[ref] = customer_id
         return customer_id, created
 

@@ -12,6 +12,7 @@ from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
 from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.issuance import SqlIssuanceStore
 from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.outcomes import SqlOutcomeStore
 from posguard_server.store.policy import SqlPolicyStore
@@ -31,6 +32,7 @@ __all__ = [
     "SqlCustomerStore",
     "SqlDynamicCodeStore",
     "SqlHistoryStore",
+    "SqlIssuanceStore",
     "SqlModelRegistry",
     "SqlNumberWatchStore",
     "SqlOutcomeStore",

@@ -1,16 +1,18 @@
 """Storage of customers, their numbers, per-prefix counters, external IDs and verification failures.
 
-Numbers stay unique across processes and replicas by construction: each issuance takes the next value of
-its prefix's counter with one atomic ``UPDATE … RETURNING`` (the row lock serialises concurrent issuers),
-and a unique index on the number backs it up.
+Numbers stay unique across processes and replicas by construction: the issuances of a transaction take the
+next values of their prefix's counter with one atomic ``UPDATE … RETURNING`` (the row lock serialises
+concurrent issuers), and a unique index on the number backs it up. New customers are issued in batches by
+``store.issuance``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -43,13 +45,12 @@ from posguard_server.store.audit import append_event
 from posguard_server.store.caller_limits import SqlCallerFailures
 from posguard_server.store.idempotency import (
     earlier_call,
-    idempotency_conflict,
     record_call,
 )
 from posguard_server.store.schema import Base, insert_for
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Select
+    from sqlalchemy import Connection, Select, Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -149,6 +150,15 @@ class SqlVerificationFailure(Base):
 # (prefix, counter) → (number, key version that made it)
 MakeNumber = Callable[[str, int], tuple[str, int]]
 
+
+class Allocated(NamedTuple):
+    """A number made from its prefix's counter and not in use, with the counter and the key version."""
+
+    number: str
+    counter: int
+    key_version: int
+
+
 TRANSITION_ACTIONS = {
     Transition.SUSPEND: "customer.suspended",
     Transition.REACTIVATE: "customer.reactivated",
@@ -159,7 +169,7 @@ TRANSITION_ACTIONS = {
 
 @dataclass(frozen=True, slots=True)
 class NewCustomer:
-    """What ``issue`` stores; the number itself is made inside the transaction from the counter."""
+    """A customer to issue (``store.issuance``); its number is made from the counter in the transaction."""
 
     customer_id: str
     issuer: str
@@ -190,89 +200,6 @@ class CustomerLookup:
 class SqlCustomerStore:
     def __init__(self, database: Database) -> None:
         self._db = database
-
-    # -- issuance -------------------------------------------------------------------------------------
-
-    def issue(
-        self,
-        new: NewCustomer,
-        *,
-        make_number: MakeNumber,
-        request_id: str,
-        fingerprint: str,
-        actor: str,
-        now: datetime,
-    ) -> tuple[StoredCustomer, bool]:
-        """Create a customer with a fresh primary number; ``(stored, replayed)``.
-
-        A retry with the same ``request_id`` and ``fingerprint`` returns the customer made the first time,
-        also when the retry raced the original on another replica.
-        """
-        try:
-            return self._issue_once(
-                new,
-                make_number=make_number,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                actor=actor,
-                now=now,
-            )
-        except AlreadyExists:
-            # Another call with this request_id committed first (the unique index stopped us): answer with it.
-            with self._db.session(read_only=True) as session:
-                replay = _replay(session, actor, request_id, fingerprint)
-            if replay is None:
-                raise
-            return replay, True
-
-    def _issue_once(
-        self,
-        new: NewCustomer,
-        *,
-        make_number: MakeNumber,
-        request_id: str,
-        fingerprint: str,
-        actor: str,
-        now: datetime,
-    ) -> tuple[StoredCustomer, bool]:
-        with self._db.session() as session:
-            replay = _replay(session, actor, request_id, fingerprint)
-            if replay is not None:
-                return replay, True
-            for ref in new.external_ids:
-                _ensure_external_free(session, ref)
-            row = SqlCustomer(
-                customer_id=new.customer_id,
-                issuer=new.issuer,
-                created_at=now,
-                updated_at=now,
-                created_by=actor,
-                holder_ciphertext=new.holder_ciphertext,
-                holder_key_version=new.holder_key_version,
-                request_id=request_id,
-                request_fingerprint=fingerprint,
-            )
-            session.add(row)
-            session.flush()
-            number = _add_static_number(
-                session, new.customer_id, new.issuer, new.prefix, make_number, actor, now, reason="issued"
-            )
-            for ref in new.external_ids:
-                session.add(
-                    SqlExternalId(
-                        namespace=ref.namespace, value=ref.value, customer_id=new.customer_id, linked_at=now
-                    )
-                )
-            append_event(
-                session,
-                actor=actor,
-                action="customer.issued",
-                subject=mask(number),
-                details={"customer_id": new.customer_id, "issuer": new.issuer},
-                now=now,
-            )
-            session.flush()
-            return _load(session, row), False
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -562,39 +489,86 @@ class SqlCustomerStore:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _replay(session: Session, caller: str, request_id: str, fingerprint: str) -> StoredCustomer | None:
-    """The customer the caller's earlier IssueCustomerId with this request_id made, or None."""
-    earlier = session.scalar(
-        select(SqlCustomer).where(SqlCustomer.request_id == request_id, SqlCustomer.created_by == caller)
-    )
-    if earlier is None:
-        return None
-    if earlier.request_fingerprint != fingerprint:
-        raise idempotency_conflict()
-    return _load(session, earlier)
+_counters = cast("Table", SqlNumberCounter.__table__)
+_TAKE_COUNTERS = (
+    update(_counters)
+    .where(_counters.c.prefix == bindparam("b_prefix"))
+    .values(next_value=_counters.c.next_value + bindparam("b_count"))
+    .returning(_counters.c.next_value)
+)
 
 
-def _next_counter(session: Session, prefix: str) -> int:
-    insert = insert_for(session.get_bind().dialect.name)
-    session.execute(insert(SqlNumberCounter).values(prefix=prefix, next_value=0).on_conflict_do_nothing())
-    value = session.execute(
-        update(SqlNumberCounter)
-        .where(SqlNumberCounter.prefix == prefix)
-        .values(next_value=SqlNumberCounter.next_value + 1)
-        .returning(SqlNumberCounter.next_value)
-    ).scalar_one()
-    return int(value) - 1
+@functools.cache
+def _add_counters(dialect: str) -> Any:
+    return insert_for(dialect)(_counters).on_conflict_do_nothing()
 
 
-def _allocate(session: Session, prefix: str, make_number: MakeNumber) -> tuple[str, int, int]:
-    """The prefix's next unused number: (number, counter, key version)."""
-    # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
-    # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
-    while True:
-        counter = _next_counter(session, prefix)
-        number, key_version = make_number(prefix, counter)
-        if session.scalar(select(SqlCustomerNumber.id).where(SqlCustomerNumber.number == number)) is None:
-            return number, counter, key_version
+def allocate_numbers(connection: Connection, wanted: Sequence[tuple[str, MakeNumber]]) -> list[Allocated]:
+    """For each ``(prefix, make_number)`` in order, the prefix's next unused number.
+
+    A prefix's counters are taken in one ``UPDATE … RETURNING`` per prefix and round (its row stays locked
+    until the transaction ends, so concurrent issuers of a prefix take turns), in prefix order, and the
+    numbers made from them are checked for use in one read.
+    """
+    found: dict[int, Allocated] = {}
+    pending = list(range(len(wanted)))
+    if pending:
+        prefixes = sorted({prefix for prefix, _ in wanted})
+        connection.execute(
+            _add_counters(connection.dialect.name), [{"prefix": p, "next_value": 0} for p in prefixes]
+        )
+    while pending:
+        by_prefix: dict[str, list[int]] = {}
+        for slot in pending:
+            by_prefix.setdefault(wanted[slot][0], []).append(slot)
+        made: dict[int, Allocated] = {}
+        for prefix, slots in sorted(by_prefix.items()):
+            last = connection.execute(
+                _TAKE_COUNTERS, {"b_prefix": prefix, "b_count": len(slots)}
+            ).scalar_one()
+            for counter, slot in enumerate(slots, start=int(last) - len(slots)):
+                number, key_version = wanted[slot][1](prefix, counter)
+                made[slot] = Allocated(number, counter, key_version)
+        # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
+        # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
+        used = set(numbers_in(connection, {a.number for a in made.values()}))
+        used.update(a.number for a in found.values())
+        pending = []
+        for slot, allocated in sorted(made.items()):
+            if allocated.number in used:
+                pending.append(slot)
+            else:
+                found[slot] = allocated
+                used.add(allocated.number)
+    return [found[slot] for slot in range(len(wanted))]
+
+
+def static_number_columns(
+    customer_id: str, issuer: str, prefix: str, allocated: Allocated, actor: str, now: datetime, reason: str
+) -> dict[str, Any]:
+    """The columns of a new primary number of a customer (a fresh customer's, or a rotation's successor)."""
+    return {
+        "number": allocated.number,
+        "counter": allocated.counter,
+        "customer_id": customer_id,
+        "kind": NumberKind.STATIC.value,
+        "status": NumberStatus.ACTIVE.value,
+        "issuer": issuer,
+        "prefix": prefix,
+        "key_version": allocated.key_version,
+        "issued_at": now,
+        "status_changed_at": now,
+        "status_changed_by": actor,
+        "status_reason": reason,
+        "verifications": 0,
+        "failed_verifications": 0,
+    }
+
+
+def _allocate(session: Session, prefix: str, make_number: MakeNumber) -> Allocated:
+    """The prefix's next unused number, in the session's transaction."""
+    session.flush()  # what the unit of work holds, for the Core statements of the allocation
+    return allocate_numbers(session.connection(), [(prefix, make_number)])[0]
 
 
 def _add_static_number(
@@ -609,26 +583,11 @@ def _add_static_number(
     reason: str,
 ) -> str:
     """Issue the prefix's next number to a customer as its (new) primary."""
-    number, counter, key_version = _allocate(session, prefix, make_number)
+    allocated = _allocate(session, prefix, make_number)
     session.add(
-        SqlCustomerNumber(
-            number=number,
-            counter=counter,
-            customer_id=customer_id,
-            kind=NumberKind.STATIC.value,
-            status=NumberStatus.ACTIVE.value,
-            issuer=issuer,
-            prefix=prefix,
-            key_version=key_version,
-            issued_at=now,
-            status_changed_at=now,
-            status_changed_by=actor,
-            status_reason=reason,
-            verifications=0,
-            failed_verifications=0,
-        )
+        SqlCustomerNumber(**static_number_columns(customer_id, issuer, prefix, allocated, actor, now, reason))
     )
-    return number
+    return allocated.number
 
 
 def _lock_number(session: Session, number: str) -> SqlCustomerNumber | None:
@@ -688,20 +647,6 @@ def apply_transition(
         update(SqlCustomer).where(SqlCustomer.customer_id == row.customer_id).values(updated_at=now)
     )
     return row.customer_id, details
-
-
-def _ensure_external_free(session: Session, ref: ExternalRef) -> None:
-    taken = session.scalar(
-        select(SqlExternalId.customer_id).where(
-            SqlExternalId.namespace == ref.namespace, SqlExternalId.value == ref.value
-        )
-    )
-    if taken is not None:
-        raise AlreadyExists(
-            "this external id is already linked to a customer",
-            reason="EXTERNAL_ID_TAKEN",
-            metadata={"namespace": ref.namespace},
-        )
 
 
 def _find_customer(

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# How often a unit of work that lost a race on a unique constraint is run before the error goes out.
+CONFLICT_ATTEMPTS = 3
 
 
 class _HideRowValues(logging.Filter):
@@ -206,6 +210,21 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self._url.render_as_string(hide_password=True)!r})"
+
+
+def rerun_on_conflict(run: Callable[[], _T]) -> _T:
+    """``run()`` (a whole unit of work), run again when it lost a race on a unique constraint.
+
+    ``AlreadyExists`` means another transaction wrote the same key after ``run`` read: run again, it sees
+    the winner and decides accordingly. The error of the last of ``CONFLICT_ATTEMPTS`` runs goes out.
+    """
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            return run()
+        except AlreadyExists:
+            if attempt == CONFLICT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def translate_error(exc: BaseException) -> PosguardError | None:

@@ -3,14 +3,18 @@
 A code is single use because each successful redemption inserts its (handle, step) into
 ``dynamic_code_uses``, whose primary key lets only one of two concurrent redemptions commit. Every attempt is
 kept under its request_id, so a retried redemption gets the first answer instead of ALREADY_USED.
+
+Codes issued on request (IssueDynamicCode, a gateway call) are read in batches of concurrent calls
+(``api.group_commit`` on reader threads): one Core statement reads each number's status with its customer's
+enrolment, so the status a code is issued under and the key it is made from are read together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -19,18 +23,22 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    bindparam,
     select,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from posguard_server.domain.customers import mask
+from posguard_server.domain.customers import NumberStatus, mask
 from posguard_server.domain.dynamic_codes import Reason
-from posguard_server.domain.errors import AlreadyExists, FailedPrecondition
+from posguard_server.domain.errors import FailedPrecondition, NotFound, PosguardError
 from posguard_server.store.audit import append_event
+from posguard_server.store.customers import SqlCustomerNumber
+from posguard_server.store.db import rerun_on_conflict
 from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
+    from sqlalchemy import Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -41,8 +49,6 @@ NUMBER_MAX = 40
 REQUEST_ID_MAX = 128
 FINGERPRINT_MAX = 64
 MERCHANT_MAX = 64
-# How often a write that lost a race on a unique constraint is re-run before the error goes out.
-_ATTEMPTS = 3
 _ENROLLED = "dynamic_code.enrolled"
 
 
@@ -160,6 +166,37 @@ class RedemptionAnswer:
 # (ciphertext, customer id, key version) → the TOTP key
 OpenKey = Callable[[bytes, str, int], bytes]
 
+_numbers = cast("Table", SqlCustomerNumber.__table__)
+_enrolments = cast("Table", SqlDynamicEnrollment.__table__)
+_N, _E = _numbers.c, _enrolments.c
+# Each number named, its status, and its customer's enrolment if there is one (outer join): one read.
+_ENROLMENTS_OF_NUMBERS = (
+    select(
+        _N.number,
+        _N.status,
+        _E.customer_id,
+        _E.handle,
+        _E.secret_ciphertext,
+        _E.key_version,
+        _E.enrolled_at,
+        _E.refusals,
+        _E.replays,
+    )
+    .select_from(_numbers.outerjoin(_enrolments, _E.customer_id == _N.customer_id))
+    .where(_N.number.in_(bindparam("numbers", expanding=True)))
+)
+
+
+def inactive_number(status: NumberStatus | None) -> PosguardError | None:
+    """Why a number of this status (None: never issued) cannot take dynamic codes; None when it can."""
+    if status is None:
+        return NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
+    if status is not NumberStatus.ACTIVE:
+        return FailedPrecondition(
+            f"the number is {status.name.lower()}, not active", reason="NUMBER_NOT_ACTIVE"
+        )
+    return None
+
 
 class SqlDynamicCodeStore:
     def __init__(self, database: Database) -> None:
@@ -184,22 +221,18 @@ class SqlDynamicCodeStore:
         ``seal()`` makes a fresh handle and encrypted key; it is called again when a write lost a race (a
         handle collision, or a concurrent enrolment), and the whole decision is taken again.
         """
-        for attempt in range(_ATTEMPTS):
-            try:
-                return self._enroll_once(
-                    customer_id,
-                    number,
-                    seal(),
-                    replace_existing=replace_existing,
-                    request_id=request_id,
-                    fingerprint=fingerprint,
-                    actor=actor,
-                    now=now,
-                )
-            except AlreadyExists:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return rerun_on_conflict(
+            lambda: self._enroll_once(
+                customer_id,
+                number,
+                seal(),
+                replace_existing=replace_existing,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                actor=actor,
+                now=now,
+            )
+        )
 
     def _enroll_once(
         self,
@@ -265,6 +298,30 @@ class SqlDynamicCodeStore:
             )
             return _enrollment(row), False
 
+    def enrolments_to_issue(self, numbers: Sequence[str]) -> list[StoredEnrollment | PosguardError]:
+        """For each number (canonical form), the enrolment a code is issued from, or why none may be.
+
+        The numbers of concurrent IssueDynamicCode calls, read in one statement: an error per number that
+        was never issued (NotFound), is not active, or whose customer is not enrolled (FailedPrecondition).
+        """
+        with self._db.session(read_only=True) as session:
+            rows = session.connection().execute(_ENROLMENTS_OF_NUMBERS, {"numbers": sorted(set(numbers))})
+            found = {row.number: row for row in rows}
+        answers: list[StoredEnrollment | PosguardError] = []
+        for number in numbers:
+            row = found.get(number)
+            refused = inactive_number(NumberStatus(row.status) if row is not None else None)
+            if refused is not None:
+                answers.append(refused)
+                continue
+            assert row is not None
+            if row.handle is None:
+                message = "the customer is not enrolled for dynamic codes"
+                answers.append(FailedPrecondition(message, reason="NOT_ENROLLED"))
+            else:
+                answers.append(_enrollment(cast(SqlDynamicEnrollment, row)))
+        return answers
+
     def get_enrollment(self, customer_id: str) -> StoredEnrollment | None:
         with self._db.session(read_only=True) as session:
             row = session.scalar(
@@ -286,6 +343,7 @@ def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, st
 
 
 def _enrollment(row: SqlDynamicEnrollment) -> StoredEnrollment:
+    # Also given Core rows (cast to the class): they have the same attribute names.
     return StoredEnrollment(
         customer_id=row.customer_id,
         handle=row.handle,

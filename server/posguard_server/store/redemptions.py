@@ -37,10 +37,11 @@ from posguard_server.domain.enumeration import (
     refusal,
     refused_until,
 )
-from posguard_server.domain.errors import AlreadyExists, PosguardError
+from posguard_server.domain.errors import PosguardError
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.caller_limits import CallerLimits
 from posguard_server.store.customers import primaries_in
+from posguard_server.store.db import rerun_on_conflict
 from posguard_server.store.dynamic_codes import (
     Attempt,
     OpenKey,
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
     from posguard_server.store.db import Database
 
 METHOD = "RedeemDynamicCode"
-# How often a batch that lost a race on a unique constraint is re-run before the error goes out.
-_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +142,7 @@ class SqlRedemptionStore:
         gets its own error. Losing a race on a unique constraint (the same request_id in another process)
         re-runs the batch, which then sees the winner.
         """
-        for round_ in range(_ATTEMPTS):
-            try:
-                return self._redeem(items)
-            except AlreadyExists:
-                if round_ == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return rerun_on_conflict(lambda: self._redeem(items))
 
     def _redeem(self, items: Sequence[Redemption]) -> list[Redeemed | PosguardError]:
         now = max(item.now for item in items)
