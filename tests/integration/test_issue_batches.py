@@ -168,6 +168,32 @@ def test_one_batch_issues_replays_and_refuses_each_call_on_its_own(migrated_serv
     assert _count(migrated_server, SqlCustomer) == 3
 
 
+def test_a_call_whose_prefix_has_no_number_left_fails_alone(migrated_server: RunningServer) -> None:
+    """The prefix's last number goes to the first call; the next call is refused with FAILED_PRECONDITION, and
+    the rest of its batch is issued and answered as usual; through gRPC it reads the same."""
+    issuer = _Issuer(migrated_server)
+    database = migrated_server.server.database
+    prefix, last = issuer.scheme.prefix(), issuer.scheme.capacity - 1
+    with database.session() as session:
+        session.add(SqlNumberCounter(prefix=prefix, next_value=last))
+    store = SqlIssuanceStore(database)
+    made, none_left, retry = store.issue_many([issuer.item("a"), issuer.item("b"), issuer.item("a")])
+    assert isinstance(made, Issued)
+    assert isinstance(none_left, FailedPrecondition)
+    assert none_left.reason == "SERIAL_SPACE_USED_UP"
+    assert retry == Issued(made.stored, replayed=True)
+    assert _count(migrated_server, SqlCustomer) == 1
+    with database.session(read_only=True) as session:
+        assert list(session.scalars(select(SqlCustomerNumber.counter))) == [last]
+    with (
+        posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin,
+        pytest.raises(FailedPreconditionError) as refused,
+    ):
+        admin.issue_customer_id()
+    assert refused.value.reason == "SERIAL_SPACE_USED_UP"
+    assert _count(migrated_server, SqlCustomer) == 1
+
+
 def test_a_request_id_committed_by_another_transaction_meanwhile_is_replayed(
     migrated_server: RunningServer,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.domain.keyring import KeyRing
 from posguard_server.domain.numbers import NumberError, NumberProblem, ParsedNumber, Scheme, SerialCipher
 
@@ -39,7 +40,15 @@ class Numbering:
         return self.schemes.get(issuer or self.default_issuer)
 
     def make_number(self, scheme: Scheme, prefix: str, counter: int) -> tuple[str, int]:
-        """The number for a prefix's counter value under the current key, and that key's version."""
+        """The number for a prefix's counter value under the current key, and that key's version.
+
+        Raises ``FailedPrecondition`` (SERIAL_SPACE_USED_UP) once the prefix's counters pass the scheme's
+        capacity: every number of that prefix has been issued.
+        """
+        if counter >= scheme.capacity:
+            raise FailedPrecondition(
+                "the issuer's serial space for this prefix is used up", reason="SERIAL_SPACE_USED_UP"
+            )
         version = self.keys.current
         serial = self._ciphers[(scheme.issuer, version)].serial(counter, prefix)
         return scheme.assemble(prefix, serial), version

@@ -503,8 +503,20 @@ def _add_counters(dialect: str) -> Any:
     return insert_for(dialect)(_counters).on_conflict_do_nothing()
 
 
+class SerialSpaceUsedUp(Exception):
+    """``allocate_numbers`` could not make the number of ``wanted[slot]``: its prefix has none left."""
+
+    def __init__(self, slot: int, error: FailedPrecondition) -> None:
+        super().__init__(str(error))
+        self.slot = slot
+        self.error = error
+
+
 def allocate_numbers(connection: Connection, wanted: Sequence[tuple[str, MakeNumber]]) -> list[Allocated]:
     """For each ``(prefix, make_number)`` in order, the prefix's next unused number.
+
+    Raises ``SerialSpaceUsedUp`` naming the first one whose prefix has no number left (the transaction must
+    then be rolled back: its counters were taken).
 
     A prefix's counters are taken in one ``UPDATE … RETURNING`` per prefix and round (its row stays locked
     until the transaction ends, so concurrent issuers of a prefix take turns), in prefix order, and the
@@ -527,7 +539,10 @@ def allocate_numbers(connection: Connection, wanted: Sequence[tuple[str, MakeNum
                 _TAKE_COUNTERS, {"b_prefix": prefix, "b_count": len(slots)}
             ).scalar_one()
             for counter, slot in enumerate(slots, start=int(last) - len(slots)):
-                number, key_version = wanted[slot][1](prefix, counter)
+                try:
+                    number, key_version = wanted[slot][1](prefix, counter)
+                except FailedPrecondition as used_up:
+                    raise SerialSpaceUsedUp(slot, used_up) from None
                 made[slot] = Allocated(number, counter, key_version)
         # Within one key version FF1 is a permutation, so counters never repeat a number. After a key rotation
         # the new permutation may hit a number an older key made; skipping that counter keeps numbers unique.
@@ -566,9 +581,12 @@ def static_number_columns(
 
 
 def _allocate(session: Session, prefix: str, make_number: MakeNumber) -> Allocated:
-    """The prefix's next unused number, in the session's transaction."""
+    """The prefix's next unused number, in the session's transaction; FailedPrecondition when none is left."""
     session.flush()  # what the unit of work holds, for the Core statements of the allocation
-    return allocate_numbers(session.connection(), [(prefix, make_number)])[0]
+    try:
+        return allocate_numbers(session.connection(), [(prefix, make_number)])[0]
+    except SerialSpaceUsedUp as used_up:
+        raise used_up.error from None
 
 
 def _add_static_number(

@@ -33,6 +33,7 @@ from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.customers import (
     MakeNumber,
     NewCustomer,
+    SerialSpaceUsedUp,
     SqlCustomer,
     SqlCustomerNumber,
     SqlExternalId,
@@ -112,17 +113,27 @@ class SqlIssuanceStore:
         race for an external id (another transaction linked it after this batch read) re-runs the batch,
         which then sees it taken.
         """
-        return rerun_on_conflict(lambda: self._issue(items))
+        # A call whose prefix has no number left fails alone: the batch is run again without it (a rare
+        # path, at most once per such call).
+        used_up: dict[int, Exception] = {}
+        while True:
+            try:
+                return rerun_on_conflict(lambda: self._issue(items, used_up))
+            except _UsedUp as refused:
+                used_up[refused.slot] = refused.error
 
-    def _issue(self, items: Sequence[Issuance]) -> list[Issued | Exception]:
+    def _issue(self, items: Sequence[Issuance], used_up: dict[int, Exception]) -> list[Issued | Exception]:
         with self._db.session() as session:
             connection = session.connection()
-            decided = _decide(connection, items)
+            decided = _decide(connection, items, used_up)
             decided = self._claim(connection, items, decided)
             made = [slot for slot, outcome in enumerate(decided) if isinstance(outcome, Made)]
-            allocated = allocate_numbers(
-                connection, [(items[s].new.prefix, items[s].make_number) for s in made]
-            )
+            try:
+                allocated = allocate_numbers(
+                    connection, [(items[s].new.prefix, items[s].make_number) for s in made]
+                )
+            except SerialSpaceUsedUp as none_left:
+                raise _UsedUp(made[none_left.slot], none_left.error) from None
             stored: dict[str, StoredCustomer] = {}
             numbers: list[dict[str, Any]] = []
             externals: list[dict[str, Any]] = []
@@ -236,15 +247,33 @@ def _instead(outcome: Made | Replay, replacement: Outcome) -> Outcome:
     return replacement
 
 
-def _decide(connection: Connection, items: Sequence[Issuance]) -> list[Outcome]:
-    """Each call's new customer, the customer it replays, or its error, judged in order."""
+class _UsedUp(Exception):
+    """The call at ``slot`` of the batch wants a number of a prefix that has none left."""
+
+    def __init__(self, slot: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.slot = slot
+        self.error = error
+
+
+def _decide(
+    connection: Connection, items: Sequence[Issuance], used_up: dict[int, Exception]
+) -> list[Outcome]:
+    """Each call's new customer, the customer it replays, or its error, judged in order.
+
+    A call in ``used_up`` gets its error and makes nothing, so a retry of it later in the batch is judged
+    afresh rather than replaying a customer never made.
+    """
     rows = connection.execute(_EARLIER, {"request_ids": sorted({item.request_id for item in items})})
     # A request_id is its caller's own (see store.idempotency): keyed by (caller, request_id).
     earlier = {(row.created_by, row.request_id): (row.customer_id, row.request_fingerprint) for row in rows}
     taken = externals_in(connection, {ref for item in items for ref in item.new.external_ids})
     decided: list[Outcome] = []
-    for item in items:
+    for slot, item in enumerate(items):
         key = (item.actor, item.request_id)
+        if slot in used_up:
+            decided.append(used_up[slot])
+            continue
         if key in earlier:
             customer_id, fingerprint = earlier[key]
             decided.append(Replay(customer_id) if fingerprint == item.fingerprint else idempotency_conflict())
