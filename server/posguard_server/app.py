@@ -30,8 +30,8 @@ from posguard_server.api.customer_ids import CustomerIdsServicer
 from posguard_server.api.enumeration import FailureGuard
 from posguard_server.api.group_commit import Writers
 from posguard_server.api.health import ServiceHealth
-from posguard_server.api.interceptors import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.metrics import Metrics
+from posguard_server.api.pipeline import ADMIN_CALLS, GATEWAY_CALLS, Admission, RequestPipeline
 from posguard_server.api.policy import PolicyServicer
 from posguard_server.api.risk import RiskServicer
 from posguard_server.config import Settings

@@ -37,7 +37,7 @@ from posguard.v1 import (
     risk_pb2,
     risk_pb2_grpc,
 )
-from posguard_server.api.interceptors import GATEWAY_CALLS as GATEWAY
+from posguard_server.api.pipeline import GATEWAY_CALLS as GATEWAY
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.migrate import upgrade
 

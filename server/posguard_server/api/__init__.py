@@ -1,1 +1,1 @@
-"""The gRPC face of posguard: servicers, interceptors, error mapping and the role matrix."""
+"""The gRPC face of posguard: servicers, the request pipeline, error mapping and the role matrix."""

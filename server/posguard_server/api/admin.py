@@ -19,7 +19,7 @@ from grpc import aio
 from posguard.v1 import admin_pb2, admin_pb2_grpc, risk_pb2
 from posguard_server.api import convert
 from posguard_server.api.auth import Authenticator
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import ApiKeyRepository, create_key
 from posguard_server.domain.audit import ACTION_MAX, ACTOR_MAX, SUBJECT_MAX, AuditLog

@@ -19,7 +19,7 @@ from grpc import aio
 from posguard.v1 import cases_pb2, cases_pb2_grpc, common_pb2, risk_pb2
 from posguard_server.api import customer_messages as messages
 from posguard_server.api.convert import timestamp
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.api.risk import DECISION_TO_PROTO, OUTCOME_TO_PROTO
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.cases import (

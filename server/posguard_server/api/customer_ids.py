@@ -20,7 +20,7 @@ from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
 from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import GroupCommit, Writers
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
 from posguard_server.domain.customers import (

@@ -20,7 +20,7 @@ from posguard.v1 import customer_ids_pb2
 from posguard_server.api.convert import timestamp
 from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import GroupCommit
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.customers import CustomerNumber, NumberKind, mask
 from posguard_server.domain.dynamic_codes import (

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.domain import enumeration
 from posguard_server.domain.enumeration import MISS_REASONS, FailureLimit
 from posguard_server.domain.errors import NotFound, PosguardError, ResourceExhausted

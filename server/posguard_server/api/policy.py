@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from posguard.v1 import policy_pb2, policy_pb2_grpc
-from posguard_server.api.interceptors import current_principal
+from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.errors import FieldViolation, InvalidArgument
 from posguard_server.domain.policy import (

@@ -30,8 +30,8 @@ from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_
 from posguard_server.api.enumeration import FailureGuard, guarded
 from posguard_server.api.errors import status_for
 from posguard_server.api.group_commit import GroupCommit, Writers
-from posguard_server.api.interceptors import annotate_call, current_principal, stream_work
 from posguard_server.api.metrics import Metrics
+from posguard_server.api.pipeline import annotate_call, current_principal, stream_work
 from posguard_server.api.stream_batches import StreamBatches
 from posguard_server.api.validation import Checker, fingerprint
 from posguard_server.domain.currencies import is_money
