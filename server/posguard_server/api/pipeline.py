@@ -2,9 +2,9 @@
 authentication and the role check, admission (load shedding, by admission class), and the guard for requests
 that do not decode; on client streams, the idle timeout.
 
-:class:`RequestPipeline` composes them once per method, when the method is registered, into one handler that
-serves unary and streaming RPCs alike. The state of one call (caller, final code) lives in a context variable: gRPC's
-asyncio server runs every RPC in its own task, so servicers read it without plumbing.
+:class:`RequestPipeline` composes them once per method, when the method is registered, into one handler
+that serves unary and streaming RPCs alike. The state of one call (caller, final code) lives in a context
+variable: gRPC's asyncio server runs every RPC in its own task, so servicers read it without plumbing.
 """
 
 from __future__ import annotations
