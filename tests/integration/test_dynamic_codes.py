@@ -131,6 +131,22 @@ def test_a_suspended_number_refuses_codes(server: RunningServer) -> None:
         assert redeem(admin, posguard.dynamic_code(secret)).redeemed
 
 
+def test_a_sub_number_takes_codes_only_while_its_primary_is_active(server: RunningServer) -> None:
+    """As verification judges a sub number by its customer's primary, so does IssueDynamicCode."""
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        number = issue(admin)
+        sub = admin.issue_sub_id(primary_number=number, label="family card").sub_number.number
+        admin.enroll_dynamic_codes(number=number)  # the customer enrols with its primary number
+        assert admin.issue_dynamic_code(number=sub).code
+        admin.suspend_customer_id(number=number, reason="card lost")
+        with pytest.raises(posguard.FailedPreconditionError) as caught:
+            admin.issue_dynamic_code(number=sub)
+        assert caught.value.reason == "NUMBER_NOT_ACTIVE"
+        assert "primary number is suspended" in str(caught.value)
+        admin.reactivate_customer_id(number=number, reason="found")
+        assert admin.issue_dynamic_code(number=sub).code
+
+
 def test_a_code_issued_by_the_server_redeems(server: RunningServer) -> None:
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:
         number = issue(client)

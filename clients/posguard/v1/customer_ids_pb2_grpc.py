@@ -247,7 +247,8 @@ class CustomerIdsServicer:
         """Issues one dynamic code on the server, for customers without a device that generates codes.
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+        FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+        enrolled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -131,7 +131,8 @@ class CustomerIdsStub:
     """Issues one dynamic code on the server, for customers without a device that generates codes.
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-    FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+    FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+    enrolled).
     """
     RedeemDynamicCode: _grpc.UnaryUnaryMultiCallable[_customer_ids_pb2.RedeemDynamicCodeRequest, _customer_ids_pb2.RedeemDynamicCodeResponse]
     """Redeems a dynamic code at a till. A code is single use even if the payment then fails; a second
@@ -234,7 +235,8 @@ class CustomerIdsAsyncStub(CustomerIdsStub):
     """Issues one dynamic code on the server, for customers without a device that generates codes.
     Roles: GATEWAY, ADMIN.
     Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-    FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+    FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+    enrolled).
     """
     RedeemDynamicCode: _aio.UnaryUnaryMultiCallable[_customer_ids_pb2.RedeemDynamicCodeRequest, _customer_ids_pb2.RedeemDynamicCodeResponse]  # type: ignore[assignment]
     """Redeems a dynamic code at a till. A code is single use even if the payment then fails; a second
@@ -412,7 +414,8 @@ class CustomerIdsServicer(metaclass=_abc_1.ABCMeta):
         """Issues one dynamic code on the server, for customers without a device that generates codes.
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+        FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+        enrolled).
         """
 
     @_abc_1.abstractmethod

@@ -513,7 +513,8 @@ class SyncRpcs:
         """Issues one dynamic code on the server, for customers without a device that generates codes.
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+        FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+        enrolled).
         """
         return self._unary("/posguard.v1.CustomerIds/IssueDynamicCode", customer_ids_pb2.IssueDynamicCodeRequest, customer_ids_pb2.IssueDynamicCodeResponse, request, fields, timeout)
 
@@ -1186,7 +1187,8 @@ class AsyncRpcs:
         """Issues one dynamic code on the server, for customers without a device that generates codes.
         Roles: GATEWAY, ADMIN.
         Errors: INVALID_ARGUMENT (a malformed number, a reused request_id); NOT_FOUND (no such number);
-        FAILED_PRECONDITION (the number is not ACTIVE, or the customer is not enrolled).
+        FAILED_PRECONDITION (the number, or a sub number's primary, is not ACTIVE; or the customer is not
+        enrolled).
         """
         return await self._unary("/posguard.v1.CustomerIds/IssueDynamicCode", customer_ids_pb2.IssueDynamicCodeRequest, customer_ids_pb2.IssueDynamicCodeResponse, request, fields, timeout)
 

@@ -168,6 +168,7 @@ OpenKey = Callable[[bytes, str, int], bytes]
 
 _numbers = cast("Table", SqlCustomerNumber.__table__)
 _enrolments = cast("Table", SqlDynamicEnrollment.__table__)
+_primaries = _numbers.alias("primaries")
 _N, _E = _numbers.c, _enrolments.c
 # Each number named, its status, and its customer's enrolment if there is one (outer join): one read.
 _ENROLMENTS_OF_NUMBERS = (
@@ -181,19 +182,36 @@ _ENROLMENTS_OF_NUMBERS = (
         _E.enrolled_at,
         _E.refusals,
         _E.replays,
+        _primaries.c.status.label("primary_status"),  # a sub number's primary; None for a primary
     )
-    .select_from(_numbers.outerjoin(_enrolments, _E.customer_id == _N.customer_id))
+    .select_from(
+        _numbers.outerjoin(_enrolments, _E.customer_id == _N.customer_id).outerjoin(
+            _primaries, _primaries.c.number == _N.primary_number
+        )
+    )
     .where(_N.number.in_(bindparam("numbers", expanding=True)))
 )
 
 
-def inactive_number(status: NumberStatus | None) -> PosguardError | None:
-    """Why a number of this status (None: never issued) cannot take dynamic codes; None when it can."""
+def inactive_number(
+    status: NumberStatus | None, primary_status: NumberStatus | None = None
+) -> PosguardError | None:
+    """Why a number of this status (None: never issued) cannot take dynamic codes; None when it can.
+
+    A sub number is only as good as its customer's primary (``primary_status``, which IssueDynamicCode
+    reads), as in verification: a code issued through a sub number whose primary is suspended or revoked
+    would only be refused at redemption.
+    """
     if status is None:
         return NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
     if status is not NumberStatus.ACTIVE:
         return FailedPrecondition(
             f"the number is {status.name.lower()}, not active", reason="NUMBER_NOT_ACTIVE"
+        )
+    if primary_status is not None and primary_status is not NumberStatus.ACTIVE:
+        return FailedPrecondition(
+            f"the number's primary number is {primary_status.name.lower()}, not active",
+            reason="NUMBER_NOT_ACTIVE",
         )
     return None
 
@@ -310,7 +328,11 @@ class SqlDynamicCodeStore:
         answers: list[StoredEnrollment | PosguardError] = []
         for number in numbers:
             row = found.get(number)
-            refused = inactive_number(NumberStatus(row.status) if row is not None else None)
+            refused = (
+                inactive_number(NumberStatus(row.status), _status(row.primary_status))
+                if row is not None
+                else inactive_number(None)
+            )
             if refused is not None:
                 answers.append(refused)
                 continue
@@ -340,6 +362,10 @@ def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, st
         )
     )
     return {row.handle: row.customer_id for row in rows}
+
+
+def _status(value: str | None) -> NumberStatus | None:
+    return NumberStatus(value) if value is not None else None
 
 
 def _enrollment(row: SqlDynamicEnrollment) -> StoredEnrollment:
