@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from posguard_models.forest import CompiledForest
-from posguard_models.model import GlobalModel
+from posguard_models.model import CORE, GlobalModel
 from posguard_models.training import (
     History,
     TrainingConfig,
@@ -95,14 +95,14 @@ def blended_raw(
     raw = np.full(len(X), np.nan)
     if not rows.any():
         return raw
-    raw[rows] = -forest.score_samples(X[rows])
+    raw[rows] = -forest.score_samples(X[rows, :CORE])
     for start, end in customer_spans(history.customers):
         own = customers.get(str(history.customers[start]))
         picked = np.flatnonzero(rows[start:end]) + start
         if own is None or len(picked) == 0:
             continue
         weight = customer_weight(own.sample_count, n0)
-        raw[picked] = weight * -own.forest.score_samples(X[picked]) + (1 - weight) * raw[picked]
+        raw[picked] = weight * -own.forest.score_samples(X[picked, :CORE]) + (1 - weight) * raw[picked]
     return raw
 
 
@@ -121,7 +121,7 @@ def set_risk(
     raw = blended_raw(history, X, rows, model.forest, models.customers, model.combine_n0)[rows]
     feedback = models.global_model.feedback
     if feedback is None:
-        return models.global_model.risk_many(raw)
+        return models.global_model.risk_many(raw, X[rows])
     cache = counts if counts is not None else {}
     if feedback.window_days not in cache:
         cache[feedback.window_days] = terminal_counts(history, feedback.window_days, rows=rows)
@@ -130,4 +130,4 @@ def set_risk(
         [feedback.evidence(int(f), int(c)) for f, c in zip(frauds[rows], seen[rows], strict=True)],
         dtype=np.float64,
     )
-    return models.global_model.risk_many(raw, evidence)
+    return models.global_model.risk_many(raw, X[rows], evidence)

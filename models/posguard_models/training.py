@@ -9,7 +9,7 @@ they stay in the history the features are computed from, as they stay in a custo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,16 @@ from sklearn.metrics import average_precision_score
 
 from posguard_models.features import FEATURES, batch_features
 from posguard_models.forest import CompiledForest
-from posguard_models.model import Calibration, Feedback, GlobalModel, logit
+from posguard_models.model import (
+    CORE,
+    Calibration,
+    Feedback,
+    GlobalModel,
+    GroupForest,
+    group_columns,
+    logit,
+    statistic,
+)
 from posguard_models.training_config import TrainingConfig as TrainingConfig  # re-exported for callers
 
 DAY = 86400.0
@@ -46,12 +55,22 @@ class History:
     keys: npt.NDArray[Any]
     fraud: npt.NDArray[np.bool_]
     label_times: npt.NDArray[np.float64]
+    # Where each transaction happened, in degrees (NaN where the request had no location); None: nowhere.
+    latitudes: npt.NDArray[np.float64] | None = None
+    longitudes: npt.NDArray[np.float64] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.times)
-        for name in ("customers", "amounts", "keys", "fraud", "label_times"):
-            if len(getattr(self, name)) != n:
+        for name in ("customers", "amounts", "keys", "fraud", "label_times", "latitudes", "longitudes"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
                 raise ValueError(f"history column {name} has the wrong length")
+
+    def features(self) -> npt.NDArray[np.float64]:
+        """The feature matrix of every row, as the profile would have given it at each transaction."""
+        return batch_features(
+            self.customers, self.times, self.amounts, self.keys, self.latitudes, self.longitudes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +108,16 @@ def fit_global_forest(
     X: npt.NDArray[np.float64],  # noqa: N803 - matrix
     usable: npt.NDArray[np.bool_],
     config: TrainingConfig,
+    columns: Sequence[int] | None = None,
 ) -> CompiledForest:
-    """The population forest, fitted on the usable rows in a canonical order.
+    """A population forest over ``columns`` of ``X`` (the core features by default), fitted on the usable rows
+    in a canonical order.
 
     Canonical order (time, then amount, then features), not the order given: history comes grouped by
     customer id, and ids are random, so two imports of the same data would otherwise hand the forest different
     subsamples for the same seed.
     """
+    X = X[:, :CORE] if columns is None else X[:, list(columns)]  # noqa: N806 - matrix
     if not usable.any():
         raise ValueError("every history row is reported fraud: nothing to learn normal behaviour from")
     canonical = np.lexsort((*X.T[::-1], history.amounts, history.times))
@@ -108,9 +130,10 @@ def fit_global_forest(
 
 
 def fit_customer_forest(X: npt.NDArray[np.float64], config: TrainingConfig) -> CompiledForest:  # noqa: N803 - matrix
-    """One customer's forest from its usable rows, in time order; the same seed for every customer."""
+    """One customer's forest over the core features of its usable rows, in time order; the same seed for
+    every customer."""
     return fit_isolation_forest(
-        X, n_estimators=config.customer_estimators, max_samples=config.max_samples, seed=config.seed
+        X[:, :CORE], n_estimators=config.customer_estimators, max_samples=config.max_samples, seed=config.seed
     )
 
 
@@ -196,10 +219,10 @@ def train(
     n = len(history.times)
     if n == 0:
         raise ValueError("no history to train on")
-    X = batch_features(history.customers, history.times, history.amounts)  # noqa: N806 - matrix
+    X = history.features()  # noqa: N806 - matrix
     usable = usable_rows(history)
     global_forest = fit_global_forest(history, X, usable, config)
-    raw = -global_forest.score_samples(X)
+    raw = -global_forest.score_samples(X[:, :CORE])
 
     spans = customer_spans(history.customers)
     rows_of = [np.arange(start, end)[usable[start:end]] for start, end in spans]
@@ -209,7 +232,8 @@ def train(
     for i, forest in zip(own, forests, strict=True):
         (start, end), rows = spans[i], rows_of[i]
         weight = customer_weight(len(rows), config.combine_n0)
-        raw[start:end] = weight * -forest.score_samples(X[start:end]) + (1 - weight) * raw[start:end]
+        own_raw = -forest.score_samples(X[start:end, :CORE])
+        raw[start:end] = weight * own_raw + (1 - weight) * raw[start:end]
         customers.append(
             CustomerModel(
                 customer=str(history.customers[start]),
@@ -275,15 +299,22 @@ def global_model(
     config: TrainingConfig,
     metrics: dict[str, float],
 ) -> GlobalModel:
-    """The global model around a fitted forest: calibration of the blended ``raw`` scores, and feedback.
+    """The global model around a fitted core forest: the group forests, calibration and feedback.
 
-    ``raw`` is the blended anomaly score of every history row under the model set this global model will
-    serve with (its forest and the customer forests next to it). Calibration learns from the ``usable`` rows,
-    feedback from the rows of the training ``window`` (reported fraud included), so rows held out for
-    evaluation stay unseen.
+    ``raw`` is the blended core score of every history row under the model set this global model will serve
+    with (its forest and the customer forests next to it). The group forests and every calibration learn from
+    the ``usable`` rows, feedback from the rows of the training ``window`` (reported fraud included), so rows
+    held out for evaluation stay unseen.
     """
-    calibration = Calibration.fit(raw[usable])
-    anomaly_risk = calibration.many(raw)
+    core_calibration = Calibration.fit(raw[usable])
+    groups = []
+    for name, columns in group_columns():
+        group_forest = fit_global_forest(history, X, usable, config, columns)
+        group_raw = -group_forest.score_samples(X[:, columns][usable])
+        groups.append(GroupForest(name, columns, group_forest, Calibration.fit(group_raw)))
+    combined = statistic(raw, X, groups, core_calibration)[0]
+    calibration = Calibration.fit(combined[usable])
+    anomaly_risk = calibration.many(combined)
     feedback = _fit_feedback(history, anomaly_risk, config, metrics, window)
     return GlobalModel(
         forest=forest,
@@ -293,6 +324,8 @@ def global_model(
         customer_min_history=config.customer_min_history,
         feedback=feedback,
         meta={"sample_count": int(usable.sum()), "seed": config.seed, "features": list(FEATURES)},
+        groups=tuple(groups),
+        core_calibration=core_calibration,
     )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from posguard_models.explain import explain
-from posguard_models.features import FEATURES, Event, Profile
+from posguard_models.features import CORE_FEATURES, FEATURES, Event, Profile
 from posguard_models.forest import CompiledForest
 from posguard_models.model import GlobalModel
 from posguard_server.domain.currencies import minor_exponent
@@ -508,10 +508,10 @@ def _global_model(record: ModelRecord) -> GlobalModel:
 def _forest(record: ModelRecord) -> CompiledForest:
     """Load a customer forest whose artifact matches its checksum and that scores this server's features."""
     forest = CompiledForest.from_bytes(record.verified_artifact())
-    if forest.n_features != len(FEATURES):
+    if forest.n_features != len(CORE_FEATURES):
         # Checked here, not left to fail while scoring: a model that cannot be used must never fail a score.
-        raise ValueError(f"the forest takes {forest.n_features} features, not {len(FEATURES)}")
-    forest.score_one(np.zeros(len(FEATURES)))
+        raise ValueError(f"the forest takes {forest.n_features} features, not {len(CORE_FEATURES)}")
+    forest.score_one(np.zeros(len(CORE_FEATURES)))
     return forest
 
 
@@ -578,7 +578,14 @@ class RiskEngine:
         policy = self.policy.current() if self.policy is not None and identity is None else None
         if policy is not None and policy.empty:
             policy = None
-        event = Event(txn.event_time.timestamp(), major_amount(txn.amount_minor, txn.currency))
+        event = Event.of(
+            txn.event_time.timestamp(),
+            major_amount(txn.amount_minor, txn.currency),
+            txn.terminal_id,
+            txn.merchant_id,
+            txn.latitude,
+            txn.longitude,
+        )
         model = active if identity is None else None
         own = self.models.customer(request.customer_id) if model is not None else None
         place_since = None

@@ -927,10 +927,16 @@ def test_a_profile_stored_by_an_earlier_version_scores_alike_and_is_rewritten(ru
             for customer in (old, new)
         ]
         states = [session.get_one(SqlRiskProfile, c.customer_id).state for c in (old, new)]
-    assert features[0] == features[1]  # bit for bit
-    assert states[0] == states[1]
-    assert states[0][0] == 2  # rewritten in the binary format
-    assert Profile.from_bytes(states[0]).count == 4
+    # Bit for bit: the core features come from what format 1 kept, and the habit features are quiet for both
+    # customers here (one terminal, hours close together, no location).
+    assert features[0] == features[1]
+    assert states[0][0] == states[1][0] == 3  # rewritten in the current binary format
+    rewritten, fresh = (Profile.from_bytes(state) for state in states)
+    assert rewritten.count == fresh.count == 4
+    assert (rewritten.sum_log_amount, rewritten.recent) == (fresh.sum_log_amount, fresh.recent)
+    # What format 1 did not keep starts at the rewrite: one transaction's hour and place, not four.
+    assert (sum(rewritten.hours), len(rewritten.places)) == (1, 1)
+    assert sum(fresh.hours) == 4
 
 
 PROFILE_CASES: list[tuple[common_pb2.CustomerSelector | None, str]] = [

@@ -82,7 +82,8 @@ def test_two_servers_scoring_one_customer_leave_the_profile_of_the_stored_histor
             # Ids are taken in the order the scores were stored: under the customer's lock, one at a time.
             rows = connection.execute(
                 text(
-                    "SELECT event_time, amount_minor, history_size FROM risk_transactions "
+                    "SELECT event_time, amount_minor, history_size, terminal_id, merchant_id, latitude, "
+                    "longitude FROM risk_transactions "
                     "WHERE customer_id = :customer ORDER BY id"
                 ),
                 {"customer": customer_id},
@@ -98,7 +99,16 @@ def test_two_servers_scoring_one_customer_leave_the_profile_of_the_stored_histor
     expected = Profile()
     for row in rows:
         event_time = row.event_time if isinstance(row.event_time, datetime) else _parse(row.event_time)
-        expected.update(Event(event_time.timestamp(), row.amount_minor / 100))
+        expected.update(
+            Event.of(
+                event_time.timestamp(),
+                row.amount_minor / 100,
+                row.terminal_id,
+                row.merchant_id,
+                row.latitude,
+                row.longitude,
+            )
+        )
     assert bytes(state) == expected.to_bytes()
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from posguard_models.features import batch_features
 from posguard_models.forest import CompiledForest
 from posguard_models.retraining import CustomerForest, CustomerJob, ModelSet, fit_customers, set_risk
 from posguard_models.training import (
@@ -65,7 +64,7 @@ def test_model_set_risk_equals_what_a_server_computes_row_by_row() -> None:
     table = _table("handbook")
     history = _history(table, np.arange(len(table["times"])), labels=True)
     trained = train(history, CONFIG)
-    features = batch_features(history.customers, history.times, history.amounts)
+    features = history.features()
     models = ModelSet(
         trained.global_model,
         {m.customer: CustomerForest(m.forest, m.sample_count) for m in trained.customer_models},

@@ -14,8 +14,16 @@ import pytest
 from scipy.stats import binom
 
 from posguard_models.evaluation import CALIBRATION_LEVELS, by_scenario, detection
-from posguard_models.features import batch_features
-from posguard_models.model import Calibration, GlobalModel
+from posguard_models.explain import explain
+from posguard_models.features import (
+    CORE_FEATURES,
+    FEATURE_GROUPS,
+    FEATURES,
+    Event,
+    batch_features,
+    profile_of,
+)
+from posguard_models.model import CORE, Calibration, GlobalModel
 from posguard_models.retraining import CustomerForest, ModelSet, set_risk
 from posguard_models.training import History, TrainingConfig, terminal_counts, train
 
@@ -33,6 +41,8 @@ def _table(name: str) -> dict[str, np.ndarray]:
         "times": t,
         "amounts": np.array([float(r["amount"]) for r in rows]),
         "keys": np.array([r["terminal_id"] or r["merchant_id"] for r in rows], dtype=object),
+        "latitudes": np.array([float(r["lat"]) for r in rows]),
+        "longitudes": np.array([float(r["lon"]) for r in rows]),
         "fraud": np.array([r["is_fraud"] == "1" for r in rows]),
         "scenario": np.array([int(r["fraud_scenario"]) for r in rows]),
     }
@@ -47,6 +57,20 @@ def _history(table: dict[str, np.ndarray], rows: np.ndarray, *, labels: bool) ->
         keys=table["keys"][rows],
         fraud=fraud,
         label_times=np.where(fraud, table["times"][rows] + 7 * DAY, np.nan),
+        latitudes=table["latitudes"][rows],
+        longitudes=table["longitudes"][rows],
+    )
+
+
+def _features(table: dict[str, np.ndarray]) -> np.ndarray:
+    """Every row's features, as a profile advanced through the table would give them."""
+    return batch_features(
+        table["customers"],
+        table["times"],
+        table["amounts"],
+        table["keys"],
+        table["latitudes"],
+        table["longitudes"],
     )
 
 
@@ -65,7 +89,7 @@ def test_training_ranks_fraud_above_genuine_on_unseen_days(handbook: dict[str, n
     model = trained.global_model
     own = {m.customer: m for m in trained.customer_models}
     assert own, "customers with enough history get their own forest"
-    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])
+    x = _features(handbook)
     test = np.flatnonzero(handbook["times"] >= start + 84 * DAY)
     scores = []
     for i in test:
@@ -128,10 +152,26 @@ def test_global_model_artifact_round_trips_without_pickle(handbook: dict[str, np
     rows = np.arange(len(handbook["times"]))
     model = train(_history(handbook, rows, labels=True), CONFIG).global_model
     loaded = GlobalModel.from_bytes(model.to_bytes())
-    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])[:500]
+    x = _features(handbook)[:500]
     for row in x:
         assert loaded.score(row, None, 0, (2, 5)) == model.score(row, None, 0, (2, 5))
     assert np.array_equal(loaded.feature_quantiles, model.feature_quantiles)
+
+
+def _meta(artifact: bytes) -> dict:  # type: ignore[type-arg]
+    with np.load(io.BytesIO(artifact), allow_pickle=False) as archive:
+        meta: dict = json.loads(archive["meta"].tobytes().decode())  # type: ignore[type-arg]
+    return meta
+
+
+def _with_meta(artifact: bytes, meta: dict) -> bytes:  # type: ignore[type-arg]
+    """The artifact with its metadata replaced: what another version would have written."""
+    with np.load(io.BytesIO(artifact), allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def test_a_feedback_model_stored_before_the_tie_breaker_scores_as_fitted(
@@ -142,23 +182,58 @@ def test_a_feedback_model_stored_before_the_tie_breaker_scores_as_fitted(
     assert model.feedback is not None
     assert model.feedback.tie_break > 0
     # The same artifact as an earlier version wrote it: no tie_break in the feedback metadata.
-    with np.load(io.BytesIO(model.to_bytes()), allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    meta = json.loads(arrays["meta"].tobytes().decode())
+    meta = _meta(model.to_bytes())
     del meta["feedback"]["tie_break"]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    old = GlobalModel.from_bytes(buffer.getvalue())
+    old = GlobalModel.from_bytes(_with_meta(model.to_bytes(), meta))
     assert old.feedback is not None
     assert old.feedback.tie_break == 0.0
-    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])[0]
+    x = _features(handbook)[0]
     fb = old.feedback
-    anomaly = old.calibration(-old.forest.score_one(x))
+    anomaly = old.calibration(
+        float(old.statistic_many([-old.forest.score_one(x[:CORE])], x[np.newaxis])[0][0])
+    )
     expected = fb.calibration(
         float(np.log(fb.fraud_probability(anomaly) / (1 - fb.fraud_probability(anomaly))))
     )
     assert old.score(x, None, 0, None).risk_score == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_model_of_the_core_features_only_is_served_on_them_until_retrained(
+    handbook: dict[str, np.ndarray],
+) -> None:
+    """A global model stored before the group features (format 1) keeps scoring, on the four core columns."""
+    rows = np.arange(len(handbook["times"]))
+    trained = train(_history(handbook, rows, labels=False), CONFIG).global_model
+    assert trained.core_calibration is not None
+    assert len(trained.groups) == len(FEATURE_GROUPS)
+    # What the previous version trained on the same rows: the core forest, calibrated on its own score.
+    core_only = GlobalModel(
+        forest=trained.forest,
+        calibration=trained.core_calibration,
+        feature_quantiles=trained.feature_quantiles[:CORE],
+        combine_n0=trained.combine_n0,
+        customer_min_history=trained.customer_min_history,
+        feedback=None,
+        meta={"sample_count": trained.meta["sample_count"]},
+    )
+    data = core_only.to_bytes()
+    meta = _meta(data)
+    assert (meta["format_version"], meta["feature_version"], meta["features"]) == (1, 1, list(CORE_FEATURES))
+    old = GlobalModel.from_bytes(data)
+    assert old.groups == ()
+    assert old.core_calibration is None
+    x = _features(handbook)[:300]
+    assert x.shape[1] == len(FEATURES)
+    for row in x:
+        score = old.score(row, None, 0)
+        assert score.risk_score == trained.core_calibration(-trained.forest.score_one(row[:CORE]))
+        assert score.groups == ()
+    # Reasons never cite a feature the old model has no quantiles for.
+    assert np.all(old.rarity_many(x)[:, CORE:] == 1.0)
+    # A model claiming the new features in the old format is refused, not guessed at.
+    meta["features"] = list(FEATURES)
+    with pytest.raises(ValueError, match="other feature definitions"):
+        GlobalModel.from_bytes(_with_meta(data, meta))
 
 
 @pytest.mark.parametrize(
@@ -205,7 +280,7 @@ def test_scoring_a_batch_gives_the_row_by_row_scores_and_reasons_bit_for_bit(
     model = trained.global_model
     assert (model.feedback is not None) is labels
     own = {m.customer: m for m in trained.customer_models}
-    x = batch_features(handbook["customers"], handbook["times"], handbook["amounts"])
+    x = _features(handbook)
     rows = np.flatnonzero(~history)[:400]
     X = x[rows]  # noqa: N806 - a matrix
     X[::37, 2] = np.nan  # a missing value takes the forests' other branch
@@ -230,6 +305,11 @@ def test_scoring_a_batch_gives_the_row_by_row_scores_and_reasons_bit_for_bit(
     assert [tuple(map(bits, (s.raw, s.anomaly_risk, s.risk_score, s.evidence))) for s in batch] == [
         tuple(map(bits, (s.raw, s.anomaly_risk, s.risk_score, s.evidence))) for s in alone
     ]
+    # What each group added, to the bit; and the groups do add something on some rows.
+    assert [[(g, bits(v)) for g, v in s.groups] for s in batch] == [
+        [(g, bits(v)) for g, v in s.groups] for s in alone
+    ]
+    assert {g for s in batch for g, _ in s.groups} == {name for name, _ in FEATURE_GROUPS}
     assert [s.used_customer_model for s in batch] == [s.used_customer_model for s in alone]
     assert np.array_equal(model.rarity_many(X), np.stack([model.rarity(row) for row in X]), equal_nan=True)
 
@@ -277,6 +357,8 @@ def held_out_scores(name: str, *, labels: bool) -> tuple[np.ndarray, np.ndarray]
             keys=table["keys"][rows],
             fraud=fraud[rows],
             label_times=np.where(fraud[rows], reported[rows], np.nan),
+            latitudes=table["latitudes"][rows],
+            longitudes=table["longitudes"][rows],
         )
 
     trained = train(history(~held), SERVING_CONFIG)
@@ -286,8 +368,7 @@ def held_out_scores(name: str, *, labels: bool) -> tuple[np.ndarray, np.ndarray]
     )
     # Scored as a server would: features over everything stored before, place counts of reports in by then.
     everything = history(np.ones(len(times), dtype=np.bool_))
-    x = batch_features(everything.customers, everything.times, everything.amounts)
-    return set_risk(everything, x, held, models), table["customers"][held]
+    return set_risk(everything, everything.features(), held, models), table["customers"][held]
 
 
 def acceptable(scores: np.ndarray, customers: np.ndarray, level: float) -> tuple[float, float, float]:
@@ -325,3 +406,39 @@ def test_held_out_scores_keep_their_resolution(labels: bool) -> None:
     _, counts = np.unique(scores, return_counts=True)
     assert len(counts) > 0.5 * len(scores)
     assert counts.max() < 0.05 * len(scores)
+
+
+def test_a_group_that_raised_the_score_is_named_with_its_numbers(handbook: dict[str, np.ndarray]) -> None:
+    rows = np.arange(len(handbook["times"]))
+    model = train(_history(handbook, rows, labels=False), CONFIG).global_model
+    # Sixty days at noon, at one terminal near (0.1, 0.1), for about 40; then 200 at 3 a.m., elsewhere.
+    day0 = 1.6e9 // DAY * DAY
+    times = day0 + np.arange(60) * DAY + 12 * 3600.0
+    profile = profile_of(times, np.full(60, 40.0), ["T1"] * 60, np.full(60, 0.1), np.full(60, 0.1))
+    event = Event(day0 + 60 * DAY + 3 * 3600.0, 200.0, "T9", 0.9, 0.9)
+    x = profile.features(event)
+    score = model.score(x, None, 0)
+    added = dict(score.groups)
+    assert set(added) == {"time", "place"}
+    assert min(added.values()) > 0
+    reasons = {r.code: r for r in explain(model, x, score, profile, event, currency="EUR")}
+    assert reasons["UNUSUAL_HOUR"].message == (
+        "time of day: 0 of this customer's 60 earlier transactions were within an hour of 03:00 UTC"
+    )
+    assert reasons["FAR_FROM_USUAL_PLACES"].message == "place: 126 km from this customer's usual places"
+    assert sum(r.weight for r in reasons.values()) == pytest.approx(1.0, abs=1e-3)
+    # An ordinary amount at the customer's hour, at a new terminal far away: the place group alone speaks.
+    elsewhere = Event(day0 + 60 * DAY + 12 * 3600.0, 40.0, "T9", 0.9, 0.9)
+    x = profile.features(elsewhere)
+    score = model.score(x, None, 0)
+    assert [name for name, _ in score.groups] == ["place"]
+    reasons = {r.code: r for r in explain(model, x, score, profile, elsewhere, currency="EUR")}
+    assert reasons["NEW_TERMINAL"].message == "place: terminal never used by this customer"
+    assert set(reasons) == {"NEW_TERMINAL", "FAR_FROM_USUAL_PLACES"}
+    # The same payment at the customer's hour and terminal: no group adds anything, no group reason.
+    usual = Event(day0 + 60 * DAY + 12 * 3600.0, 40.0, "T1", 0.1, 0.1)
+    x = profile.features(usual)
+    score = model.score(x, None, 0)
+    assert score.groups == ()
+    codes = {r.code for r in explain(model, x, score, profile, usual, currency="EUR")}
+    assert not codes & {"UNUSUAL_HOUR", "NEW_TERMINAL", "FAR_FROM_USUAL_PLACES"}

@@ -39,7 +39,7 @@ import numpy.typing as npt
 from posguard.aio import Client
 from posguard.v1 import common_pb2, risk_pb2
 from posguard_models.evaluation import Detection, Resolution, by_scenario, detection, resolution
-from posguard_models.features import batch_features
+from posguard_models.features import batch_features, place_key
 from posguard_models.retraining import CustomerForest, ModelSet, set_risk
 from posguard_models.training import History, TrainingConfig, train
 
@@ -239,6 +239,7 @@ class _Stored:
     refusals: dict[str, int]
     outcomes_reported: int
     seconds: float
+    places: npt.NDArray[np.object_]  # the place key of each row of ``everything``, as its profile sees it
 
 
 def _stored_rows(
@@ -280,6 +281,9 @@ def _stored_rows(
     fraud = ~np.isnan(label_times)
     customers = np.array([r.customer_ref for r in picked], dtype=object)
     amounts = np.array([t.amount_minor / 10 ** (minor_exponent(t.currency) or 0) for t in txns])
+    latitudes = np.array([np.nan if t.latitude is None else t.latitude for t in txns], dtype=np.float64)
+    longitudes = np.array([np.nan if t.longitude is None else t.longitude for t in txns], dtype=np.float64)
+    places = np.array([place_key(t.terminal_id, t.merchant_id) for t in txns], dtype=object)
     everything = History(
         customers=customers,
         times=times,
@@ -290,18 +294,19 @@ def _stored_rows(
         ),
         fraud=fraud,
         label_times=label_times,
+        latitudes=latitudes,
+        longitudes=longitudes,
     )
     history = History(
         customers=customers[~replayed],
         times=times[~replayed],
         amounts=amounts[~replayed],
         # What load_history reads back: the terminal id, else the merchant id.
-        keys=np.array(
-            [t.terminal_id or t.merchant_id for t, r in zip(txns, replayed, strict=True) if not r],
-            dtype=object,
-        ),
+        keys=places[~replayed],
         fraud=fraud[~replayed],
         label_times=label_times[~replayed],
+        latitudes=latitudes[~replayed],
+        longitudes=longitudes[~replayed],
     )
     later_times = np.array(
         [
@@ -328,6 +333,7 @@ def _stored_rows(
         refusals=refusals,
         outcomes_reported=reported,
         seconds=time.perf_counter() - clock,
+        places=places,
     )
 
 
@@ -349,7 +355,15 @@ def _score_seed(stored: _Stored, config: TrainingConfig, jobs: int, progress: Pr
     seconds = {"prepare": stored.seconds, "train": time.perf_counter() - clock}
     clock = time.perf_counter()
     everything = stored.everything
-    X = batch_features(everything.customers, everything.times, everything.amounts)  # noqa: N806 - matrix
+    # Features by the places the profile keys (``everything.keys`` are the place activity's, prefixed).
+    X = batch_features(  # noqa: N806 - matrix
+        everything.customers,
+        everything.times,
+        everything.amounts,
+        stored.places,
+        everything.latitudes,
+        everything.longitudes,
+    )
     models = ModelSet(
         trained.global_model,
         {m.customer: CustomerForest(m.forest, m.sample_count) for m in trained.customer_models},

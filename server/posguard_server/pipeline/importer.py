@@ -355,15 +355,22 @@ class Importer:
             snapshots: list[tuple[str, ProfileSnapshot]] = []
             for batch in self._history.history(customer_ids=chunk, exclude_labelled_fraud=False):
                 profiles: dict[str, tuple[Profile, datetime, datetime]] = {}
-                for customer_id, time, amount, currency in zip(
-                    batch.customer_ids, batch.event_times, batch.amounts_minor, batch.currencies, strict=True
-                ):
+                for i, customer_id in enumerate(batch.customer_ids):
+                    time, currency = batch.event_times[i], batch.currencies[i]
                     entry = profiles.get(customer_id)
                     if entry is None:
                         entry = (Profile(), time, time)
                     profile, first, _ = entry
                     exponent = minor_exponent(currency) or 0
-                    profile.update(Event(time.timestamp(), amount / 10**exponent))
+                    event = Event.of(
+                        time.timestamp(),
+                        batch.amounts_minor[i] / 10**exponent,
+                        batch.terminal_ids[i],
+                        batch.merchant_ids[i],
+                        batch.latitudes[i],
+                        batch.longitudes[i],
+                    )
+                    profile.update(event)
                     profiles[customer_id] = (profile, first, time)
                 for customer_id, (profile, first, last) in profiles.items():
                     snapshots.append(

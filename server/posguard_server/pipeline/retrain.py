@@ -35,7 +35,6 @@ import numpy as np
 import numpy.typing as npt
 
 from posguard_models.evaluation import detection
-from posguard_models.features import batch_features
 from posguard_models.forest import CompiledForest
 from posguard_models.model import GlobalModel
 from posguard_models.retraining import (
@@ -232,7 +231,7 @@ def retrain(
     history = load_history(history_store)
     if len(history.times) == 0:
         raise ValueError("no history to train on")
-    X = batch_features(history.customers, history.times, history.amounts)  # noqa: N806 - matrix
+    X = history.features()  # noqa: N806 - matrix
     cutoff = _cutoff(history, options.holdout_days)
     usable = usable_rows(history, until=cutoff)
     if not usable.any():
@@ -580,7 +579,7 @@ def evaluate_run(history_store: SqlHistoryStore, registry: SqlModelRegistry, ver
     history = load_history(history_store)
     if len(history.times) == 0:
         raise ValueError("no history to evaluate on")
-    X = batch_features(history.customers, history.times, history.amounts)  # noqa: N806 - matrix
+    X = history.features()  # noqa: N806 - matrix
     start = metrics.get(METRIC_EVALUATION_START, float(history.times.max()) - 7 * DAY)
     end = metrics.get(METRIC_EVALUATION_END, float(history.times.max()))
     rows = (history.times >= start) & (history.times <= end)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from posguard_models.features import place_key
 from posguard_models.model import GlobalModel
 from posguard_models.retraining import CustomerFit
 from posguard_models.training import History, Trained, TrainingConfig, train
@@ -41,6 +42,8 @@ def load_history(store: SqlHistoryStore, *, until: datetime | None = None) -> Hi
     times: list[float] = []
     amounts: list[float] = []
     keys: list[str] = []
+    latitudes: list[float] = []
+    longitudes: list[float] = []
     fraud: list[bool] = []
     label_times: list[float] = []
     for batch in store.history(until=until, exclude_labelled_fraud=False):
@@ -49,7 +52,10 @@ def load_history(store: SqlHistoryStore, *, until: datetime | None = None) -> Hi
             times.append(batch.event_times[i].timestamp())
             exponent = minor_exponent(batch.currencies[i]) or 0
             amounts.append(batch.amounts_minor[i] / 10**exponent)
-            keys.append(batch.terminal_ids[i] or batch.merchant_ids[i])
+            keys.append(place_key(batch.terminal_ids[i], batch.merchant_ids[i]))
+            latitude, longitude = batch.latitudes[i], batch.longitudes[i]
+            latitudes.append(np.nan if latitude is None else latitude)
+            longitudes.append(np.nan if longitude is None else longitude)
             outcome = batch.outcomes[i]
             labelled_at = batch.outcome_ats[i]
             is_fraud = outcome in FRAUD_OUTCOMES and labelled_at is not None
@@ -62,6 +68,8 @@ def load_history(store: SqlHistoryStore, *, until: datetime | None = None) -> Hi
         keys=np.array(keys, dtype=object),
         fraud=np.array(fraud, dtype=np.bool_),
         label_times=np.array(label_times, dtype=np.float64),
+        latitudes=np.array(latitudes, dtype=np.float64),
+        longitudes=np.array(longitudes, dtype=np.float64),
     )
 
 
