@@ -133,6 +133,12 @@ def _layout(places: int, entries: int) -> struct.Struct:
     return struct.Struct(f"<Bqdddd{HOURS}IqdddHH{places}Q{3 * entries}d")
 
 
+@cache
+def _places_layout(places: int) -> struct.Struct:
+    """``places`` place hashes (compiled once per count): reading a profile's places is then one call."""
+    return struct.Struct(f"<{places}Q")
+
+
 def place_hash(place: str) -> int:
     """A stable 64-bit digest of a place key (the same in every process, unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(place.encode(), digest_size=8).digest(), "little")
@@ -371,7 +377,7 @@ class Profile:
         view = memoryview(data)
         start = _HEADER.size + max(0, places - PLACE_LIMIT) * _PLACE.size
         end = _HEADER.size + places * _PLACE.size
-        kept = [place for (place,) in _PLACE.iter_unpack(view[start:end])]
+        kept = list(_places_layout((end - start) // _PLACE.size).unpack_from(view, start))
         skip = end + max(0, entries - RECENT_LIMIT) * _ENTRY.size
         recent = list(_ENTRY.iter_unpack(view[skip:]))
         return cls(
