@@ -29,7 +29,6 @@ from posguard_server.domain.check_digits import compute
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.customers import SqlVerificationFailure
 from posguard_server.store.dynamic_codes import SqlDynamicCodeAttempt, SqlDynamicCodeUse
-from posguard_server.store.migrate import upgrade
 from posguard_server.store.risk_tables import SqlRiskOutcomeReport, SqlRiskProfile, SqlRiskTransaction
 
 if TYPE_CHECKING:
@@ -51,17 +50,8 @@ IDENTITY_DECLINES = {
 
 
 @pytest.fixture
-def running(server_factory: Callable[..., RunningServer], database_url: str) -> RunningServer:
-    """A server on each backend; a shared database is migrated first, as an operator would."""
-    upgrade(database_url)
-    return server_factory(database_url=database_url)
-
-
-@pytest.fixture
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in a test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+def running(migrated_server: RunningServer) -> RunningServer:
+    return migrated_server
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -504,7 +494,7 @@ def test_sub_numbers_decline_outside_their_scope_or_with_a_blocked_primary(runni
         assert_rule_decline(score(client, txn(customer_number=sub)), "NUMBER_SUSPENDED", customer.customer_id)
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_score_by_dynamic_code_redeems_it_once(running: RunningServer) -> None:
     with posguard.Client(running.target, api_key=running.key("gateway")) as client:
         customer = issue(client)
@@ -540,7 +530,7 @@ def test_score_by_dynamic_code_redeems_it_once(running: RunningServer) -> None:
         assert_scored(score(client, txn(dynamic_code=fresh)), customer.customer_id)
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_expired_and_unknown_dynamic_codes(running: RunningServer) -> None:
     with (
         posguard.Client(running.target, api_key=running.key("gateway")) as client,
@@ -663,7 +653,7 @@ def test_a_fast_stream_is_scored_in_batches_exactly_as_one_by_one(running: Runni
             assert profile(client, customer.customer_id).transaction_count == n
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_stream_redeems_dynamic_codes_and_declines_their_replay(running: RunningServer) -> None:
     with posguard.Client(running.target, api_key=running.key("gateway")) as client:
         customer = issue(client)

@@ -27,7 +27,6 @@ from posguard_server.scoring import RiskEngine, TransactionInput
 from posguard_server.services.scoring import Payer, ScoreCall, Scoring, ScoringService
 from posguard_server.store.customers import SqlCustomerStore
 from posguard_server.store.dynamic_codes import SqlDynamicCodeAttempt, SqlDynamicCodeUse
-from posguard_server.store.migrate import upgrade
 from posguard_server.store.risk_tables import SqlRiskTransaction
 from posguard_server.store.scoring_writes import ScoringUnit
 
@@ -38,9 +37,8 @@ R = risk_pb2
 
 
 @pytest.fixture
-def running(server_factory: Callable[..., RunningServer], database_url: str) -> RunningServer:
-    upgrade(database_url)
-    return server_factory(database_url=database_url)
+def running(migrated_server: RunningServer) -> RunningServer:
+    return migrated_server
 
 
 @pytest.fixture
