@@ -584,3 +584,17 @@ def test_console_look_ups_naming_nobody_count_as_guesses(
             if e.action.startswith(("lookup", "caller"))
         ]
     assert actions == ["lookup.missed"] * 3 + ["caller.refused"]
+
+
+def test_a_malformed_list_or_rule_name_in_the_path_is_refused_naming_it(
+    signed_in: Callable[[Role], httpx.Client],
+) -> None:
+    http = signed_in(Role.ADMIN)
+    csrf = csrf_of(http.get("/policy").text)
+    listed = http.get("/policy/lists/not a list!")
+    assert listed.status_code == 400
+    assert "list_name" in listed.text
+    assert "is not the name of a list" in listed.text
+    ruled = http.post("/policy/rules/not-a-rule!/activate", data={"csrf": csrf, "version": "1"})
+    assert ruled.status_code == 400
+    assert "is not the name of a rule" in ruled.text

@@ -171,6 +171,14 @@ def _text(form: FormData | Mapping[str, Any], name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _path_name(request: Request, param: str, pattern: re.Pattern[str], what: str) -> str:
+    """The name in the page's path, refused unless it has the shape of the name of ``what``."""
+    name = str(request.path_params[param])
+    if not pattern.fullmatch(name):
+        raise _invalid(param, f"is not the name of {what}")
+    return name
+
+
 def _invalid(field: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, description)])
 
@@ -754,14 +762,8 @@ class Console:
         lists = await asyncio.to_thread(self.parts.policy.list_lists, _now())
         return self._render(request, session, "policy.html", {"lists": lists, "kinds": list(ListKind)})
 
-    def _list_name(self, request: Request) -> str:
-        name = str(request.path_params["list_name"])
-        if not LIST_NAME_PATTERN.fullmatch(name):
-            raise _invalid("list_name", "is not the name of a list")
-        return name
-
     async def _list(self, request: Request, session: Session) -> Response:
-        name = self._list_name(request)
+        name = _path_name(request, "list_name", LIST_NAME_PATTERN, "a list")
         everything = request.query_params.get("expired") == "1"
         after = _cursor(request.query_params.get("after", ""))
         plist = await asyncio.to_thread(self.parts.policy.get_list, name)
@@ -806,7 +808,7 @@ class Console:
         return RedirectResponse(f"/policy/lists/{created.name}", status_code=303)
 
     async def _add_entry(self, request: Request, session: Session) -> Response:
-        name = self._list_name(request)
+        name = _path_name(request, "list_name", LIST_NAME_PATTERN, "a list")
         form = await request.form()
         value = _required_text(form, "value", VALUE_MAX)
         reason = _required_text(form, "reason", REASON_MAX)
@@ -831,7 +833,7 @@ class Console:
         return RedirectResponse(f"/policy/lists/{name}", status_code=303)
 
     async def _remove_entry(self, request: Request, session: Session) -> Response:
-        name = self._list_name(request)
+        name = _path_name(request, "list_name", LIST_NAME_PATTERN, "a list")
         form = await request.form()
         value = _required_text(form, "value", VALUE_MAX)
         reason = _required_text(form, "reason", REASON_MAX)
@@ -906,14 +908,8 @@ class Console:
         session.flashes.append(f"Rule {rule.name} version {rule.version} saved as a draft.")
         return RedirectResponse("/policy/rules", status_code=303)
 
-    def _rule_name(self, request: Request) -> str:
-        name = str(request.path_params["rule"])
-        if not NAME_PATTERN.fullmatch(name):
-            raise _invalid("rule", "is not the name of a rule")
-        return name
-
     async def _activate(self, request: Request, session: Session) -> Response:
-        name = self._rule_name(request)
+        name = _path_name(request, "rule", NAME_PATTERN, "a rule")
         form = await request.form()
         version = _version(_text(form, "version"))
         if _text(form, "confirm") != "yes":
@@ -945,7 +941,7 @@ class Console:
         return RedirectResponse("/policy/rules", status_code=303)
 
     async def _retire(self, request: Request, session: Session) -> Response:
-        name = self._rule_name(request)
+        name = _path_name(request, "rule", NAME_PATTERN, "a rule")
         form = await request.form()
         if _text(form, "confirm") != "yes":
             active = await asyncio.to_thread(
