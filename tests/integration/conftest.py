@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pytest
 from cryptography import x509
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import posguard
 from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
@@ -224,6 +225,61 @@ def start_replicas(
     created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", env=env)
     token = created.stdout.strip()
     return token, [serve_process(tmp_path / f"replica{i}", env=env)[1] for i in range(processes)]
+
+
+_Outcome = TypeVar("_Outcome")
+
+
+@dataclass(frozen=True)
+class Race(Generic[_Outcome]):
+    """What gateway calls made while an operator revoked a number gave: sent before the revocation was
+    answered, and sent after it."""
+
+    before: list[_Outcome]
+    after: list[_Outcome]
+
+
+def race_a_revocation(
+    server: RunningServer, number: str, call: Callable[[posguard.Client], _Outcome], callers: int = 8
+) -> Race[_Outcome]:
+    """``callers`` gateway threads make ``call`` over and over while an admin revokes ``number``.
+
+    A call that raises fails the test.
+    """
+    gateway = server.key("gateway")
+    seen: list[tuple[float, _Outcome]] = []  # (sent at, outcome)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def loop() -> None:
+        with posguard.Client(server.target, api_key=gateway) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    outcome = call(client)
+                except BaseException as error:
+                    errors.append(error)
+                    return
+                with lock:
+                    seen.append((sent, outcome))
+
+    threads = [threading.Thread(target=loop) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        admin.revoke_customer_id(number=number, reason="closed")
+    revoked_at = time.monotonic()
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return Race(
+        [outcome for sent, outcome in seen if sent < revoked_at],
+        [outcome for sent, outcome in seen if sent > revoked_at],
+    )
 
 
 # -- certificates for TLS and mTLS tests -----------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ from posguard_server.store.customers import (
 from posguard_server.store.dynamic_codes import SqlDynamicCodeStore, StoredEnrollment
 from posguard_server.store.issuance import ISSUED, Issuance, Issued, SqlIssuanceStore
 from posguard_server.store.migrate import upgrade
+
+from .conftest import race_a_revocation
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -458,41 +461,17 @@ def test_a_number_revoked_is_never_given_a_code_after_the_revocation(migrated_se
     with posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin:
         number = admin.issue_customer_id().customer.primary.number
         admin.enroll_dynamic_codes(number=number)
-    gateway = migrated_server.key("gateway")
-    revoked_at: list[float] = []
-    seen: list[tuple[float, bool]] = []  # (sent at, given a code)
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    stop = threading.Event()
 
-    def issue() -> None:
-        with posguard.Client(migrated_server.target, api_key=gateway) as client:
-            while not stop.is_set():
-                sent = time.monotonic()
-                try:
-                    client.issue_dynamic_code(number=number, request_id=f"i-{sent}")
-                    given = True
-                except FailedPreconditionError as error:
-                    if error.reason != "NUMBER_NOT_ACTIVE":
-                        errors.append(error)
-                    given = False
-                with lock:
-                    seen.append((sent, given))
+    def given(client: posguard.Client) -> bool:
+        try:
+            client.issue_dynamic_code(number=number, request_id=f"i-{uuid.uuid4()}")
+        except FailedPreconditionError as error:
+            if error.reason != "NUMBER_NOT_ACTIVE":
+                raise
+            return False
+        return True
 
-    threads = [threading.Thread(target=issue) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    with posguard.Client(migrated_server.target, api_key=migrated_server.key("admin")) as admin:
-        admin.revoke_customer_id(number=number, reason="closed")
-    revoked_at.append(time.monotonic())
-    time.sleep(0.3)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    before = [given for sent, given in seen if sent < revoked_at[0]]
-    after = [given for sent, given in seen if sent > revoked_at[0]]
-    assert any(before)
-    assert after
-    assert not any(after)
+    race = race_a_revocation(migrated_server, number, given)
+    assert any(race.before)
+    assert race.after
+    assert not any(race.after)

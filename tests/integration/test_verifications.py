@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ from posguard_server.store.caller_limits import SqlCallerFailures
 from posguard_server.store.customers import SqlCustomerNumber, SqlCustomerStore
 from posguard_server.store.migrate import upgrade
 from posguard_server.store.verifications import Presented, SqlVerificationStore
+
+from .conftest import race_a_revocation
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -194,37 +195,16 @@ def test_a_number_revoked_is_never_answered_valid_after_the_revocation(running: 
     """Verifiers race an operator's revocation: a verification sent after it was answered is not valid."""
     with posguard.Client(running.target, api_key=running.key("admin")) as admin:
         number = admin.issue_customer_id().customer.primary.number
-    gateway = running.key("gateway")
-    revoked_at: list[float] = []
-    seen: list[tuple[float, bool, int]] = []  # (sent at, valid, status)
-    lock = threading.Lock()
-    stop = threading.Event()
 
-    def verify() -> None:
-        with posguard.Client(running.target, api_key=gateway) as client:
-            while not stop.is_set():
-                sent = time.monotonic()
-                answer = client.verify_customer_id(number=number)
-                with lock:
-                    seen.append((sent, answer.valid, answer.status))
+    def verify(client: posguard.Client) -> tuple[bool, int]:
+        answer = client.verify_customer_id(number=number)
+        return answer.valid, answer.status
 
-    threads = [threading.Thread(target=verify) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
-        admin.revoke_customer_id(number=number, reason="closed")
-    revoked_at.append(time.monotonic())
-    time.sleep(0.3)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    before = [valid for sent, valid, _ in seen if sent < revoked_at[0]]
-    after = [(valid, status) for sent, valid, status in seen if sent > revoked_at[0]]
-    assert before
-    assert after
-    assert any(before)
-    assert all(not valid and status == common_pb2.NUMBER_STATUS_REVOKED for valid, status in after)
+    race = race_a_revocation(running, number, verify)
+    assert race.before
+    assert race.after
+    assert any(valid for valid, _ in race.before)
+    assert all(not valid and status == common_pb2.NUMBER_STATUS_REVOKED for valid, status in race.after)
     verifications, failed = _counters(running, number)
-    assert verifications == len(seen)
-    assert failed == len([s for s in seen if not s[1]])
+    assert verifications == len(race.before) + len(race.after)
+    assert failed == len([valid for valid, _ in race.before + race.after if not valid])
