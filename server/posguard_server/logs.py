@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any, TextIO
 
+import orjson
+
 LOG_FORMATS = ("json", "text")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _WRITE_INTERVAL_S = 0.02
@@ -33,7 +35,8 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._encode = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once, not per line
+        # For what orjson refuses (an integer beyond 64 bits, a key that is not a string): built once.
+        self._fallback = json.JSONEncoder(ensure_ascii=False, default=str).encode
         self._second: tuple[int, str] = (-1, "")  # one attribute: two threads may format at once
 
     def format(self, record: logging.LogRecord) -> str:
@@ -71,7 +74,13 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if exception:
             entry["exception"] = exception
-        return self._encode(entry)
+        # orjson, not the standard library's encoder: a server writes a line per call, and encoding it took
+        # 3.0 µs against 0.4 µs; behind an empty handler at 64 calls in flight that was the difference between
+        # 0.69 and 0.76 of the echo's throughput (README, "The interceptor chain").
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # orjson.JSONEncodeError is one
+            return self._fallback(entry)
 
     def _time(self, created: float) -> str:
         """ISO 8601 in UTC to the millisecond; the date and time of a second are made once per second."""

@@ -50,3 +50,34 @@ def test_text_output_always_takes_records() -> None:
     assert answers == ["False", "False", "False"]
     assert len(written) == 1
     assert written[0].endswith("posguard_server.access: /m OK 1.25ms caller=k-1")
+
+
+def test_a_json_line_is_written_whatever_its_fields_hold() -> None:
+    """orjson writes the lines; what it refuses (an integer beyond 64 bits, a key that is not a string) falls
+    back to the standard library's encoder, and what neither knows is written as its ``str``."""
+    from posguard_server.logs import JsonFormatter
+
+    formatter = JsonFormatter()
+
+    def line(fields: dict[object, object]) -> dict[str, object]:
+        text = formatter.line(0.25, "INFO", "posguard_server.test", 7, "done", fields)  # type: ignore[arg-type]
+        assert "\n" not in text
+        parsed: dict[str, object] = json.loads(text)
+        return parsed
+
+    plain = line({"customer": "é", "peer": 'p "q"\n', "latency_ms": 1.25, "ok": True, "none": None})
+    assert plain == {
+        "time": "1970-01-01T00:00:00.250+00:00",
+        "level": "INFO",
+        "logger": "posguard_server.test",
+        "pid": 7,
+        "message": "done",
+        "customer": "é",
+        "peer": 'p "q"\n',
+        "latency_ms": 1.25,
+        "ok": True,
+        "none": None,
+    }
+    assert line({"n": 2**70})["n"] == 2**70
+    assert line({1: "a"})["1"] == "a"
+    assert str(line({"thing": object()})["thing"]).startswith("<object object at")
