@@ -1,6 +1,7 @@
 """The request pipeline alone: a handler that does nothing, behind posguard's pipeline, against the echo.
 
     .venv/bin/python bench/pipeline_bench.py [--seconds 5] [--repeats 3] [--inflight 1,64] [--reply-bytes 256]
+        [--handoff]
 
 Every posguard call passes admission, the deadline, authentication and the role check, error mapping,
 metrics and the access log before its servicer runs. This measures that cost alone: a server process built
@@ -9,6 +10,12 @@ a real gateway key, JSON access log at INFO, written to a pipe) serves ``VerifyC
 that answers ``--reply-bytes`` bytes at once; the echo server (``bench/echo_server.py``) answers the same
 number of bytes with nothing in front. Both are measured with ``rpc_bench``'s load generator, back to back,
 and the medians of ``--repeats`` windows are reported with their ratio.
+
+``--handoff`` adds a third server: the same pipeline, with a handler that hands its request to a writer
+thread through :class:`~posguard_server.api.group_commit.GroupCommit` (batches of at most 64, as the gateway
+RPCs use it) and answers once the batch, which does nothing, has run. That is the floor of every RPC that
+writes: the pipeline, the trip to the database's writer thread and back, and the wait on the event loop,
+without any work of its own.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import grpc
 from grpc import aio
 from rpc_bench import ECHO, VERIFY, Row, _progress, _start, echo, markdown, row, unary_window
 
+from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.metrics import Metrics
-from posguard_server.app import build_authenticator, build_pipeline
+from posguard_server.app import build_authenticator, build_pipeline, run_loop
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.logs import configure_logging
@@ -44,17 +52,24 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-async def serve(data_dir: Path, reply_bytes: int) -> None:
-    """The pipeline server: posguard's request pipeline in front of a handler that does nothing."""
+async def serve(data_dir: Path, reply_bytes: int, handoff: bool) -> None:
+    """The pipeline server: posguard's request pipeline in front of a handler that does nothing (``handoff``:
+    nothing but a trip through a group commit's writer thread)."""
     settings = _settings(data_dir)
     configure_logging(settings.log_level_number, settings.log_format, background=True)
     keys = SqlApiKeyStore(open_database(settings.effective_database_url))
     pipeline = build_pipeline(settings, build_authenticator(settings, keys), Metrics())
     reply = b"\x01" * reply_bytes
 
-    async def unary(request: bytes, context: Any) -> bytes:
+    async def empty(request: bytes, context: Any) -> bytes:
         return reply
 
+    writer: GroupCommit[bytes, bytes] = GroupCommit(lambda items: [reply] * len(items), limit=64)
+
+    async def through_writer(request: bytes, context: Any) -> bytes:
+        return await writer.submit(request)
+
+    unary = through_writer if handoff else empty
     handlers = {
         METHOD: grpc.unary_unary_rpc_method_handler(
             unary, request_deserializer=_identity, response_serializer=_identity
@@ -88,11 +103,13 @@ async def measure(args: argparse.Namespace) -> list[Row]:
         data_dir = Path(tmp)
         token = _gateway_key(data_dir)
         command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(data_dir)]
-        pipeline = _start([*command, "--reply-bytes", str(args.reply_bytes)], r"pipeline serving on (\d+)")
+        command += ["--reply-bytes", str(args.reply_bytes)]
+        pipeline = _start(command, r"pipeline serving on (\d+)")
+        handoff = _start([*command, "--handoff"], r"pipeline serving on (\d+)") if args.handoff else None
         try:
             with echo(args.reply_bytes) as baseline:
                 for inflight in args.inflight:
-                    base, ours = [], []
+                    base, ours, through = [], [], []
                     for _ in range(args.repeats):
                         base.append(
                             await unary_window(baseline, ECHO, token, requests, inflight, args.seconds)
@@ -100,10 +117,21 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                         ours.append(
                             await unary_window(pipeline, VERIFY, token, requests, inflight, args.seconds)
                         )
+                        if handoff is not None:
+                            through.append(
+                                await unary_window(handoff, VERIFY, token, requests, inflight, args.seconds)
+                            )
                     rows.append(row("interceptor chain, empty handler", "-", str(inflight), base, ours))
                     _progress(rows[-1])
+                    if handoff is not None:
+                        rows.append(
+                            row("chain + writer thread, empty batch", "-", str(inflight), base, through)
+                        )
+                        _progress(rows[-1])
         finally:
             pipeline.stop()
+            if handoff is not None:
+                handoff.stop()
     return rows
 
 
@@ -117,10 +145,14 @@ def main() -> None:
         "--inflight", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64], help="e.g. 1,8,64"
     )
     parser.add_argument("--reply-bytes", type=int, default=256, help="bytes of every answer, both servers")
+    parser.add_argument(
+        "--handoff", action="store_true", help="also measure the pipeline with a trip through a writer thread"
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the pipeline server's own process
     args = parser.parse_args()
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.reply_bytes))
+        # On the event loop posguard's server runs on (uvloop by default).
+        run_loop(_settings(args.serve), serve(args.serve, args.reply_bytes, args.handoff))
         return
     print(markdown(asyncio.run(measure(args))))
 
