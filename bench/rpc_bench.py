@@ -1,7 +1,8 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify,redeem,issue,code] [--py-spy DIR] [--rules N] [--rules-firing K]
+        [--only score,stream,verify,redeem,issue,code] [--py-spy DIR [--py-spy-gil]] [--rules N]
+        [--rules-firing K]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
 it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
@@ -17,7 +18,8 @@ reaches), alternating window by window on one server in ABBA order, and reports 
 of each, their ratio, the median and quartiles of the ratios of neighbouring windows, and the share of answers
 a rule fired on (every 20th answer of the windows with rules). ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
-``bench/profile_top.py``. Linux only (server CPU is read from /proc).
+``bench/profile_top.py``; with ``--py-spy-gil``, only the thread holding the interpreter lock, which is where
+the CPU of a server bound by that lock goes. Linux only (server CPU is read from /proc).
 """
 
 from __future__ import annotations
@@ -214,13 +216,17 @@ def posguard(
             spy.wait(60)
 
 
+PY_SPY_FLAGS: list[str] = []  # what --py-spy-gil adds
+
+
 def _py_spy(process: Process, output: Path) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy")
     if spy is None:
         raise SystemExit("--py-spy needs py-spy on PATH")
     output.parent.mkdir(parents=True, exist_ok=True)
+    command = [spy, "record", *PY_SPY_FLAGS, "--pid", str(process.popen.pid), "--format", "raw"]
     return subprocess.Popen(
-        [spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--output", str(output)],
+        [*command, "--output", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -732,7 +738,14 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", type=Path, help="record each posguard server with py-spy into this folder"
     )
+    parser.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="record only the thread holding the interpreter lock (where a GIL-bound server's CPU goes)",
+    )
     args = parser.parse_args()
+    if args.py_spy_gil:
+        PY_SPY_FLAGS.append("--gil")
     rows, (fsync_p50, fsync_p99) = asyncio.run(measure(args))
     print(markdown(rows))
     print(f"\ndisk: append 4 KiB + fsync p50 {fsync_p50:.2f} ms, p99 {fsync_p99:.2f} ms (200 syncs)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -67,6 +67,7 @@ from posguard_server.store import (
 )
 from posguard_server.store.caller_limits import SqlGuessStore
 from posguard_server.store.migrate import open_database
+from posguard_server.store.verifications import LocalReads
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class PosguardServer:
         metrics: Metrics,
         *,
         writers: Sequence[Closable] = (),
+        flushes: Sequence[Callable[[], Awaitable[None]]] = (),
         health: ServiceHealth | None = None,
         watch: NumberWatch | None = None,
         console: ConsoleServer | None = None,
@@ -107,6 +109,7 @@ class PosguardServer:
         self.watch = watch
         self._watching: asyncio.Task[None] | None = None
         self._writers = writers
+        self._flushes = flushes  # what was answered and is not written yet, written before the writers stop
         self.health = health if health is not None else ServiceHealth(health_servicer, metrics, SERVICE_NAMES)
         self.grpc_server = grpc_server
         self.database = database
@@ -140,11 +143,17 @@ class PosguardServer:
             await asyncio.gather(self._watching, return_exceptions=True)
         await self.health.stop()
         await self.grpc_server.stop(self.settings.grace_period if grace is None else grace)
+        await self.flush()
         for writer in self._writers:
             # Off the loop: a writer may still be committing the batch of a call the grace period cut off.
             await asyncio.to_thread(writer.close)
         self.metrics.stop_http()
         self.database.dispose()
+
+    async def flush(self) -> None:
+        """Write what was answered and is not written yet (the counters of successful verifications)."""
+        for flush in self._flushes:
+            await flush()
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -237,6 +246,8 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     writers = Writers(_COMMIT_WORKERS[database.dialect])
     readers = Writers(_READ_WORKERS, name="posguard-reader")
     verifications = SqlVerificationStore(database, limit)
+    # SQLite's reads are quick enough for the event loop; PostgreSQL's are network round trips.
+    local_reads = LocalReads(database) if database.dialect == "sqlite" else None
     redemptions = SqlRedemptionStore(
         database, SecretCipher(dict(numbering.keys.keys)).decrypt, limit, code_limit=code_limit
     )
@@ -250,6 +261,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         SqlIssuanceStore(database),
         writers,
         readers,
+        local_reads,
     )
     customer_ids_pb2_grpc.add_CustomerIdsServicer_to_server(customer_ids, server)
     risk = _risk_servicer(
@@ -309,7 +321,8 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         health_servicer,
         database,
         metrics,
-        writers=[writers, readers, authenticator],
+        writers=[writers, readers, authenticator, *([local_reads] if local_reads is not None else [])],
+        flushes=[customer_ids.flush],
         health=health,
         watch=build_watch(settings, database),
         console=console,

@@ -7,8 +7,11 @@ server tests drive it through gRPC with concurrent callers.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,8 +26,9 @@ from posguard_server.domain.verification import Verdict
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.caller_limits import SqlCallerFailures
 from posguard_server.store.customers import SqlCustomerNumber, SqlCustomerStore
+from posguard_server.store.db import Database
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.verifications import Presented, SqlVerificationStore
+from posguard_server.store.verifications import LocalReads, Presented, SqlVerificationStore
 
 from .conftest import race_a_revocation
 
@@ -205,6 +209,102 @@ def test_a_number_revoked_is_never_answered_valid_after_the_revocation(running: 
     assert race.after
     assert any(valid for valid, _ in race.before)
     assert all(not valid and status == common_pb2.NUMBER_STATUS_REVOKED for valid, status in race.after)
+    running.stop()  # the counters of the last successes answered are written at the latest on the way out
     verifications, failed = _counters(running, number)
     assert verifications == len(race.before) + len(race.after)
     assert failed == len([valid for valid, _ in race.before + race.after if not valid])
+
+
+def test_counters_of_successes_answered_are_written_soon_after_and_all_at_shutdown(
+    running: RunningServer,
+) -> None:
+    """On SQLite a success is answered from its read and counted after the answer; none is lost on a stop."""
+    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+        number = admin.issue_customer_id().customer.primary.number
+    gateway = running.key("gateway")
+
+    def verify(times: int) -> None:
+        with posguard.Client(running.target, api_key=gateway) as client:
+            for _ in range(times):
+                assert client.verify_customer_id(number=number).valid
+
+    threads = [threading.Thread(target=verify, args=(25,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 10
+    while _counters(running, number) != (100, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _counters(running, number) == (100, 0)
+    verify(10)
+    running.stop()  # right after the answers: what is still held is written before the server lets go
+    assert _counters(running, number) == (110, 0)
+
+
+def test_the_event_loop_read_decides_as_the_write_transaction_does(server: RunningServer) -> None:
+    """SQLite's fast path (LocalReads, the driver's own SQL) gives the verdicts verify_many gives."""
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        good = admin.issue_customer_id().customer.primary.number
+        shop = admin.issue_sub_id(
+            request_id="s-1", primary_number=good, scope=V.SubScope(merchant_id="m-1")
+        ).sub_number.number
+        web = admin.issue_sub_id(
+            request_id="s-2", primary_number=good, scope=V.SubScope(channel=common_pb2.CHANNEL_ONLINE)
+        ).sub_number.number
+        held = admin.issue_customer_id().customer.primary.number
+        held_card = admin.issue_sub_id(request_id="s-3", primary_number=held).sub_number.number
+        admin.suspend_customer_id(number=held, reason="lost")
+        closed = admin.issue_customer_id().customer.primary.number
+        admin.revoke_customer_id(number=closed, reason="closed")
+        old = admin.issue_customer_id().customer.primary.number
+        admin.rotate_customer_id(number=old, reason="number leaked")
+    batch = [
+        Presented(good, "k1"),
+        Presented(shop, "k1", merchant_id="m-1"),
+        Presented(shop, "k1", merchant_id="m-2"),
+        Presented(web, "k1", channel="online"),
+        Presented(web, "k1", channel="pos"),
+        Presented(held_card, "k1"),
+        Presented(held, "k1"),
+        Presented(closed, "k1"),
+        Presented(old, "k1"),
+        Presented(_forged(good, 12345678), "k1"),
+        Presented("x" * 64, "k1", problem=Verdict.MALFORMED),
+    ]
+    database = server.server.database
+    reads = LocalReads(database)
+    try:
+        read = reads.verdicts(batch)
+    finally:
+        reads.close()
+    written = SqlVerificationStore(database, FailureLimit(0, timedelta(seconds=60))).verify_many(batch)
+    assert read == written
+    assert [answer.verdict for answer in written] == [
+        Verdict.OK,
+        Verdict.OK,
+        Verdict.OUT_OF_SCOPE,
+        Verdict.OK,
+        Verdict.OUT_OF_SCOPE,
+        Verdict.SUSPENDED,
+        Verdict.SUSPENDED,
+        Verdict.REVOKED,
+        Verdict.ROTATED,
+        Verdict.NOT_FOUND,
+        Verdict.MALFORMED,
+    ]
+
+
+def test_an_event_loop_read_that_fails_gives_way_to_the_write_path(tmp_path: Path) -> None:
+    """A read the driver refuses (a database without the table) answers None, for verify_many to decide."""
+    database = Database(f"sqlite:///{tmp_path / 'empty.db'}")
+    reads = LocalReads(database)
+    reader = database.sqlite_reader()
+    try:
+        assert reads.verdicts([Presented("1564201102123456", "k1"), Presented("x", "k1")]) == [None, None]
+        with pytest.raises(sqlite3.OperationalError):  # the driver's reader only reads
+            reader.execute("CREATE TABLE t (x)")
+    finally:
+        reader.close()
+        reads.close()
+        database.dispose()

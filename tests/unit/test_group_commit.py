@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from posguard_server.api.group_commit import GroupCommit
+from posguard_server.api.group_commit import AfterTheAnswer, GroupCommit
+from posguard_server.api.loop_batches import LoopBatch
 
 
 class Recorder:
@@ -198,3 +199,136 @@ def test_one_long_lived_writer_runs_every_batch_and_close_stops_it() -> None:
 
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(after())
+
+
+# -- writes after the answer ---------------------------------------------------------------------------
+
+
+class Gate:
+    """A batch runner that records its batches and holds each until the test opens the gate."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.open = threading.Event()
+        self.fail = fail
+
+    def __call__(self, items: Sequence[str]) -> list[None]:
+        self.open.wait(10)
+        self.batches.append(list(items))
+        if self.fail:
+            raise RuntimeError("the database said no")
+        return [None] * len(items)
+
+
+def test_posted_items_are_held_briefly_and_written_in_one_batch() -> None:
+    gate = Gate()
+    gate.open.set()
+
+    async def run() -> int:
+        later = AfterTheAnswer(GroupCommit(gate, limit=64), backlog=100, linger=0.05, what="items")
+        for i in range(10):
+            await later.post(f"x{i}")  # each returns at once
+        assert gate.batches == []  # held for the linger, not one commit each
+        await asyncio.sleep(0.3)
+        return later.waiting
+
+    assert asyncio.run(run()) == 0
+    assert gate.batches == [[f"x{i}" for i in range(10)]]
+
+
+def test_a_full_batch_goes_without_waiting_for_the_linger() -> None:
+    gate = Gate()
+    gate.open.set()
+
+    async def run() -> None:
+        later = AfterTheAnswer(GroupCommit(gate, limit=4), backlog=100, linger=60, what="items")
+        for i in range(8):
+            await later.post(f"x{i}")
+        await later.flush()
+
+    asyncio.run(run())
+    assert gate.batches == [["x0", "x1", "x2", "x3"], ["x4", "x5", "x6", "x7"]]
+
+
+def test_past_the_backlog_a_caller_waits_for_its_own_write() -> None:
+    gate = Gate()
+
+    async def run() -> tuple[int, bool, int]:
+        later = AfterTheAnswer(GroupCommit(gate, limit=2), backlog=3, linger=0, what="items")
+        for i in range(3):
+            await later.post(f"x{i}")  # within the backlog: at once, though nothing is written yet
+        held = later.waiting
+        fourth = asyncio.create_task(later.post("x3"))
+        await asyncio.sleep(0.2)
+        waited = not fourth.done()  # the writer is stuck: the fourth caller waits
+        gate.open.set()
+        await fourth
+        await later.flush()
+        return held, waited, later.waiting
+
+    held, waited, left = asyncio.run(run())
+    assert held == 3
+    assert waited
+    assert left == 0
+    assert sorted(item for batch in gate.batches for item in batch) == ["x0", "x1", "x2", "x3"]
+
+
+def test_flush_writes_what_is_held_and_waits_for_it() -> None:
+    gate = Gate()
+    gate.open.set()
+
+    async def run() -> None:
+        later = AfterTheAnswer(GroupCommit(gate, limit=64), backlog=100, linger=60, what="items")
+        await later.post("a")
+        await later.post("b")
+        await later.flush()
+        assert later.waiting == 0
+
+    asyncio.run(run())
+    assert gate.batches == [["a", "b"]]
+
+
+def test_a_failed_write_after_the_answer_is_logged_once_without_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = Gate(fail=True)
+    gate.open.set()
+
+    async def run() -> None:
+        later = AfterTheAnswer(GroupCommit(gate, limit=64), backlog=100, linger=0, what="counters")
+        for i in range(5):
+            await later.post(f"x{i}")
+        await later.flush()
+
+    with caplog.at_level("WARNING", logger="posguard_server.api.group_commit"):
+        asyncio.run(run())
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["counters were not stored: RuntimeError"]
+
+
+def test_a_loop_batch_serves_the_calls_of_one_turn_together() -> None:
+    batches: list[list[int]] = []
+
+    def double(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        return [2 * item for item in items]
+
+    async def run() -> list[int]:
+        batch = LoopBatch(double)
+        together = await asyncio.gather(*(batch.submit(i) for i in range(5)))
+        alone = await batch.submit(7)
+        return [*together, alone]
+
+    assert asyncio.run(run()) == [0, 2, 4, 6, 8, 14]
+    assert batches == [[0, 1, 2, 3, 4], [7]]
+
+
+def test_a_loop_batch_that_fails_fails_each_of_its_calls() -> None:
+    def broken(items: Sequence[int]) -> list[int]:
+        raise ValueError("no")
+
+    async def run() -> list[int | BaseException]:
+        batch = LoopBatch(broken)
+        return list(await asyncio.gather(*(batch.submit(i) for i in range(3)), return_exceptions=True))
+
+    assert [type(result) for result in asyncio.run(run())] == [ValueError] * 3

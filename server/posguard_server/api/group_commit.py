@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from posguard_server.domain.deadlines import current_deadline, latest_deadline
+
+log = logging.getLogger(__name__)
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -174,10 +177,15 @@ class GroupCommit(Generic[_Item, _Result]):
         """Stop the writers after what is queued has run; calls after this are refused."""
         self._writers.close()
 
-    def _enqueue(self, items: Sequence[_Item]) -> list[asyncio.Future[_Result]]:
+    def _enqueue(self, items: Sequence[_Item], *, detached: bool = False) -> list[asyncio.Future[_Result]]:
+        """Futures of ``items``, handed to the writers once this turn of the loop is done.
+
+        ``detached``: the items do not run under the current call's deadline (their caller is answered
+        before they are written, see ``AfterTheAnswer``).
+        """
         self._writers.start()
         loop = asyncio.get_running_loop()
-        deadline = current_deadline()
+        deadline = None if detached else current_deadline()
         futures = [loop.create_future() for _ in items]
         if not self._arriving:
             # Handed over once this turn of the loop is done: the calls that arrive together go together.
@@ -208,6 +216,77 @@ class GroupCommit(Generic[_Item, _Result]):
             # A loop that has closed (RuntimeError) has nobody waiting for these answers any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, answers)
+
+
+class AfterTheAnswer(Generic[_Item]):
+    """Items written after their callers were answered, in the batches of a ``GroupCommit``.
+
+    For writes an answer need not wait for (a successful verification's counters). Items are held on the
+    loop for up to ``linger`` seconds, or until a batch's worth has come, so that they reach the writer in
+    full batches instead of one commit each. At most ``backlog`` items are held or written at a time, and
+    those are what a crash can lose: a caller that would exceed the backlog waits for its own item's commit
+    instead, so a writer that falls behind slows callers down rather than letting the loss grow. A batch that
+    fails is logged (its items are lost) and answers nobody. ``flush`` (at shutdown, before the writers
+    close) writes what is held and waits for all of it.
+    """
+
+    def __init__(self, lane: GroupCommit[_Item, Any], *, backlog: int, linger: float, what: str) -> None:
+        if backlog < 0 or linger < 0:
+            raise ValueError("backlog and linger must be at least 0")
+        self._lane = lane
+        self._backlog = backlog
+        self._linger = linger
+        self._what = what  # what the items are, for the log line of a batch that failed
+        self._reported: BaseException | None = None  # a failed batch gives each item the same error
+        self._held: list[_Item] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: set[asyncio.Future[Any]] = set()
+
+    @property
+    def waiting(self) -> int:
+        """Items posted and not written yet (held, queued or being written)."""
+        return len(self._held) + len(self._writing)
+
+    async def post(self, item: _Item) -> None:
+        """Queue ``item``; returns at once, or once it is written when the backlog is full."""
+        self._held.append(item)
+        if self.waiting > self._backlog:
+            mine = self._release()[-1]
+            # Waits without raising: a failure is the done callback's to log, not this caller's to answer.
+            await asyncio.wait([mine])
+        elif len(self._held) >= self._lane.limit:
+            self._release()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._release)
+
+    async def flush(self) -> None:
+        """Hand over what is held and wait until everything posted is written (or has failed)."""
+        self._release()
+        if self._writing:
+            await asyncio.wait(list(self._writing))
+
+    def _release(self) -> list[asyncio.Future[Any]]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        if not held:
+            return []
+        futures = self._lane._enqueue(held, detached=True)
+        for future in futures:
+            self._writing.add(future)
+            future.add_done_callback(self._written)
+        return futures
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        self._writing.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None and error is not self._reported:
+            self._reported = error
+            # Its class only: a driver's message can hold stored values.
+            log.warning("%s were not stored: %s", self._what, type(error).__name__)
 
 
 def _deliver(answers: list[_Answer[_Result]]) -> None:

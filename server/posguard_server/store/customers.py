@@ -207,7 +207,7 @@ class SqlCustomerStore:
         """The stored number and its customer id, or None when it was never issued."""
         with self._db.session(read_only=True) as session:
             row = session.scalar(select(SqlCustomerNumber).where(SqlCustomerNumber.number == number))
-            return (_number(row), row.customer_id) if row is not None else None
+            return (number_of_row(row), row.customer_id) if row is not None else None
 
     def get(
         self,
@@ -361,7 +361,7 @@ class SqlCustomerStore:
                     select(SqlCustomerNumber).where(SqlCustomerNumber.number == done.result_number)
                 )
                 assert earlier is not None
-                return _number(earlier), done.customer_id, True
+                return number_of_row(earlier), done.customer_id, True
             if primary is None:
                 raise NotFound("no customer has this number", reason="NUMBER_NOT_FOUND")
             if primary.kind != NumberKind.STATIC.value or primary.successor_number is not None:
@@ -411,7 +411,7 @@ class SqlCustomerStore:
                 details["channel"] = channel
             append_event(session, actor=actor, action=method, subject=mask(number), details=details, now=now)
             session.flush()
-            return _number(row), primary.customer_id, False
+            return number_of_row(row), primary.customer_id, False
 
     def primary_status(self, customer_id: str) -> CustomerNumber:
         """The customer's current primary number (what a sub number stands for)."""
@@ -424,7 +424,7 @@ class SqlCustomerStore:
                 )
             )
             assert row is not None
-            return _number(row)
+            return number_of_row(row)
 
     def link_external(
         self,
@@ -730,7 +730,7 @@ def numbers_in(connection: Connection, numbers: Collection[str]) -> dict[str, tu
     if not numbers:
         return {}
     rows = connection.execute(_NUMBERS_IN, {"numbers": sorted(numbers)})
-    return {row.number: (_number(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
+    return {row.number: (number_of_row(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
 
 
 def primaries_in(connection: Connection, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
@@ -738,7 +738,7 @@ def primaries_in(connection: Connection, customer_ids: Collection[str]) -> dict[
     if not customer_ids:
         return {}
     rows = connection.execute(_PRIMARIES_IN, {"customers": sorted(customer_ids)})
-    return {row.customer_id: _number(cast(SqlCustomerNumber, row)) for row in rows}
+    return {row.customer_id: number_of_row(cast(SqlCustomerNumber, row)) for row in rows}
 
 
 def externals_in(connection: Connection, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
@@ -751,7 +751,7 @@ def externals_in(connection: Connection, refs: Collection[ExternalRef]) -> dict[
     return found
 
 
-def _number(row: SqlCustomerNumber) -> CustomerNumber:
+def number_of_row(row: SqlCustomerNumber) -> CustomerNumber:
     # Also given Core rows (cast to the class): they have the same attribute names.
     return CustomerNumber(
         number=row.number,
@@ -782,7 +782,7 @@ def customers_in(connection: Connection, customer_ids: Collection[str]) -> dict[
     ids = {"customers": sorted(set(customer_ids))}
     numbers: dict[str, list[CustomerNumber]] = {}
     for row in connection.execute(_NUMBERS_OF, ids):
-        numbers.setdefault(row.customer_id, []).append(_number(cast(SqlCustomerNumber, row)))
+        numbers.setdefault(row.customer_id, []).append(number_of_row(cast(SqlCustomerNumber, row)))
     externals: dict[str, list[ExternalRef]] = {}
     for row in connection.execute(_EXTERNALS_OF, ids):
         externals.setdefault(row.customer_id, []).append(ExternalRef(row.namespace, row.value))

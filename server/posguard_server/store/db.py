@@ -151,6 +151,21 @@ class Database:
     def engine(self) -> Engine:
         return self._engine
 
+    def sqlite_reader(self) -> sqlite3.Connection:
+        """A connection of the sqlite3 driver itself to this SQLite database, for reads on a hot path.
+
+        Read-only (``query_only``), in autocommit mode (each statement reads what is committed when it runs)
+        and without a busy timeout: a read that would wait fails at once (``sqlite3.OperationalError``), so it
+        can run where waiting is not allowed. ValueError on PostgreSQL. The caller closes it.
+        """
+        if self.dialect != "sqlite":
+            raise ValueError("only a SQLite database has a sqlite3 reader")
+        connection = sqlite3.connect(
+            _sqlite_file(self._url), timeout=0, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA query_only = ON")
+        return connection
+
     def observe_writes(self, observer: Callable[[bool], None]) -> None:
         """Tell ``observer`` how every write unit of work ends: True once it committed, False when the
         database failed it (unreachable, full, locked past the busy timeout). Business refusals, deadlines
