@@ -11,7 +11,8 @@ nothing. The customers are then locked, all of a batch at once and in one order;
 that: a number's status, a sub number's primary, an external id's link, a code's enrolment. A status change
 (suspend, revoke, rotate) updates the customer row in its own transaction, so it either committed before the
 lock (and the read after it sees the change) or waits for this batch to commit. On SQLite the writer lock
-taken when the transaction begins serialises all of this anyway.
+taken when the transaction begins serialises all of this anyway, so there the first read is the one that
+decides and is not repeated.
 
 Resolution is not shared with the CustomerIds use cases: VerifyCustomerId records every verification (a
 failure also per caller, and audited), which scoring must not do, and RedeemDynamicCode keys a redemption by
@@ -154,16 +155,20 @@ class ScoringService:
         externals = {p.call.payer.external for p in todo if p.call.payer.external is not None}
         handles = {p.code.handle for p in todo if p.code is not None}
         # Whom to lock; read without a lock, so it decides nothing (see the module's docstring).
-        number_owners = {number: owner for number, (_, owner) in unit.numbers(numbers).items()}
+        first_numbers = unit.numbers(numbers)
+        number_owners = {number: owner for number, (_, owner) in first_numbers.items()}
         external_owners = unit.externals(externals)
         code_owners = unit.enrolment_owners(handles)
         replayed = {p.replay.transaction.customer_id for p in pending if p.replay is not None}
         locked = unit.lock_customers(
             replayed | set(number_owners.values()) | set(external_owners.values()) | set(code_owners.values())
         )
-        # Under the lock: what decides.
-        stored_numbers = unit.numbers(numbers)
-        linked = unit.externals(externals)
+        # Under the lock: what decides. A unit that has held the write lock since it began read it already.
+        if unit.locked_from_start:
+            stored_numbers, linked = first_numbers, external_owners
+        else:
+            stored_numbers = unit.numbers(numbers)
+            linked = unit.externals(externals)
         primaries = unit.primaries(locked)
         for p in todo:
             payer = p.call.payer

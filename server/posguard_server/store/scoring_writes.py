@@ -251,6 +251,9 @@ class ScoringUnit:
         self._session = session
         self._case_decisions = case_decisions
         self._connection = session.connection()
+        # SQLite's units begin with the database's write lock (BEGIN IMMEDIATE, store.db): nothing they read
+        # can change before they end, so what they read before lock_customers need not be read again.
+        self.locked_from_start = self._connection.dialect.name == "sqlite"
         self._earlier = _Earlier({}, {})
         self._locked: set[str] = set()
 
