@@ -100,7 +100,9 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         # its counters written after the answer. Anything else is decided again by the write above.
         self._local_reads = LoopBatch(local_reads.verdicts) if local_reads is not None else None
         self._verified: AfterTheAnswer[Verified] = AfterTheAnswer(
-            GroupCommit(verifications.count_verified, limit=GATEWAY_BATCH, writers=writers),
+            verifications.count_verified,
+            limit=GATEWAY_BATCH,
+            writers=writers,
             backlog=VERIFIED_BACKLOG,
             linger=VERIFIED_LINGER_S,
             what="counters of successful verifications",

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -23,6 +24,8 @@ from typing import Any, Generic, TypeVar
 from posguard_server.domain.deadlines import current_deadline, latest_deadline
 
 log = logging.getLogger(__name__)
+# How often AfterTheAnswer logs the items it lost, at most.
+_LOST_LOG_SECONDS = 60.0
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -219,28 +222,40 @@ class GroupCommit(Generic[_Item, _Result]):
 
 
 class AfterTheAnswer(Generic[_Item]):
-    """Items written after their callers were answered, in the batches of a ``GroupCommit``.
+    """Items written after their callers were answered, in batches on the database's writer threads.
 
     For writes an answer need not wait for (a successful verification's counters). Items are held on the
-    loop for up to ``linger`` seconds, or until a batch's worth has come, so that they reach the writer in
-    full batches instead of one commit each. At most ``backlog`` items are held or written at a time, and
-    those are what a crash can lose: a caller that would exceed the backlog waits for its own item's commit
+    loop for up to ``linger`` seconds, or until ``limit`` have come, so that they reach the writer in full
+    batches instead of one commit each. At most ``backlog`` items are held or written at a time, and those
+    are what a crash can lose: a caller that would exceed the backlog waits for its own item's commit
     instead, so a writer that falls behind slows callers down rather than letting the loss grow. A batch that
-    fails is logged (its items are lost) and answers nobody. ``flush`` (at shutdown, before the writers
-    close) writes what is held and waits for all of it.
+    fails loses its items: they are counted in a log line, at most one a minute. ``flush`` (at shutdown,
+    before the writers close) writes what is held and waits for all of it.
     """
 
-    def __init__(self, lane: GroupCommit[_Item, Any], *, backlog: int, linger: float, what: str) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[_Item]], object],
+        *,
+        limit: int,
+        writers: Writers,
+        backlog: int,
+        linger: float,
+        what: str,
+    ) -> None:
         if backlog < 0 or linger < 0:
             raise ValueError("backlog and linger must be at least 0")
-        self._lane = lane
+        self._run_batch = run_batch
+        self._lane: GroupCommit[_Item, None] = GroupCommit(self._write, limit=limit, writers=writers)
         self._backlog = backlog
         self._linger = linger
         self._what = what  # what the items are, for the log line of a batch that failed
-        self._reported: BaseException | None = None  # a failed batch gives each item the same error
         self._held: list[_Item] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._writing: set[asyncio.Future[Any]] = set()
+        self._writing: set[asyncio.Future[None]] = set()
+        self._losses = threading.Lock()  # batches fail on the writer threads
+        self._lost = 0  # items lost since the last log line
+        self._logged_at = -float("inf")
 
     @property
     def waiting(self) -> int:
@@ -252,7 +267,6 @@ class AfterTheAnswer(Generic[_Item]):
         self._held.append(item)
         if self.waiting > self._backlog:
             mine = self._release()[-1]
-            # Waits without raising: a failure is the done callback's to log, not this caller's to answer.
             await asyncio.wait([mine])
         elif len(self._held) >= self._lane.limit:
             self._release()
@@ -260,12 +274,12 @@ class AfterTheAnswer(Generic[_Item]):
             self._timer = asyncio.get_running_loop().call_later(self._linger, self._release)
 
     async def flush(self) -> None:
-        """Hand over what is held and wait until everything posted is written (or has failed)."""
+        """Hand over what is held and wait until everything posted is written (or lost)."""
         self._release()
         if self._writing:
             await asyncio.wait(list(self._writing))
 
-    def _release(self) -> list[asyncio.Future[Any]]:
+    def _release(self) -> list[asyncio.Future[None]]:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -275,18 +289,23 @@ class AfterTheAnswer(Generic[_Item]):
         futures = self._lane._enqueue(held, detached=True)
         for future in futures:
             self._writing.add(future)
-            future.add_done_callback(self._written)
+            future.add_done_callback(self._writing.discard)
         return futures
 
-    def _written(self, future: asyncio.Future[Any]) -> None:
-        self._writing.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None and error is not self._reported:
-            self._reported = error
-            # Its class only: a driver's message can hold stored values.
-            log.warning("%s were not stored: %s", self._what, type(error).__name__)
+    def _write(self, items: Sequence[_Item]) -> list[None]:
+        """Run on a writer thread: a failure is logged here, not handed to callers long answered."""
+        try:
+            self._run_batch(items)
+        except Exception as error:
+            with self._losses:
+                self._lost += len(items)
+                now = time.monotonic()
+                # A database that refuses writes fails every batch (one each ``linger``): a line a minute.
+                if now - self._logged_at >= _LOST_LOG_SECONDS:
+                    # Its class only: a driver's message can hold stored values.
+                    log.warning("%d %s were not stored: %s", self._lost, self._what, type(error).__name__)
+                    self._logged_at, self._lost = now, 0
+        return [None] * len(items)
 
 
 def _deliver(answers: list[_Answer[_Result]]) -> None:

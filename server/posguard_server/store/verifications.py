@@ -117,7 +117,7 @@ class SqlVerificationStore:
         self._limit = limit
         self._count_failures = _count_failures_statement(database.dialect)
 
-    def count_verified(self, items: Sequence[Verified]) -> list[None]:
+    def count_verified(self, items: Sequence[Verified]) -> None:
         """Move the counters of successful verifications already answered: one executemany, one commit."""
         verified: Counter[str] = Counter()
         latest: dict[str, datetime] = {}
@@ -132,7 +132,6 @@ class SqlVerificationStore:
                     for n in sorted(verified)  # in one order, as _write does
                 ],
             )
-        return [None] * len(items)
 
     def verify_many(self, items: Sequence[Presented]) -> list[Verification]:
         """Verify ``items`` in one transaction, in order; one answer per item."""
