@@ -301,3 +301,13 @@ def test_the_detail_never_repeats_event_content() -> None:
     assert report.problem is AuditProblem.EDITED
     assert "SECRET" not in report.detail
     assert "1564" not in report.detail
+
+
+def test_the_encoding_is_frozen() -> None:
+    """Hashes computed by earlier releases, which every stored log holds: they must not change."""
+    assert _chain(3)[-1].hash == "7e9d82015dc868e5fa62f47359c98b1331aa1bc946fb86c60e0759be8760c9d3"
+    details = {"reason": 'lost "card" \u00e9\\n', "b": ""}  # quotes, a non-ASCII letter, a backslash
+    assert (
+        event_hash(7, T0, "k\u00e9y", "customer.suspended", "1564 **** **** **** 0007", details, GENESIS_HASH)
+        == "0d2ef3a9cb4269b4fb448a907775d7c3f479e0004c0e36738d195d8863dd29a7"
+    )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import BigInteger, CheckConstraint, Integer, String, Text, insert, select
+from sqlalchemy import BigInteger, CheckConstraint, Integer, String, Text, bindparam, insert, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from posguard_server.domain.audit import (
@@ -90,6 +90,16 @@ class SqlAuditHead(Base):
     hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
 
 
+_HEAD = cast("Table", SqlAuditHead.__table__)
+# Core statements built once: an append reads and moves the head without the ORM's unit of work.
+_LOCK_HEAD = select(_HEAD.c.sequence, _HEAD.c.hash).where(_HEAD.c.id == _HEAD_ID).with_for_update()
+_MOVE_HEAD = (
+    update(_HEAD)
+    .where(_HEAD.c.id == _HEAD_ID)
+    .values(sequence=bindparam("b_sequence"), hash=bindparam("b_hash"))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event to append: who did what to which subject; ``details`` as for ``append_event``."""
@@ -133,9 +143,8 @@ def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -
     # Write the caller's pending changes before taking the head lock, so the lock is the last one taken and
     # is held for as short a time as possible.
     session.flush()
-    head = session.scalars(
-        select(SqlAuditHead).where(SqlAuditHead.id == _HEAD_ID).with_for_update()
-    ).one_or_none()
+    connection = session.connection()
+    head = connection.execute(_LOCK_HEAD).one_or_none()
     if head is None:
         # Refusing the change is better than recording it in a log whose end can no longer be checked.
         raise FailedPrecondition(
@@ -156,7 +165,7 @@ def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -
         )
         made.append(event)
         sequence, previous = event.sequence, event.hash
-    session.connection().execute(
+    connection.execute(
         _INSERT_EVENT,
         [
             {
@@ -172,8 +181,7 @@ def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -
             for event in made
         ],
     )
-    head.sequence, head.hash = sequence, previous
-    session.flush()
+    connection.execute(_MOVE_HEAD, {"b_sequence": sequence, "b_hash": previous})
     return made
 
 
