@@ -224,12 +224,13 @@ class Profile:
         """The feature vector of ``event`` against this (earlier) history, in ``FEATURES`` order."""
         log_amount = math.log1p(event.amount)
         # math.fsum (correctly rounded) in both implementations, so they agree whatever the summation order.
+        # Over lists, not generators: a quarter of the time, for a profile full of recent entries.
+        since = event.time - BURST_WINDOW
         burst = math.fsum(
-            max(0.0, above - LARGE_MARGIN)
-            for time, _, above in self.recent
-            if time >= event.time - BURST_WINDOW
+            [above - LARGE_MARGIN for time, _, above in self.recent if time >= since and above > LARGE_MARGIN]
         )
-        spend = math.fsum(amount for time, amount, _ in self.recent if time >= event.time - SPEND_WINDOW)
+        since = event.time - SPEND_WINDOW
+        spend = math.fsum([amount for time, amount, _ in self.recent if time >= since])
         return np.array(
             [
                 self.above_usual(event.amount),
@@ -276,11 +277,13 @@ class Profile:
 
     def recent_large(self, at: float) -> int:
         """How many transactions of the previous 2 hours were unusually large (for explanations)."""
-        return sum(1 for time, _, above in self.recent if time >= at - BURST_WINDOW and above > LARGE_MARGIN)
+        since = at - BURST_WINDOW
+        return len([1 for time, _, above in self.recent if time >= since and above > LARGE_MARGIN])
 
     def spend_ratio(self, event: Event) -> float:
         """Spend over the last 24 h (this one included) as a multiple of the average daily spend."""
-        spend = sum(amount for time, amount, _ in self.recent if time >= event.time - SPEND_WINDOW)
+        since = event.time - SPEND_WINDOW
+        spend = sum([amount for time, amount, _ in self.recent if time >= since])
         daily = self.total_spend / max((event.time - self.first_time) / DAY, 1.0) if self.count else 0.0
         return (spend + event.amount) / daily if daily > 0 else math.inf
 
