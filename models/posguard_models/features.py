@@ -50,7 +50,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Final
 
@@ -298,6 +298,10 @@ class Profile:
         return math.expm1(log_distance) if log_distance is not None and self.located else None
 
     # -- update ---------------------------------------------------------------------------------------
+
+    def copy(self) -> Profile:
+        """A copy that can move on (``update``) while this one stays as it was: its lists are its own."""
+        return replace(self, recent=list(self.recent), hours=list(self.hours), places=list(self.places))
 
     def update(self, event: Event) -> None:
         """Fold ``event`` into the state (after its features were taken)."""

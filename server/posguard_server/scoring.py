@@ -27,7 +27,7 @@ import time
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar, cast
 
@@ -714,8 +714,8 @@ class RiskEngine:
                 x, mine.forest if mine else None, mine.sample_count if mine else 0, shadow_terminal
             )
             shadow_version, shadow_risk = shadow.run.version, shadow_score.risk_score
-        # The profile as it was stays for the explanation; the copy moves on (update replaces ``recent``).
-        after = replace(profile, recent=list(profile.recent))
+        # The profile as it was stays for the explanation (its hours and places too); the copy moves on.
+        after = profile.copy()
         after.update(event)
         prepared = Prepared(
             new_state=after.to_bytes(),

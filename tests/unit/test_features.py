@@ -302,3 +302,18 @@ def test_a_damaged_profile_is_a_clear_error(data: bytes) -> None:
 def test_rows_out_of_time_order_are_refused() -> None:
     with pytest.raises(ValueError, match="time order"):
         batch_features(np.array(["a", "a"], dtype=object), np.array([2.0, 1.0]), np.array([1.0, 1.0]))
+
+
+def test_a_copy_moves_on_and_the_profile_it_came_from_stays_as_it_was() -> None:
+    """The server explains a score from the profile before the transaction and stores the copy after it: the
+    explanation's hours and places ("3 of this customer's 5 earlier transactions...") must not count it."""
+    profile = Profile()
+    for i in range(5):
+        profile.update(Event(1_700_000_000.0 + i * 3600, 20.0, f"t{i}", 40.0, -73.0))
+    before = Profile.from_bytes(profile.to_bytes())
+    after = profile.copy()
+    after.update(Event(1_700_000_000.0 + 10 * 3600, 900.0, "new", 48.0, 2.0))
+    assert profile == before
+    assert after.count == 6
+    assert sum(after.hours) == 6
+    assert len(after.places) == 6
