@@ -742,6 +742,9 @@ class Prober:
 
     def check(self, rpc: Rpc, requests: Sequence[Any], *, raw: bool) -> Answer:
         database = self.world.server.server.database
+        # What follows earlier answers (a successful verification's counters) is written first, so that
+        # all that can differ afterwards is this call's doing.
+        self.world.server.run(self.world.server.server.flush())
         before = fingerprint(database, self.tables, without_signals=True)
         answer = call(self.channel, rpc, requests, self.world, raw=raw)
         self.count(rpc, answer.code.name)
