@@ -10,7 +10,7 @@ import json
 import sqlite3
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,7 @@ from posguard_server.store.caller_limits import SqlCallerFailures
 from posguard_server.store.customers import SqlCustomerNumber, SqlCustomerStore
 from posguard_server.store.db import Database
 from posguard_server.store.migrate import upgrade
-from posguard_server.store.verifications import LocalReads, Presented, SqlVerificationStore
+from posguard_server.store.verifications import LocalReads, Presented, SqlVerificationStore, Verified
 
 from .conftest import race_a_revocation
 
@@ -240,6 +240,30 @@ def test_counters_of_successes_answered_are_written_soon_after_and_all_at_shutdo
     verify(10)
     running.stop()  # right after the answers: what is still held is written before the server lets go
     assert _counters(running, number) == (110, 0)
+
+
+def test_counters_of_a_batch_move_by_the_number_of_successes_and_keep_the_latest_time(
+    running: RunningServer,
+) -> None:
+    """``count_verified`` (one statement on SQLite): a number twice in a batch moves by two, to its latest
+    time, and a number the batch does not name is left as it was."""
+    with posguard.Client(running.target, api_key=running.key("admin")) as admin:
+        twice, once, untouched = (admin.issue_customer_id().customer.primary.number for _ in range(3))
+    store = SqlVerificationStore(running.server.database, FailureLimit(0, timedelta(minutes=1)))
+    earlier = datetime(2026, 3, 1, 9, 30, 15, 250_000, tzinfo=UTC)
+    later = earlier + timedelta(seconds=2, microseconds=1)
+    store.count_verified([Verified(twice, later), Verified(once, earlier), Verified(twice, earlier)])
+    with running.server.database.session(read_only=True) as session:
+        rows = {
+            row.number: row
+            for row in session.scalars(
+                select(SqlCustomerNumber).where(SqlCustomerNumber.number.in_([twice, once, untouched]))
+            )
+        }
+    assert (rows[twice].verifications, rows[twice].last_verified_at) == (2, later)
+    assert (rows[once].verifications, rows[once].last_verified_at) == (1, earlier)
+    assert (rows[untouched].verifications, rows[untouched].last_verified_at) == (0, None)
+    assert {row.failed_verifications for row in rows.values()} == {0}
 
 
 def test_the_event_loop_read_decides_as_the_write_transaction_does(server: RunningServer) -> None:

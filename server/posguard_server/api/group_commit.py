@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -243,16 +244,19 @@ class AfterTheAnswer(Generic[_Item]):
         linger: float,
         what: str,
     ) -> None:
-        if backlog < 0 or linger < 0:
-            raise ValueError("backlog and linger must be at least 0")
+        if limit < 1 or backlog < 0 or linger < 0:
+            raise ValueError("limit must be at least 1, backlog and linger at least 0")
         self._run_batch = run_batch
-        self._lane: GroupCommit[_Item, None] = GroupCommit(self._write, limit=limit, writers=writers)
+        # A released batch is one item of the lane: one future and one callback a batch, not one an item.
+        self._lane: GroupCommit[list[_Item], None] = GroupCommit(self._write, limit=1, writers=writers)
+        self._limit = limit
         self._backlog = backlog
         self._linger = linger
         self._what = what  # what the items are, for the log line of a batch that failed
         self._held: list[_Item] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._writing: set[asyncio.Future[None]] = set()
+        self._writing: set[asyncio.Future[None]] = set()  # batches handed to the writers, not written yet
+        self._unwritten = 0  # the items of those batches
         self._losses = threading.Lock()  # batches fail on the writer threads
         self._lost = 0  # items lost since the last log line
         self._logged_at = -float("inf")
@@ -260,15 +264,16 @@ class AfterTheAnswer(Generic[_Item]):
     @property
     def waiting(self) -> int:
         """Items posted and not written yet (held, queued or being written)."""
-        return len(self._held) + len(self._writing)
+        return len(self._held) + self._unwritten
 
     async def post(self, item: _Item) -> None:
         """Queue ``item``; returns at once, or once it is written when the backlog is full."""
         self._held.append(item)
         if self.waiting > self._backlog:
-            mine = self._release()[-1]
-            await asyncio.wait([mine])
-        elif len(self._held) >= self._lane.limit:
+            mine = self._release()
+            assert mine is not None  # ``item`` was held
+            await asyncio.wait([mine])  # not ``await mine``: a caller cancelled must not cancel the batch
+        elif len(self._held) >= self._limit:
             self._release()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._linger, self._release)
@@ -279,21 +284,27 @@ class AfterTheAnswer(Generic[_Item]):
         if self._writing:
             await asyncio.wait(list(self._writing))
 
-    def _release(self) -> list[asyncio.Future[None]]:
+    def _release(self) -> asyncio.Future[None] | None:
+        """Hand what is held to the writers as one batch; its future (None when nothing was held)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         held, self._held = self._held, []
         if not held:
-            return []
-        futures = self._lane._enqueue(held, detached=True)
-        for future in futures:
-            self._writing.add(future)
-            future.add_done_callback(self._writing.discard)
-        return futures
+            return None
+        future = self._lane._enqueue([held], detached=True)[0]
+        self._writing.add(future)
+        self._unwritten += len(held)
+        future.add_done_callback(functools.partial(self._written, len(held)))
+        return future
 
-    def _write(self, items: Sequence[_Item]) -> list[None]:
+    def _written(self, count: int, future: asyncio.Future[None]) -> None:
+        self._writing.discard(future)
+        self._unwritten -= count
+
+    def _write(self, batches: Sequence[list[_Item]]) -> list[None]:
         """Run on a writer thread: a failure is logged here, not handed to callers long answered."""
+        items = [item for batch in batches for item in batch]
         try:
             self._run_batch(items)
         except Exception as error:
@@ -305,7 +316,7 @@ class AfterTheAnswer(Generic[_Item]):
                     # Its class only: a driver's message can hold stored values.
                     log.warning("%d %s were not stored: %s", self._lost, self._what, type(error).__name__)
                     self._logged_at, self._lost = now, 0
-        return [None] * len(items)
+        return [None] * len(batches)
 
 
 def _deliver(answers: list[_Answer[_Result]]) -> None:

@@ -47,6 +47,11 @@ REVOKE_REASON_MAX = 500
 REQUEST_ID_MAX = 128
 
 
+def sqlite_time(value: datetime) -> str:
+    """``value`` as the text :class:`UTCDateTime` keeps on SQLite, for a statement run through the driver."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A point in time, stored as UTC and always read back as a timezone-aware UTC ``datetime``.
 
