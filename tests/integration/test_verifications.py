@@ -245,23 +245,35 @@ def test_counters_of_successes_answered_are_written_soon_after_and_all_at_shutdo
 def test_counters_of_a_batch_move_by_the_number_of_successes_and_keep_the_latest_time(
     running: RunningServer,
 ) -> None:
-    """``count_verified`` (one statement on SQLite): a number twice in a batch moves by two, to its latest
-    time, and a number the batch does not name is left as it was."""
+    """``count_verified`` (one statement on SQLite, padded to four rows here): a number twice in a batch moves
+    by two, to its latest time, and a number the batch does not name is left as it was."""
     with posguard.Client(running.target, api_key=running.key("admin")) as admin:
-        twice, once, untouched = (admin.issue_customer_id().customer.primary.number for _ in range(3))
+        twice, once, also_once, untouched = (
+            admin.issue_customer_id().customer.primary.number for _ in range(4)
+        )
     store = SqlVerificationStore(running.server.database, FailureLimit(0, timedelta(minutes=1)))
     earlier = datetime(2026, 3, 1, 9, 30, 15, 250_000, tzinfo=UTC)
     later = earlier + timedelta(seconds=2, microseconds=1)
-    store.count_verified([Verified(twice, later), Verified(once, earlier), Verified(twice, earlier)])
+    store.count_verified(
+        [
+            Verified(twice, later),
+            Verified(once, earlier),
+            Verified(twice, earlier),
+            Verified(also_once, later),
+        ]
+    )
     with running.server.database.session(read_only=True) as session:
         rows = {
             row.number: row
             for row in session.scalars(
-                select(SqlCustomerNumber).where(SqlCustomerNumber.number.in_([twice, once, untouched]))
+                select(SqlCustomerNumber).where(
+                    SqlCustomerNumber.number.in_([twice, once, also_once, untouched])
+                )
             )
         }
     assert (rows[twice].verifications, rows[twice].last_verified_at) == (2, later)
     assert (rows[once].verifications, rows[once].last_verified_at) == (1, earlier)
+    assert (rows[also_once].verifications, rows[also_once].last_verified_at) == (1, later)
     assert (rows[untouched].verifications, rows[untouched].last_verified_at) == (0, None)
     assert {row.failed_verifications for row in rows.values()} == {0}
 

@@ -145,7 +145,11 @@ class SqlVerificationStore:
                 # once a row, and the driver lets go of the interpreter lock at each step: a writer thread
                 # beside a busy event loop then waits for it again every row (up to the switch interval).
                 values = [v for n in numbers for v in (n, verified[n], sqlite_time(latest[n]))]
-                connection.exec_driver_sql(_count_sqlite(len(numbers)), tuple(values))
+                # Padded to a power of two with rows of no number, which match none: a few statement texts
+                # instead of one a batch size, so the driver's cache of prepared statements keeps the others.
+                rows = 1 << (len(numbers) - 1).bit_length()
+                values += ["", 0, ""] * (rows - len(numbers))
+                connection.exec_driver_sql(_count_sqlite(rows), tuple(values))
                 return
             connection.execute(
                 _COUNT,
