@@ -3,13 +3,14 @@
     .venv/bin/python bench/handler_cost.py [--calls 20000] [--inflight 1,64] [--repeats 5]
         [--without-counters]
 
-A server is built as ``posguard-server serve`` builds it (SQLite in a temporary folder, access log off as in
-``rpc_bench``), 200 customers are issued through the Python client, and then the method's handler, composed
-with the request pipeline exactly as the server registers it, is called ``--calls`` times on the server's
-own event loop with ``--inflight`` calls at a time, cycling over the customers' numbers. Reported: the
-median over ``--repeats`` passes of wall time and process CPU (every thread: the event loop and the writer
-that moves the counters) per call. ``--without-counters`` skips posting the counters of each success, to see
-what they cost. The gRPC stack's own work is not in these figures; ``rpc_bench`` measures the whole call.
+A server is built as ``posguard-server serve`` builds it (SQLite in a temporary folder, removed afterwards;
+access log off as in ``rpc_bench``), 200 customers are issued through the Python client, and then the method's
+handler, composed with the request pipeline exactly as the server registers it, is called ``--calls`` times on
+the server's own event loop with ``--inflight`` calls at a time, cycling over the customers' numbers.
+Reported: the median over ``--repeats`` passes of wall time and process CPU (every thread: the event loop and
+the writer that moves the counters) per call. ``--without-counters`` skips posting the counters of each
+success, to see what they cost. The gRPC stack's own work is not in these figures; ``rpc_bench`` measures the
+whole call.
 """
 
 from __future__ import annotations
@@ -96,7 +97,12 @@ def main() -> None:
     args = parser.parse_args()
 
     composed = _capture_composed()
-    data_dir = Path(tempfile.mkdtemp(prefix="posguard-handler-cost-"))
+    # The data folder holds the database and the key ring: removed afterwards, whatever happens.
+    with tempfile.TemporaryDirectory(prefix="posguard-handler-cost-") as folder:
+        _measure(args, composed, Path(folder))
+
+
+def _measure(args: argparse.Namespace, composed: dict[str, tuple[Any, Any]], data_dir: Path) -> None:
     settings = Settings(
         listen="127.0.0.1:0",
         data_dir=data_dir,
