@@ -34,7 +34,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ from sqlalchemy.engine import make_url
 from posguard_server.app import build_server
 from posguard_server.config import Settings
 from posguard_server.services.scoring import ScoreCall, Scoring, ScoringService
-from posguard_server.store.db import normalize_url
+from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.scratch import scratch_postgres_database
+from posguard_server.store.sqlite_driver import DriverConnection
 
 _TOKEN_ENV = "POSGUARD_BENCH_TOKEN"  # noqa: S105 (the name of a variable)
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
@@ -95,18 +97,7 @@ class Hooks:
         def execute(
             conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
         ) -> None:
-            with self._lock:
-                c = self.counts
-                if not self._in_batch():
-                    c.other_statements += 1
-                    return
-                c.statements += 1
-                c.kinds[_kind(statement, executemany)] += 1
-                if executemany:
-                    c.executemany += 1
-                    c.parameter_sets += len(parameters)
-                else:
-                    c.parameter_sets += 1
+            self._count(statement, len(parameters) if executemany else None)
 
         def commit(conn: Any) -> None:
             if self._in_batch():
@@ -121,6 +112,59 @@ class Hooks:
         event.listen(engine, "before_cursor_execute", execute)
         event.listen(engine, "commit", commit)
         event.listen(engine, "rollback", rollback)
+
+    def _count(self, statement: str, parameter_sets: int | None) -> None:
+        """One statement sent; ``parameter_sets`` None for a single execution, else an executemany's."""
+        with self._lock:
+            c = self.counts
+            if not self._in_batch():
+                c.other_statements += 1
+                return
+            c.statements += 1
+            c.kinds[_kind(statement, parameter_sets is not None)] += 1
+            if parameter_sets is not None:
+                c.executemany += 1
+                c.parameter_sets += parameter_sets
+            else:
+                c.parameter_sets += 1
+
+    def wrap_driver(self) -> None:
+        """Count what SQLite's scoring unit sends through the sqlite3 driver (``store.sqlite_driver``),
+        which SQLAlchemy's events do not see: its statements, and each unit's BEGIN and its end."""
+        execute, unit = DriverConnection.execute, Database.sqlite_unit
+        texts: dict[int, str] = {}
+
+        def counted_execute(connection: DriverConnection, statement: Any, parameters: Any = None) -> Any:
+            text = texts.get(id(statement))
+            if text is None:
+                text = texts[id(statement)] = str(statement.compile(dialect=DriverConnection.dialect))
+            # As SQLAlchemy's events count them: a list of one set of parameters is a single execution.
+            many = (
+                None
+                if parameters is None or isinstance(parameters, dict) or len(parameters) == 1
+                else len(parameters)
+            )
+            self._count(text, many)
+            return execute(connection, statement, parameters)
+
+        @contextmanager
+        def counted_unit(database: Database) -> Iterator[Any]:
+            self._count("BEGIN IMMEDIATE", None)
+            committed = False
+            try:
+                with unit(database) as connection:
+                    yield connection
+                committed = True
+            finally:
+                if self._in_batch():
+                    with self._lock:
+                        if committed:
+                            self.counts.commits += 1
+                        else:
+                            self.counts.rollbacks += 1
+
+        setattr(DriverConnection, "execute", counted_execute)  # noqa: B010 (mypy forbids assigning a method)
+        setattr(Database, "sqlite_unit", counted_unit)  # noqa: B010
 
     def wrap_scoring(self) -> None:
         """Count the batches: the group-commit writers call ``score_many`` once per batch (patch before
@@ -372,6 +416,7 @@ async def measure_storage(
 async def measure(args: argparse.Namespace) -> list[Mode]:
     hooks = Hooks()
     hooks.wrap_scoring()
+    hooks.wrap_driver()
     results: list[Mode] = []
     with tempfile.TemporaryDirectory(prefix="posguard-write-cost-") as tmp:
         settings, token = prepare(Path(tmp) / "sqlite", None)

@@ -69,10 +69,11 @@ from posguard_server.store.risk_tables import (
 from posguard_server.store.schema import PRINCIPAL_MAX, Base
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Table
+    from sqlalchemy import Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 ASSIGNED = "case.assigned"
 RESOLVED = "case.resolved"
@@ -169,7 +170,7 @@ def case_row(
     }
 
 
-def insert_cases(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def insert_cases(connection: Runs, rows: list[dict[str, Any]]) -> None:
     """Store transactions' cases in one executemany, in the transaction that stores the transactions."""
     if rows:
         connection.execute(_INSERT_CASES, rows)

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 NUMBER_MAX = 40
 CUSTOMER_ID_MAX = 32
@@ -725,7 +726,7 @@ _EXTERNALS_OF = (
 )
 
 
-def numbers_in(connection: Connection, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
+def numbers_in(connection: Runs, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
     """The stored numbers among ``numbers``, each with its customer id."""
     if not numbers:
         return {}
@@ -733,7 +734,7 @@ def numbers_in(connection: Connection, numbers: Collection[str]) -> dict[str, tu
     return {row.number: (number_of_row(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
 
 
-def primaries_in(connection: Connection, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
+def primaries_in(connection: Runs, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
     """Each customer's current primary number (the static number that has not been replaced)."""
     if not customer_ids:
         return {}
@@ -741,7 +742,7 @@ def primaries_in(connection: Connection, customer_ids: Collection[str]) -> dict[
     return {row.customer_id: number_of_row(cast(SqlCustomerNumber, row)) for row in rows}
 
 
-def externals_in(connection: Connection, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
+def externals_in(connection: Runs, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
     """The customer each linked external id among ``refs`` names."""
     found: dict[ExternalRef, str] = {}
     for namespace in sorted({ref.namespace for ref in refs}):

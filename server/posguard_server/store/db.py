@@ -1,8 +1,8 @@
-"""The database handle: engine set-up per backend and the one session scope every store uses.
+"""The database handle: engine set-up per backend and the units of work every store uses.
 
-``Database.session()`` is the only place that commits, rolls back and closes, and the only place that turns
-driver exceptions into domain errors, so stores stay free of ``try``/``except`` around SQL and no driver
-message can reach a client.
+``Database.session()`` (and, for SQLite's scoring unit, ``Database.sqlite_unit()``, which ends the same way)
+is the only place that commits, rolls back and closes, and the only place that turns driver exceptions into
+domain errors, so stores stay free of ``try``/``except`` around SQL and no driver message can reach a client.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,9 @@ class Database:
             bind=self._engine.execution_options(**{_READ_ONLY_OPTION: True}), expire_on_commit=False
         )
         self._write_observers: list[Callable[[bool], None]] = []
+        # sqlite_unit's connections not in use.
+        self._driver_lock = threading.Lock()
+        self._driver_idle: list[sqlite3.Connection] = []
 
     def _sqlite_engine(self, *, pool_size: int, max_overflow: int) -> Engine:
         path = _sqlite_file(self._url)
@@ -195,14 +199,70 @@ class Database:
         check_deadline()  # a caller that has already given up gets no work done
         session = (self._read_sessions if read_only else self._sessions)()
         try:
-            yield session
-            # The last moment to change course: past the caller's deadline, roll back rather than write an
-            # answer nobody will receive. (A deadline passing during the commit itself leaves a whole,
-            # committed unit of work, which a retry with the same request id replays.)
-            check_deadline()
-            session.commit()
+            with self._ending(session.rollback, read_only=read_only):
+                yield session
+                # The last moment to change course: past the caller's deadline, roll back rather than write
+                # an answer nobody will receive. (A deadline passing during the commit itself leaves a whole,
+                # committed unit of work, which a retry with the same request id replays.)
+                check_deadline()
+                session.commit()
+        finally:
+            session.close()
+
+    @contextmanager
+    def sqlite_unit(self) -> Iterator[sqlite3.Connection]:
+        """A write unit of work on a connection of the sqlite3 driver itself: ``session()``'s contract.
+
+        For the scoring unit (``store.sqlite_driver``), where SQLAlchemy's own work per transaction cost more
+        than the transaction. It begins with the write lock (``BEGIN IMMEDIATE``) like a session, commits on
+        success and rolls back on any exception; errors leave as ``session()``'s do. Connections are kept
+        for the next unit (one per thread writing at once), configured as the engine's are. ValueError on
+        PostgreSQL.
+        """
+        if self.dialect != "sqlite":
+            raise ValueError("only a SQLite database has sqlite3 units")
+        check_deadline()
+        connection = self._driver_connection()
+        healthy = False
+        try:
+            with self._ending(connection.rollback, read_only=False):
+                connection.execute("BEGIN IMMEDIATE")
+                yield connection
+                check_deadline()
+                connection.execute("COMMIT")
+            healthy = True
+        except PosguardError as error:
+            # A refusal or a deadline leaves the connection as good as it was; a database failure may not.
+            healthy = not isinstance(error, Unavailable)
+            raise
+        finally:
+            if healthy and not connection.in_transaction:
+                with self._driver_lock:
+                    self._driver_idle.append(connection)
+            else:
+                connection.close()
+
+    def _driver_connection(self) -> sqlite3.Connection:
+        with self._driver_lock:
+            if self._driver_idle:
+                return self._driver_idle.pop()
+        connection = sqlite3.connect(
+            _sqlite_file(self._url),
+            timeout=_SQLITE_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        _configure_sqlite(connection)
+        return connection
+
+    @contextmanager
+    def _ending(self, rollback: Callable[[], object], *, read_only: bool) -> Iterator[None]:
+        """How a unit of work ends: on an exception, roll back and raise it as a domain error where it is one;
+        either way, tell the write observers."""
+        try:
+            yield
         except BaseException as exc:
-            _rollback_quietly(session)
+            _rollback_quietly(rollback)
             if isinstance(exc, PosguardError) or not isinstance(exc, Exception):
                 raise
             translated = translate_error(exc)
@@ -216,12 +276,14 @@ class Database:
         else:
             if not read_only:
                 self._wrote(True)
-        finally:
-            session.close()
 
     def dispose(self) -> None:
         """Close every pooled connection; the engine reconnects if used again."""
         self._engine.dispose()
+        with self._driver_lock:
+            idle, self._driver_idle = self._driver_idle, []
+        for connection in idle:
+            connection.close()
 
     def __repr__(self) -> str:
         return f"Database({self._url.render_as_string(hide_password=True)!r})"
@@ -244,7 +306,7 @@ def rerun_on_conflict(run: Callable[[], _T]) -> _T:
 
 def translate_error(exc: BaseException) -> PosguardError | None:
     """The domain error a driver exception stands for, or None when it is not a database condition."""
-    if isinstance(exc, sa_exc.IntegrityError):
+    if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError)):
         log.warning("database rejected a write: %s", _describe(exc))
         return AlreadyExists("the resource already exists", reason="ALREADY_EXISTS")
     if _is_unavailable(exc):
@@ -279,9 +341,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {orig}"
 
 
-def _rollback_quietly(session: Session) -> None:
+def _rollback_quietly(rollback: Callable[[], object]) -> None:
     try:
-        session.rollback()
+        rollback()
     except Exception:
         # The original exception matters more; a dead connection often cannot roll back anyway.
         log.debug("rollback failed", exc_info=True)
@@ -315,6 +377,10 @@ def _ping_idle_connections(engine: Engine) -> None:
 
 
 def _on_sqlite_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+    _configure_sqlite(dbapi_connection)
+
+
+def _configure_sqlite(dbapi_connection: sqlite3.Connection) -> None:
     # Take transaction control away from the sqlite3 module, whose legacy mode issues BEGIN only before
     # DML: SELECTs would escape the transaction and DDL would auto-commit. _on_sqlite_begin issues BEGIN.
     dbapi_connection.isolation_level = None

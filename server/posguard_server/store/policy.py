@@ -56,10 +56,10 @@ from posguard_server.store.risk_tables import CHUNK, FRAUD_LABELS, SqlRiskTransa
 from posguard_server.store.schema import PRINCIPAL_MAX, Base
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 NAME_MAX = 64
 VALUE_MAX = 128
@@ -602,7 +602,7 @@ _NUMBER_SIGNALS = (
 
 
 def places_seen(
-    connection: Connection, customers: set[str], merchants: set[str], terminals: set[str]
+    connection: Runs, customers: set[str], merchants: set[str], terminals: set[str]
 ) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
     """The (customer, merchant) and (customer, terminal) pairs among these that history already holds."""
     seen_merchants: set[tuple[str, str]] = set()
@@ -620,7 +620,7 @@ def places_seen(
     return seen_merchants, seen_terminals
 
 
-def number_signals(connection: Connection, customers: set[str], now: datetime) -> dict[str, NumberSignals]:
+def number_signals(connection: Runs, customers: set[str], now: datetime) -> dict[str, NumberSignals]:
     """Per customer: failed verifications of their numbers, replayed codes, days since the last rotation."""
     found: dict[str, NumberSignals] = {}
     for chunk in chunks(sorted(customers), CHUNK):

@@ -55,9 +55,10 @@ from posguard_server.store.risk_tables import (
     transaction_values,
     utc,
 )
+from posguard_server.store.sqlite_driver import DriverConnection, Runs
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement, Connection, Select, Table
+    from sqlalchemy import ColumnElement, Select, Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -210,10 +211,19 @@ class SqlScoringStore:
         raise AssertionError("unreachable")
 
     @contextmanager
-    def scoring_unit(self) -> Iterator[ScoringUnit]:
-        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit."""
-        with self._db.session() as session:
-            yield ScoringUnit(session, self._case_decisions)
+    def scoring_unit(self, *, redeems: bool = False) -> Iterator[ScoringUnit]:
+        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit.
+
+        ``redeems``: the unit will redeem dynamic codes, which takes an ORM session. On SQLite a unit that
+        does not runs its statements through the sqlite3 driver (``store.sqlite_driver``), where
+        SQLAlchemy's own work per transaction and statement was most of a lone score's writing.
+        """
+        if self._db.dialect == "sqlite" and not redeems:
+            with self._db.sqlite_unit() as connection:
+                yield ScoringUnit(DriverConnection(connection), None, self._case_decisions)
+        else:
+            with self._db.session() as session:
+                yield ScoringUnit(session.connection(), session, self._case_decisions)
 
     def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
         with self._db.session(read_only=True) as session:
@@ -241,16 +251,22 @@ class ScoringUnit:
     status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
     kept unless the whole block commits.
 
-    The statements are SQLAlchemy Core, built once, on the session's connection: no ORM objects, no unit of
-    work, no reading back what was just written. A batch's transactions go in one executemany (pipelined by
-    psycopg on PostgreSQL: one round trip), its profiles in one more, and the review cases its decisions
-    open (``case_decisions``) in one more. Only a dynamic code's redemption uses the ORM session.
+    The statements are SQLAlchemy Core, built once, run on the session's connection or, on SQLite, through
+    the driver (``DriverConnection``): no ORM objects, no unit of work, no reading back what was just
+    written. A batch's transactions go in one executemany (pipelined by psycopg on PostgreSQL: one round
+    trip), its profiles in one more, and the review cases its decisions open (``case_decisions``) in one
+    more. Only a dynamic code's redemption uses an ORM session, and only a unit given one can redeem.
     """
 
-    def __init__(self, session: Session, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
+    def __init__(
+        self,
+        connection: Runs,
+        session: Session | None,
+        case_decisions: frozenset[Decision] = CASE_DECISIONS,
+    ) -> None:
         self._session = session
         self._case_decisions = case_decisions
-        self._connection = session.connection()
+        self._connection = connection
         # SQLite's units begin with the database's write lock (BEGIN IMMEDIATE, store.db): nothing they read
         # can change before they end, so what they read before lock_customers need not be read again.
         self.locked_from_start = self._connection.dialect.name == "sqlite"
@@ -282,7 +298,9 @@ class ScoringUnit:
         return externals_in(self._connection, refs)
 
     def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
-        return enrolment_owners(self._session, handles)
+        if not handles:
+            return {}
+        return enrolment_owners(self._redeeming(), handles)
 
     def places_seen(
         self, customers: set[str], merchants: set[str], terminals: set[str]
@@ -304,9 +322,15 @@ class ScoringUnit:
         now: datetime,
         now_step: int,
     ) -> RedemptionAnswer:
+        session = self._redeeming()
         return redeem_in(
-            self._session, code, attempt, open_key=open_key, code_limit=code_limit, now=now, now_step=now_step
+            session, code, attempt, open_key=open_key, code_limit=code_limit, now=now, now_step=now_step
         )
+
+    def _redeeming(self) -> Session:
+        if self._session is None:
+            raise TypeError("this unit was not opened to redeem dynamic codes (scoring_unit(redeems=True))")
+        return self._session
 
     def score(
         self, items: Sequence[ScoreItem], *, now: datetime, finish: Finish
@@ -462,7 +486,7 @@ def _scored_values(stored: StoredTransaction, evaluation: Evaluation, item: Scor
 _INSERT_TRANSACTION = insert(_TX)
 
 
-def _insert_transactions(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def _insert_transactions(connection: Runs, rows: list[dict[str, Any]]) -> None:
     if rows:
         connection.execute(_INSERT_TRANSACTION, rows)
 
@@ -490,7 +514,7 @@ _MERCHANT_ACTIVITY = _place_query(and_(_T.terminal_id == "", _T.merchant_id == b
 
 
 def _place_activity(
-    connection: Connection, terminal_id: str, merchant_id: str, since: datetime, until: datetime
+    connection: Runs, terminal_id: str, merchant_id: str, since: datetime, until: datetime
 ) -> PlaceActivity:
     if terminal_id:
         statement, key = _TERMINAL_ACTIVITY, {"terminal_id": terminal_id}
@@ -508,7 +532,7 @@ _LOCK_CUSTOMERS = (
 )
 
 
-def _lock_customers(connection: Connection, customer_ids: set[str]) -> set[str]:
+def _lock_customers(connection: Runs, customer_ids: set[str]) -> set[str]:
     """Lock the customers' rows until commit, so one customer's scores run one after the other; ids found.
 
     Rows are locked in id order, so batches that share customers wait for each other instead of deadlocking.
@@ -552,7 +576,7 @@ class _Earlier:
 
     @classmethod
     def load(
-        cls, connection: Connection, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]
+        cls, connection: Runs, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]
     ) -> _Earlier:
         ids = sorted(set(transaction_ids))
         keys = {(caller, request_id) for caller, request_id in request_keys if request_id}
@@ -606,7 +630,7 @@ class _Earlier:
     def add(self, stored: StoredTransaction, fingerprint: str) -> None:
         self._rows[stored.transaction.transaction_id] = _Known(TransactionSource.SCORE, fingerprint, stored)
 
-    def write(self, connection: Connection) -> None:
+    def write(self, connection: Runs) -> None:
         """Store the keys recorded since the last write (a concurrent writer of one makes this fail)."""
         if self._new_keys:
             connection.execute(_INSERT_KEYS, self._new_keys)
@@ -666,7 +690,7 @@ class _Profiles:
         self._changed: set[str] = set()
 
     @classmethod
-    def load(cls, connection: Connection, customer_ids: set[str]) -> _Profiles:
+    def load(cls, connection: Runs, customer_ids: set[str]) -> _Profiles:
         found: dict[str, _Profile] = {}
         for chunk in chunks(sorted(customer_ids), CHUNK):
             for row in connection.execute(_PROFILE_ROWS, {"customers": chunk}):
@@ -710,7 +734,7 @@ class _Profiles:
         elif evaluation.decision is Decision.REVIEW:
             profile.reviews += 1
 
-    def write(self, connection: Connection) -> None:
+    def write(self, connection: Runs) -> None:
         """Insert the new profiles and update the others, each naming the version it read."""
         changed = [self._profiles[customer_id] for customer_id in sorted(self._changed)]
         new = [profile.values() for profile in changed if profile.version is None]
