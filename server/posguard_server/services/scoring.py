@@ -136,10 +136,9 @@ class ScoringService:
         unavailable, the deadline passed, a bug while scoring), and then nothing of it was kept.
         """
         serving = self._engine.models.serving()
-        redeems = any(call.payer.code is not None for call in calls)
         for attempt in range(_ATTEMPTS):
             try:
-                with self._store.scoring_unit(redeems=redeems) as unit:
+                with self._store.scoring_unit() as unit:
                     return self._score_in(unit, calls, serving)
             except (AlreadyExists, Aborted, _LinkMoved):
                 if attempt == _ATTEMPTS - 1:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import BigInteger, CheckConstraint, Integer, String, Text, bindparam, insert, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from posguard_server.domain.audit import (
     ACTION_MAX,
@@ -40,9 +40,9 @@ from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
     from sqlalchemy import Row, Select, Table
-    from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 HASH_LENGTH = 64
 
@@ -129,8 +129,11 @@ def append_event(
     return append_events(session, [NewEvent(actor, action, subject, details)], now)[0]
 
 
-def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -> list[AuditEvent]:
-    """Append ``events`` in order, as ``append_event`` does one: a batch of calls takes the head lock once."""
+def append_events(on: Session | Runs, events: Sequence[NewEvent], now: datetime) -> list[AuditEvent]:
+    """Append ``events`` in order, as ``append_event`` does one: a batch of calls takes the head lock once.
+
+    ``on``: the unit's session, or the connection of a unit that runs Core statements only.
+    """
     for new in events:
         _check_width("actor", new.actor, ACTOR_MAX, required=True)
         _check_width("action", new.action, ACTION_MAX, required=True)
@@ -140,10 +143,11 @@ def append_events(session: Session, events: Sequence[NewEvent], now: datetime) -
                 raise ValueError("audit detail keys are lower-case names such as 'reason'")
     if not events:
         return []
-    # Write the caller's pending changes before taking the head lock, so the lock is the last one taken and
-    # is held for as short a time as possible.
-    session.flush()
-    connection = session.connection()
+    if isinstance(on, Session):
+        # Write the caller's pending changes before taking the head lock, so the lock is the last one taken
+        # and is held for as short a time as possible.
+        on.flush()
+    connection = on.connection() if isinstance(on, Session) else on
     head = connection.execute(_LOCK_HEAD).one_or_none()
     if head is None:
         # Refusing the change is better than recording it in a log whose end can no longer be checked.

@@ -16,17 +16,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from posguard_server.domain.enumeration import FailureLimit, FailureWindow, count_failure, refused_until
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.schema import PRINCIPAL_MAX, Base, insert_for
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Table
-    from sqlalchemy.orm import Session
+    from sqlalchemy import Table
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 
 class SqlCallerFailures(Base):
@@ -72,7 +72,7 @@ class CallerLimits:
     """The failure windows of ``callers``, locked until the transaction of ``connection`` ends."""
 
     def __init__(
-        self, connection: Connection, limit: FailureLimit, callers: Collection[str], now: datetime
+        self, connection: Runs, limit: FailureLimit, callers: Collection[str], now: datetime
     ) -> None:
         self._limit = limit
         self._now = now
@@ -107,10 +107,14 @@ class CallerLimits:
             self.reached.append(caller)
         return counted.refused_until
 
-    def save(self, session: Session, method: str) -> None:
-        """Write the counts back, and audit each caller this batch refused (the last write: see audit)."""
+    def save(self, on: Session | Runs, method: str) -> None:
+        """Write the counts back, and audit each caller this batch refused (the last write: see audit).
+
+        ``on``: the unit's session, or the connection of a unit that runs Core statements only.
+        """
         if self._changed:
-            session.connection().execute(
+            connection = on.connection() if isinstance(on, Session) else on
+            connection.execute(
                 _SAVE,
                 [
                     {
@@ -129,7 +133,7 @@ class CallerLimits:
             "window_seconds": str(int(self._limit.window.total_seconds())),
         }
         refused = [NewEvent(caller, "caller.refused", caller, details) for caller in self.reached]
-        append_events(session, refused, self._now)
+        append_events(on, refused, self._now)
 
 
 # The audit actions of guessing: a lookup that named nothing, and a spike of them across all keys.

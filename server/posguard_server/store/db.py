@@ -25,11 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from posguard_server.domain.deadlines import check_deadline
 from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
+from posguard_server.store.sqlite_driver import DriverConnection
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from sqlalchemy.pool import ConnectionPoolEntry
+
+    from posguard_server.store.sqlite_driver import Runs
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +244,20 @@ class Database:
                     self._driver_idle.append(connection)
             else:
                 connection.close()
+
+    @contextmanager
+    def statements_unit(self) -> Iterator[Runs]:
+        """A write unit of work for SQLAlchemy Core statements only, with ``session()``'s contract.
+
+        On SQLite they run through the sqlite3 driver (``sqlite_unit``, ``store.sqlite_driver``); on
+        PostgreSQL on a session's connection. For the gateway hot paths, whose statements are all Core.
+        """
+        if self.dialect == "sqlite":
+            with self.sqlite_unit() as connection:
+                yield DriverConnection(connection)
+        else:
+            with self.session() as session:
+                yield session.connection()
 
     def _driver_connection(self) -> sqlite3.Connection:
         with self._driver_lock:

@@ -39,9 +39,9 @@ from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
-    from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 HANDLE_LENGTH = 10
 CUSTOMER_ID_MAX = 32
@@ -352,15 +352,16 @@ class SqlDynamicCodeStore:
             return _enrollment(row) if row is not None else None
 
 
-def enrolment_owners(session: Session, handles: Collection[str]) -> dict[str, str]:
+_OWNERS = select(SqlDynamicEnrollment.handle, SqlDynamicEnrollment.customer_id).where(
+    SqlDynamicEnrollment.handle.in_(bindparam("handles", expanding=True))
+)
+
+
+def enrolment_owners(connection: Runs, handles: Collection[str]) -> dict[str, str]:
     """The customer enrolled under each handle that is in use (read without a lock)."""
     if not handles:
         return {}
-    rows = session.execute(
-        select(SqlDynamicEnrollment.handle, SqlDynamicEnrollment.customer_id).where(
-            SqlDynamicEnrollment.handle.in_(sorted(handles))
-        )
-    )
+    rows = connection.execute(_OWNERS, {"handles": sorted(handles)})
     return {row.handle: row.customer_id for row in rows}
 
 

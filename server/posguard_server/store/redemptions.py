@@ -53,10 +53,10 @@ from posguard_server.store.dynamic_codes import (
 from posguard_server.store.idempotency import idempotency_conflict
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Table
-    from sqlalchemy.orm import Session
+    from sqlalchemy import Table
 
     from posguard_server.store.db import Database
+    from posguard_server.store.sqlite_driver import Runs
 
 METHOD = "RedeemDynamicCode"
 
@@ -146,10 +146,10 @@ class SqlRedemptionStore:
 
     def _redeem(self, items: Sequence[Redemption]) -> list[Redeemed | PosguardError]:
         now = max(item.now for item in items)
-        with self._db.session() as session:
+        with self._db.statements_unit() as connection:
             # Caller rows first, then enrolments, then the audit head: the lock order of every path.
-            limits = CallerLimits(session.connection(), self._limit, {i.attempt.actor for i in items}, now)
-            batch = _Batch(session, items, self._open_key, self._code_limit)
+            limits = CallerLimits(connection, self._limit, {i.attempt.actor for i in items}, now)
+            batch = _Batch(connection, items, self._open_key, self._code_limit)
             results: list[Redeemed | PosguardError] = []
             for slot, item in enumerate(items):
                 caller = item.attempt.actor
@@ -164,12 +164,12 @@ class SqlRedemptionStore:
                 guess = answer.reason in GUESSES and not answer.replayed  # a replay was counted already
                 results.append(Redeemed(answer, limits.count(caller) if guess else None))
             batch.write(now)
-            limits.save(session, METHOD)
+            limits.save(connection, METHOD)
         return results
 
 
 def redeem_in(
-    session: Session,
+    connection: Runs,
     code: PresentedCode | None,
     attempt: Attempt,
     *,
@@ -184,7 +184,7 @@ def redeem_in(
     commits (a failed score spends no code). An idempotency conflict raises ``InvalidArgument``; an
     enrolment refused for too many wrong codes, ``ResourceExhausted``.
     """
-    batch = _Batch(session, [Redemption(code, attempt, now, now_step)], open_key, code_limit)
+    batch = _Batch(connection, [Redemption(code, attempt, now, now_step)], open_key, code_limit)
     answer = batch.judge(0)
     if isinstance(answer, PosguardError):
         raise answer
@@ -204,13 +204,12 @@ class _Batch:
     """The redemptions of one transaction: what decides them, read up front; what they change, kept."""
 
     def __init__(
-        self, session: Session, items: Sequence[Redemption], open_key: OpenKey, code_limit: FailureLimit
+        self, connection: Runs, items: Sequence[Redemption], open_key: OpenKey, code_limit: FailureLimit
     ) -> None:
-        self._session = session
+        self._connection = connection
         self._items = items
         self._open_key = open_key
         self._code_limit = code_limit
-        connection = session.connection()
         self._earlier = _earlier(
             connection, {(item.attempt.actor, item.attempt.request_id) for item in items}
         )
@@ -352,7 +351,7 @@ class _Batch:
 
     def write(self, now: datetime) -> None:
         """Store what the judged items changed, and audit them (the last write: see ``append_event``)."""
-        connection = self._session.connection()
+        connection = self._connection
         if self._new_uses:
             connection.execute(_ADD_USES, self._new_uses)
         if self._refusals:
@@ -371,7 +370,7 @@ class _Batch:
             )
         if self._new_attempts:
             connection.execute(_ADD_ATTEMPTS, self._new_attempts)
-        append_events(self._session, self._events, now)
+        append_events(connection, self._events, now)
 
     def _window_columns(self, enrolment_id: int) -> dict[str, Any]:
         """The wrong-code window of an enrolment to write back: as counted, or as it was read."""
@@ -382,7 +381,7 @@ class _Batch:
         return {"b_started": window.started_at, "b_failures": window.failures}
 
 
-def _earlier(connection: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Attempted]:
+def _earlier(connection: Runs, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Attempted]:
     """The attempts stored under the (caller, request_id) ``keys``."""
     rows = connection.execute(_EARLIER, {"request_ids": sorted({request_id for _, request_id in keys})})
     return {

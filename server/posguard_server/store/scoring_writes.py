@@ -55,11 +55,10 @@ from posguard_server.store.risk_tables import (
     transaction_values,
     utc,
 )
-from posguard_server.store.sqlite_driver import DriverConnection, Runs
+from posguard_server.store.sqlite_driver import Runs
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Select, Table
-    from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
 
@@ -211,19 +210,10 @@ class SqlScoringStore:
         raise AssertionError("unreachable")
 
     @contextmanager
-    def scoring_unit(self, *, redeems: bool = False) -> Iterator[ScoringUnit]:
-        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit.
-
-        ``redeems``: the unit will redeem dynamic codes, which takes an ORM session. On SQLite a unit that
-        does not runs its statements through the sqlite3 driver (``store.sqlite_driver``), where
-        SQLAlchemy's own work per transaction and statement was most of a lone score's writing.
-        """
-        if self._db.dialect == "sqlite" and not redeems:
-            with self._db.sqlite_unit() as connection:
-                yield ScoringUnit(DriverConnection(connection), None, self._case_decisions)
-        else:
-            with self._db.session() as session:
-                yield ScoringUnit(session.connection(), session, self._case_decisions)
+    def scoring_unit(self) -> Iterator[ScoringUnit]:
+        """One database transaction to resolve, lock, redeem, score and store a batch in; see ScoringUnit."""
+        with self._db.statements_unit() as connection:
+            yield ScoringUnit(connection, self._case_decisions)
 
     def get_transaction(self, transaction_id: str) -> StoredTransaction | None:
         with self._db.session(read_only=True) as session:
@@ -251,20 +241,14 @@ class ScoringUnit:
     status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
     kept unless the whole block commits.
 
-    The statements are SQLAlchemy Core, built once, run on the session's connection or, on SQLite, through
-    the driver (``DriverConnection``): no ORM objects, no unit of work, no reading back what was just
-    written. A batch's transactions go in one executemany (pipelined by psycopg on PostgreSQL: one round
-    trip), its profiles in one more, and the review cases its decisions open (``case_decisions``) in one
-    more. Only a dynamic code's redemption uses an ORM session, and only a unit given one can redeem.
+    The statements are SQLAlchemy Core, built once, run on a session's connection or, on SQLite, through
+    the driver (``Database.statements_unit``): no ORM objects, no unit of work, no reading back what was
+    just written. A batch's transactions go in one executemany (pipelined by psycopg on PostgreSQL: one
+    round trip), its profiles in one more, and the review cases its decisions open (``case_decisions``) in
+    one more.
     """
 
-    def __init__(
-        self,
-        connection: Runs,
-        session: Session | None,
-        case_decisions: frozenset[Decision] = CASE_DECISIONS,
-    ) -> None:
-        self._session = session
+    def __init__(self, connection: Runs, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
         self._case_decisions = case_decisions
         self._connection = connection
         # SQLite's units begin with the database's write lock (BEGIN IMMEDIATE, store.db): nothing they read
@@ -298,9 +282,7 @@ class ScoringUnit:
         return externals_in(self._connection, refs)
 
     def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
-        if not handles:
-            return {}
-        return enrolment_owners(self._redeeming(), handles)
+        return enrolment_owners(self._connection, handles)
 
     def places_seen(
         self, customers: set[str], merchants: set[str], terminals: set[str]
@@ -322,15 +304,15 @@ class ScoringUnit:
         now: datetime,
         now_step: int,
     ) -> RedemptionAnswer:
-        session = self._redeeming()
         return redeem_in(
-            session, code, attempt, open_key=open_key, code_limit=code_limit, now=now, now_step=now_step
+            self._connection,
+            code,
+            attempt,
+            open_key=open_key,
+            code_limit=code_limit,
+            now=now,
+            now_step=now_step,
         )
-
-    def _redeeming(self) -> Session:
-        if self._session is None:
-            raise TypeError("this unit was not opened to redeem dynamic codes (scoring_unit(redeems=True))")
-        return self._session
 
     def score(
         self, items: Sequence[ScoreItem], *, now: datetime, finish: Finish

@@ -133,6 +133,11 @@ class DriverResult:
             raise ValueError(f"expected one row, got {len(self._rows)}")
         return self._rows[0]
 
+    def one_or_none(self) -> Any:
+        if len(self._rows) > 1:
+            raise ValueError(f"expected at most one row, got {len(self._rows)}")
+        return self._rows[0] if self._rows else None
+
     def all(self) -> list[Any]:
         return list(self._rows)
 
