@@ -249,15 +249,24 @@ class Database:
     def statements_unit(self) -> Iterator[Runs]:
         """A write unit of work for SQLAlchemy Core statements only, with ``session()``'s contract.
 
-        On SQLite they run through the sqlite3 driver (``sqlite_unit``, ``store.sqlite_driver``); on
-        PostgreSQL on a session's connection. For the gateway hot paths, whose statements are all Core.
+        For the gateway hot paths, whose statements are all Core: no ORM session is made for them. On SQLite
+        they run through the sqlite3 driver (``sqlite_unit``, ``store.sqlite_driver``); on PostgreSQL on a
+        pooled Core connection in one transaction.
         """
         if self.dialect == "sqlite":
-            with self.sqlite_unit() as connection:
-                yield DriverConnection(connection)
-        else:
-            with self.session() as session:
-                yield session.connection()
+            with self.sqlite_unit() as driver:
+                yield DriverConnection(driver)
+            return
+        check_deadline()
+        # The transaction's block rolls back on any exception, before it reaches ``_ending``; a failure to
+        # connect reaches it too.
+        with (
+            self._ending(_nothing, read_only=False),
+            self._engine.connect() as connection,
+            connection.begin(),
+        ):
+            yield connection
+            check_deadline()
 
     def _driver_connection(self) -> sqlite3.Connection:
         with self._driver_lock:
@@ -356,6 +365,10 @@ def _describe(exc: BaseException) -> str:
         # constraint instead. SQLite's message already names only the columns.
         return f"{type(orig).__name__} on constraint {orig.diag.constraint_name}"
     return f"{type(orig).__name__}: {orig}"
+
+
+def _nothing() -> None:
+    return None
 
 
 def _rollback_quietly(rollback: Callable[[], object]) -> None:
