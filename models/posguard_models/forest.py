@@ -923,3 +923,106 @@ class CompiledForest:
             total = np.cumsum(np.take(self._leaf_value, node), axis=0)[-1]
             out[start:stop] = self._scores(total)
         return out
+
+
+class StackedForests:
+    """Several compiled forests walked as one on a single row: each one's ``score_one``, bit for bit.
+
+    A row's walk costs about the same number of numpy calls whatever the number of trees, so forests that
+    score the same row, each over its own columns of it (the global model's core forest and its group
+    forests), are walked in one pass instead of one pass each: on a lone score, about a third of the time.
+    Each forest's trees stay together and in order, so its depths add up in the same order as in its own
+    ``score_one``; walking past a shallower forest's leaves changes nothing (a leaf's threshold is +inf).
+    """
+
+    __slots__ = (
+        "_bounds",
+        "_feature",
+        "_first_child",
+        "_forests",
+        "_leaf_value",
+        "_missing_left",
+        "_n_features",
+        "_n_steps",
+        "_roots",
+        "_threshold",
+    )
+
+    _forests: tuple[CompiledForest, ...]
+    _bounds: tuple[int, ...]  # where each forest's trees start in the walk, and where the last ends
+    _roots: IntpArray
+    _first_child: IntpArray
+    _feature: IntpArray  # a column of the whole row
+    _threshold: Float32Array
+    _missing_left: BoolArray
+    _leaf_value: Float64Array
+    _n_steps: int
+    _n_features: int
+
+    def __init__(self, forests: Sequence[tuple[CompiledForest, Sequence[int]]]) -> None:
+        """``forests``: each forest with the columns of the row it scores, in the forest's feature order."""
+        if not forests:
+            raise ValueError("no forests to stack")
+        roots, first_child, feature, threshold, missing_left, leaf_value = [], [], [], [], [], []
+        bounds = [0]
+        offset = 0
+        for forest, columns in forests:
+            if len(columns) != forest.n_features:
+                raise ValueError(f"a forest of {forest.n_features} features was given {len(columns)} columns")
+            column_of = np.asarray(columns, dtype=np.intp)
+            roots.append(forest._roots + offset)
+            first_child.append(forest._first_child + offset)
+            feature.append(column_of[forest._feature])
+            threshold.append(forest._threshold)
+            missing_left.append(forest._missing_left)
+            leaf_value.append(forest._leaf_value)
+            offset += len(forest._first_child)
+            bounds.append(bounds[-1] + forest.n_estimators)
+        set_ = object.__setattr__
+        set_(self, "_forests", tuple(forest for forest, _ in forests))
+        set_(self, "_bounds", tuple(bounds))
+        for name, parts in (
+            ("_roots", roots),
+            ("_first_child", first_child),
+            ("_feature", feature),
+            ("_threshold", threshold),
+            ("_missing_left", missing_left),
+            ("_leaf_value", leaf_value),
+        ):
+            value = np.concatenate(parts)
+            _read_only(value)
+            set_(self, name, value)
+        set_(self, "_n_steps", max(forest._n_steps for forest, _ in forests))
+        set_(self, "_n_features", max(max(columns) for _, columns in forests) + 1)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def score_one(self, x: npt.ArrayLike) -> list[float]:
+        """Each forest's ``score_one`` of its columns of the row ``x``, in the order they were given."""
+        array = np.asarray(x)
+        if array.ndim != 1 or len(array) < self._n_features:
+            raise ValueError(f"expected a row of at least {self._n_features} values, got shape {array.shape}")
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(f"expected numeric input, got dtype {array.dtype}")
+        with np.errstate(over="ignore"):  # as CompiledForest._as_float32
+            row = np.ascontiguousarray(array, dtype=np.float32)
+        node = self._roots
+        first_child, feature, threshold = self._first_child, self._feature, self._threshold
+        if np.isnan(row).any():
+            # For a value that is not NaN this is the other branch's step, so mixing is safe.
+            missing_left = self._missing_left
+            for _ in range(self._n_steps):
+                value = row[feature[node]]
+                go_left = (value <= threshold[node]) | (np.isnan(value) & missing_left[node])
+                node = first_child[node] + ~go_left
+        else:
+            for _ in range(self._n_steps):
+                node = first_child[node] + (row[feature[node]] > threshold[node])
+        depths = self._leaf_value[node]
+        bounds = self._bounds
+        scores = []
+        for k, forest in enumerate(self._forests):
+            total: Float64Array = np.cumsum(depths[bounds[k] : bounds[k + 1]])[-1:]
+            scores.append(float(forest._scores(total)[0]))
+        return scores

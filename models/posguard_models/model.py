@@ -30,14 +30,14 @@ import json
 import math
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from posguard_models.features import CORE_FEATURES, FEATURE_GROUPS, FEATURE_VERSION, FEATURES
-from posguard_models.forest import CompiledForest
+from posguard_models.forest import CompiledForest, StackedForests
 
 FORMAT: Final = "posguard.global-risk-model"
 # Version 2 adds the group forests; version 1 (core forests only, feature version 1) is still read and served
@@ -130,7 +130,11 @@ class GroupForest:
 
     def terms(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:  # noqa: N803
         """What the group adds to the statistic of each row: 0 unless its tail probability is below 10%."""
-        raw = -np.array(_forest_scores(self.forest, X[:, self.columns]), dtype=np.float64)
+        return self.terms_of(_forest_scores(self.forest, X[:, self.columns]))
+
+    def terms_of(self, scores: Sequence[float]) -> npt.NDArray[np.float64]:
+        """``terms`` of rows whose forest scores (``score_samples``) are ``scores``."""
+        raw = -np.array(scores, dtype=np.float64)
         excess = surprise(self.calibration.many(raw)) + math.log(GROUP_TAIL)
         result: npt.NDArray[np.float64] = GROUP_WEIGHT * np.maximum(excess, 0.0)
         return result
@@ -141,15 +145,20 @@ def statistic(
     X: npt.NDArray[np.float64],  # noqa: N803
     groups: Sequence[GroupForest],
     core_calibration: Calibration | None,
+    group_scores: Sequence[Sequence[float]] | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per row, the core's surprise plus what each group adds, and those additions (rows x groups).
 
     Without groups (a model of format 1) the statistic is the blended core score ``raw`` itself.
+    ``group_scores``: each group forest's scores of the rows, when already computed.
     """
     core = np.asarray(raw, dtype=np.float64)
     if not groups or core_calibration is None:
         return core, np.zeros((len(core), 0))
-    terms = np.column_stack([group.terms(X) for group in groups])
+    if group_scores is None:
+        terms = np.column_stack([group.terms(X) for group in groups])
+    else:
+        terms = np.column_stack([g.terms_of(s) for g, s in zip(groups, group_scores, strict=True)])
     return surprise(core_calibration.many(core)) + terms.sum(axis=1), terms
 
 
@@ -230,6 +239,12 @@ class GlobalModel:
     # maps the combined statistic. Empty for models of format 1, which score on the core alone.
     groups: tuple[GroupForest, ...] = ()
     core_calibration: Calibration | None = None
+    # The core and group forests walked together on a row (``_global_scores``); made from the fields above.
+    _walker: StackedForests = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        stacked = [(self.forest, range(CORE)), *((g.forest, g.columns) for g in self.groups)]
+        object.__setattr__(self, "_walker", StackedForests(stacked))
 
     def anomaly(self, x: npt.NDArray[np.float64], customer: CompiledForest | None, history: int) -> float:
         """The blended core score (customer and global forests over the core features)."""
@@ -250,6 +265,21 @@ class GlobalModel:
         Without groups the statistic is the blended core score itself.
         """
         return statistic(raw, X, self.groups, self.core_calibration)
+
+    def _global_scores(self, X: npt.NDArray[np.float64]) -> tuple[list[float], list[list[float]] | None]:  # noqa: N803
+        """The core forest's scores of the rows, and each group forest's (None without groups).
+
+        A few rows are walked through every forest at once (``StackedForests``); more, forest by forest.
+        """
+        if self.groups and len(X) < _BATCH_WALK_MIN_ROWS:
+            walked = [self._walker.score_one(x) for x in X]
+            return [scores[0] for scores in walked], [
+                [scores[k] for scores in walked] for k in range(1, len(self.groups) + 1)
+            ]
+        global_scores = _forest_scores(self.forest, X[:, :CORE])
+        if not self.groups:
+            return global_scores, None
+        return global_scores, [_forest_scores(g.forest, X[:, g.columns]) for g in self.groups]
 
     def _group_terms(self, terms: npt.NDArray[np.float64]) -> tuple[tuple[str, float], ...]:
         return tuple(
@@ -289,7 +319,8 @@ class GlobalModel:
         the rows a forest at a time (``score_samples`` equals ``score_one``), the rest is elementwise.
         """
         core = X[:, :CORE]
-        raw = [-float(value) for value in _forest_scores(self.forest, core)]
+        global_scores, group_scores = self._global_scores(X)
+        raw = [-value for value in global_scores]
         by_forest: dict[int, list[int]] = {}
         for row, forest in enumerate(customers):
             if forest is not None:
@@ -300,9 +331,9 @@ class GlobalModel:
             for row, mine in zip(rows, _forest_scores(forest, core[rows]), strict=True):
                 weight = histories[row] / (histories[row] + self.combine_n0)
                 raw[row] = weight * -mine + (1.0 - weight) * raw[row]
-        statistic, terms = self.statistic_many(raw, X)
+        statistic_, terms = statistic(raw, X, self.groups, self.core_calibration, group_scores)
         groups = [self._group_terms(row) for row in terms]
-        anomaly_risk = self.calibration.many(statistic)
+        anomaly_risk = self.calibration.many(statistic_)
         if self.feedback is None:
             return [
                 Score(r, float(a), float(a), customer is not None, 0.0, g)

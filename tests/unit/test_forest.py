@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from posguard_models.forest import FORMAT, CompiledForest, _largest_float32_at_most
+from posguard_models.forest import FORMAT, CompiledForest, StackedForests, _largest_float32_at_most
 
 N_FEATURES = 8
 # Columns at very different scales, one of small integers (many ties) and one constant.
@@ -389,3 +389,29 @@ def test_inconsistent_version_1_artifacts_raise_value_error(
     for message, artifact in cases.items():
         with pytest.raises(ValueError, match=message):
             CompiledForest.from_bytes(artifact)
+
+
+def test_stacked_forests_score_each_forest_over_its_columns_bit_for_bit() -> None:
+    # The global model walks its core and group forests as one (StackedForests); each must come out as its
+    # own score_one, with forests of different depths, column orders and NaN in some columns only.
+    rng = np.random.default_rng(8)
+    rows = training_data(rng, 600)
+    width = rows.shape[1]
+    picks = [list(range(width)), [2, 0], [width - 1, 1, 3]]
+    forests = [
+        CompiledForest.from_sklearn(
+            IsolationForest(n_estimators=n, max_samples=samples, random_state=n).fit(rows[:, columns])
+        )
+        for columns, n, samples in zip(picks, (100, 40, 7), (256, 64, 16), strict=True)
+    ]
+    stacked = StackedForests(list(zip(forests, picks, strict=True)))
+    probe = training_data(rng, 300)
+    probe[rng.random(probe.shape) < 0.1] = np.nan
+    probe[:100, 2] = np.nan  # NaN in one forest's columns only, for a third of the rows
+    for row in probe:
+        expected = [forest.score_one(row[columns]) for forest, columns in zip(forests, picks, strict=True)]
+        assert stacked.score_one(row) == expected
+    with pytest.raises(ValueError, match="columns"):
+        StackedForests([(forests[1], [0, 1, 2])])
+    with pytest.raises(ValueError, match="row of at least"):
+        stacked.score_one(probe[0][:2])
