@@ -213,7 +213,7 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port (SO_REUSEPORT).
     """
     numbering = build_numbering(settings)  # before the database: a bad key ring must not leave it open
-    database = open_database(settings.effective_database_url)
+    database = open_database(settings.effective_database_url, background_checkpoints=True)
     keys = SqlApiKeyStore(database)
     authenticator = build_authenticator(settings, keys)
     metrics = Metrics()

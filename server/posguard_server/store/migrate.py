@@ -44,13 +44,13 @@ class SchemaNotCurrentError(RuntimeError):
     """The database schema is older than this release; an operator must run ``db upgrade``."""
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, *, background_checkpoints: bool = False) -> Database:
     """Open the database; bring the embedded SQLite schema up to date, insist on it for a shared database.
 
     Migrating a shared PostgreSQL from whichever replica starts first would race; operators run
-    ``posguard-server db upgrade`` once per release instead.
+    ``posguard-server db upgrade`` once per release instead. ``background_checkpoints``: see ``Database``.
     """
-    database = Database(url)
+    database = Database(url, background_checkpoints=background_checkpoints)
     if database.dialect == "sqlite":
         upgrade(url)
     elif not is_current(url):
