@@ -140,10 +140,9 @@ class Database:
             pool_timeout=_POOL_TIMEOUT_S,
             hide_parameters=True,
         )
-        auto_checkpoint = self._auto_checkpoint
 
         def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
-            _configure_sqlite(dbapi_connection, auto_checkpoint=auto_checkpoint)
+            _configure_sqlite(dbapi_connection, auto_checkpoint=self._auto_checkpoint)
 
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
@@ -329,6 +328,8 @@ class Database:
         if self._checkpoints is not None:
             self._checkpoints.stop()
             self._checkpoints = None
+            # Connections made if the handle is used again checkpoint as SQLite does: no thread does it now.
+            self._auto_checkpoint = True
         self._engine.dispose()
         with self._driver_lock:
             idle, self._driver_idle = self._driver_idle, []
@@ -348,7 +349,11 @@ class _Checkpoints:
     """
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        # Opened here, so a database that cannot be opened fails the handle rather than leave commits that
+        # never checkpoint.
+        self._connection = sqlite3.connect(
+            path, timeout=_CHECKPOINT_EVERY_S, isolation_level=None, check_same_thread=False
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="posguard-checkpoints", daemon=True)
         self._thread.start()
@@ -358,12 +363,11 @@ class _Checkpoints:
         self._thread.join()
 
     def _run(self) -> None:
-        connection = sqlite3.connect(self._path, timeout=_CHECKPOINT_EVERY_S, isolation_level=None)
         try:
             while True:
                 stopping = self._stopping.wait(_CHECKPOINT_EVERY_S)
                 try:
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as error:
                     # Busy (another process's checkpoint) or failing: the next round tries again, and a
                     # database that fails shows in the write units' health (observe_writes).
@@ -371,7 +375,7 @@ class _Checkpoints:
                 if stopping:
                     return
         finally:
-            connection.close()
+            self._connection.close()
 
 
 def rerun_on_conflict(run: Callable[[], _T]) -> _T:
