@@ -880,17 +880,7 @@ class CompiledForest:
     def score_one(self, x: npt.ArrayLike) -> float:
         """``score_samples`` of a single row of ``n_features`` values (the request path)."""
         row = self._as_float32(x, 1)
-        node = self._roots
-        first_child, feature, threshold = self._first_child, self._feature, self._threshold
-        if np.isnan(row).any():
-            missing_left = self._missing_left
-            for _ in range(self._n_steps):
-                value = row[feature[node]]
-                go_left = (value <= threshold[node]) | (np.isnan(value) & missing_left[node])
-                node = first_child[node] + ~go_left
-        else:
-            for _ in range(self._n_steps):
-                node = first_child[node] + (row[feature[node]] > threshold[node])
+        node = _walk_row(row, self)
         # cumsum adds left to right, tree by tree, like scikit-learn's accumulator.
         total: Float64Array = np.cumsum(self._leaf_value[node])[-1:]
         return float(self._scores(total)[0])
@@ -1007,22 +997,28 @@ class StackedForests:
             raise ValueError(f"expected numeric input, got dtype {array.dtype}")
         with np.errstate(over="ignore"):  # as CompiledForest._as_float32
             row = np.ascontiguousarray(array, dtype=np.float32)
-        node = self._roots
-        first_child, feature, threshold = self._first_child, self._feature, self._threshold
-        if np.isnan(row).any():
-            # For a value that is not NaN this is the other branch's step, so mixing is safe.
-            missing_left = self._missing_left
-            for _ in range(self._n_steps):
-                value = row[feature[node]]
-                go_left = (value <= threshold[node]) | (np.isnan(value) & missing_left[node])
-                node = first_child[node] + ~go_left
-        else:
-            for _ in range(self._n_steps):
-                node = first_child[node] + (row[feature[node]] > threshold[node])
-        depths = self._leaf_value[node]
+        depths = self._leaf_value[_walk_row(row, self)]
         bounds = self._bounds
         scores = []
         for k, forest in enumerate(self._forests):
             total: Float64Array = np.cumsum(depths[bounds[k] : bounds[k + 1]])[-1:]
             scores.append(float(forest._scores(total)[0]))
         return scores
+
+
+def _walk_row(row: Float32Array, nodes: CompiledForest | StackedForests) -> IntpArray:
+    """The leaf each tree of ``nodes`` sends the float32 ``row`` to (one walk, a step per level)."""
+    node = nodes._roots
+    first_child, feature, threshold = nodes._first_child, nodes._feature, nodes._threshold
+    if np.isnan(row).any():
+        # For a value that is not NaN this is the other branch's step, so a row with a NaN anywhere (even in
+        # columns another forest of a stack reads) may take it.
+        missing_left = nodes._missing_left
+        for _ in range(nodes._n_steps):
+            value = row[feature[node]]
+            go_left = (value <= threshold[node]) | (np.isnan(value) & missing_left[node])
+            node = first_child[node] + ~go_left
+    else:
+        for _ in range(nodes._n_steps):
+            node = first_child[node] + (row[feature[node]] > threshold[node])
+    return node
