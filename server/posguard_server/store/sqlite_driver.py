@@ -1,4 +1,4 @@
-"""SQLAlchemy Core statements run through the sqlite3 driver itself, for SQLite's scoring unit.
+"""SQLAlchemy Core statements run through the sqlite3 driver itself, for the gateway hot paths on SQLite.
 
 On a lone score SQLAlchemy's own work was most of the writer's time: about 100 µs of CPU to begin and commit
 a Core transaction (pool check-out, reset, events) against 5 µs through the driver, and 25–45 µs to execute
@@ -8,10 +8,10 @@ compiled for SQLite once, with its parameters' bind processors and its columns' 
 SQLAlchemy's types (so a value is written and read back exactly as a Core execution would), and the driver
 keeps the prepared statements.
 
-What it supports is what the scoring unit uses: SELECTs (rows with the columns' names as attributes),
-INSERT and UPDATE with one set of parameters or many (``rowcount`` summed), and expanding ``IN`` lists. An
-``IN`` list is padded to a power of two by repeating its last value, which changes no result and keeps the
-number of distinct statement texts small.
+It serves ``Database.statements_unit`` (the scoring unit, redemptions), and supports what they use: SELECTs
+(rows with the columns' names as attributes), INSERT and UPDATE with one set of parameters or many
+(``rowcount`` summed), and expanding ``IN`` lists. An ``IN`` list is padded to a power of two by repeating its
+last value, which changes no result and keeps the number of distinct statement texts small.
 """
 
 from __future__ import annotations
