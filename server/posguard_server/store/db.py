@@ -90,7 +90,7 @@ def _sqlite_file(url: URL) -> Path:
 
 
 class Database:
-    """An engine plus the session scope. One per process; safe to share between threads."""
+    """An engine plus the units of work. One per process; safe to share between threads."""
 
     def __init__(
         self,
