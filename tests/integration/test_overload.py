@@ -1,9 +1,9 @@
 """Load shedding: beyond a bounded number of calls in progress the server refuses at once, and recovers.
 
 A ``posguard-server serve`` process (its own interpreter, as in production) is measured first: the rate it
-sustains with ``max_concurrent_rpcs`` calls in flight. It is then offered four times that rate, open loop
-(a call every 1/rate seconds, whether or not earlier ones have answered, as independent gateways would),
-then half of it. The excess must be refused with RESOURCE_EXHAUSTED (reason OVERLOADED), faster than the
+sustains with ``max_concurrent_rpcs`` calls in flight. It is then offered four times that rate, at most
+``MAX_OFFERED_PER_S``, open loop (a call every 1/rate seconds, whether or not earlier ones have answered, as
+independent gateways would), then half of it. The client runs in a process of its own. The excess must be refused with RESOURCE_EXHAUSTED (reason OVERLOADED), faster than the
 accepted calls are answered; the accepted calls' latency must stay bounded (without shedding it grows to
 seconds: ``bench/overload_bench.py``, limit 1000); and with the load back down nothing may be refused.
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -41,10 +43,11 @@ LIMIT = 2
 # Far above the 50 ms goal (measured by the bench), far below the seconds of an unshed queue.
 OVERLOADED_P99_BOUND_S = 0.5
 CALM_P99_BOUND_S = 0.25
-# What the open-loop client in this process can offer on a 2-core CI machine without becoming the bottleneck
-# itself (its own queue then delays refusals and answers alike): 4x the sustainable rate, at most this. The
-# bench (bench/overload_bench.py) measures the full 4x with the client in a process of its own.
-MAX_OFFERED_PER_S = 900.0
+# 4x the sustainable rate, at most this: on a 2-core CI machine the client process (its own queue then delays
+# refusals and answers alike) and the server (a refusal costs it about half a millisecond) both fall behind
+# beyond it. A server that sustains about 850/s with 2 in flight is then offered about 2.4x, which still
+# refuses most calls; the bench (bench/overload_bench.py) measures the full 4x.
+MAX_OFFERED_PER_S = 2000.0
 
 
 @dataclass
@@ -166,6 +169,25 @@ async def _scenario(port: int, token: str) -> tuple[float, Outcomes, Outcomes]:
     return sustainable, overloaded, recovered
 
 
+def _scenario_elsewhere(port: int, token: str) -> tuple[float, Outcomes, Outcomes]:
+    """``_scenario`` run by this file in a process of its own: a client in the test's process, beside
+    pytest, could not offer four times what the server sustains (it became the bottleneck itself)."""
+    done = subprocess.run(
+        [sys.executable, __file__, str(port)],
+        input=token,  # on stdin: a token in the arguments would show in the process list
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(done.stdout)
+
+    def outcomes(part: dict[str, Any]) -> Outcomes:
+        return Outcomes(part["latencies"], set(part["reasons"]))
+
+    return found["sustainable"], outcomes(found["overloaded"]), outcomes(found["recovered"])
+
+
 def test_at_four_times_the_sustainable_rate_the_excess_is_refused_and_the_rest_stays_fast(
     tmp_path: Path, cli: Cli, serve_process: ServeProcess
 ) -> None:
@@ -176,7 +198,7 @@ def test_at_four_times_the_sustainable_rate_the_excess_is_refused_and_the_rest_s
     assert process.stderr is not None
     threading.Thread(target=process.stderr.read, daemon=True).start()
 
-    sustainable, overloaded, recovered = asyncio.run(_scenario(port, token))
+    sustainable, overloaded, recovered = _scenario_elsewhere(port, token)
     report = (
         f"sustainable {sustainable:.0f}/s with {LIMIT} in flight; "
         f"at 4x: {overloaded.summary()}; at 0.5x: {recovered.summary()}"
@@ -196,3 +218,18 @@ def test_at_four_times_the_sustainable_rate_the_excess_is_refused_and_the_rest_s
     assert recovered.count("RESOURCE_EXHAUSTED") <= 0.05 * calm_total, report
     assert recovered.p99("OK") <= CALM_P99_BOUND_S, report
     assert process.poll() is None
+
+
+if __name__ == "__main__":
+    # The client side of the test (``_scenario_elsewhere``): the server's port, the token on stdin.
+    measured = asyncio.run(_scenario(int(sys.argv[1]), sys.stdin.read().strip()))
+    sustainable, overloaded, recovered = measured
+    parts = {"overloaded": overloaded, "recovered": recovered}
+    print(
+        json.dumps(
+            {
+                "sustainable": sustainable,
+                **{k: {"latencies": v.latencies, "reasons": sorted(v.reasons)} for k, v in parts.items()},
+            }
+        )
+    )
