@@ -3,9 +3,10 @@
 A ``posguard-server serve`` process (its own interpreter, as in production) is measured first: the rate it
 sustains with ``max_concurrent_rpcs`` calls in flight. It is then offered four times that rate, at most
 ``MAX_OFFERED_PER_S``, open loop (a call every 1/rate seconds, whether or not earlier ones have answered, as
-independent gateways would), then half of it. The client runs in a process of its own. The excess must be refused with RESOURCE_EXHAUSTED (reason OVERLOADED), faster than the
-accepted calls are answered; the accepted calls' latency must stay bounded (without shedding it grows to
-seconds: ``bench/overload_bench.py``, limit 1000); and with the load back down nothing may be refused.
+independent gateways would), then half of it. The client runs in a process of its own. The excess must be
+refused with RESOURCE_EXHAUSTED (reason OVERLOADED), faster than the accepted calls are answered; the
+accepted calls' latency must stay bounded (without shedding it grows to seconds: ``bench/overload_bench.py``,
+limit 1000); and with the load back down nothing may be refused.
 
 The latency bounds here are loose on purpose: CI machines are noisy. The issue's goal, a p99 within 50 ms
 at 4x, is measured on a quiet machine by ``bench/overload_bench.py`` and reported in the README.
