@@ -241,11 +241,11 @@ class ScoringUnit:
     status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
     kept unless the whole block commits.
 
-    The statements are SQLAlchemy Core, built once, run on a session's connection or, on SQLite, through
-    the driver (``Database.statements_unit``): no ORM objects, no unit of work, no reading back what was
-    just written. A batch's transactions go in one executemany (pipelined by psycopg on PostgreSQL: one
-    round trip), its profiles in one more, and the review cases its decisions open (``case_decisions``) in
-    one more.
+    The statements are SQLAlchemy Core, built once, run on a pooled Core connection (PostgreSQL) or through
+    the sqlite3 driver (SQLite; ``Database.statements_unit``): no ORM objects, no unit of work, no reading
+    back what was just written. A batch's transactions go in one executemany (pipelined by psycopg on
+    PostgreSQL: one round trip), its profiles in one more, and the review cases its decisions open
+    (``case_decisions``) in one more.
     """
 
     def __init__(self, connection: Runs, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
