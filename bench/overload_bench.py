@@ -42,6 +42,10 @@ class Offered:
         return 1000 * values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
+# More scores per second than a closed loop of at most 8 calls gets from one server process.
+_CLOSED_MAX_PER_S = 10_000
+
+
 async def open_loop(port: int, token: str, requests: list[bytes], rate: float, seconds: float) -> Offered:
     metadata = (("authorization", f"Bearer {token}"),)
     offered = Offered(seconds)
@@ -118,10 +122,14 @@ async def rounds(limit: int, args: argparse.Namespace, tmp: Path) -> list[Round]
     with posguard(tmp / f"limit-{limit}", None, "--max-concurrent-rpcs", str(limit)) as (server, token):
         requests.numbers = await fetch_numbers(server.port, token, requests.refs)
         for _ in range(args.repeats):
-            rate = await closed_rate(server.port, token, requests.scores(5000), inflight, args.seconds)
-            over = await open_loop(server.port, token, requests.scores(5000), 4 * rate, args.seconds)
+            # Enough requests for what a window can send (a faster server must not run the feed dry).
+            closed_feed = requests.scores(int(_CLOSED_MAX_PER_S * args.seconds))
+            rate = await closed_rate(server.port, token, closed_feed, inflight, args.seconds)
+            over_feed = requests.scores(math.ceil(4 * rate * args.seconds) + 100)
+            over = await open_loop(server.port, token, over_feed, 4 * rate, args.seconds)
             await asyncio.sleep(0.5)  # the backlog drains
-            calm = await open_loop(server.port, token, requests.scores(2000), rate / 2, args.seconds)
+            calm_feed = requests.scores(math.ceil(rate / 2 * args.seconds) + 100)
+            calm = await open_loop(server.port, token, calm_feed, rate / 2, args.seconds)
             done.append(Round(rate, over, calm))
             print(
                 f"limit {limit}: {rate:.0f}/s sustained; at 4x accepted {over.rate('OK'):.0f}/s "
