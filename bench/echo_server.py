@@ -1,19 +1,26 @@
 """The ceiling: the same gRPC stack (grpc.aio, one process) with handlers that do nothing.
 
-``python bench/echo_server.py --reply-bytes N`` prints ``echo serving on PORT`` and serves until killed:
-``/bench.Echo/Unary`` answers every request with N bytes, ``/bench.Echo/Stream`` answers every message of a
-bidirectional stream with N bytes. Requests are taken as raw bytes, so the only work is gRPC's own.
+``python bench/echo_server.py --reply-bytes N [--event-loop uvloop|asyncio]`` prints ``echo serving on PORT``
+and serves until killed: ``/bench.Echo/Unary`` answers every request with N bytes,
+``/bench.Echo/Stream`` answers every message of a bidirectional stream with N bytes. Requests are taken as
+raw bytes, so the only work is gRPC's own.
+
+It runs on the event loop a posguard server started beside it runs on (``POSGUARD_EVENT_LOOP``, else
+posguard's default, uvloop) unless ``--event-loop`` names another: the event loop is part of the stack, and
+a ceiling on a slower loop than the server's would flatter every ratio to it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
+
+from posguard_server.app import run_loop
+from posguard_server.config import EVENT_LOOPS, Settings
 
 
 def _identity(data: bytes) -> bytes:
@@ -52,7 +59,12 @@ async def serve(reply_bytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reply-bytes", type=int, default=256)
-    asyncio.run(serve(parser.parse_args().reply_bytes))
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, help="default: the one a posguard server here would run on"
+    )
+    args = parser.parse_args()
+    settings = Settings() if args.event_loop is None else Settings(event_loop=args.event_loop)
+    run_loop(settings, serve(args.reply_bytes))
 
 
 if __name__ == "__main__":

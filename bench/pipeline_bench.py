@@ -3,13 +3,13 @@
     .venv/bin/python bench/pipeline_bench.py [--seconds 5] [--repeats 3] [--inflight 1,64] [--reply-bytes 256]
         [--handoff]
 
-Every posguard call passes admission, the deadline, authentication and the role check, error mapping,
-metrics and the access log before its servicer runs. This measures that cost alone: a server process built
-the way ``posguard_server.app`` builds its pipeline (a real API key store on a temporary SQLite database,
-a real gateway key, JSON access log at INFO, written to a pipe) serves ``VerifyCustomerId`` with a handler
-that answers ``--reply-bytes`` bytes at once; the echo server (``bench/echo_server.py``) answers the same
-number of bytes with nothing in front. Both are measured with ``rpc_bench``'s load generator, back to back,
-and the medians of ``--repeats`` windows are reported with their ratio.
+Every posguard call passes admission, the deadline, authentication and the role check, error mapping, metrics
+and the access log before its servicer runs. This measures that cost alone: a server process built the way
+``posguard_server.app`` builds its pipeline (a real API key store on a temporary SQLite database, a real
+gateway key, JSON access log at INFO, written to a pipe) serves ``VerifyCustomerId`` with a handler that
+answers ``--reply-bytes`` bytes at once; the echo server (``bench/echo_server.py``, on the same event loop)
+answers the same number of bytes with nothing in front. Both are measured with ``rpc_bench``'s load generator,
+back to back, and the medians of ``--repeats`` windows are reported with their ratio.
 
 ``--handoff`` adds a third server: the same pipeline, with a handler that hands its request to a writer
 thread through :class:`~posguard_server.api.group_commit.GroupCommit` (batches of at most 64, as the gateway

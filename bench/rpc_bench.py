@@ -4,19 +4,19 @@
         [--only score,stream,verify,redeem,issue,code] [--py-spy DIR [--py-spy-gil]] [--rules N]
         [--rules-firing K]
 
-Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts
-it and an echo server (``bench/echo_server.py``: the same gRPC stack, a handler that does nothing, replies of
-the size posguard sends), and measures each in turn with the same load generator: ``N`` calls in flight for
-``--seconds``, requests serialised in advance and replies left unparsed, so the client costs the same for
-both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median over ``--repeats``
-windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured in the same run.
-``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database. ``--only`` measures some
-of the RPCs. ``--rules N`` measures ScoreTransaction on SQLite without rules and with ``N`` active rules
-(``bench_rules``: every kind of variable, with thresholds the benchmark's traffic does not reach;
-``--rules-firing K`` lowers the thresholds of K velocity rules and K rules on the model's score to what it
-reaches), alternating window by window on one server in ABBA order, and reports the server CPU per call
-of each, their ratio, the median and quartiles of the ratios of neighbouring windows, and the share of answers
-a rule fired on (every 20th answer of the windows with rules). ``--py-spy DIR`` records each posguard server
+Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts it
+and an echo server (``bench/echo_server.py``: the same gRPC stack on the same event loop, a handler that does
+nothing, replies of the size posguard sends), and measures each in turn with the same load generator: ``N``
+calls in flight for ``--seconds``, requests serialised in advance and replies left unparsed, so the client
+costs the same for both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median
+over ``--repeats`` windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured
+in the same run. ``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database.
+``--only`` measures some of the RPCs. ``--rules N`` measures ScoreTransaction on SQLite without rules and with
+``N`` active rules (``bench_rules``: every kind of variable, with thresholds the benchmark's traffic does not
+reach; ``--rules-firing K`` lowers the thresholds of K velocity rules and K rules on the model's score to what
+it reaches), alternating window by window on one server in ABBA order, and reports the server CPU per call of
+each, their ratio, the median and quartiles of the ratios of neighbouring windows, and the share of answers a
+rule fired on (every 20th answer of the windows with rules). ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``; with ``--py-spy-gil``, only the thread holding the interpreter lock, which is where
 the CPU of a server bound by that lock goes. Linux only (server CPU is read from /proc).
