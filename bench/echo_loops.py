@@ -16,7 +16,7 @@ import asyncio
 import statistics
 import sys
 
-from rpc_bench import ECHO, ROOT, Process, Window, _start, unary_window
+from rpc_bench import ECHO, ROOT, Process, Window, _start, add_window_arguments, unary_window
 
 from posguard_server.config import EVENT_LOOPS
 
@@ -57,11 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of one measured window")
-    parser.add_argument("--repeats", type=int, default=5, help="windows per loop and number in flight")
-    parser.add_argument(
-        "--inflight", type=lambda s: [int(n) for n in s.split(",")], default=[1, 64], help="e.g. 1,64"
-    )
+    add_window_arguments(parser, seconds=4.0, repeats=5, inflight=[1, 64])
     parser.add_argument("--reply-bytes", type=int, default=60, help="bytes of every answer")
     asyncio.run(measure(parser.parse_args()))
 

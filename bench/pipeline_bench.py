@@ -29,7 +29,18 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from rpc_bench import ECHO, VERIFY, Row, _progress, _start, echo, markdown, row, unary_window
+from rpc_bench import (
+    ECHO,
+    VERIFY,
+    Row,
+    _progress,
+    _start,
+    add_window_arguments,
+    echo,
+    markdown,
+    row,
+    unary_window,
+)
 
 from posguard_server.api.group_commit import GroupCommit
 from posguard_server.api.metrics import Metrics
@@ -139,11 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured window")
-    parser.add_argument("--repeats", type=int, default=3, help="windows per measurement (median reported)")
-    parser.add_argument(
-        "--inflight", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64], help="e.g. 1,8,64"
-    )
+    add_window_arguments(parser, inflight=[1, 64])
     parser.add_argument("--reply-bytes", type=int, default=256, help="bytes of every answer, both servers")
     parser.add_argument(
         "--handoff", action="store_true", help="also measure the pipeline with a trip through a writer thread"

@@ -709,15 +709,27 @@ def _progress(r: Row) -> None:
     )
 
 
+def add_window_arguments(
+    parser: argparse.ArgumentParser, *, seconds: float = 5.0, repeats: int = 3, inflight: list[int]
+) -> None:
+    """``--seconds``, ``--repeats`` and ``--inflight``: the windows, alike in every benchmark here."""
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of one measured window")
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="windows per measurement (median reported)"
+    )
+    parser.add_argument(
+        "--inflight",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=inflight,
+        help="calls in flight, e.g. 1,8,64",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured window")
-    parser.add_argument("--repeats", type=int, default=3, help="windows per measurement (median reported)")
-    parser.add_argument(
-        "--inflight", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64], help="e.g. 1,8,64"
-    )
+    add_window_arguments(parser, inflight=[1, 8, 64])
     parser.add_argument("--postgres", default="", help="PostgreSQL server URL; a fresh database is made")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(
