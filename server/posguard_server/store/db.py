@@ -104,9 +104,9 @@ class Database:
         a thread of this handle's own (``_Checkpoints``) instead of by whichever commit fills it."""
         self._url = make_url(normalize_url(url))
         backend = self._url.get_backend_name()
+        # While set, connections leave checkpoints to it (see ``_configure_sqlite``).
         self._checkpoints: _Checkpoints | None = None
         if backend == "sqlite":
-            self._auto_checkpoint = not background_checkpoints
             self._engine = self._sqlite_engine(pool_size=pool_size, max_overflow=max_overflow)
             if background_checkpoints:
                 self._checkpoints = _Checkpoints(_sqlite_file(self._url))
@@ -142,7 +142,7 @@ class Database:
         )
 
         def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
-            _configure_sqlite(dbapi_connection, auto_checkpoint=self._auto_checkpoint)
+            _configure_sqlite(dbapi_connection, auto_checkpoint=self._checkpoints is None)
 
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
@@ -297,7 +297,7 @@ class Database:
             isolation_level=None,
             check_same_thread=False,
         )
-        _configure_sqlite(connection, auto_checkpoint=self._auto_checkpoint)
+        _configure_sqlite(connection, auto_checkpoint=self._checkpoints is None)
         return connection
 
     @contextmanager
@@ -327,9 +327,8 @@ class Database:
         after a last one."""
         if self._checkpoints is not None:
             self._checkpoints.stop()
-            self._checkpoints = None
             # Connections made if the handle is used again checkpoint as SQLite does: no thread does it now.
-            self._auto_checkpoint = True
+            self._checkpoints = None
         self._engine.dispose()
         with self._driver_lock:
             idle, self._driver_idle = self._driver_idle, []
