@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any, TextIO
@@ -116,6 +117,7 @@ class _Writer(QueueListener):
         self._records = records
         self._handler = handler
         self._lines: list[str] = []
+        self._pid = os.getpid()  # the thread lives in the process that started it
 
     def dequeue(self, block: bool) -> Any:
         if self._records.empty():  # the queue ran dry: write what there is, let the next records gather
@@ -127,9 +129,9 @@ class _Writer(QueueListener):
         if isinstance(record, tuple):  # an access-log line handed over without a record
             formatter = self._handler.formatter
             assert isinstance(formatter, JsonFormatter)  # AccessLines hands lines over only to JSON output
-            created, name, pid, template, args, fields = record
-            message = template % args
-            self._lines.append(formatter.line(created, "INFO", name, pid, message, fields) + "\n")
+            created, lines, args = record
+            message, fields = lines.template % args, lines.fields(args)
+            self._lines.append(formatter.line(created, "INFO", lines.name, self._pid, message, fields) + "\n")
             return
         try:
             self._lines.append(self._handler.format(record) + self._handler.terminator)
@@ -154,35 +156,55 @@ class _Writer(QueueListener):
 
 
 _listener: _Writer | None = None
-# An INFO line as AccessLines hands it to the writing thread: time, logger, pid, message and its arguments,
-# fields.
-_Line = tuple[float, str, int, str, tuple[object, ...], dict[str, object]]
+# An INFO line as AccessLines hands it to the writing thread: its time, the AccessLines, its arguments.
+_Line = tuple[float, "AccessLines", tuple[object, ...]]
 _lines: queue.SimpleQueue[Any] | None = None  # the writing thread's queue, when its output is JSON
 
 
 class AccessLines:
-    """One logger's INFO lines, put straight on the writing thread's queue when nothing else needs a record.
+    """One logger's INFO lines of one form: a message ``template`` and its JSON ``fields``, both made from the
+    line's arguments, where the line is written.
 
     A server's access log writes a line per call. Made into a ``LogRecord`` and passed through ``logging``'s
     handlers, the pipeline with its line took 19 µs of CPU per call in process; handed over as parts, 11 µs.
     When logging is set up as a server sets it up (JSON, written by the background thread, the root logger's
-    only handler, none on this logger), the line's parts go onto the queue as a tuple and the writing thread
-    formats it exactly as it formats a record. Otherwise (a process with other handlers, text output, tests
-    listening on the logger) :meth:`info` returns False and the caller logs the ordinary way.
+    only handler, none on this logger), :meth:`write` puts the line's time and arguments onto the queue, and
+    the writing thread makes its message and fields and formats it exactly as it formats a record: the serving
+    thread makes neither. Otherwise (a process with other handlers, text output, tests listening on the
+    logger) it logs a record the ordinary way.
     """
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        template: str,
+        fields: Callable[[tuple[Any, ...]], dict[str, object]],
+    ) -> None:
         self._logger = logger
         self._root = logging.getLogger()
+        self.name = logger.name
+        self.template = template
+        self.fields = fields
 
-    def info(self, template: str, args: tuple[object, ...], fields: dict[str, object]) -> bool:
+    def write(self, args: tuple[object, ...]) -> None:
+        """Log one line of these arguments at INFO."""
+        if self.info(args) or not self._logger.isEnabledFor(logging.INFO):
+            return
+        # A record made directly: no search of the stack for the caller.
+        logger = self._logger
+        extra = {"fields": self.fields(args)}
+        record = logger.makeRecord(logger.name, logging.INFO, "", 0, self.template, args, None, extra=extra)
+        logger.handle(record)
+
+    def info(self, args: tuple[object, ...]) -> bool:
+        """Hand the line to the writing thread; False when it must be logged as a record instead."""
         lines, logger = _lines, self._logger
         if lines is None or logger.handlers or not logger.isEnabledFor(logging.INFO):
             return False
         handlers = self._root.handlers
         if len(handlers) != 1 or not isinstance(handlers[0], _Enqueue):
             return False
-        lines.put((time.time(), logger.name, os.getpid(), template, args, fields))
+        lines.put((time.time(), self, args))
         return True
 
 

@@ -11,17 +11,22 @@ import logging, sys
 from posguard_server.logs import AccessLines, configure_logging, stop_logging
 configure_logging(logging.INFO, sys.argv[1], background=True)
 log = logging.getLogger('posguard_server.access')
-lines = AccessLines(log)
-fields = {'method': '/m', 'code': 'OK', 'latency_ms': 1.25, 'caller': 'k-1', 'peer': 'p "q"', 'customer': 'é'}
+template = '%s %s %.2fms caller=%s'
+def fields(args):
+    return {'method': args[0], 'code': args[1], 'latency_ms': args[2], 'caller': args[3], 'peer': 'p "q"',
+            'customer': 'é'}
+lines = AccessLines(log, template, fields)
 args = ('/m', 'OK', 1.25, 'k-1')
-log.info('%s %s %.2fms caller=%s', *args, extra={'fields': fields})
-print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+log.info(template, *args, extra={'fields': fields(args)})
+print(lines.info(args), file=sys.stdout)
 listening = logging.StreamHandler(sys.stdout)
 log.addHandler(listening)  # someone listens on the logger itself: records again
-print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+print(lines.info(args), file=sys.stdout)
+lines.write(args)  # written as a record, to both handlers
 log.removeHandler(listening)
 stop_logging()
-print(lines.info('%s %s %.2fms caller=%s', args, fields), file=sys.stdout)
+print(lines.info(args), file=sys.stdout)
+lines.write(args)  # written directly, as a record
 """
 
 
@@ -34,11 +39,14 @@ def _run(log_format: str) -> tuple[list[str], list[str]]:
 
 def test_a_line_handed_over_reads_as_the_line_of_a_record() -> None:
     answers, written = _run("json")
-    assert answers == ["True", "False", "False"]
-    assert len(written) == 2
-    from_record, handed_over = (json.loads(line) for line in written)
+    assert answers == ["True", "False", "/m OK 1.25ms caller=k-1", "False"]
+    assert len(written) == 4
+    from_record, handed_over, *written_as_records = (json.loads(line) for line in written)
     assert from_record.pop("time")[:10] == handed_over.pop("time")[:10]
     assert handed_over == from_record
+    for line in written_as_records:  # with a handler on the logger, and after the writing thread stopped
+        line.pop("time")
+        assert line == from_record
     assert list(handed_over) == list(from_record)  # the same keys in the same order
     assert handed_over["message"] == "/m OK 1.25ms caller=k-1"
     assert handed_over["customer"] == "é"
@@ -47,9 +55,9 @@ def test_a_line_handed_over_reads_as_the_line_of_a_record() -> None:
 
 def test_text_output_always_takes_records() -> None:
     answers, written = _run("text")
-    assert answers == ["False", "False", "False"]
-    assert len(written) == 1
-    assert written[0].endswith("posguard_server.access: /m OK 1.25ms caller=k-1")
+    assert answers == ["False", "False", "/m OK 1.25ms caller=k-1", "False"]
+    assert len(written) == 3
+    assert all(line.endswith("posguard_server.access: /m OK 1.25ms caller=k-1") for line in written)
 
 
 def test_a_json_line_is_written_whatever_its_fields_hold() -> None:

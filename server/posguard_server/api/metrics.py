@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,55 @@ SCORE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 DEGRADED_COMPONENTS = ("storage", "risk_model")
 
 
+class RpcTally:
+    """The finished calls of one method with one status code: how many ended in each latency bucket, and the
+    sum of their latencies.
+
+    Plain numbers, written by the event loop that serves the calls (the only writer) and read when scraped
+    (:class:`_RpcCollector`): a call costs one bisection and two additions, where a prometheus_client counter
+    and histogram cost two locks, a bucket walk and their checks. These are ``posguard_rpc_calls`` and
+    ``posguard_rpc_latency_seconds``, exposed as a counter and a histogram.
+    """
+
+    __slots__ = ("buckets", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: beyond every bound
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # bounds are inclusive, as Prometheus's
+        self.seconds += seconds
+
+
+class _RpcCollector(Collector):
+    """``posguard_rpc_calls`` and ``posguard_rpc_latency_seconds``: the tallies as they are when scraped."""
+
+    def __init__(self, tallies: dict[tuple[str, str], RpcTally]) -> None:
+        self._tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "posguard_rpc_calls", "Finished RPCs by method and status code.", labels=("method", "code")
+        )
+        latency = HistogramMetricFamily(
+            "posguard_rpc_latency_seconds",
+            "Time from receiving an RPC to its status, by method and status code.",
+            labels=("method", "code"),
+        )
+        for (method, code), tally in list(self._tallies.items()):
+            # Copied first: the event loop may count a call meanwhile; the copy is consistent in itself.
+            buckets, seconds = list(tally.buckets), tally.seconds
+            cumulative, total = [], 0
+            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), buckets, strict=True):
+                total += count
+                cumulative.append((bound, total))
+            calls.add_metric([method, code], total)
+            latency.add_metric([method, code], cumulative, seconds)
+        yield calls
+        yield latency
+
+
 # A scored transaction's three metric children: score histogram, decision counter, model counter.
 _ScoreChildren = tuple[Callable[[float], None], Callable[[], None], Callable[[], None]]
 
@@ -26,19 +78,8 @@ _ScoreChildren = tuple[Callable[[float], None], Callable[[], None], Callable[[],
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.calls = Counter(
-            "posguard_rpc_calls",
-            "Finished RPCs by method and status code.",
-            ("method", "code"),
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "posguard_rpc_latency_seconds",
-            "Time from receiving an RPC to its status, by method and status code.",
-            ("method", "code"),
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self._rpc_tallies: dict[tuple[str, str], RpcTally] = {}
+        self.registry.register(_RpcCollector(self._rpc_tallies))
         self.scores = Histogram(
             "posguard_risk_score",
             "risk_score of newly scored transactions (not replays), by model scope.",
@@ -102,9 +143,12 @@ class Metrics:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._score_children: dict[tuple[str, str, str], _ScoreChildren] = {}
 
-    def rpc_children(self, method: str, code: str) -> tuple[Counter, Histogram]:
-        """The call counter and the latency histogram of one method and status code, to bind once."""
-        return self.calls.labels(method, code), self.latency.labels(method, code)
+    def rpc_tally(self, method: str, code: str) -> RpcTally:
+        """The tally of one method's calls that ended with ``code``, to bind once and count calls in."""
+        tally = self._rpc_tallies.get((method, code))
+        if tally is None:
+            tally = self._rpc_tallies[method, code] = RpcTally()
+        return tally
 
     def observe_score(self, score: float, decision: str, scope: str, version: str) -> None:
         """Count one newly scored transaction (a replayed answer is not a new decision)."""

@@ -14,7 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -27,7 +27,7 @@ from posguard_server.api.auth import Authenticator, Metadata, Principal
 from posguard_server.api.errors import status_for
 from posguard_server.api.metrics import Metrics
 from posguard_server.domain.api_keys import Role
-from posguard_server.domain.deadlines import deadline_after
+from posguard_server.domain.deadlines import enter_deadline, leave_deadline
 from posguard_server.domain.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -40,8 +40,24 @@ from posguard_server.logs import AccessLines
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("posguard_server.access")
-_access_lines = AccessLines(access_log)
-_ACCESS_MESSAGE = "%s %s %.2fms caller=%s peer=%s customer=%s model=%s"
+
+
+def _access_fields(args: tuple[Any, ...]) -> dict[str, object]:
+    """An access line's JSON fields, from the arguments of its message (:data:`_access_lines`)."""
+    method, code, latency_ms, caller, peer, customer, model_version = args
+    return {
+        "method": method,
+        "code": code,
+        "latency_ms": round(latency_ms, 3),
+        "caller": caller,
+        "peer": peer,
+        "customer": customer,
+        "model_version": model_version,
+    }
+
+
+# The JSON formatter writes the fields as keys of their own; the text one, the message.
+_access_lines = AccessLines(access_log, "%s %s %.2fms caller=%s peer=%s customer=%s model=%s", _access_fields)
 
 _SHED_LOG_SECONDS = 10.0
 
@@ -141,6 +157,9 @@ class _Slots:
     def full(self) -> bool:
         return self.in_progress >= self.limit
 
+    def taken(self) -> float:
+        return self.in_progress
+
 
 class Admission:
     """Sheds load: at most so many units of work of each admission class are in progress at once.
@@ -167,7 +186,9 @@ class Admission:
         self._metrics = metrics
         classes = {name: _Slots(name, limit) for name, limit in limits.items()}
         self._slots = {method: classes[admission_class(method)] for method in _streaming_kinds()}
-        self._gauges = {name: metrics.in_progress.labels(name) for name in classes}
+        for name, slots in classes.items():
+            # Read when scraped: the count is kept anyway, and a gauge moved twice a call costs two locks.
+            metrics.in_progress.labels(name).set_function(slots.taken)
         self._shed_since_log = 0
         self._shed_logged_at = 0.0
         self.refusal_status = status_for(
@@ -179,10 +200,13 @@ class Admission:
         """Whether calls of ``method`` are admitted at all (health and reflection are not)."""
         return method in self._slots
 
-    def refuses(self, method: str) -> bool:
+    def slots(self, method: str) -> _Slots:
+        """The slots of ``method``'s admission class, for a method's pipeline to check without a look-up."""
+        return self._slots[method]
+
+    def refuses(self, method: str, slots: _Slots) -> bool:
         """Whether a unary request of ``method`` arriving now is refused at once (and counted as shed)."""
-        slots = self._slots[method]
-        if not slots.full:
+        if slots.in_progress < slots.limit:
             return False
         self._shed(method, slots)
         return True
@@ -199,13 +223,10 @@ class Admission:
             self._shed(method, slots)
             return False
         slots.in_progress += 1
-        self._gauges[slots.name].inc()
         return True
 
     def leave(self, method: str) -> None:
-        slots = self._slots[method]
-        slots.in_progress -= 1
-        self._gauges[slots.name].dec()
+        self._slots[method].in_progress -= 1
 
     def _shed(self, method: str, slots: _Slots) -> None:
         self._metrics.shed.labels(method).inc()
@@ -351,8 +372,8 @@ class _ComposedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return composed
 
 
-# A call being served: its state, the token that set it, when it started, and its deadline's scope.
-_Call = tuple[CallState, Token[CallState], float, AbstractContextManager[None] | None]
+# A call being served: its state, the token that set it, when it started, and the token that set its deadline.
+_Call = tuple[CallState, Token[CallState], float, Token[float | None] | None]
 
 
 class _MethodPipeline:
@@ -375,10 +396,13 @@ class _MethodPipeline:
         self._roles = None if is_public(method) else allowed_roles(method)
         self._denied = f"the caller's role may not call {method.rsplit('/', 1)[-1]}"
         self._metrics = metrics
-        self._observers: dict[grpc.StatusCode, tuple[str, Callable[[], None], Callable[[float], None]]] = {}
+        self._observers: dict[grpc.StatusCode, tuple[str, Callable[[float], None]]] = {}  # code name, tally
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         assert inner is not None  # a handler has exactly one of the four
         self._inner: Callable[..., Any] = inner
+        # The servicers' methods are coroutine functions; the generated base servicers (RPCs not implemented
+        # yet) are plain functions, whose result is awaited only if it can be.
+        self._inner_is_coroutine = inspect.iscoroutinefunction(inner)
         self._client_streams = bool(handler.request_streaming)
 
     def handler(self) -> Handler:
@@ -409,16 +433,22 @@ class _MethodPipeline:
         line; the ``posguard_rpc_shed`` metric counts it). A client stream is let in: it takes a slot per
         request worked on, not for being open.
         """
-        lenient = _lenient(self._handler.request_deserializer)
+        strict = self._handler.request_deserializer
+        lenient = _lenient(strict)
         admission, method = self._admission, self._method
         if admission is None or self._client_streams:
             return lenient
-        decode = lenient or _raw
+        slots = admission.slots(method)
+        if strict is None:
+            return lambda data: _REFUSED if admission.refuses(method, slots) else data
 
-        def decoder(data: bytes) -> Any:
-            if admission.refuses(method):
+        def decoder(data: bytes) -> Any:  # one call per request: this is _lenient with the refusal before it
+            if admission.refuses(method, slots):
                 return _REFUSED
-            return decode(data)
+            try:
+                return strict(data)
+            except Exception:
+                return _UNDECODABLE
 
         return decoder
 
@@ -432,13 +462,21 @@ class _MethodPipeline:
         if request is _REFUSED:
             await self._refuse(context)
         call = self._begin(context)
+        state = call[0]
         try:
-            await self._authorize(call[0], context)
-            result = self._inner(await self._admitted(request, call[0], context), context)
-            # The generated base servicers (RPCs not implemented yet) are plain functions.
+            # Each step awaits only when it must: a coroutine per step would cost more than the step.
+            if self._roles is not None and not self._known(state, context):
+                await self._authenticate(state, context)
+            if not self._admit(state):
+                await self._refuse(context)
+            if request is _UNDECODABLE:
+                raise _undecodable_request()
+            if self._inner_is_coroutine:
+                return await self._inner(request, context)
+            result = self._inner(request, context)
             return await result if inspect.isawaitable(result) else result
         except BaseException as error:
-            await self._fail(error, call[0], context)
+            await self._fail(error, state, context)
             raise
         finally:
             self._end(call, context)
@@ -447,12 +485,21 @@ class _MethodPipeline:
         if request is _REFUSED:
             await self._refuse(context)
         call = self._begin(context)
+        state = call[0]
         try:
-            await self._authorize(call[0], context)
-            async for item in self._inner(await self._admitted(request, call[0], context), context):
+            if self._roles is not None and not self._known(state, context):
+                await self._authenticate(state, context)
+            if self._client_streams:
+                # Not admitted as a whole: its servicer takes a slot per request worked on (stream_work).
+                requests = _checked_items(request, state.stream)
+            elif not self._admit(state):
+                await self._refuse(context)
+            else:
+                requests = _checked(request)
+            async for item in self._inner(requests, context):
                 yield item
         except BaseException as error:
-            await self._fail(error, call[0], context)
+            await self._fail(error, state, context)
             raise
         finally:
             self._end(call, context)
@@ -462,27 +509,42 @@ class _MethodPipeline:
         deadline = None
         state = CallState(self._method)
         if self._admission is not None:  # health, reflection: not counted, no deadline handed on
-            deadline = deadline_after(context.time_remaining())
-            deadline.__enter__()
+            deadline = enter_deadline(context.time_remaining())
             if self._client_streams:
                 state.stream = _Stream(self._admission, self._stream_idle_seconds)
         return state, _call.set(state), time.perf_counter(), deadline
 
-    async def _admitted(self, request: Any, state: CallState, context: Context) -> Any:
-        """Admit an authenticated call, or refuse it (it then has no access-log line); the request to serve.
+    def _known(self, state: CallState, context: Context) -> bool:
+        """Whether the caller presents a key verified here lately (``Authenticator.verified``); the role
+        matrix applied. False: :meth:`_authenticate` checks the key."""
+        principal = self._authenticator.verified(cast(Metadata, context.invocation_metadata() or ()))
+        if principal is None:
+            return False
+        self._allow(state, principal)
+        return True
 
-        A client stream is not admitted as a whole: its servicer takes a slot per request worked on
-        (:func:`stream_work`), and its requests are read under the idle timeout.
-        """
-        if self._client_streams:
-            return _checked_items(request, state.stream)
-        if self._admission is not None:
-            if not self._admission.try_enter(self._method):
-                state.refused = True
-                refusal = self._admission.refusal_status
-                await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
-            state.admitted = True
-        return _checked(request)
+    async def _authenticate(self, state: CallState, context: Context) -> None:
+        """Check the caller's key with the key store (its first call here, or a stale or bad key)."""
+        metadata = cast(Metadata, context.invocation_metadata() or ())  # a tuple of (key, value) at run time
+        self._allow(state, await self._authenticator.authenticate(metadata))
+
+    def _allow(self, state: CallState, principal: Principal) -> None:
+        """Apply the role matrix to the authenticated caller."""
+        assert self._roles is not None  # public methods are not authenticated
+        state.principal = principal
+        if self._roles.isdisjoint(principal.roles):
+            raise PermissionDenied(self._denied, reason="ROLE_NOT_ALLOWED")
+
+    def _admit(self, state: CallState) -> bool:
+        """Take an admission slot for the authenticated call; False when its class is full (the call is then
+        refused, with no access-log line). Methods not counted are always admitted."""
+        if self._admission is None:
+            return True
+        if not self._admission.try_enter(self._method):
+            state.refused = True
+            return False
+        state.admitted = True
+        return True
 
     def _end(self, call: _Call, context: Context) -> None:
         state, token, started, deadline = call
@@ -490,7 +552,7 @@ class _MethodPipeline:
         if not state.refused:
             self._finish(state, context, time.perf_counter() - started)
         if deadline is not None:
-            deadline.__exit__(None, None, None)
+            leave_deadline(deadline)
         if state.admitted and self._admission is not None:
             self._admission.leave(self._method)
 
@@ -509,16 +571,6 @@ class _MethodPipeline:
             _failed(state, context)
             raise
 
-    async def _authorize(self, state: CallState, context: Context) -> None:
-        """Authenticate the API key and apply the role matrix (public methods need neither)."""
-        if self._roles is None:
-            return
-        metadata = cast(Metadata, context.invocation_metadata() or ())  # a tuple of (key, value) at run time
-        principal = await self._authenticator.authenticate(metadata)
-        state.principal = principal
-        if self._roles.isdisjoint(principal.roles):
-            raise PermissionDenied(self._denied, reason="ROLE_NOT_ALLOWED")
-
     async def _abort(self, error: Exception, state: CallState, context: Context) -> NoReturn:
         """Turn an exception into a canonical status with details; nothing internal reaches the client."""
         status = status_for(error, self._method)
@@ -530,41 +582,16 @@ class _MethodPipeline:
         """Count the call in the metrics and write its one access-log line."""
         observer = self._observers.get(state.code)
         if observer is None:
-            calls, latency = self._metrics.rpc_children(self._method, state.code.name)
-            observer = self._observers[state.code] = (state.code.name, calls.inc, latency.observe)
-        code, count, observe = observer
-        count()
+            code = state.code.name
+            tally = self._metrics.rpc_tally(self._method, code)
+            observer = self._observers[state.code] = (code, tally.observe)
+        code, observe = observer
         observe(elapsed)
         if not access_log.isEnabledFor(logging.INFO):
             return
         caller = state.principal.key_id if state.principal else "-"
-        fields = {
-            "method": self._method,
-            "code": code,
-            "latency_ms": round(elapsed * 1e3, 3),
-            "caller": caller,
-            "peer": context.peer(),
-            "customer": state.customer or "-",
-            "model_version": state.model_version or "-",
-        }
-        # The JSON formatter writes ``fields`` as keys of their own; the text one, this message. The line is
-        # formatted by the thread that writes it: handed over as its parts where it can be (AccessLines), else
-        # as a record made directly (no search of the stack for the caller).
-        args = (
-            self._method,
-            code,
-            elapsed * 1e3,
-            caller,
-            fields["peer"],
-            fields["customer"],
-            fields["model_version"],
-        )
-        if not _access_lines.info(_ACCESS_MESSAGE, args, fields):
-            extra = {"fields": fields}
-            record = access_log.makeRecord(
-                access_log.name, logging.INFO, __file__, 0, _ACCESS_MESSAGE, args, None, extra=extra
-            )
-            access_log.handle(record)
+        customer, model = state.customer or "-", state.model_version or "-"
+        _access_lines.write((self._method, code, elapsed * 1e3, caller, context.peer(), customer, model))
 
 
 def _failed(state: CallState, context: Context) -> None:
@@ -587,10 +614,6 @@ class _Refused:
 
 
 _REFUSED = _Refused()
-
-
-def _raw(data: bytes) -> bytes:
-    return data
 
 
 def _undecodable_request() -> InvalidArgument:

@@ -11,21 +11,33 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from posguard_server.domain.errors import DeadlineExceeded
 
 _deadline: ContextVar[float | None] = ContextVar("posguard_deadline", default=None)
 
 
+def enter_deadline(seconds: float | None) -> Token[float | None]:
+    """From now on the current call must be done ``seconds`` from now (None: no deadline); undone by
+    :func:`leave_deadline` with what this returns. The request pipeline sets every call's deadline this way:
+    a generator-based context manager costs several microseconds more per call."""
+    return _deadline.set(None if seconds is None else time.monotonic() + seconds)
+
+
+def leave_deadline(token: Token[float | None]) -> None:
+    """The deadline as it was before the :func:`enter_deadline` that returned ``token``."""
+    _deadline.reset(token)
+
+
 @contextmanager
 def deadline_after(seconds: float | None) -> Iterator[None]:
     """Within the block, the current call must be done ``seconds`` from now (None: no deadline)."""
-    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+    token = enter_deadline(seconds)
     try:
         yield
     finally:
-        _deadline.reset(token)
+        leave_deadline(token)
 
 
 @contextmanager
