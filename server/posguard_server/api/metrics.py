@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class RpcTally:
         self.seconds += seconds
 
 
+_LATENCY_LABELS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")  # as prometheus_client writes them
+
+
 class _RpcCollector(Collector):
     """``posguard_rpc_calls`` and ``posguard_rpc_latency_seconds``: the tallies as they are when scraped."""
 
@@ -62,7 +66,7 @@ class _RpcCollector(Collector):
             # Copied first: the event loop may count a call meanwhile; the copy is consistent in itself.
             buckets, seconds = list(tally.buckets), tally.seconds
             cumulative, total = [], 0
-            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), buckets, strict=True):
+            for bound, count in zip(_LATENCY_LABELS, buckets, strict=True):
                 total += count
                 cumulative.append((bound, total))
             calls.add_metric([method, code], total)
