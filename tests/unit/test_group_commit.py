@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import pytest
 
 from posguard_server.api.group_commit import AfterTheAnswer, GroupCommit, Writers
-from posguard_server.api.loop_batches import LoopBatch
 
 
 class Recorder:
@@ -305,31 +304,3 @@ def test_a_failed_write_after_the_answer_is_logged_at_most_once_a_minute_without
     # One line for the five lost (at most one a minute), naming the error's class, not its message.
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["5 counters were not stored: RuntimeError"]
-
-
-def test_a_loop_batch_serves_the_calls_of_one_turn_together() -> None:
-    batches: list[list[int]] = []
-
-    def double(items: Sequence[int]) -> list[int]:
-        batches.append(list(items))
-        return [2 * item for item in items]
-
-    async def run() -> list[int]:
-        batch = LoopBatch(double)
-        together = await asyncio.gather(*(batch.submit(i) for i in range(5)))
-        alone = await batch.submit(7)
-        return [*together, alone]
-
-    assert asyncio.run(run()) == [0, 2, 4, 6, 8, 14]
-    assert batches == [[0, 1, 2, 3, 4], [7]]
-
-
-def test_a_loop_batch_that_fails_fails_each_of_its_calls() -> None:
-    def broken(items: Sequence[int]) -> list[int]:
-        raise ValueError("no")
-
-    async def run() -> list[int | BaseException]:
-        batch = LoopBatch(broken)
-        return list(await asyncio.gather(*(batch.submit(i) for i in range(3)), return_exceptions=True))
-
-    assert [type(result) for result in asyncio.run(run())] == [ValueError] * 3

@@ -20,7 +20,6 @@ from posguard_server.api import customer_messages as messages
 from posguard_server.api.dynamic_codes import MAX_NUMBER_INPUT, DynamicCodesRpcs
 from posguard_server.api.enumeration import FailureGuard, guarded, refusal
 from posguard_server.api.group_commit import AfterTheAnswer, GroupCommit, Writers
-from posguard_server.api.loop_batches import LoopBatch
 from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.api_keys import Role
@@ -98,9 +97,12 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
         self._verifications: GroupCommit[Presented, Verification] = GroupCommit(
             verifications.verify_many, limit=GATEWAY_BATCH, writers=writers
         )
-        # On SQLite a verification is first read on the event loop; a success is answered from that read and
-        # its counters written after the answer. Anything else is decided again by the write above.
-        self._local_reads = LoopBatch(local_reads.verdicts) if local_reads is not None else None
+        # On SQLite a verification is first read on the event loop, each call on its own (batching the calls
+        # of one turn of the loop saved statements but cost each call a wait for the next turn: 0.55-0.61 of
+        # the echo at 64 in flight against 0.58-0.62 read at once, at the same CPU); a success is answered
+        # from that read and its counters written after the answer. Anything else is decided again by the
+        # write above.
+        self._local_reads = local_reads
         self._verified: AfterTheAnswer[Verified] = AfterTheAnswer(
             verifications.count_verified,
             limit=VERIFIED_BATCH,
@@ -243,7 +245,7 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
             )
         answer = None
         if presented.problem is None and self._local_reads is not None:
-            read = await self._local_reads.submit(presented)
+            read = self._local_reads.verdicts((presented,))[0]
             if read is not None and read.verdict is Verdict.OK:
                 answer = read
                 await self._verified.post(Verified(presented.number, now))
