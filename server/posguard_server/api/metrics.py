@@ -6,6 +6,7 @@ import logging
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -63,14 +64,11 @@ class _RpcCollector(Collector):
             labels=("method", "code"),
         )
         for (method, code), tally in list(self._tallies.items()):
-            # Copied first: the event loop may count a call meanwhile; the copy is consistent in itself.
-            buckets, seconds = list(tally.buckets), tally.seconds
-            cumulative, total = [], 0
-            for bound, count in zip(_LATENCY_LABELS, buckets, strict=True):
-                total += count
-                cumulative.append((bound, total))
-            calls.add_metric([method, code], total)
-            latency.add_metric([method, code], cumulative, seconds)
+            # The event loop may count a call meanwhile: the buckets are copied at once, so they and the count
+            # agree (the sum, read next, may include a call more).
+            cumulative = list(zip(_LATENCY_LABELS, accumulate(list(tally.buckets)), strict=True))
+            calls.add_metric([method, code], cumulative[-1][1])
+            latency.add_metric([method, code], cumulative, tally.seconds)
         yield calls
         yield latency
 

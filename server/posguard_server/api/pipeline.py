@@ -206,7 +206,7 @@ class Admission:
 
     def refuses(self, method: str, slots: _Slots) -> bool:
         """Whether a unary request of ``method`` arriving now is refused at once (and counted as shed)."""
-        if slots.in_progress < slots.limit:
+        if not slots.full:
             return False
         self._shed(method, slots)
         return True
