@@ -86,9 +86,9 @@ async def serve(data_dir: Path, reply_bytes: int, handoff: bool) -> None:
             unary, request_deserializer=_identity, response_serializer=_identity
         )
     }
-    # The echo server's options, and registered as the echo server and posguard's services are: the two
-    # servers differ only in the pipeline.
-    server = pipeline.serve(aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=1000))
+    # The echo server's options, and registered as posguard's services are: the two servers differ only in
+    # the pipeline.
+    server = pipeline.serve(aio.server(options=[("grpc.so_reuseport", 0)]))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     port = server.add_insecure_port("127.0.0.1:0")
