@@ -13,6 +13,9 @@ from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.domain.keyring import KeyRing
 from posguard_server.domain.numbers import NumberError, NumberProblem, ParsedNumber, Scheme, SerialCipher
 
+# How telling a problem is to the person at the till, least first (see ``Numbering.recognise``).
+_TELLING = {NumberProblem.MALFORMED: 0, NumberProblem.UNKNOWN_ISSUER: 1, NumberProblem.CHECK_DIGITS: 2}
+
 
 @dataclass(frozen=True, slots=True)
 class Recognised:
@@ -59,12 +62,11 @@ class Numbering:
         CHECK_DIGITS outranks UNKNOWN_ISSUER, which outranks MALFORMED: a typo in a number of a known
         scheme is worth telling the person at the till.
         """
-        rank = {NumberProblem.MALFORMED: 0, NumberProblem.UNKNOWN_ISSUER: 1, NumberProblem.CHECK_DIGITS: 2}
         worst: tuple[Scheme | None, NumberProblem] = (None, NumberProblem.MALFORMED)
         for scheme in self.schemes.values():
             try:
                 return Recognised(scheme, scheme.parse(text), None)
             except NumberError as error:
-                if rank[error.reason] > rank[worst[1]]:
+                if _TELLING[error.reason] > _TELLING[worst[1]]:
                     worst = (scheme, error.reason)
         return Recognised(worst[0], None, worst[1])

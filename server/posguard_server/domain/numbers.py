@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from posguard_server.domain import check_digits
@@ -104,6 +104,11 @@ class Scheme:
     serial_length: int = 8
     alphabet: Alphabet = "decimal"
     group: int = 4
+    # Derived once: a till's every verification parses a number, and these were rebuilt on each parse.
+    _structured: str = field(init=False, repr=False, compare=False)
+    _prefix_length: int = field(init=False, repr=False, compare=False)
+    _length: int = field(init=False, repr=False, compare=False)
+    _symbol_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.issuer, str) or not self.issuer or self.issuer != self.issuer.strip():
@@ -121,6 +126,11 @@ class Scheme:
                 f"a {self.alphabet} serial of {self.serial_length} symbols has only {self.capacity} values;"
                 f" FF1 needs at least {MIN_DOMAIN:,}"
             )
+        structured = self.country + self.region + self.institution
+        object.__setattr__(self, "_structured", structured)
+        object.__setattr__(self, "_prefix_length", len(structured) + self.merchant_digits)
+        object.__setattr__(self, "_length", self._prefix_length + self.serial_length + CHECK_LENGTH)
+        object.__setattr__(self, "_symbol_set", _SYMBOL_SETS[self.alphabet])
 
     @property
     def symbols(self) -> str:
@@ -138,15 +148,15 @@ class Scheme:
     @property
     def structured(self) -> str:
         """The parts every number of this issuer starts with: country, region and institution."""
-        return self.country + self.region + self.institution
+        return self._structured
 
     @property
     def prefix_length(self) -> int:
-        return len(self.structured) + self.merchant_digits
+        return self._prefix_length
 
     @property
     def length(self) -> int:
-        return self.prefix_length + self.serial_length + CHECK_LENGTH
+        return self._length
 
     def prefix(self, merchant_part: str = "") -> str:
         if self.merchant_digits == 0:
@@ -162,10 +172,12 @@ class Scheme:
 
     def merchant_part_of(self, prefix: str) -> str:
         """The merchant part of one of this scheme's prefixes; ValueError for anything else."""
-        merchant_part = prefix[len(self.structured) :]
-        if len(prefix) != self.prefix_length or not prefix.startswith(self.structured):
+        structured = self._structured
+        if len(prefix) != self._prefix_length or not prefix.startswith(structured):
             raise ValueError("not a prefix of this scheme")
-        self.prefix(merchant_part)
+        merchant_part = prefix[len(structured) :]
+        if merchant_part:  # with none, the prefix is the structured part itself
+            self.prefix(merchant_part)
         return merchant_part
 
     def check_digits(self, body: str) -> str:
@@ -190,17 +202,18 @@ class Scheme:
         The check digits are checked before the issuer so a typo in the prefix is reported as a typo.
         """
         number = normalize(text, self.alphabet)
-        if len(number) != self.length or not _SYMBOL_SETS[self.alphabet].issuperset(number):
+        if len(number) != self._length or not self._symbol_set.issuperset(number):
             raise NumberError(NumberProblem.MALFORMED)
         body = number[:-CHECK_LENGTH]
         if number[-CHECK_LENGTH:] != self.check_digits(body):
             raise NumberError(NumberProblem.CHECK_DIGITS)
-        prefix = body[: self.prefix_length]
+        prefix_length = self._prefix_length
+        prefix = body[:prefix_length]
         try:
             merchant_part = self.merchant_part_of(prefix)
         except ValueError:
             raise NumberError(NumberProblem.UNKNOWN_ISSUER) from None
-        return ParsedNumber(number, prefix, body[self.prefix_length :], merchant_part)
+        return ParsedNumber(number, prefix, body[prefix_length:], merchant_part)
 
 
 DEFAULT_SCHEME: Final = Scheme(issuer="default", country="156", region="4201", institution="102")
