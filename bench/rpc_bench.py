@@ -176,8 +176,10 @@ def _drain(popen: subprocess.Popen[str]) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
-def _cli(settings: list[str], *args: str) -> str:
-    done = subprocess.run([*SERVER, *settings, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+def _cli(settings: list[str], *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [*SERVER, *settings, *args], capture_output=True, text=True, cwd=ROOT, check=False, env=env
+    )
     if done.returncode != 0:
         raise RuntimeError(f"posguard-server {' '.join(args)} failed: {done.stderr[-2000:]}")
     return done.stdout
@@ -185,27 +187,33 @@ def _cli(settings: list[str], *args: str) -> str:
 
 @contextmanager
 def posguard(
-    data_dir: Path, database_url: str | None, *flags: str, profile: Path | None = None
+    data_dir: Path,
+    database_url: str | None,
+    *flags: str,
+    profile: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Process, str]]:
     """A trained posguard server (log level WARNING, no metrics, ``flags`` added) and a gateway key.
 
     Load shedding is off unless ``flags`` set it: this measures how much a server serves, not what it refuses.
-    With ``profile``, py-spy records the server's stacks there until it stops.
+    With ``profile``, py-spy records the server's stacks there until it stops. ``env``: the environment of
+    the server and its set-up commands (``bench/revisions_ab.py`` points ``PYTHONPATH`` at another revision).
     """
     no_shedding = ["--max-concurrent-rpcs", "100000"]
     settings = ["--data-dir", str(data_dir), "--log-level", "WARNING", "--no-metrics-enabled", *no_shedding]
     settings += flags
     if database_url:
         settings += ["--database-url", database_url]
-        _cli(settings, "db", "upgrade")
-    _cli(settings, "import", "transactions", str(SAMPLE))
-    _cli(settings, "train")
-    token = json.loads(_cli(settings, "keys", "create", "--role", "gateway", "--json"))["token"]
+        _cli(settings, "db", "upgrade", env=env)
+    _cli(settings, "import", "transactions", str(SAMPLE), env=env)
+    _cli(settings, "train", env=env)
+    token = json.loads(_cli(settings, "keys", "create", "--role", "gateway", "--json", env=env))["token"]
     global ADMIN_TOKEN
-    ADMIN_TOKEN = json.loads(_cli(settings, "keys", "create", "--role", "admin", "--json"))["token"]
+    ADMIN_TOKEN = json.loads(_cli(settings, "keys", "create", "--role", "admin", "--json", env=env))["token"]
     process = _start(
         [*SERVER, *settings, "--listen", "127.0.0.1:0", "--log-level", "INFO", "serve"],
         r"posguard serving on 127\.0\.0\.1:(\d+)",
+        env=env,
     )
     spy = _py_spy(process, profile) if profile is not None else None
     try:

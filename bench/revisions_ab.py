@@ -1,0 +1,141 @@
+"""Two revisions of posguard, each in its own server, measured window after window against one echo.
+
+    .venv/bin/python bench/revisions_ab.py --before REV [--after REV] [--rpc verify|redeem|score|code|issue]
+        [--seconds 4] [--repeats 5] [--inflight 64]
+
+A change that saves tens of microseconds a call is smaller than the drift of this machine from one run of
+``rpc_bench.py`` to the next; measured alternately, each window of one revision beside a window of the other,
+both see the same machine. ``--before`` is checked out into a temporary git worktree (``--after`` too when
+given; by default it is this working tree, uncommitted changes included), and each server runs that tree's
+code (``PYTHONPATH``) on this environment's packages, set up as ``rpc_bench.py`` sets it up (sample history,
+trained models, a gateway key; the console off, so both can run). Each round measures the echo, then each
+revision, with the same load generator. Reports, per revision, the calls/s of every window and their median,
+the ratio of that median to the echo's, and the medians of server CPU per call and p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from rpc_bench import (
+    ECHO,
+    ISSUE,
+    ISSUE_CODE,
+    REDEEM,
+    ROOT,
+    SCORE,
+    VERIFY,
+    MakeRequests,
+    Process,
+    Requests,
+    Window,
+    _reply_size,
+    add_window_arguments,
+    echo,
+    enroll,
+    fetch_numbers,
+    posguard,
+    unary_window,
+)
+
+METHODS = {"verify": VERIFY, "redeem": REDEEM, "score": SCORE, "code": ISSUE_CODE, "issue": ISSUE}
+
+
+@contextmanager
+def checked_out(revision: str, into: Path) -> Iterator[Path]:
+    """``revision`` in a detached worktree at ``into``, removed afterwards."""
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(into), revision], check=True)
+    try:
+        yield into
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(into)], check=True)
+
+
+def _code_of(tree: Path) -> dict[str, str]:
+    """An environment whose imports of posguard's packages come from ``tree``."""
+    paths = [str(tree / part) for part in ("server", "models", "clients")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def _requests_for(rpc: str, requests: Requests) -> MakeRequests:
+    return {
+        "verify": requests.verifies,
+        "redeem": requests.redemptions,
+        "score": requests.scores,
+        "code": requests.code_issues,
+        "issue": requests.issues,
+    }[rpc]
+
+
+async def measure(args: argparse.Namespace) -> None:
+    method = METHODS[args.rpc]
+    need = 4000 * int(args.seconds + 1)  # requests a window may use at most, with room to spare
+    with tempfile.TemporaryDirectory(prefix="posguard-ab-") as tmp, ExitStack() as stack:
+        trees = {"before": stack.enter_context(checked_out(args.before, Path(tmp) / "before-tree"))}
+        trees["after"] = (
+            stack.enter_context(checked_out(args.after, Path(tmp) / "after-tree")) if args.after else ROOT
+        )
+        servers: dict[str, tuple[Process, str, Requests]] = {}
+        for name, tree in trees.items():
+            process, token = stack.enter_context(
+                posguard(Path(tmp) / name, None, "--no-console-enabled", env=_code_of(tree))
+            )
+            requests = Requests()
+            requests.numbers = await fetch_numbers(process.port, token, requests.refs)
+            if args.rpc in ("redeem", "code"):
+                requests.secrets = await enroll(process.port, token, requests.numbers)
+            servers[name] = (process, token, requests)
+        process, token, requests = servers["before"]
+        baseline = stack.enter_context(echo(await _reply_size(process, token, requests)))
+        for inflight in args.inflight:
+            echoed: list[Window] = []
+            measured: dict[str, list[Window]] = {name: [] for name in servers}
+            for _ in range(args.repeats):
+                batch = _requests_for(args.rpc, requests)(need)
+                echoed.append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
+                for name, (process, token, requests) in servers.items():
+                    batch = _requests_for(args.rpc, requests)(need)
+                    measured[name].append(
+                        await unary_window(process, method, token, batch, inflight, args.seconds)
+                    )
+            _report(args.rpc, inflight, echoed, measured)
+
+
+def _report(rpc: str, inflight: int, echoed: list[Window], measured: dict[str, list[Window]]) -> None:
+    def line(name: str, windows: list[Window]) -> str:
+        rates = ", ".join(f"{w.rate:,.0f}" for w in windows)
+        rate = statistics.median(w.rate for w in windows)
+        cpu = statistics.median(w.cpu_ms_per_call for w in windows)
+        p50 = statistics.median(w.p50_ms for w in windows)
+        return f"{name}: calls/s {rates} (median {rate:,.0f}); server CPU ms/call {cpu:.3f}; p50 ms {p50:.2f}"
+
+    echo_rate = statistics.median(w.rate for w in echoed)
+    print(f"{rpc}, {inflight} in flight")
+    print("  " + line("echo", echoed))
+    for name, windows in measured.items():
+        ratio = statistics.median(w.rate for w in windows) / echo_rate
+        print(f"  {line(name, windows)}; ratio to the echo {ratio:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_window_arguments(parser, seconds=4.0, repeats=5, inflight=[64])
+    parser.add_argument("--before", required=True, help="the revision to compare against, e.g. HEAD~1")
+    parser.add_argument("--after", help="the other revision (default: this working tree)")
+    parser.add_argument("--rpc", choices=sorted(METHODS), default="verify")
+    asyncio.run(measure(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
