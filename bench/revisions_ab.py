@@ -21,7 +21,7 @@ import os
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -46,7 +46,14 @@ from rpc_bench import (
     unary_window,
 )
 
-METHODS = {"verify": VERIFY, "redeem": REDEEM, "score": SCORE, "code": ISSUE_CODE, "issue": ISSUE}
+# Each RPC measured: its method, and the requests of it a server's ``Requests`` makes.
+RPCS: dict[str, tuple[str, Callable[[Requests], MakeRequests]]] = {
+    "verify": (VERIFY, lambda r: r.verifies),
+    "redeem": (REDEEM, lambda r: r.redemptions),
+    "score": (SCORE, lambda r: r.scores),
+    "code": (ISSUE_CODE, lambda r: r.code_issues),
+    "issue": (ISSUE, lambda r: r.issues),
+}
 
 
 @contextmanager
@@ -66,18 +73,8 @@ def _code_of(tree: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
-def _requests_for(rpc: str, requests: Requests) -> MakeRequests:
-    return {
-        "verify": requests.verifies,
-        "redeem": requests.redemptions,
-        "score": requests.scores,
-        "code": requests.code_issues,
-        "issue": requests.issues,
-    }[rpc]
-
-
 async def measure(args: argparse.Namespace) -> None:
-    method = METHODS[args.rpc]
+    method, requests_of = RPCS[args.rpc]
     need = 4000 * int(args.seconds + 1)  # requests a window may use at most, with room to spare
     with tempfile.TemporaryDirectory(prefix="posguard-ab-") as tmp, ExitStack() as stack:
         trees = {"before": stack.enter_context(checked_out(args.before, Path(tmp) / "before-tree"))}
@@ -94,16 +91,17 @@ async def measure(args: argparse.Namespace) -> None:
             if args.rpc in ("redeem", "code"):
                 requests.secrets = await enroll(process.port, token, requests.numbers)
             servers[name] = (process, token, requests)
-        process, token, requests = servers["before"]
-        baseline = stack.enter_context(echo(await _reply_size(process, token, requests)))
+        first, first_token, first_requests = servers["before"]
+        baseline = stack.enter_context(echo(await _reply_size(first, first_token, first_requests)))
         for inflight in args.inflight:
             echoed: list[Window] = []
             measured: dict[str, list[Window]] = {name: [] for name in servers}
             for _ in range(args.repeats):
-                batch = _requests_for(args.rpc, requests)(need)
-                echoed.append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
+                # The echo checks no key and answers any bytes: the first server's requests will do.
+                batch = requests_of(first_requests)(need)
+                echoed.append(await unary_window(baseline, ECHO, first_token, batch, inflight, args.seconds))
                 for name, (process, token, requests) in servers.items():
-                    batch = _requests_for(args.rpc, requests)(need)
+                    batch = requests_of(requests)(need)
                     measured[name].append(
                         await unary_window(process, method, token, batch, inflight, args.seconds)
                     )
@@ -133,7 +131,7 @@ def main() -> None:
     add_window_arguments(parser, seconds=4.0, repeats=5, inflight=[64])
     parser.add_argument("--before", required=True, help="the revision to compare against, e.g. HEAD~1")
     parser.add_argument("--after", help="the other revision (default: this working tree)")
-    parser.add_argument("--rpc", choices=sorted(METHODS), default="verify")
+    parser.add_argument("--rpc", choices=sorted(RPCS), default="verify")
     asyncio.run(measure(parser.parse_args()))
 
 
