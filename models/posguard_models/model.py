@@ -113,6 +113,38 @@ class Calibration:
         return np.where(s < self.scores[0], 0.0, np.where(s > top, beyond, inside))
 
 
+def interp_rows(
+    values: npt.NDArray[np.float64], xp: npt.NDArray[np.float64], fp: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """``np.interp(values[:, i], xp[i], fp)`` for every column ``i`` at once, bit for bit.
+
+    For a few rows: ``np.interp`` costs a call per column, this a dozen calls whatever the number of columns
+    (its comparisons grow with rows x columns x points, so many rows are cheaper a column at a time). Each
+    ``xp[i]`` is ascending, ties allowed. The steps are numpy's own (``arr_interp``): the last point at or
+    below the value, that point's ``fp`` on an exact hit or at the top, else ``slope * (x - x_j) + f_j``,
+    retried from the right end when that is NaN; NaN in, NaN out.
+    """
+    points = xp.shape[1]
+    at_or_below = (xp[np.newaxis, :, :] <= values[:, :, np.newaxis]).sum(axis=2) - 1
+    j = np.clip(at_or_below, 0, points - 2)
+    column = np.arange(xp.shape[0])
+    x0, x1, f0, f1 = xp[column, j], xp[column, j + 1], fp[j], fp[j + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (f1 - f0) / (x1 - x0)
+        result = slope * (values - x0) + f0
+        retry = np.isnan(result)
+        if retry.any():
+            again = slope * (values - x1) + f1
+            again = np.where(np.isnan(again) & (f0 == f1), f0, again)
+            result = np.where(retry, again, result)
+    result = np.where(values == x0, f0, result)
+    result = np.where(at_or_below == points - 1, fp[-1], result)
+    answer: npt.NDArray[np.float64] = np.where(
+        at_or_below < 0, np.where(np.isnan(values), np.nan, fp[0]), result
+    )
+    return answer
+
+
 def surprise(fractions: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """``-ln p`` of calibrated fractions; ``p = 1 - fraction``, the share of training scoring as high."""
     result: npt.NDArray[np.float64] = -np.log(np.maximum(1.0 - fractions, _P_FLOOR))
@@ -241,10 +273,13 @@ class GlobalModel:
     core_calibration: Calibration | None = None
     # The core and group forests walked together on a row (``_global_scores``); made from the fields above.
     _walker: StackedForests = field(init=False, repr=False, compare=False)
+    # The quantile levels of ``feature_quantiles``' columns (0, 0.1%, ..., 100%).
+    _grid: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stacked = [(self.forest, range(CORE)), *((g.forest, g.columns) for g in self.groups)]
         object.__setattr__(self, "_walker", StackedForests(stacked))
+        object.__setattr__(self, "_grid", np.linspace(0.0, 1.0, self.feature_quantiles.shape[1]))
 
     def anomaly(self, x: npt.NDArray[np.float64], customer: CompiledForest | None, history: int) -> float:
         """The blended core score (customer and global forests over the core features)."""
@@ -396,14 +431,18 @@ class GlobalModel:
 
     def rarity_many(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:  # noqa: N803
         """:meth:`rarity` of each row of ``X``."""
+        quantiles = self.feature_quantiles
         # A model of format 1 knows the core features only: the others are never rare under it.
         out = np.ones((X.shape[0], len(FEATURES)))
-        grid = np.linspace(0.0, 1.0, self.feature_quantiles.shape[1])
+        values = X[:, : len(quantiles)]
+        if len(X) < _BATCH_WALK_MIN_ROWS:
+            below = interp_rows(values, quantiles, self._grid)
+        else:
+            below = np.column_stack([np.interp(values[:, i], q, self._grid) for i, q in enumerate(quantiles)])
         beyond = 0.5 / self.meta.get("sample_count", 1000)
-        for i, column in enumerate(self.feature_quantiles):
-            values = X[:, i]
-            inside = 1.0 - np.interp(values, column, grid)
-            out[:, i] = np.where(values <= column[0], 1.0, np.where(values > column[-1], beyond, inside))
+        out[:, : len(quantiles)] = np.where(
+            values <= quantiles[:, 0], 1.0, np.where(values > quantiles[:, -1], beyond, 1.0 - below)
+        )
         return out
 
     # -- artifact -------------------------------------------------------------------------------------

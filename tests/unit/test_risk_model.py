@@ -23,7 +23,7 @@ from posguard_models.features import (
     batch_features,
     profile_of,
 )
-from posguard_models.model import CORE, Calibration, GlobalModel
+from posguard_models.model import CORE, Calibration, GlobalModel, interp_rows
 from posguard_models.retraining import CustomerForest, ModelSet, set_risk
 from posguard_models.training import History, TrainingConfig, terminal_counts, train
 
@@ -312,6 +312,31 @@ def test_scoring_a_batch_gives_the_row_by_row_scores_and_reasons_bit_for_bit(
     assert {g for s in batch for g, _ in s.groups} == {name for name, _ in FEATURE_GROUPS}
     assert [s.used_customer_model for s in batch] == [s.used_customer_model for s in alone]
     assert np.array_equal(model.rarity_many(X), np.stack([model.rarity(row) for row in X]), equal_nan=True)
+
+
+def test_interpolating_every_column_at_once_is_numpys_interp_bit_for_bit() -> None:
+    """``interp_rows`` (a lone score's rarity) against ``np.interp`` a column at a time (a batch's)."""
+    rng = np.random.default_rng(7)
+    points = 101
+    columns = [
+        np.sort(rng.normal(size=points)),
+        np.sort(rng.integers(0, 3, points).astype(np.float64)),  # long ties, as a 0/1 feature's quantiles
+        np.concatenate([np.zeros(60), np.sort(rng.exponential(size=points - 60))]),  # ties at the bottom
+        np.concatenate([np.sort(rng.uniform(size=points - 30)), np.ones(30)]),  # ties at the top
+        np.full(points, 2.5),  # one value throughout
+        np.concatenate([[-np.inf], np.sort(rng.normal(size=points - 2)), [np.inf]]),  # infinite ends
+    ]
+    xp = np.stack(columns)
+    fp = np.linspace(0.0, 1.0, points)
+    # Values on every point, between points, beyond both ends, and the special ones.
+    picks = [xp[:, rng.integers(0, points, 40)].T, rng.normal(scale=2.0, size=(200, len(xp)))]
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 2.5, 1e300, -1e300])
+    picks.append(np.repeat(special[:, np.newaxis], len(xp), axis=1))
+    values = np.concatenate(picks)
+    for start in range(0, len(values), 3):  # rows a few at a time, as a small batch comes
+        chunk = values[start : start + 3]
+        expected = np.column_stack([np.interp(chunk[:, i], column, fp) for i, column in enumerate(xp)])
+        assert interp_rows(chunk, xp, fp).tobytes() == expected.tobytes(), chunk
 
 
 # -- the alert-rate test ------------------------------------------------------------------------------
