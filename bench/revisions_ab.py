@@ -10,7 +10,8 @@ given; by default it is this working tree, uncommitted changes included), and ea
 code (``PYTHONPATH``) on this environment's packages, set up as ``rpc_bench.py`` sets it up (sample history,
 trained models, a gateway key; the console off, so both can run). Each round measures the echo, then each
 revision, with the same load generator. Reports, per revision, the calls/s of every window and their median,
-the ratio of that median to the echo's, and the medians of server CPU per call and p50.
+the ratio of that median to the echo's, the medians of server CPU per call, p50 and p99, and the slowest call
+of all its windows.
 """
 
 from __future__ import annotations
@@ -114,7 +115,12 @@ def _report(rpc: str, inflight: int, echoed: list[Window], measured: dict[str, l
         rate = statistics.median(w.rate for w in windows)
         cpu = statistics.median(w.cpu_ms_per_call for w in windows)
         p50 = statistics.median(w.p50_ms for w in windows)
-        return f"{name}: calls/s {rates} (median {rate:,.0f}); server CPU ms/call {cpu:.3f}; p50 ms {p50:.2f}"
+        p99 = statistics.median(w.p99_ms for w in windows)
+        slowest = max(w.max_ms for w in windows)
+        return (
+            f"{name}: calls/s {rates} (median {rate:,.0f}); server CPU ms/call {cpu:.3f}; "
+            f"p50 ms {p50:.2f}; p99 ms {p99:.2f}; slowest call ms {slowest:.1f}"
+        )
 
     echo_rate = statistics.median(w.rate for w in echoed)
     print(f"{rpc}, {inflight} in flight")

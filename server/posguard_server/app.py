@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -469,6 +470,7 @@ async def run_server(
     """Serve until SIGTERM or SIGINT. ``serving(port)`` is told once the server is up (default: log it)."""
     server, port = build_server(settings, reuse_port=reuse_port)
     await server.start()
+    freeze_startup_heap()
     if serving is None:
         log.info("%s", serving_line(settings, port))
     else:
@@ -481,6 +483,18 @@ async def run_server(
     log.info("shutting down; in-flight calls have %.1fs", settings.grace_period)
     await server.stop()
     log.info("stopped")
+
+
+def freeze_startup_heap() -> None:
+    """Keep what start-up made (modules, the gRPC stack, mappings, the built service) out of full collections.
+
+    Python's full (generation 2) collection walks every tracked object; those made at start-up, hundreds of
+    thousands, never become garbage, yet under load each full collection walked them for 40-90 ms, stalling
+    every call in flight. Collected once here and then frozen, they are skipped; a full collection walks only
+    what was made since (``bench/revisions_ab.py`` reports the longest call of each revision).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def serve(settings: Settings) -> int:
