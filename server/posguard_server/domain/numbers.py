@@ -188,7 +188,7 @@ class Scheme:
 
     def assemble(self, prefix: str, serial: str) -> str:
         self.merchant_part_of(prefix)
-        if len(serial) != self.serial_length or not _SYMBOL_SETS[self.alphabet].issuperset(serial):
+        if len(serial) != self.serial_length or not self._symbol_set.issuperset(serial):
             raise ValueError(f"a serial is {self.serial_length} {self.alphabet} symbols")
         body = prefix + serial
         return body + self.check_digits(body)
