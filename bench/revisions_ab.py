@@ -1,7 +1,7 @@
 """Two revisions of posguard, each in its own server, measured window after window against one echo.
 
     .venv/bin/python bench/revisions_ab.py --before REV [--after REV] [--rpc verify|redeem|score|code|issue]
-        [--seconds 4] [--repeats 5] [--inflight 64]
+        [--seconds 4] [--repeats 5] [--inflight 64] [--postgres URL]
 
 A change that saves tens of microseconds a call is smaller than the drift of this machine from one run of
 ``rpc_bench.py`` to the next; measured alternately, each window of one revision beside a window of the other,
@@ -11,7 +11,8 @@ code (``PYTHONPATH``) on this environment's packages, set up as ``rpc_bench.py``
 trained models, a gateway key; the console off, so both can run). Each round measures the echo, then each
 revision, with the same load generator. Reports, per revision, the calls/s of every window and their median,
 the ratio of that median to the echo's, the medians of server CPU per call, p50 and p99, and the slowest call
-of all its windows.
+of all its windows. ``--postgres`` (a server URL) runs each revision on a fresh PostgreSQL database of its
+own instead of SQLite.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from rpc_bench import (
     posguard,
     unary_window,
 )
+
+from posguard_server.store.scratch import scratch_postgres_database
 
 # Each RPC measured: its method, and the requests of it a server's ``Requests`` makes.
 RPCS: dict[str, tuple[str, Callable[[Requests], MakeRequests]]] = {
@@ -84,8 +87,13 @@ async def measure(args: argparse.Namespace) -> None:
         )
         servers: dict[str, tuple[Process, str, Requests]] = {}
         for name, tree in trees.items():
+            url = (
+                stack.enter_context(scratch_postgres_database(args.postgres, f"posguard_ab_{name}"))
+                if args.postgres
+                else None
+            )
             process, token = stack.enter_context(
-                posguard(Path(tmp) / name, None, "--no-console-enabled", env=_code_of(tree))
+                posguard(Path(tmp) / name, url, "--no-console-enabled", env=_code_of(tree))
             )
             requests = Requests()
             requests.numbers = await fetch_numbers(process.port, token, requests.refs)
@@ -138,6 +146,7 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the revision to compare against, e.g. HEAD~1")
     parser.add_argument("--after", help="the other revision (default: this working tree)")
     parser.add_argument("--rpc", choices=sorted(RPCS), default="verify")
+    parser.add_argument("--postgres", help="PostgreSQL server URL; each revision gets a fresh database")
     asyncio.run(measure(parser.parse_args()))
 
 

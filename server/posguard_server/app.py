@@ -75,8 +75,6 @@ log = logging.getLogger(__name__)
 
 # Requests are small; a bound keeps a hostile client from making the server buffer megabytes.
 MAX_MESSAGE_BYTES = 1024 * 1024
-# Batches of concurrent calls committing at once: SQLite has one writer; PostgreSQL takes several.
-_COMMIT_WORKERS = {"sqlite": 1, "postgresql": 4}
 # Net allocations between young-generation collections once serving (Python's default: 700).
 _YOUNG_COLLECTION_AFTER = 20_000
 # Threads reading customers for batches of look-ups (GetCustomer, ResolveExternalId): reads do not wait for
@@ -246,7 +244,8 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         SqlModelRegistry(database),
     )
     # The gateway RPCs' writes share the database's writer threads (see group_commit).
-    writers = Writers(_COMMIT_WORKERS[database.dialect])
+    # SQLite lets one transaction write at a time; on PostgreSQL the operator chooses (settings).
+    writers = Writers(settings.postgres_writers if database.dialect == "postgresql" else 1)
     readers = Writers(_READ_WORKERS, name="posguard-reader")
     verifications = SqlVerificationStore(database, limit)
     # SQLite's reads are quick enough for the event loop; PostgreSQL's are network round trips.

@@ -36,6 +36,16 @@ class Settings(BaseSettings):
         str | None,
         Field(description="SQLAlchemy URL; default: a SQLite file posguard.db in the data directory."),
     ] = None
+    postgres_writers: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=16,
+            description="Threads per process writing the gateway calls' batches to PostgreSQL, each one "
+            "transaction at a time (SQLite has one writer). More overlap the round trips to a distant "
+            "database, at the cost of smaller batches and more waiting for the interpreter lock.",
+        ),
+    ] = 1
     metrics_enabled: Annotated[bool, Field(description="Serve Prometheus metrics over HTTP.")] = True
     metrics_host: Annotated[str, Field(description="Address the metrics endpoint listens on.")] = "127.0.0.1"
     metrics_port: Annotated[

@@ -48,8 +48,9 @@ class Writers:
 
     On SQLite only one transaction writes at a time, so the gateway RPCs' group commits (scores,
     verifications, redemptions) share its one writer instead of each taking a thread that waits for the
-    lock. A writer
-    takes the oldest waiting call's kind and runs a batch of that kind; the other kinds wait their turn.
+    lock. On PostgreSQL one writer is the default too: calls that arrive during a batch form the next,
+    larger one, where more writers would split them and compete for the interpreter lock. A writer takes
+    the oldest waiting call's kind and runs a batch of that kind; the other kinds wait their turn.
     The threads start with the first call; ``close`` stops them once what is queued has run.
     """
 

@@ -1,0 +1,90 @@
+"""``postgres_writers``: how many batches of gateway calls a server writes to PostgreSQL at once.
+
+A batch waiting for a customer's row lock (held here by another connection, as another server's batch or an
+operator's transaction would hold it) occupies its writer. With two writers, a call of another customer is
+answered meanwhile; the one-writer default would hold it back until the lock is released.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+import posguard
+from posguard.v1 import common_pb2, risk_pb2
+from posguard_server.store.migrate import upgrade
+
+if TYPE_CHECKING:
+    from .conftest import RunningServer
+
+
+def _txn(number: str) -> risk_pb2.Transaction:
+    when = risk_pb2.Transaction().event_time
+    when.FromDatetime(datetime.now(UTC))
+    return risk_pb2.Transaction(
+        transaction_id="tx-" + uuid.uuid4().hex,
+        amount=common_pb2.Money(amount_minor=9_90, currency="CNY"),
+        merchant_id="m-1",
+        terminal_id="t-1",
+        channel=common_pb2.CHANNEL_POS,
+        event_time=when,
+        customer_number=number,
+    )
+
+
+def _wait_for_a_lock_wait(engine: Engine) -> None:
+    """Until a statement of this database waits for a row lock."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up:
+        with engine.connect() as connection:
+            if connection.scalar(query):
+                return
+        time.sleep(0.02)
+    raise AssertionError("no statement came to wait for the lock")
+
+
+def test_a_second_writer_answers_other_customers_while_one_batch_waits_for_a_lock(
+    server_factory: Callable[..., RunningServer], database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer whatever the setting")
+    upgrade(database_url)
+    running = server_factory(database_url=database_url, postgres_writers=2)
+    engine = create_engine(database_url)
+    with posguard.Client(running.target, api_key=running.key("gateway")) as gateway:
+        held = gateway.issue_customer_id().customer
+        other = gateway.issue_customer_id().customer
+        answers: list[risk_pb2.ScoreTransactionResponse] = []
+        try:
+            with engine.connect() as connection, connection.begin():
+                connection.execute(
+                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
+                    {"id": held.customer_id},
+                )
+                waiting = threading.Thread(
+                    target=lambda: answers.append(
+                        gateway.score_transaction(transaction=_txn(held.primary.number), timeout=30)
+                    )
+                )
+                waiting.start()
+                _wait_for_a_lock_wait(engine)
+                # Answered by the second writer while the first waits for the lock held here.
+                gateway.score_transaction(transaction=_txn(other.primary.number), timeout=10)
+                assert waiting.is_alive()
+                assert answers == []
+            waiting.join(timeout=30)  # the lock is released with the transaction
+            assert not waiting.is_alive()
+            assert [a.customer_id for a in answers] == [held.customer_id]
+        finally:
+            engine.dispose()
