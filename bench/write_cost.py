@@ -4,7 +4,8 @@
 
 Sets up a data directory as ``bench/rpc_bench.py`` does (sample history imported, models trained, a gateway
 key), then builds the server in this process (``build_server``) with SQLAlchemy's ``before_cursor_execute``
-counting every statement the engine sends (executemany or single, and its parameter sets) and
+counting every statement the engine sends (executemany or single, and its parameter sets), the gateway units'
+driver connections (``store.driver``, which bypass the engine's events) counted the same way, and
 ``ScoringService.score_many`` wrapped to count the group-commit batches and their calls. A client in a
 subprocess (this script again) drives ScoreTransaction over gRPC on loopback, ``calls`` calls with
 ``inflight`` in flight per mode, after a warm-up that loads every customer's model. Since the client runs
@@ -50,8 +51,8 @@ from posguard_server.app import build_server
 from posguard_server.config import Settings
 from posguard_server.services.scoring import ScoreCall, Scoring, ScoringService
 from posguard_server.store.db import Database, normalize_url
+from posguard_server.store.driver import DriverConnection
 from posguard_server.store.scratch import scratch_postgres_database
-from posguard_server.store.sqlite_driver import DriverConnection
 
 _TOKEN_ENV = "POSGUARD_BENCH_TOKEN"  # noqa: S105 (the name of a variable)
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
@@ -129,15 +130,16 @@ class Hooks:
                 c.parameter_sets += 1
 
     def wrap_driver(self) -> None:
-        """Count what SQLite's scoring unit sends through the sqlite3 driver (``store.sqlite_driver``),
-        which SQLAlchemy's events do not see: its statements, and each unit's BEGIN and its end."""
-        execute, unit = DriverConnection.execute, Database.sqlite_unit
-        texts: dict[int, str] = {}
+        """Count what the gateway units send through the driver itself (``store.driver``), which SQLAlchemy's
+        events do not see: their statements, and each unit's BEGIN (SQLite's) and its end."""
+        execute, unit = DriverConnection.execute, Database.statements_unit
+        texts: dict[tuple[int, str], str] = {}
 
         def counted_execute(connection: DriverConnection, statement: Any, parameters: Any = None) -> Any:
-            text = texts.get(id(statement))
+            key = (id(statement), connection.dialect.name)
+            text = texts.get(key)
             if text is None:
-                text = texts[id(statement)] = str(statement.compile(dialect=DriverConnection.dialect))
+                text = texts[key] = str(statement.compile(dialect=connection.dialect))
             # As SQLAlchemy's events count them: a list of one set of parameters is a single execution.
             many = (
                 None
@@ -149,7 +151,8 @@ class Hooks:
 
         @contextmanager
         def counted_unit(database: Database) -> Iterator[Any]:
-            self._count("BEGIN IMMEDIATE", None)
+            if database.dialect == "sqlite":
+                self._count("BEGIN IMMEDIATE", None)  # a statement there; psycopg's BEGIN is counted apart
             committed = False
             try:
                 with unit(database) as connection:
@@ -164,7 +167,7 @@ class Hooks:
                             self.counts.rollbacks += 1
 
         setattr(DriverConnection, "execute", counted_execute)  # noqa: B010 (mypy forbids assigning a method)
-        setattr(Database, "sqlite_unit", counted_unit)  # noqa: B010
+        setattr(Database, "statements_unit", counted_unit)  # noqa: B010
 
     def wrap_scoring(self) -> None:
         """Count the batches: the group-commit writers call ``score_many`` once per batch (patch before

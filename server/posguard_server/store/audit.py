@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Row, Select, Table
 
     from posguard_server.store.db import Database
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 HASH_LENGTH = 64
 

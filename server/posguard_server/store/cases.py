@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 ASSIGNED = "case.assigned"
 RESOLVED = "case.resolved"

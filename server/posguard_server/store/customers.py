@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 NUMBER_MAX = 40
 CUSTOMER_ID_MAX = 32

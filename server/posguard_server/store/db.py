@@ -1,6 +1,6 @@
 """The database handle: engine set-up per backend and the units of work every store uses.
 
-``Database.session()`` (and, for SQLite's scoring unit, ``Database.sqlite_unit()``, which ends the same way)
+``Database.session()`` (and, for the gateway units, ``Database.statements_unit()``, which ends the same way)
 is the only place that commits, rolls back and closes, and the only place that turns driver exceptions into
 domain errors, so stores stay free of ``try``/``except`` around SQL and no driver message can reach a client.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
@@ -25,14 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from posguard_server.domain.deadlines import check_deadline
 from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
-from posguard_server.store.sqlite_driver import DriverConnection
+from posguard_server.store.driver import POSTGRESQL, DriverConnection
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from sqlalchemy.pool import ConnectionPoolEntry
 
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class Database:
     def sqlite_unit(self) -> Iterator[sqlite3.Connection]:
         """A write unit of work on a connection of the sqlite3 driver itself: ``session()``'s contract.
 
-        For the scoring unit (``store.sqlite_driver``), where SQLAlchemy's own work per transaction cost more
+        For the scoring unit (``store.driver``), where SQLAlchemy's own work per transaction cost more
         than the transaction. It begins with the write lock (``BEGIN IMMEDIATE``) like a session, commits on
         success and rolls back on any exception; errors leave as ``session()``'s do. Connections are kept
         for the next unit (one per thread writing at once), configured as the engine's are. ValueError on
@@ -268,24 +268,31 @@ class Database:
     def statements_unit(self) -> Iterator[Runs]:
         """A write unit of work for SQLAlchemy Core statements only, with ``session()``'s contract.
 
-        For the gateway hot paths, whose statements are all Core: no ORM session is made for them. On SQLite
-        they run through the sqlite3 driver (``sqlite_unit``, ``store.sqlite_driver``); on PostgreSQL on a
-        pooled Core connection in one transaction.
+        For the gateway hot paths, whose statements are all Core: no ORM session is made for them, and they
+        run through the driver itself (``store.driver``): on SQLite on a sqlite3 connection (``sqlite_unit``),
+        on PostgreSQL on the psycopg connection of a pooled one, in one transaction.
         """
         if self.dialect == "sqlite":
             with self.sqlite_unit() as driver:
                 yield DriverConnection(driver)
             return
         check_deadline()
-        # The transaction's block rolls back on any exception, before it reaches ``_ending``; a failure to
-        # connect reaches it too.
-        with (
-            self._ending(_nothing, read_only=False),
-            self._engine.connect() as connection,
-            connection.begin(),
-        ):
-            yield connection
-            check_deadline()
+        with self._ending(_nothing, read_only=False):
+            # A failure to connect, or a pool with no free connection, ends here too.
+            pooled = self._engine.raw_connection()
+            connection = cast("psycopg.Connection[Any]", pooled.driver_connection)
+            try:
+                yield DriverConnection(connection, POSTGRESQL)
+                check_deadline()
+                connection.commit()
+            except BaseException as exc:
+                _rollback_quietly(connection.rollback)
+                if connection.broken or connection.closed:
+                    # As SQLAlchemy does with a connection that failed: the pool makes a new one.
+                    pooled.invalidate(exc)
+                raise
+            finally:
+                pooled.close()  # back to the pool
 
     def _driver_connection(self) -> sqlite3.Connection:
         with self._driver_lock:
@@ -394,7 +401,7 @@ def rerun_on_conflict(run: Callable[[], _T]) -> _T:
 
 def translate_error(exc: BaseException) -> PosguardError | None:
     """The domain error a driver exception stands for, or None when it is not a database condition."""
-    if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError)):
+    if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)):
         log.warning("database rejected a write: %s", _describe(exc))
         return AlreadyExists("the resource already exists", reason="ALREADY_EXISTS")
     if _is_unavailable(exc):
@@ -422,7 +429,7 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 def _describe(exc: BaseException) -> str:
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
-    if isinstance(exc, sa_exc.IntegrityError) and isinstance(orig, psycopg.Error):
+    if isinstance(orig, psycopg.IntegrityError):
         # PostgreSQL's detail quotes the conflicting values (customer numbers, request ids): name the
         # constraint instead. SQLite's message already names only the columns.
         return f"{type(orig).__name__} on constraint {orig.diag.constraint_name}"

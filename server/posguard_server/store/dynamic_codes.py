@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Table
 
     from posguard_server.store.db import Database
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 HANDLE_LENGTH = 10
 CUSTOMER_ID_MAX = 32

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
-    from posguard_server.store.sqlite_driver import Runs
+    from posguard_server.store.driver import Runs
 
 NAME_MAX = 64
 VALUE_MAX = 128

@@ -35,6 +35,7 @@ from posguard_server.domain.risk import (
 )
 from posguard_server.store.cases import case_row, insert_cases
 from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
+from posguard_server.store.driver import Runs
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
 from posguard_server.store.idempotency import SqlIdempotencyKey
 from posguard_server.store.policy import number_signals, places_seen
@@ -55,7 +56,6 @@ from posguard_server.store.risk_tables import (
     transaction_values,
     utc,
 )
-from posguard_server.store.sqlite_driver import Runs
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Select, Table

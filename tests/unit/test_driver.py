@@ -1,12 +1,14 @@
-"""Core statements run through the sqlite3 driver write and read exactly what a Core execution does."""
+"""Core statements run through the driver itself (sqlite3, psycopg) write and read exactly what a Core
+execution does, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import (
     Boolean,
@@ -28,8 +30,8 @@ from sqlalchemy import (
     update,
 )
 
+from posguard_server.store.driver import POSTGRESQL, DriverConnection
 from posguard_server.store.schema import UTCDateTime
-from posguard_server.store.sqlite_driver import DriverConnection
 
 _METADATA = MetaData()
 _ROWS = Table(
@@ -85,17 +87,24 @@ _VALUES = [
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'rows.db'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url)
     _METADATA.create_all(engine)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def driver(engine: Engine, tmp_path: Path) -> Iterator[DriverConnection]:
-    connection = sqlite3.connect(tmp_path / "rows.db", isolation_level=None)
-    yield DriverConnection(connection)
+def driver(engine: Engine) -> Iterator[DriverConnection]:
+    connection: Any
+    if engine.dialect.name == "sqlite":
+        connection = sqlite3.connect(str(engine.url.database), isolation_level=None)
+        yield DriverConnection(connection)
+    else:
+        # Each statement commits on its own, as sqlite3's do without isolation_level.
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = psycopg.connect(url, autocommit=True)
+        yield DriverConnection(connection, POSTGRESQL)
     connection.close()
 
 
@@ -105,12 +114,12 @@ def _core_rows(engine: Engine) -> list[tuple[object, ...]]:
 
 
 def test_rows_written_through_the_driver_read_back_alike_through_core(
-    engine: Engine, driver: DriverConnection, tmp_path: Path
+    engine: Engine, driver: DriverConnection
 ) -> None:
     driver.execute(insert(_ROWS), _VALUES)
     with engine.begin() as connection:
         # The same rows written by Core into a second table of the same shape give the same stored text.
-        connection.exec_driver_sql("CREATE TABLE core_rows AS SELECT * FROM rows WHERE 0")
+        connection.exec_driver_sql("CREATE TABLE core_rows AS SELECT * FROM rows WHERE 1 = 0")
     core = Table("core_rows", MetaData(), *(Column(c.name, c.type) for c in _ROWS.c))
     with engine.begin() as connection:
         connection.execute(insert(core), _VALUES)

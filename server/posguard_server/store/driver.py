@@ -1,47 +1,73 @@
-"""SQLAlchemy Core statements run through the sqlite3 driver itself, for the gateway hot paths on SQLite.
+"""SQLAlchemy Core statements run through the database driver itself (sqlite3, psycopg), for the gateway hot
+paths.
 
-On a lone score SQLAlchemy's own work was most of the writer's time: about 100 µs of CPU to begin and commit
-a Core transaction (pool check-out, reset, events) against 5 µs through the driver, and 25–45 µs to execute
-an indexed one-row statement against 5 µs (measured in isolation). ``DriverConnection`` keeps the Core
-statements as the one definition of each statement and runs them on a sqlite3 connection: each statement is
-compiled for SQLite once, with its parameters' bind processors and its columns' result processors taken from
-SQLAlchemy's types (so a value is written and read back exactly as a Core execution would), and the driver
-keeps the prepared statements.
+On a lone score SQLAlchemy's own work was most of the writer's time: on SQLite about 100 µs of CPU to begin
+and commit a Core transaction (pool check-out, reset, events) against 5 µs through the driver, and 25–45 µs to
+execute an indexed one-row statement against 5 µs; on PostgreSQL a transaction of five indexed reads took
+650–720 µs of CPU through Core against 350–420 µs through psycopg (measured in isolation).
+``DriverConnection`` keeps the Core statements as the one definition of each statement and runs them on a
+driver connection: each statement is compiled once for its database, with its parameters' bind processors
+and its columns' result processors taken from SQLAlchemy's types (so a value is written and read back
+exactly as a Core execution would), and the driver keeps the prepared statements (psycopg prepares a
+statement on the server once it has run a few times).
 
 It serves ``Database.statements_unit`` (the scoring unit, redemptions), and supports what they use: SELECTs
 (rows with the columns' names as attributes), INSERT and UPDATE with one set of parameters or many
-(``rowcount`` summed), and expanding ``IN`` lists. An ``IN`` list is padded to a power of two by repeating its
-last value, which changes no result and keeps the number of distinct statement texts small.
+(``rowcount`` summed; psycopg sends many in one pipeline), and expanding ``IN`` lists. An ``IN`` list is
+padded to a power of two by repeating its last value, which changes no result and keeps the number of
+distinct statement texts small.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, CompoundSelect, Select
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import ValuesBase
+from sqlalchemy.sql.dml import Insert, ValuesBase
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-# What the scoring unit's statements run on: a Core connection, or this module's on SQLite.
+# What the gateway units' statements run on: a Core connection, or this module's.
 Runs: TypeAlias = "Connection | DriverConnection"
 
-_DIALECT = SQLiteDialect_pysqlite()
+SQLITE: Dialect = SQLiteDialect_pysqlite()
+# Positional parameters (``%s``), as sqlite3's are (``?``): the statement's values go in one list.
+POSTGRESQL: Dialect = PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
+_PLACEHOLDERS = {"qmark": "?", "format": "%s"}
 _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
-# A list with no values: ``x IN (SELECT NULL WHERE 0)`` is false and ``x NOT IN (...)`` true, as they must be.
-_EMPTY_LIST = "SELECT NULL WHERE 0"
+# A list with no values: ``x IN (SELECT NULL WHERE false)`` is false and ``x NOT IN (...)`` true, as they must
+# be (SQLite reads ``false`` as 0).
+_EMPTY_LIST = "SELECT NULL WHERE 1 = 0"
 
 _Processor = Callable[[Any], Any] | None
 # One set of parameters, or many (an executemany).
 _Parameters = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+
+
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def executemany(self, sql: Any, parameters: Any, /) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class DriverConnectionLike(Protocol):
+    """What both drivers' connections offer: ``sqlite3.Connection`` and ``psycopg.Connection``."""
+
+    def execute(self, sql: Any, parameters: Any, /) -> Any: ...
+
+    def cursor(self) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +75,12 @@ class _Compiled:
     """A statement compiled once: its SQL in pieces around its expanding lists, and how to bind and read."""
 
     pieces: tuple[str, ...]  # len(expanding) + 1 texts: the SQL split at each expanding list
+    placeholder: str  # the driver's for one value
     names: tuple[str, ...]  # the parameters in order; an expanding list's name stands for its values
     expanding: frozenset[str]
     defaults: Mapping[str, Any]  # values bound in the statement itself (``version + 1``)
     binds: Mapping[str, _Processor]
-    row: Callable[[Sequence[Any]], Any] | None  # a SELECT's row maker, the columns' processors applied
+    row: _RowMakers | None  # a SELECT's row makers
     texts: dict[tuple[int, ...], str]  # the SQL by the padded sizes of its lists
 
     def sql(self, sizes: tuple[int, ...]) -> str:
@@ -61,16 +88,21 @@ class _Compiled:
         if text is None:
             parts = [self.pieces[0]]
             for size, piece in zip(sizes, self.pieces[1:], strict=True):
-                parts.append(", ".join("?" * size) if size else _EMPTY_LIST)
+                parts.append(", ".join([self.placeholder] * size) if size else _EMPTY_LIST)
                 parts.append(piece)
             text = self.texts[sizes] = "".join(parts)
         return text
 
 
-def _compile(statement: ClauseElement, keys: Sequence[str] | None) -> _Compiled:
+def _compile(statement: ClauseElement, keys: Sequence[str] | None, dialect: Dialect) -> _Compiled:
+    # As an executemany, an INSERT asks for no generated key back (PostgreSQL would add RETURNING for it).
     compiled = cast(
         SQLCompiler,
-        statement.compile(dialect=_DIALECT, column_keys=list(keys) if keys is not None else None),
+        statement.compile(
+            dialect=dialect,
+            column_keys=list(keys) if keys is not None else None,
+            for_executemany=isinstance(statement, Insert),
+        ),
     )
     if getattr(compiled, "insert_prefetch", None) or getattr(compiled, "update_prefetch", None):
         # A column default computed in Python per row; the scoring unit supplies every value instead.
@@ -84,30 +116,59 @@ def _compile(statement: ClauseElement, keys: Sequence[str] | None) -> _Compiled:
         raise TypeError("the expanding lists are not where their parameters are")
     # The dialect's own form of each type (its DATETIME writes and reads SQLite's text) does the converting.
     binds = {
-        name: compiled.binds[name].type.dialect_impl(_DIALECT).bind_processor(_DIALECT) for name in positions
+        name: compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in positions
     }
     # Values the statement binds itself (``version + 1``); a parameter given by the caller wins.
     bound = [(name, compiled.binds[name]) for name in positions]
     defaults = {name: bind.effective_value for name, bind in bound if not bind.required}
-    row = _row_maker(statement) if isinstance(statement, (Select, CompoundSelect)) else None
+    row = _RowMakers(statement, dialect) if isinstance(statement, (Select, CompoundSelect)) else None
     return _Compiled(
-        tuple(_POSTCOMPILE.split(compiled.string)[::2]), tuple(positions), expanding, defaults, binds, row, {}
+        tuple(_POSTCOMPILE.split(compiled.string)[::2]),
+        _PLACEHOLDERS[dialect.paramstyle],
+        tuple(positions),
+        expanding,
+        defaults,
+        binds,
+        row,
+        {},
     )
 
 
-def _row_maker(statement: Select[Any] | CompoundSelect[Any]) -> Callable[[Sequence[Any]], Any]:
-    columns = list(statement.selected_columns)
-    names = [getattr(column, "key", None) or f"column_{n}" for n, column in enumerate(columns)]
-    kind = namedtuple("Row", names, rename=True)  # type: ignore[misc]  # one class a statement
-    processors = [column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, None) for column in columns]
-    if not any(processors):
-        return kind._make
+class _RowMakers:
+    """A SELECT's rows as named tuples, its columns' result processors applied.
 
-    def make(values: Sequence[Any]) -> Any:
-        pairs = zip(processors, values, strict=True)
-        return kind._make([value if p is None or value is None else p(value) for p, value in pairs])
+    A processor may depend on the type the driver says a column has (psycopg's numeric types), so the maker
+    is made for the types of the first result, and again only if a result comes with other types.
+    """
 
-    return make
+    def __init__(self, statement: Select[Any] | CompoundSelect[Any], dialect: Dialect) -> None:
+        self._columns = list(statement.selected_columns)
+        names = [getattr(column, "key", None) or f"column_{n}" for n, column in enumerate(self._columns)]
+        self._kind: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]  # one class a statement
+        self._dialect = dialect
+        self._makers: dict[tuple[Any, ...], Callable[[Sequence[Any]], Any]] = {}
+
+    def for_result(self, description: Sequence[Sequence[Any]]) -> Callable[[Sequence[Any]], Any]:
+        types = tuple(column[1] for column in description)  # DB-API: (name, type_code, ...)
+        make = self._makers.get(types)
+        if make is None:
+            make = self._makers[types] = self._maker(types)
+        return make
+
+    def _maker(self, types: tuple[Any, ...]) -> Callable[[Sequence[Any]], Any]:
+        dialect, kind = self._dialect, self._kind
+        processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, type_code)
+            for column, type_code in zip(self._columns, types, strict=True)
+        ]
+        if not any(processors):
+            return kind._make  # type: ignore[no-any-return]
+
+        def make(values: Sequence[Any]) -> Any:
+            pairs = zip(processors, values, strict=True)
+            return kind._make([value if p is None or value is None else p(value) for p, value in pairs])
+
+        return make
 
 
 def _padded(values: Sequence[Any]) -> list[Any]:
@@ -143,12 +204,14 @@ class DriverResult:
 
 
 class DriverConnection:
-    """Runs Core statements on one open sqlite3 connection (in a transaction its owner began and ends)."""
+    """Runs Core statements on one open driver connection (in a transaction its owner began and ends).
 
-    dialect = _DIALECT
+    ``dialect`` is ``SQLITE`` for a ``sqlite3`` connection, ``POSTGRESQL`` for a ``psycopg`` one.
+    """
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: DriverConnectionLike, dialect: Dialect = SQLITE) -> None:
         self._connection = connection
+        self.dialect = dialect
 
     def execute(self, statement: ClauseElement, parameters: _Parameters = None) -> DriverResult:
         if parameters is None or isinstance(parameters, Mapping):
@@ -162,7 +225,9 @@ class DriverConnection:
 
     def _one(self, statement: ClauseElement, parameters: Mapping[str, Any]) -> DriverResult:
         # An INSERT or UPDATE sets the columns it is given; a SELECT's parameters are in its text.
-        compiled = _compiled(statement, tuple(parameters) if isinstance(statement, ValuesBase) else None)
+        compiled = _compiled(
+            statement, tuple(parameters) if isinstance(statement, ValuesBase) else None, self.dialect
+        )
         values: list[Any] = []
         sizes: list[int] = []
         for name in compiled.names:
@@ -179,12 +244,12 @@ class DriverConnection:
         cursor = self._connection.execute(compiled.sql(tuple(sizes)), values)
         if compiled.row is None:
             return DriverResult([], cursor.rowcount)
-        make = compiled.row
+        make = compiled.row.for_result(cursor.description)
         return DriverResult([make(row) for row in cursor.fetchall()], -1)
 
     def _many(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> DriverResult:
         keys = tuple(rows[0])
-        compiled = _compiled(statement, keys)
+        compiled = _compiled(statement, keys, self.dialect)
         if compiled.expanding or compiled.row is not None:
             raise TypeError("many sets of parameters are for INSERT and UPDATE without lists")
         binds = [
@@ -198,19 +263,20 @@ class DriverConnection:
                 value = row[name] if not has_default or name in row else default
                 values.append(value if process is None or value is None else process(value))
             sets.append(values)
-        cursor = self._connection.executemany(compiled.sql(()), sets)
+        cursor: _Cursor = self._connection.cursor()
+        cursor.executemany(compiled.sql(()), sets)
         return DriverResult([], cursor.rowcount)
 
 
-# Compiled statements by (statement, the keys an INSERT or UPDATE was given): statements are module-level
-# constants, so this stays as small as the set of statements the unit runs.
-_CACHE: dict[tuple[int, tuple[str, ...] | None], tuple[ClauseElement, _Compiled]] = {}
+# Compiled statements by (statement, the keys an INSERT or UPDATE was given, database): statements are
+# module-level constants, so this stays as small as the set of statements the units run.
+_CACHE: dict[tuple[int, tuple[str, ...] | None, str], tuple[ClauseElement, _Compiled]] = {}
 
 
-def _compiled(statement: ClauseElement, keys: tuple[str, ...] | None) -> _Compiled:
-    key = (id(statement), keys)
+def _compiled(statement: ClauseElement, keys: tuple[str, ...] | None, dialect: Dialect) -> _Compiled:
+    key = (id(statement), keys, dialect.name)
     cached = _CACHE.get(key)
     if cached is None or cached[0] is not statement:
         # The statement is kept beside its compiled form, so its id cannot be reused by another object.
-        cached = _CACHE[key] = (statement, _compile(statement, keys))
+        cached = _CACHE[key] = (statement, _compile(statement, keys, dialect))
     return cached[1]
