@@ -44,8 +44,8 @@ SQLITE: Dialect = SQLiteDialect_pysqlite()
 POSTGRESQL: Dialect = PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
 _PLACEHOLDERS = {"qmark": "?", "format": "%s"}
 _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
-# A list with no values: ``x IN (SELECT NULL WHERE false)`` is false and ``x NOT IN (...)`` true, as they must
-# be (SQLite reads ``false`` as 0).
+# A list with no values: ``x IN (SELECT NULL WHERE 1 = 0)`` is false and ``x NOT IN (...)`` true, as they
+# must be, in both databases' SQL.
 _EMPTY_LIST = "SELECT NULL WHERE 1 = 0"
 
 _Processor = Callable[[Any], Any] | None
