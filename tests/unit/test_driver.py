@@ -173,3 +173,64 @@ def test_a_defaulted_column_must_be_given(driver: DriverConnection) -> None:
     row = {key: value for key, value in _VALUES[0].items() if key != "version"}
     with pytest.raises(TypeError, match="defaulted column"):
         driver.execute(insert(_ROWS), [row])
+
+
+def test_statements_sent_together_are_answered_after_the_block_each_with_its_own_result(
+    engine: Engine, driver: DriverConnection
+) -> None:
+    driver.execute(insert(_ROWS), _VALUES)
+    with driver.together():
+        first = driver.execute(_BY_NAMES, {"names": ["a"]})
+        both = driver.execute(_BY_NAMES, {"names": ["b", "c"]})
+        moved = driver.execute(
+            _BUMP,
+            [{"b_name": "a", "b_version": 0, "score": 1.0}, {"b_name": "c", "b_version": 9, "score": 3.0}],
+        )
+        after = driver.execute(_BY_NAMES, {"names": ["a"]})  # sent after the update: sees it
+    assert first.one().score == 0.25
+    assert [row.name for row in both] == ["b", "c"]
+    assert moved.rowcount == 1
+    assert after.one().score == 1.0
+    # A value read inside the block is right too (what was queued is sent first), and the block goes on.
+    with driver.together():
+        counted = driver.execute(_BUMP, {"b_name": "b", "b_version": 0, "score": 2.0})
+        assert counted.rowcount == 1
+        read = driver.execute(_BY_NAMES, {"names": ["b"]})
+        assert read.one().version == 1
+    assert [(row[0], row[4], row[6]) for row in _core_rows(engine)] == [
+        ("a", 1.0, 1),
+        ("b", 2.0, 1),
+        ("c", -1.5, 0),
+    ]
+
+
+def test_a_statement_that_fails_in_a_block_raises_where_the_block_ends_and_the_rest_is_not_kept(
+    engine: Engine, database_url: str
+) -> None:
+    # In a transaction, as the units run them: the failure rolls back what the block sent before it.
+    if engine.dialect.name == "sqlite":
+        raw: Any = sqlite3.connect(str(engine.url.database), isolation_level=None)
+        raw.execute("BEGIN")
+        failure: type[Exception] = sqlite3.IntegrityError
+        driver = DriverConnection(raw)
+    else:
+        raw = psycopg.connect(engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+        failure = psycopg.IntegrityError
+        driver = DriverConnection(raw, POSTGRESQL)
+    try:
+        driver.execute(insert(_ROWS), _VALUES[:1])
+        raw.commit()
+        if engine.dialect.name == "sqlite":
+            raw.execute("BEGIN")
+        with pytest.raises(failure):
+            _send_together(driver, [_VALUES[1], _VALUES[0], _VALUES[2]])  # "a" again: a unique violation
+        raw.rollback()
+    finally:
+        raw.close()
+    assert [row[0] for row in _core_rows(engine)] == ["a"]
+
+
+def _send_together(driver: DriverConnection, rows: list[dict[str, Any]]) -> None:
+    with driver.together():
+        for row in rows:
+            driver.execute(insert(_ROWS), [row])

@@ -147,29 +147,42 @@ class ScoringService:
 
     def _score_in(self, unit: ScoringUnit, calls: Sequence[ScoreCall], serving: Serving) -> list[Scoring]:
         now = datetime.now(UTC)
-        unit.load_earlier([c.txn.transaction_id for c in calls], [(c.actor, c.request_id) for c in calls])
+        payers = [c.payer for c in calls]
+        # The first reads, sent together (one round trip on PostgreSQL): the stored transactions and request
+        # ids the calls name, and whom their numbers, external ids and codes name (read without a lock, so
+        # they decide nothing: see the module's docstring). Retries and refused calls are read too.
+        with unit.together():
+            unit.load_earlier([c.txn.transaction_id for c in calls], [(c.actor, c.request_id) for c in calls])
+            first_numbers = unit.numbers({payer.number for payer in payers if payer.number is not None})
+            first_links = unit.externals({payer.external for payer in payers if payer.external is not None})
+            first_owners = unit.enrolment_owners({_handle(payer.code) for payer in payers if payer.code})
         pending = [_first_look(unit, call) for call in calls]
         _refuse_conflicts_within(pending)
         todo = [p for p in pending if p.error is None and p.replay is None]
         numbers = {p.call.payer.number for p in todo if p.call.payer.number is not None}
         externals = {p.call.payer.external for p in todo if p.call.payer.external is not None}
         handles = {p.code.handle for p in todo if p.code is not None}
-        # Whom to lock; read without a lock, so it decides nothing (see the module's docstring).
-        first_numbers = unit.numbers(numbers)
-        number_owners = {number: owner for number, (_, owner) in first_numbers.items()}
-        external_owners = unit.externals(externals)
-        code_owners = unit.enrolment_owners(handles)
+        number_owners = {n: owner for n, (_, owner) in first_numbers.get().items() if n in numbers}
+        external_owners = {ref: owner for ref, owner in first_links.get().items() if ref in externals}
+        code_owners = {handle: owner for handle, owner in first_owners.get().items() if handle in handles}
         replayed = {p.replay.transaction.customer_id for p in pending if p.replay is not None}
-        locked = unit.lock_customers(
+        whom = (
             replayed | set(number_owners.values()) | set(external_owners.values()) | set(code_owners.values())
         )
-        # Under the lock: what decides. A unit that has held the write lock since it began read it already.
-        if unit.locked_from_start:
-            stored_numbers, linked = first_numbers, external_owners
-        else:
-            stored_numbers = unit.numbers(numbers)
-            linked = unit.externals(externals)
-        primaries = unit.primaries(locked)
+        # The lock and, under it, what decides, sent together. A unit that has held the write lock since it
+        # began read it already.
+        with unit.together():
+            locking = unit.lock_customers(whom)
+            if unit.locked_from_start:
+                numbers_read, links_read = first_numbers, first_links
+            else:
+                numbers_read, links_read = unit.numbers(numbers), unit.externals(externals)
+            primaries_read = unit.primaries(whom)
+        locked = locking.get()
+        stored_numbers, linked = numbers_read.get(), links_read.get()
+        primaries = {
+            customer: primary for customer, primary in primaries_read.get().items() if customer in locked
+        }
         for p in todo:
             payer = p.call.payer
             try:
@@ -325,6 +338,12 @@ def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:
         p.code = parse_code(call.payer.code)
         assert p.code is not None  # validated
     return p
+
+
+def _handle(code: str) -> str:
+    parsed = parse_code(code)
+    assert parsed is not None  # validated
+    return parsed.handle
 
 
 def _conflict(field: str) -> InvalidArgument:

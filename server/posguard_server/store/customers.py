@@ -43,6 +43,7 @@ from posguard_server.domain.customers import (
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
 from posguard_server.store.caller_limits import SqlCallerFailures
+from posguard_server.store.driver import Later
 from posguard_server.store.idempotency import (
     earlier_call,
     record_call,
@@ -728,28 +729,54 @@ _EXTERNALS_OF = (
 
 def numbers_in(connection: Runs, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
     """The stored numbers among ``numbers``, each with its customer id."""
+    return numbers_later(connection, numbers).get()
+
+
+def numbers_later(connection: Runs, numbers: Collection[str]) -> Later[dict[str, tuple[CustomerNumber, str]]]:
+    """``numbers_in``, sent now and read when asked for (``DriverConnection.together``)."""
     if not numbers:
-        return {}
+        return Later.known({})
     rows = connection.execute(_NUMBERS_IN, {"numbers": sorted(numbers)})
-    return {row.number: (number_of_row(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
+    return Later(
+        lambda: {row.number: (number_of_row(cast(SqlCustomerNumber, row)), row.customer_id) for row in rows}
+    )
 
 
 def primaries_in(connection: Runs, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
     """Each customer's current primary number (the static number that has not been replaced)."""
+    return primaries_later(connection, customer_ids).get()
+
+
+def primaries_later(connection: Runs, customer_ids: Collection[str]) -> Later[dict[str, CustomerNumber]]:
+    """``primaries_in``, sent now and read when asked for."""
     if not customer_ids:
-        return {}
+        return Later.known({})
     rows = connection.execute(_PRIMARIES_IN, {"customers": sorted(customer_ids)})
-    return {row.customer_id: number_of_row(cast(SqlCustomerNumber, row)) for row in rows}
+    return Later(lambda: {row.customer_id: number_of_row(cast(SqlCustomerNumber, row)) for row in rows})
 
 
 def externals_in(connection: Runs, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
     """The customer each linked external id among ``refs`` names."""
-    found: dict[ExternalRef, str] = {}
+    return externals_later(connection, refs).get()
+
+
+def externals_later(connection: Runs, refs: Collection[ExternalRef]) -> Later[dict[ExternalRef, str]]:
+    """``externals_in``, sent now and read when asked for."""
+    sent = []
     for namespace in sorted({ref.namespace for ref in refs}):
         values = sorted(ref.value for ref in refs if ref.namespace == namespace)
-        rows = connection.execute(_EXTERNALS_IN, {"namespace": namespace, "values": values})
-        found.update((ExternalRef(namespace, value), customer_id) for value, customer_id in rows)
-    return found
+        sent.append(
+            (namespace, connection.execute(_EXTERNALS_IN, {"namespace": namespace, "values": values}))
+        )
+
+    def found() -> dict[ExternalRef, str]:
+        return {
+            ExternalRef(namespace, value): customer_id
+            for namespace, rows in sent
+            for value, customer_id in rows
+        }
+
+    return Later(found)
 
 
 def number_of_row(row: SqlCustomerNumber) -> CustomerNumber:

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.pool import ConnectionPoolEntry
 
-    from posguard_server.store.driver import Runs
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +273,7 @@ class Database:
                 connection.close()
 
     @contextmanager
-    def statements_unit(self) -> Iterator[Runs]:
+    def statements_unit(self) -> Iterator[DriverConnection]:
         """A write unit of work for SQLAlchemy Core statements only, with ``session()``'s contract.
 
         For the gateway hot paths, whose statements are all Core: no ORM session is made for them, and they

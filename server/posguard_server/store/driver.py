@@ -16,6 +16,11 @@ It serves ``Database.statements_unit`` (the scoring unit, redemptions), and supp
 (``rowcount`` summed; psycopg sends many in one pipeline), and expanding ``IN`` lists. An ``IN`` list is
 padded to a power of two by repeating its last value, which changes no result and keeps the number of
 distinct statement texts small.
+
+A unit sends the statements of one step together (``DriverConnection.together``): on PostgreSQL they are
+queued in psycopg's pipeline mode and travel in one round trip, and their results are read when the step
+reads them (``Later``). Each statement sent alone would be a round trip of its own: a scoring batch made
+eleven, which is what one writer per process waits for when the database is on another machine.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import re
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
@@ -34,6 +40,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert, ValuesBase
 
 if TYPE_CHECKING:
+    import psycopg
     from sqlalchemy import Connection
 
 # What the gateway units' statements run on: a Core connection, or this module's.
@@ -48,6 +55,7 @@ _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
 # must be, in both databases' SQL.
 _EMPTY_LIST = "SELECT NULL WHERE 1 = 0"
 
+_T = TypeVar("_T")
 _Processor = Callable[[Any], Any] | None
 # One set of parameters, or many (an executemany).
 _Parameters = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
@@ -179,27 +187,94 @@ def _padded(values: Sequence[Any]) -> list[Any]:
     return [*values, *([values[-1]] * (target - size))]
 
 
+class Later(Generic[_T]):
+    """A value made from the results of statements already sent, once, when it is first asked for.
+
+    A step of a unit sends its statements inside ``DriverConnection.together()`` and asks for the values
+    after it: the statements then share one round trip on PostgreSQL. Asked for inside the block, a value is
+    still right: reading a result sends what is queued and waits (one round trip more).
+    """
+
+    __slots__ = ("_make", "_value")
+
+    _UNMADE: Any = object()
+
+    def __init__(self, make: Callable[[], _T]) -> None:
+        self._make = make
+        self._value: Any = Later._UNMADE
+
+    @classmethod
+    def known(cls, value: _T) -> Later[_T]:
+        """A value that needed no statement."""
+        later = cls(_no_make)
+        later._value = value
+        return later
+
+    def get(self) -> _T:
+        if self._value is Later._UNMADE:
+            self._value = self._make()
+        return cast(_T, self._value)
+
+
+def _no_make() -> Any:
+    raise AssertionError("a known value is made already")
+
+
 class DriverResult:
-    """What ``execute`` returns: the rows of a SELECT, or the rows a DML statement changed."""
+    """What ``execute`` returns: the rows of a SELECT, or the rows a DML statement changed.
+
+    A statement sent inside ``DriverConnection.together()`` on PostgreSQL is answered later: its rows and
+    row count are read from its cursor when first asked for.
+    """
+
+    __slots__ = ("_pending", "_rowcount", "_rows")
 
     def __init__(self, rows: list[Any], rowcount: int) -> None:
         self._rows = rows
-        self.rowcount = rowcount
+        self._rowcount = rowcount
+        self._pending: tuple[DriverConnection, Any, _RowMakers | None, int] | None = None
+
+    @classmethod
+    def sent(cls, owner: DriverConnection, cursor: Any, row: _RowMakers | None, batch: int) -> DriverResult:
+        result = cls([], -1)
+        result._pending = (owner, cursor, row, batch)
+        return result
+
+    def _answered(self) -> None:
+        if self._pending is None:
+            return
+        owner, cursor, row, batch = self._pending
+        self._pending = None
+        owner.wait_for(batch)
+        if row is None:
+            self._rowcount = cursor.rowcount
+        else:
+            make = row.for_result(cursor.description)
+            self._rows = [make(values) for values in cursor.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        self._answered()
+        return self._rowcount
 
     def __iter__(self) -> Iterator[Any]:
+        self._answered()
         return iter(self._rows)
 
     def one(self) -> Any:
+        self._answered()
         if len(self._rows) != 1:
             raise ValueError(f"expected one row, got {len(self._rows)}")
         return self._rows[0]
 
     def one_or_none(self) -> Any:
+        self._answered()
         if len(self._rows) > 1:
             raise ValueError(f"expected at most one row, got {len(self._rows)}")
         return self._rows[0] if self._rows else None
 
     def all(self) -> list[Any]:
+        self._answered()
         return list(self._rows)
 
 
@@ -212,6 +287,30 @@ class DriverConnection:
     def __init__(self, connection: DriverConnectionLike, dialect: Dialect = SQLITE) -> None:
         self._connection = connection
         self.dialect = dialect
+        self._pipeline: Any = None  # psycopg's Pipeline, inside together()
+        self._batch = 0  # counts the pipeline's syncs: a result sent in the current batch is not in yet
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Send the block's statements together, answered when it ends: on PostgreSQL in one round trip
+        (psycopg's pipeline mode). An error of one of them is raised where the block ends, or where a result
+        is read. sqlite3 runs each statement when it is given (no round trips to save)."""
+        if self.dialect is SQLITE or self._pipeline is not None:
+            yield
+            return
+        with cast("psycopg.Connection[Any]", self._connection).pipeline() as pipeline:
+            self._pipeline = pipeline
+            try:
+                yield
+            finally:
+                self._pipeline = None
+                self._batch += 1
+
+    def wait_for(self, batch: int) -> None:
+        """Have the results of the statements sent in ``batch`` read: inside ``together()``, send them."""
+        if self._pipeline is not None and batch == self._batch:
+            self._batch += 1
+            self._pipeline.sync()
 
     def execute(self, statement: ClauseElement, parameters: _Parameters = None) -> DriverResult:
         if parameters is None or isinstance(parameters, Mapping):
@@ -242,6 +341,8 @@ class DriverConnection:
             else:
                 values.append(value if process is None or value is None else process(value))
         cursor = self._connection.execute(compiled.sql(tuple(sizes)), values)
+        if self._pipeline is not None:
+            return DriverResult.sent(self, cursor, compiled.row, self._batch)
         if compiled.row is None:
             return DriverResult([], cursor.rowcount)
         make = compiled.row.for_result(cursor.description)
@@ -265,6 +366,8 @@ class DriverConnection:
             sets.append(values)
         cursor: _Cursor = self._connection.cursor()
         cursor.executemany(compiled.sql(()), sets)
+        if self._pipeline is not None:
+            return DriverResult.sent(self, cursor, None, self._batch)
         return DriverResult([], cursor.rowcount)
 
 

@@ -34,6 +34,7 @@ from posguard_server.domain.errors import FailedPrecondition, NotFound, Posguard
 from posguard_server.store.audit import append_event
 from posguard_server.store.customers import SqlCustomerNumber
 from posguard_server.store.db import rerun_on_conflict
+from posguard_server.store.driver import Later
 from posguard_server.store.idempotency import earlier_call, record_call
 from posguard_server.store.schema import Base
 
@@ -357,12 +358,12 @@ _OWNERS = select(SqlDynamicEnrollment.handle, SqlDynamicEnrollment.customer_id).
 )
 
 
-def enrolment_owners(connection: Runs, handles: Collection[str]) -> dict[str, str]:
-    """The customer enrolled under each handle that is in use (read without a lock)."""
+def enrolment_owners(connection: Runs, handles: Collection[str]) -> Later[dict[str, str]]:
+    """The customer enrolled under each handle that is in use (read without a lock), read when asked for."""
     if not handles:
-        return {}
+        return Later.known({})
     rows = connection.execute(_OWNERS, {"handles": sorted(handles)})
-    return {row.handle: row.customer_id for row in rows}
+    return Later(lambda: {row.handle: row.customer_id for row in rows})
 
 
 def _status(value: str | None) -> NumberStatus | None:

@@ -9,7 +9,7 @@ on ``transaction_id`` backs this up across customers and replicas.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -34,8 +34,8 @@ from posguard_server.domain.risk import (
     TransactionSource,
 )
 from posguard_server.store.cases import case_row, insert_cases
-from posguard_server.store.customers import SqlCustomer, externals_in, numbers_in, primaries_in
-from posguard_server.store.driver import Runs
+from posguard_server.store.customers import SqlCustomer, externals_later, numbers_later, primaries_later
+from posguard_server.store.driver import DriverConnection, Later, Runs
 from posguard_server.store.dynamic_codes import Attempt, OpenKey, RedemptionAnswer, enrolment_owners
 from posguard_server.store.idempotency import SqlIdempotencyKey
 from posguard_server.store.policy import number_signals, places_seen
@@ -196,11 +196,12 @@ class SqlScoringStore:
         for attempt in range(ATTEMPTS):
             try:
                 with self.scoring_unit() as unit:
-                    unit.load_earlier(
-                        [item.record.transaction_id for item in items],
-                        [(item.caller, item.request_id) for item in items],
-                    )
-                    unit.lock_customers({item.record.customer_id for item in items})
+                    with unit.together():  # one round trip on PostgreSQL
+                        unit.load_earlier(
+                            [item.record.transaction_id for item in items],
+                            [(item.caller, item.request_id) for item in items],
+                        )
+                        unit.lock_customers({item.record.customer_id for item in items})
                     return unit.score(items, now=now, finish=finish)
             except (AlreadyExists, Aborted):
                 # A concurrent call (another replica) stored one of these transaction ids or request ids, or
@@ -241,6 +242,11 @@ class ScoringUnit:
     status, an external id's link), redeems dynamic codes and stores the answers with ``score``. Nothing is
     kept unless the whole block commits.
 
+    Reads are sent when asked for and read when their value is (``Later``): a caller sends the reads of one
+    step inside ``together()`` and reads them after it, so that on PostgreSQL they share one round trip.
+    ``score`` sends its writes together too. A batch of scores by number then makes four round trips: the
+    first reads (with BEGIN), the lock and the reads under it, the writes, and COMMIT.
+
     The statements are SQLAlchemy Core, built once, run on a pooled Core connection (PostgreSQL) or through
     the sqlite3 driver (SQLite; ``Database.statements_unit``): no ORM objects, no unit of work, no reading
     back what was just written. A batch's transactions go in one executemany (pipelined by psycopg on
@@ -248,40 +254,51 @@ class ScoringUnit:
     (``case_decisions``) in one more.
     """
 
-    def __init__(self, connection: Runs, case_decisions: frozenset[Decision] = CASE_DECISIONS) -> None:
+    def __init__(
+        self, connection: DriverConnection, case_decisions: frozenset[Decision] = CASE_DECISIONS
+    ) -> None:
         self._case_decisions = case_decisions
         self._connection = connection
         # SQLite's units begin with the database's write lock (BEGIN IMMEDIATE, store.db): nothing they read
         # can change before they end, so what they read before lock_customers need not be read again.
         self.locked_from_start = self._connection.dialect.name == "sqlite"
-        self._earlier = _Earlier({}, {})
-        self._locked: set[str] = set()
+        self._earlier = Later.known(_Earlier({}, {}))
+        self._locked: Later[set[str]] = Later.known(set())
+        self._profiles: Later[_Profiles] = Later.known(_Profiles({}))
+
+    def together(self) -> AbstractContextManager[None]:
+        """Send the block's reads together (one round trip on PostgreSQL); read their values after it."""
+        return self._connection.together()
 
     def load_earlier(self, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]) -> None:
-        """Read the stored transactions and the (caller, request_id) keys the batch names."""
+        """Send the reads of the stored transactions and the (caller, request_id) keys the batch names."""
         self._earlier = _Earlier.load(self._connection, transaction_ids, request_keys)
 
     def replay_of(
         self, transaction_id: str, fingerprint: str, caller: str, request_id: str
     ) -> StoredTransaction | None:
         """The stored transaction a retry replays; None for a new one; InvalidArgument on a conflict."""
-        return self._earlier.check(transaction_id, fingerprint, caller, request_id)
+        return self._earlier.get().check(transaction_id, fingerprint, caller, request_id)
 
-    def lock_customers(self, customer_ids: set[str]) -> set[str]:
-        """Lock the customers until commit; those that exist. Called once per unit, so the order holds."""
+    def lock_customers(self, customer_ids: set[str]) -> Later[set[str]]:
+        """Lock the customers until commit; those that exist. Called once per unit, so the order holds.
+
+        Their profiles are read with the lock (after it, in the same round trip), for ``score``.
+        """
         self._locked = _lock_customers(self._connection, customer_ids)
+        self._profiles = _Profiles.load(self._connection, customer_ids)
         return self._locked
 
-    def numbers(self, numbers: Collection[str]) -> dict[str, tuple[CustomerNumber, str]]:
-        return numbers_in(self._connection, numbers)
+    def numbers(self, numbers: Collection[str]) -> Later[dict[str, tuple[CustomerNumber, str]]]:
+        return numbers_later(self._connection, numbers)
 
-    def primaries(self, customer_ids: Collection[str]) -> dict[str, CustomerNumber]:
-        return primaries_in(self._connection, customer_ids)
+    def primaries(self, customer_ids: Collection[str]) -> Later[dict[str, CustomerNumber]]:
+        return primaries_later(self._connection, customer_ids)
 
-    def externals(self, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:
-        return externals_in(self._connection, refs)
+    def externals(self, refs: Collection[ExternalRef]) -> Later[dict[ExternalRef, str]]:
+        return externals_later(self._connection, refs)
 
-    def enrolment_owners(self, handles: Collection[str]) -> dict[str, str]:
+    def enrolment_owners(self, handles: Collection[str]) -> Later[dict[str, str]]:
         return enrolment_owners(self._connection, handles)
 
     def places_seen(
@@ -323,10 +340,10 @@ class ScoringUnit:
         ``finish`` scores them together. A batch is split only where an item must see an earlier one stored:
         a retry of it, or a place-activity read where it paid.
         """
-        connection, earlier, known = self._connection, self._earlier, self._locked
+        connection, earlier, known = self._connection, self._earlier.get(), self._locked.get()
         results: list[Scored | PosguardError | None] = [None] * len(items)
         scored_at = utc(now)
-        profiles = _Profiles.load(connection, {item.record.customer_id for item in items} & known)
+        profiles = self._profiles.get()
         waiting: list[tuple[int, ScoreItem, Prepared]] = []  # prepared, not yet scored
         rows: list[dict[str, Any]] = []  # scored, not yet written
         cases: list[dict[str, Any]] = []  # the review cases of those rows
@@ -409,9 +426,11 @@ class ScoringUnit:
             waiting.append((slot, item, prepared))
             ids_pending.add(record.transaction_id)
             places_pending.add(_place_key(record))
-        settle(write=True)
-        profiles.write(connection)
-        earlier.write(connection)
+        with connection.together():
+            settle(write=True)
+            profiles_written = profiles.write(connection)
+            earlier.write(connection)
+        profiles_written.get()
         done = [result for result in results if result is not None]
         assert len(done) == len(items)
         return done
@@ -514,17 +533,18 @@ _LOCK_CUSTOMERS = (
 )
 
 
-def _lock_customers(connection: Runs, customer_ids: set[str]) -> set[str]:
+def _lock_customers(connection: Runs, customer_ids: set[str]) -> Later[set[str]]:
     """Lock the customers' rows until commit, so one customer's scores run one after the other; ids found.
 
     Rows are locked in id order, so batches that share customers wait for each other instead of deadlocking.
     ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) still lets other transactions insert rows that reference the
     customer (numbers, enrolments) meanwhile. SQLite ignores it: ``BEGIN IMMEDIATE`` serialises writers.
     """
-    found: set[str] = set()
-    for chunk in chunks(sorted(customer_ids), CHUNK):
-        found.update(connection.scalars(_LOCK_CUSTOMERS, {"customers": chunk}))
-    return found
+    sent = [
+        connection.execute(_LOCK_CUSTOMERS, {"customers": chunk})
+        for chunk in chunks(sorted(customer_ids), CHUNK)
+    ]
+    return Later(lambda: {row[0] for rows in sent for row in rows})
 
 
 _EARLIER = select(_TX).where(_T.transaction_id.in_(bindparam("ids", expanding=True)))
@@ -559,21 +579,29 @@ class _Earlier:
     @classmethod
     def load(
         cls, connection: Runs, transaction_ids: Iterable[str], request_keys: Iterable[tuple[str, str]]
-    ) -> _Earlier:
+    ) -> Later[_Earlier]:
         ids = sorted(set(transaction_ids))
         keys = {(caller, request_id) for caller, request_id in request_keys if request_id}
         wanted = sorted({request_id for _, request_id in keys})
-        rows: dict[str, _Known] = {}
-        used: dict[tuple[str, str], str] = {}
-        for chunk in chunks(ids, CHUNK):
-            for row in connection.execute(_EARLIER, {"ids": chunk}):
-                stored = _stored(cast(SqlRiskTransaction, row))  # a Core row has the class's attribute names
-                rows[row.transaction_id] = _Known(stored.source, row.fingerprint, stored)
-        for chunk in chunks(wanted, CHUNK):
-            for caller, request_id, fingerprint in connection.execute(_USED_REQUEST_IDS, {"ids": chunk}):
-                if (caller, request_id) in keys:
-                    used[caller, request_id] = fingerprint
-        return cls(rows, used)
+        transactions = [connection.execute(_EARLIER, {"ids": chunk}) for chunk in chunks(ids, CHUNK)]
+        request_ids = [
+            connection.execute(_USED_REQUEST_IDS, {"ids": chunk}) for chunk in chunks(wanted, CHUNK)
+        ]
+
+        def read() -> _Earlier:
+            rows: dict[str, _Known] = {}
+            used: dict[tuple[str, str], str] = {}
+            for result in transactions:
+                for row in result:
+                    stored = _stored(cast(SqlRiskTransaction, row))  # a Core row has the class's attributes
+                    rows[row.transaction_id] = _Known(stored.source, row.fingerprint, stored)
+            for result in request_ids:
+                for caller, request_id, fingerprint in result:
+                    if (caller, request_id) in keys:
+                        used[caller, request_id] = fingerprint
+            return cls(rows, used)
+
+        return Later(read)
 
     def check(
         self, transaction_id: str, fingerprint: str, caller: str, request_id: str
@@ -672,21 +700,29 @@ class _Profiles:
         self._changed: set[str] = set()
 
     @classmethod
-    def load(cls, connection: Runs, customer_ids: set[str]) -> _Profiles:
-        found: dict[str, _Profile] = {}
-        for chunk in chunks(sorted(customer_ids), CHUNK):
-            for row in connection.execute(_PROFILE_ROWS, {"customers": chunk}):
-                found[row.customer_id] = _Profile(
-                    row.customer_id,
-                    row.state,
-                    row.transaction_count,
-                    row.first_seen,
-                    row.last_seen,
-                    row.declines,
-                    row.reviews,
-                    row.version,
-                )
-        return cls(found)
+    def load(cls, connection: Runs, customer_ids: set[str]) -> Later[_Profiles]:
+        sent = [
+            connection.execute(_PROFILE_ROWS, {"customers": chunk})
+            for chunk in chunks(sorted(customer_ids), CHUNK)
+        ]
+
+        def read() -> _Profiles:
+            found: dict[str, _Profile] = {}
+            for result in sent:
+                for row in result:
+                    found[row.customer_id] = _Profile(
+                        row.customer_id,
+                        row.state,
+                        row.transaction_count,
+                        row.first_seen,
+                        row.last_seen,
+                        row.declines,
+                        row.reviews,
+                        row.version,
+                    )
+            return cls(found)
+
+        return Later(read)
 
     def get(self, customer_id: str) -> _Profile | None:
         return self._profiles.get(customer_id)
@@ -716,8 +752,9 @@ class _Profiles:
         elif evaluation.decision is Decision.REVIEW:
             profile.reviews += 1
 
-    def write(self, connection: Runs) -> None:
-        """Insert the new profiles and update the others, each naming the version it read."""
+    def write(self, connection: Runs) -> Later[None]:
+        """Insert the new profiles and update the others, each naming the version it read; checked when asked
+        for (Aborted if another writer moved one on first)."""
         changed = [self._profiles[customer_id] for customer_id in sorted(self._changed)]
         new = [profile.values() for profile in changed if profile.version is None]
         moved = [
@@ -729,14 +766,19 @@ class _Profiles:
             # A profile made meanwhile by another writer fails this with a unique violation: the batch is
             # then run again and reads it.
             connection.execute(_INSERT_PROFILE, new)
-        if moved:
-            updated = summed_rowcount(connection.execute(_UPDATE_PROFILE, moved).rowcount)
-            if updated != len(moved):
+        self._changed.clear()
+        if not moved:
+            return Later.known(None)
+        result = connection.execute(_UPDATE_PROFILE, moved)
+
+        def check() -> None:
+            if summed_rowcount(result.rowcount) != len(moved):
                 raise Aborted(
                     "a customer's risk profile changed while this batch was scored; retry",
                     reason="PROFILE_CHANGED",
                 )
-        self._changed.clear()
+
+        return Later(check)
 
 
 def _stored(row: SqlRiskTransaction) -> StoredTransaction:
