@@ -17,8 +17,11 @@ a fresh database is made), ``pg_total_relation_size`` of ``risk_transactions`` (
 ``risk_profiles``, and the WAL written (``pg_wal_lsn_diff`` of ``pg_current_wal_lsn()``; cluster-wide, so
 anything else writing to the same server is counted too). On PostgreSQL it also reads, from /proc, the CPU of
 the database's backends (the server's pooled connections; local PostgreSQL only), not the WAL writer's or
-the checkpointer's. Round trips are the statements plus each transaction's COMMIT, and on PostgreSQL its
-BEGIN (psycopg sends it alone; an executemany goes in one pipeline). Prints markdown tables: round trips per
+the checkpointer's. Round trips, on SQLite, are the statements plus each transaction's end (no network: the
+count of calls into the library). On PostgreSQL they are the waits for the server: each statement sent
+alone, each block of statements sent together (``DriverConnection.together``, psycopg's pipeline mode; a
+result read inside the block adds one), BEGIN when the unit's first statement is sent alone (psycopg then
+sends BEGIN alone; in a block it goes with the block), and COMMIT. Prints markdown tables: round trips per
 mode, bytes per mode, and the statements of an average batch by kind.
 """
 
@@ -75,6 +78,7 @@ class Counts:
     batches: int = 0
     batch_calls: int = 0
     other_statements: int = 0  # outside score_many: authentication, the model generation, ...
+    waits: int = 0  # PostgreSQL: round trips of the units inside score_many (see the module's docstring)
     kinds: Counter[str] = field(default_factory=Counter)
 
 
@@ -131,9 +135,17 @@ class Hooks:
 
     def wrap_driver(self) -> None:
         """Count what the gateway units send through the driver itself (``store.driver``), which SQLAlchemy's
-        events do not see: their statements, and each unit's BEGIN (SQLite's) and its end."""
+        events do not see: their statements, and each unit's BEGIN (SQLite's) and its end; on PostgreSQL,
+        the waits for the server."""
         execute, unit = DriverConnection.execute, Database.statements_unit
+        together, wait_for = DriverConnection.together, DriverConnection.wait_for
         texts: dict[tuple[int, str], str] = {}
+        local = self._local
+
+        def wait() -> None:
+            if self._in_batch():
+                with self._lock:
+                    self.counts.waits += 1
 
         def counted_execute(connection: DriverConnection, statement: Any, parameters: Any = None) -> Any:
             key = (id(statement), connection.dialect.name)
@@ -147,18 +159,52 @@ class Hooks:
                 else len(parameters)
             )
             self._count(text, many)
+            if connection.dialect.name == "postgresql":
+                blocked = getattr(local, "block", None)
+                if not getattr(local, "begun", False):
+                    local.begun = True
+                    if blocked is None:
+                        wait()  # BEGIN, sent alone before it
+                if blocked is None:
+                    wait()
+                else:
+                    blocked.append(statement)
             return execute(connection, statement, parameters)
+
+        @contextmanager
+        def counted_together(connection: DriverConnection) -> Iterator[None]:
+            if getattr(local, "block", None) is not None:  # within a block: part of it
+                with together(connection):
+                    yield
+                return
+            local.block = []
+            try:
+                with together(connection):
+                    yield
+            finally:
+                sent, local.block = local.block, None
+                if sent and connection.dialect.name == "postgresql":
+                    wait()
+
+        def counted_wait_for(connection: DriverConnection, batch: int) -> None:
+            before = getattr(connection, "_batch")  # noqa: B009 (the driver's own count of syncs)
+            wait_for(connection, batch)
+            if getattr(connection, "_batch") != before:  # noqa: B009
+                wait()
 
         @contextmanager
         def counted_unit(database: Database) -> Iterator[Any]:
             if database.dialect == "sqlite":
                 self._count("BEGIN IMMEDIATE", None)  # a statement there; psycopg's BEGIN is counted apart
             committed = False
+            local.begun = False
             try:
                 with unit(database) as connection:
                     yield connection
                 committed = True
             finally:
+                if database.dialect != "sqlite":
+                    wait()  # COMMIT or ROLLBACK
                 if self._in_batch():
                     with self._lock:
                         if committed:
@@ -167,6 +213,8 @@ class Hooks:
                             self.counts.rollbacks += 1
 
         setattr(DriverConnection, "execute", counted_execute)  # noqa: B010 (mypy forbids assigning a method)
+        setattr(DriverConnection, "together", counted_together)  # noqa: B010
+        setattr(DriverConnection, "wait_for", counted_wait_for)  # noqa: B010
         setattr(Database, "statements_unit", counted_unit)  # noqa: B010
 
     def wrap_scoring(self) -> None:
@@ -336,14 +384,12 @@ class Mode:
 
     @property
     def round_trips(self) -> int:
-        """Statements with each transaction's end; on PostgreSQL also its BEGIN, which psycopg sends alone.
-
-        (SQLite's ``BEGIN IMMEDIATE`` is a statement already; an executemany counts once: psycopg sends it
-        in one pipeline.)
-        """
+        """SQLite: statements with each transaction's end (``BEGIN IMMEDIATE`` is a statement already).
+        PostgreSQL: the waits counted (see the module's docstring)."""
         c = self.counts
-        ends = c.commits + c.rollbacks
-        return c.statements + ends + (ends if self.storage == "PostgreSQL" else 0)
+        if self.storage == "PostgreSQL":
+            return c.waits
+        return c.statements + c.commits + c.rollbacks
 
     @property
     def backend_cpu_ms(self) -> str:
