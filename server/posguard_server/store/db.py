@@ -281,26 +281,30 @@ class Database:
         on PostgreSQL on the psycopg connection of a pooled one, in one transaction.
         """
         if self.dialect == "sqlite":
-            with self.sqlite_unit() as driver:
-                yield DriverConnection(driver)
+            with self.sqlite_unit() as sqlite_connection:
+                yield DriverConnection(sqlite_connection)
             return
         check_deadline()
         with self._ending(_nothing, read_only=False):
             # A failure to connect, or a pool with no free connection, ends here too.
             pooled = self._engine.raw_connection()
             connection = cast("psycopg.Connection[Any]", pooled.driver_connection)
+            unit = DriverConnection(connection, POSTGRESQL, begin=True)
             try:
-                yield DriverConnection(connection, POSTGRESQL)
+                # The unit sends its own BEGIN, with its first statements (DriverConnection): psycopg's would
+                # be a round trip of its own, even in pipeline mode. So psycopg must not begin one itself.
+                connection.autocommit = True
+                yield unit
                 check_deadline()
-                connection.commit()
+                unit.end("COMMIT")
             except BaseException as exc:
-                _rollback_quietly(connection.rollback)
+                _rollback_quietly(lambda: unit.end("ROLLBACK"))
                 if connection.broken or connection.closed:
                     # As SQLAlchemy does with a connection that failed: the pool makes a new one.
                     pooled.invalidate(exc)
                 raise
             finally:
-                pooled.close()  # back to the pool
+                _give_back(pooled, connection)
 
     def _driver_connection(self) -> sqlite3.Connection:
         with self._driver_lock:
@@ -446,6 +450,16 @@ def _describe(exc: BaseException) -> str:
 
 def _nothing() -> None:
     return None
+
+
+def _give_back(pooled: Any, connection: psycopg.Connection[Any]) -> None:
+    """Return a unit's connection to the pool as the pool lent it (not in autocommit), or discard it."""
+    if not (connection.broken or connection.closed):
+        try:
+            connection.autocommit = False
+        except psycopg.Error as exc:  # still in a transaction: a ROLLBACK that failed
+            pooled.invalidate(exc)
+    pooled.close()
 
 
 def _rollback_quietly(rollback: Callable[[], object]) -> None:

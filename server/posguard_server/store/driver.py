@@ -284,11 +284,27 @@ class DriverConnection:
     ``dialect`` is ``SQLITE`` for a ``sqlite3`` connection, ``POSTGRESQL`` for a ``psycopg`` one.
     """
 
-    def __init__(self, connection: DriverConnectionLike, dialect: Dialect = SQLITE) -> None:
+    def __init__(
+        self, connection: DriverConnectionLike, dialect: Dialect = SQLITE, *, begin: bool = False
+    ) -> None:
         self._connection = connection
         self.dialect = dialect
         self._pipeline: Any = None  # psycopg's Pipeline, inside together()
         self._batch = 0  # counts the pipeline's syncs: a result sent in the current batch is not in yet
+        # ``begin``: the owner's transaction begins with the first statement (BEGIN sent just before it, in
+        # the same round trip inside together()), and ``end`` ends it; the connection is in autocommit.
+        self._begin = begin
+        self._begun = False
+
+    def _send_begin(self) -> None:
+        self._begun = True
+        self._connection.execute("BEGIN", None)
+
+    def end(self, command: str) -> None:
+        """``COMMIT`` or ``ROLLBACK`` the transaction ``begin`` began, if a statement began it."""
+        if self._begun:
+            self._begun = False
+            self._connection.execute(command, None)
 
     @contextmanager
     def together(self) -> Iterator[None]:
@@ -340,6 +356,8 @@ class DriverConnection:
                 values.extend(items)
             else:
                 values.append(value if process is None or value is None else process(value))
+        if self._begin and not self._begun:
+            self._send_begin()
         cursor = self._connection.execute(compiled.sql(tuple(sizes)), values)
         if self._pipeline is not None:
             return DriverResult.sent(self, cursor, compiled.row, self._batch)
@@ -364,6 +382,8 @@ class DriverConnection:
                 value = row[name] if not has_default or name in row else default
                 values.append(value if process is None or value is None else process(value))
             sets.append(values)
+        if self._begin and not self._begun:
+            self._send_begin()
         cursor: _Cursor = self._connection.cursor()
         cursor.executemany(compiled.sql(()), sets)
         if self._pipeline is not None:
