@@ -264,10 +264,14 @@ def _decide(
     A call in ``used_up`` gets its error and makes nothing, so a retry of it later in the batch is judged
     afresh rather than replaying a customer never made.
     """
+    # External ids first, request_ids after: each statement reads what was committed when it began (READ
+    # COMMITTED), so a concurrent call that made the customer and linked its external id between the two
+    # reads is seen by the second as a request_id to replay. Read the other way round, its external id would
+    # be seen taken while its request_id was not yet, and a retry refused as EXTERNAL_ID_TAKEN.
+    taken = externals_in(connection, {ref for item in items for ref in item.new.external_ids})
     rows = connection.execute(_EARLIER, {"request_ids": sorted({item.request_id for item in items})})
     # A request_id is its caller's own (see store.idempotency): keyed by (caller, request_id).
     earlier = {(row.created_by, row.request_id): (row.customer_id, row.request_fingerprint) for row in rows}
-    taken = externals_in(connection, {ref for item in items for ref in item.new.external_ids})
     decided: list[Outcome] = []
     for slot, item in enumerate(items):
         key = (item.actor, item.request_id)
