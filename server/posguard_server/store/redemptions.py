@@ -163,7 +163,8 @@ class SqlRedemptionStore:
                     continue
                 guess = answer.reason in GUESSES and not answer.replayed  # a replay was counted already
                 results.append(Redeemed(answer, limits.count(caller) if guess else None))
-            with connection.together():  # the writes in one round trip on PostgreSQL (with the audit head's)
+            # Sent together on PostgreSQL: two round trips, split where the audit head is read (and locked).
+            with connection.together():
                 batch.write(now)
                 limits.save(connection, METHOD)
         return results

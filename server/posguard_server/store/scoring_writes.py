@@ -247,11 +247,10 @@ class ScoringUnit:
     ``score`` sends its writes together too. A batch of scores by number then makes four round trips: the
     first reads (with BEGIN), the lock and the reads under it, the writes, and COMMIT.
 
-    The statements are SQLAlchemy Core, built once, run on a pooled Core connection (PostgreSQL) or through
-    the sqlite3 driver (SQLite; ``Database.statements_unit``): no ORM objects, no unit of work, no reading
-    back what was just written. A batch's transactions go in one executemany (pipelined by psycopg on
-    PostgreSQL: one round trip), its profiles in one more, and the review cases its decisions open
-    (``case_decisions``) in one more.
+    The statements are SQLAlchemy Core, built once, run through the driver itself (psycopg or sqlite3;
+    ``Database.statements_unit``): no ORM objects, no unit of work, no reading back what was just written. A
+    batch's transactions go in one executemany, its profiles in one more, and the review cases its decisions
+    open (``case_decisions``) in one more, all sent together.
     """
 
     def __init__(
