@@ -143,7 +143,7 @@ def test_lists_padded_empty_or_bound_by_the_statement_select_what_core_selects(
     assert list(driver.execute(_BY_NAMES, {"names": []})) == []
     assert sorted(row.name for row in driver.execute(_NOT_NAMES, {"names": []})) == ["a", "b", "c"]
     assert sorted(row.name for row in driver.execute(_NOT_NAMES, {"names": ["a", "b", "b"]})) == ["c"]
-    assert sorted(driver.scalars(_FLAGGED_NOTES)) == ["a", "c"]
+    assert sorted(row.name for row in driver.execute(_FLAGGED_NOTES)) == ["a", "c"]
     halves = driver.execute(_BOTH_HALVES, {"first": ["a"], "second": ["b", "c"]})
     assert sorted((row.name, row.kind) for row in halves) == [("a", "x"), ("b", "y"), ("c", "y")]
 
@@ -202,6 +202,28 @@ def test_statements_sent_together_are_answered_after_the_block_each_with_its_own
         ("b", 2.0, 1),
         ("c", -1.5, 0),
     ]
+
+
+def test_on_postgresql_a_block_is_sent_in_pipeline_mode_and_its_results_read_after_it(engine: Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("sqlite3 has no round trips to save")
+    raw = psycopg.connect(
+        engine.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
+    )
+    try:
+        driver = DriverConnection(raw, POSTGRESQL)
+        driver.execute(insert(_ROWS), _VALUES)
+        assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+        with driver.together():
+            # Queued, not sent one by one: psycopg's pipeline mode holds the block's statements.
+            assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.ON
+            first = driver.execute(_BY_NAMES, {"names": ["a"]})
+            rest = driver.execute(_BY_NAMES, {"names": ["b", "c"]})
+        assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+        assert first.one().name == "a"
+        assert [row.name for row in rest] == ["b", "c"]
+    finally:
+        raw.close()
 
 
 def test_a_statement_that_fails_in_a_block_raises_where_the_block_ends_and_the_rest_is_not_kept(

@@ -335,9 +335,6 @@ class DriverConnection:
             return DriverResult([], 0)
         return self._many(statement, parameters)
 
-    def scalars(self, statement: ClauseElement, parameters: Mapping[str, Any] | None = None) -> list[Any]:
-        return [row[0] for row in self.execute(statement, parameters)]
-
     def _one(self, statement: ClauseElement, parameters: Mapping[str, Any]) -> DriverResult:
         # An INSERT or UPDATE sets the columns it is given; a SELECT's parameters are in its text.
         compiled = _compiled(
