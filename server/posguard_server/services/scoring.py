@@ -148,6 +148,7 @@ class ScoringService:
     def _score_in(self, unit: ScoringUnit, calls: Sequence[ScoreCall], serving: Serving) -> list[Scoring]:
         now = datetime.now(UTC)
         payers = [c.payer for c in calls]
+        codes = [_parsed(payer.code) for payer in payers]
         # The first reads, sent together (one round trip on PostgreSQL): the stored transactions and request
         # ids the calls name, and whom their numbers, external ids and codes name (read without a lock, so
         # they decide nothing: see the module's docstring). Retries and refused calls are read too.
@@ -155,8 +156,8 @@ class ScoringService:
             unit.load_earlier([c.txn.transaction_id for c in calls], [(c.actor, c.request_id) for c in calls])
             first_numbers = unit.numbers({payer.number for payer in payers if payer.number is not None})
             first_links = unit.externals({payer.external for payer in payers if payer.external is not None})
-            first_owners = unit.enrolment_owners({_handle(payer.code) for payer in payers if payer.code})
-        pending = [_first_look(unit, call) for call in calls]
+            first_owners = unit.enrolment_owners({code.handle for code in codes if code is not None})
+        pending = [_first_look(unit, call, code) for call, code in zip(calls, codes, strict=True)]
         _refuse_conflicts_within(pending)
         todo = [p for p in pending if p.error is None and p.replay is None]
         numbers = {p.call.payer.number for p in todo if p.call.payer.number is not None}
@@ -324,8 +325,10 @@ def _policy_facts(
     return facts
 
 
-def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:
-    """A call, with what can be told before any customer is read: a retry, a conflict, a bad amount."""
+def _first_look(unit: ScoringUnit, call: ScoreCall, code: PresentedCode | None) -> _Pending:
+    """A call, with what can be told before any customer is read: a retry, a conflict, a bad amount.
+
+    ``code``: the call's dynamic code, parsed (None when it names its customer otherwise)."""
     p = _Pending(call)
     try:
         # Checked before a code is redeemed: a call refused after its redemption would spend the code.
@@ -334,16 +337,17 @@ def _first_look(unit: ScoringUnit, call: ScoreCall) -> _Pending:
     except PosguardError as error:
         p.error = error
         return p
-    if p.replay is None and call.payer.code is not None:
-        p.code = parse_code(call.payer.code)
-        assert p.code is not None  # validated
+    if p.replay is None:
+        p.code = code
     return p
 
 
-def _handle(code: str) -> str:
+def _parsed(code: str | None) -> PresentedCode | None:
+    if code is None:
+        return None
     parsed = parse_code(code)
     assert parsed is not None  # validated
-    return parsed.handle
+    return parsed
 
 
 def _conflict(field: str) -> InvalidArgument:
