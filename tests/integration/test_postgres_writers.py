@@ -88,3 +88,44 @@ def test_a_second_writer_answers_other_customers_while_one_batch_waits_for_a_loc
             assert [a.customer_id for a in answers] == [held.customer_id]
         finally:
             engine.dispose()
+
+
+def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
+    server_factory: Callable[..., RunningServer], database_url: str
+) -> None:
+    """With the one-writer default, a lock held elsewhere holds the writer only until the deadline of the
+    calls waiting for it: after that the batch rolls back and the writer serves other customers."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a SQLite writer waits for its busy timeout, not for row locks")
+    upgrade(database_url)
+    running = server_factory(database_url=database_url)
+    engine = create_engine(database_url)
+    with posguard.Client(running.target, api_key=running.key("gateway")) as gateway:
+        held = gateway.issue_customer_id().customer
+        other = gateway.issue_customer_id().customer
+        try:
+            with engine.connect() as connection, connection.begin():
+                connection.execute(
+                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
+                    {"id": held.customer_id},
+                )
+                started = time.monotonic()
+                with pytest.raises(posguard.errors.DeadlineExceededError):
+                    gateway.score_transaction(transaction=_txn(held.primary.number), timeout=1.0)
+                assert time.monotonic() - started < 5
+                # The lock is still held; the writer no longer waits for it.
+                answer = gateway.score_transaction(transaction=_txn(other.primary.number), timeout=10)
+                assert answer.customer_id == other.customer_id
+                waits = connection.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+                assert waits == 0
+        finally:
+            engine.dispose()
+        # Once the lock is free, the customer is scored again.
+        assert gateway.score_transaction(transaction=_txn(held.primary.number), timeout=10).customer_id == (
+            held.customer_id
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -23,8 +24,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from posguard_server.domain.deadlines import check_deadline
-from posguard_server.domain.errors import AlreadyExists, PosguardError, Unavailable
+from posguard_server.domain.deadlines import check_deadline, current_deadline
+from posguard_server.domain.errors import AlreadyExists, DeadlineExceeded, PosguardError, Unavailable
 from posguard_server.store.driver import POSTGRESQL, DriverConnection
 
 if TYPE_CHECKING:
@@ -279,17 +280,24 @@ class Database:
         For the gateway hot paths, whose statements are all Core: no ORM session is made for them, and they
         run through the driver itself (``store.driver``): on SQLite on a sqlite3 connection (``sqlite_unit``),
         on PostgreSQL on the psycopg connection of a pooled one, in one transaction.
+
+        On PostgreSQL a statement waits for a row lock only until the current deadline (the latest of the
+        callers of a batch): a lock held elsewhere (an operator's transaction, a stalled process) would
+        otherwise hold the unit, and the writer thread it runs on, for as long as it is held, and every
+        gateway call behind it would wait too. The unit then rolls back with ``DeadlineExceeded``.
         """
         if self.dialect == "sqlite":
             with self.sqlite_unit() as sqlite_connection:
                 yield DriverConnection(sqlite_connection)
             return
         check_deadline()
+        deadline = current_deadline()
         with self._ending(_nothing, read_only=False):
             # A failure to connect, or a pool with no free connection, ends here too.
             pooled = self._engine.raw_connection()
             connection = cast("psycopg.Connection[Any]", pooled.driver_connection)
-            unit = DriverConnection(connection, POSTGRESQL, begin=True)
+            opening = ("BEGIN",) if deadline is None else ("BEGIN", _lock_timeout(deadline))
+            unit = DriverConnection(connection, POSTGRESQL, begin=opening)
             try:
                 # The unit sends its own BEGIN, with its first statements (DriverConnection): psycopg's would
                 # be a round trip of its own, even in pipeline mode. So psycopg must not begin one itself.
@@ -302,6 +310,11 @@ class Database:
                 if connection.broken or connection.closed:
                     # As SQLAlchemy does with a connection that failed: the pool makes a new one.
                     pooled.invalidate(exc)
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    # The unit's own lock_timeout: its callers have given up, the database has not failed.
+                    raise DeadlineExceeded(
+                        "the call's deadline passed while waiting for a row lock", reason="DEADLINE_EXCEEDED"
+                    ) from exc
                 raise
             finally:
                 _give_back(pooled, connection)
@@ -394,6 +407,13 @@ class _Checkpoints:
                     return
         finally:
             self._connection.close()
+
+
+def _lock_timeout(deadline: float) -> str:
+    """The statement that ends a transaction's lock waits at ``deadline`` (``time.monotonic()``)."""
+    milliseconds = max(1, math.ceil((deadline - time.monotonic()) * 1000))
+    # An integer made here, not a value of the caller's: SET takes no bound parameters.
+    return f"SET LOCAL lock_timeout = {milliseconds}"
 
 
 def rerun_on_conflict(run: Callable[[], _T]) -> _T:

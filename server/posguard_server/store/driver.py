@@ -285,20 +285,22 @@ class DriverConnection:
     """
 
     def __init__(
-        self, connection: DriverConnectionLike, dialect: Dialect = SQLITE, *, begin: bool = False
+        self, connection: DriverConnectionLike, dialect: Dialect = SQLITE, *, begin: Sequence[str] = ()
     ) -> None:
         self._connection = connection
         self.dialect = dialect
         self._pipeline: Any = None  # psycopg's Pipeline, inside together()
         self._batch = 0  # counts the pipeline's syncs: a result sent in the current batch is not in yet
-        # ``begin``: the owner's transaction begins with the first statement (BEGIN sent just before it, in
-        # the same round trip inside together()), and ``end`` ends it; the connection is in autocommit.
-        self._begin = begin
+        # ``begin``: statements (BEGIN, then any SET LOCAL) that begin the owner's transaction with its first
+        # statement, sent just before it (in the same round trip inside together()); ``end`` ends it. The
+        # connection is in autocommit.
+        self._begin = tuple(begin)
         self._begun = False
 
     def _send_begin(self) -> None:
         self._begun = True
-        self._connection.execute("BEGIN", None)
+        for command in self._begin:
+            self._connection.execute(command, None)
 
     def end(self, command: str) -> None:
         """``COMMIT`` or ``ROLLBACK`` the transaction ``begin`` began, if a statement began it."""
