@@ -11,11 +11,11 @@ and its columns' result processors taken from SQLAlchemy's types (so a value is 
 exactly as a Core execution would), and the driver keeps the prepared statements (psycopg prepares a
 statement on the server once it has run a few times).
 
-It serves ``Database.statements_unit`` (the scoring unit, redemptions), and supports what they use: SELECTs
-(rows with the columns' names as attributes), INSERT and UPDATE with one set of parameters or many
-(``rowcount`` summed; psycopg sends many in one pipeline), and expanding ``IN`` lists. An ``IN`` list is
-padded to a power of two by repeating its last value, which changes no result and keeps the number of
-distinct statement texts small.
+It serves ``Database.statements_unit`` (the scoring unit, redemptions, verifications), and supports what they
+use: SELECTs (rows with the columns' names as attributes), INSERT and UPDATE with one set of parameters or
+many (``rowcount`` summed; psycopg sends many in one pipeline), expanding ``IN`` lists, and SQL written for
+the driver (``execute_sql``). An ``IN`` list is padded to a power of two by repeating its last value, which
+changes no result and keeps the number of distinct statement texts small.
 
 A unit sends the statements of one step together (``DriverConnection.together``): on PostgreSQL they are
 queued in psycopg's pipeline mode and travel in one round trip, and their results are read when the step
@@ -336,6 +336,13 @@ class DriverConnection:
         if not parameters:
             return DriverResult([], 0)
         return self._many(statement, parameters)
+
+    def execute_sql(self, sql: str, values: Sequence[Any]) -> None:
+        """Run ``sql``, written for this connection's driver (its placeholders, its types), with ``values``;
+        nothing is read back. For a statement Core would build slower than it runs (see its callers)."""
+        if self._begin and not self._begun:
+            self._send_begin()
+        self._connection.execute(sql, values)
 
     def _one(self, statement: ClauseElement, parameters: Mapping[str, Any]) -> DriverResult:
         # An INSERT or UPDATE sets the columns it is given; a SELECT's parameters are in its text.

@@ -44,9 +44,10 @@ from posguard_server.store.customers import (
 from posguard_server.store.schema import insert_for, sqlite_time
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Table
+    from sqlalchemy import Table
 
     from posguard_server.store.db import Database
+    from posguard_server.store.driver import Runs
 
 METHOD = "VerifyCustomerId"
 FAILED = "verification.failed"  # the audit action
@@ -138,9 +139,8 @@ class SqlVerificationStore:
             verified[item.number] += 1
             latest[item.number] = max(latest.get(item.number, item.at), item.at)
         numbers = sorted(verified)  # in one order, as _write does
-        with self._db.session() as session:
-            connection = session.connection()
-            if self._db.dialect == "sqlite":
+        with self._db.statements_unit() as connection:
+            if connection.dialect.name == "sqlite":
                 # One statement for the batch, through the driver. An executemany would step the statement
                 # once a row, and the driver lets go of the interpreter lock at each step: a writer thread
                 # beside a busy event loop then waits for it again every row (up to the switch interval).
@@ -149,7 +149,7 @@ class SqlVerificationStore:
                 # instead of one a batch size, so the driver's cache of prepared statements keeps the others.
                 rows = 1 << (len(numbers) - 1).bit_length()
                 values += ["", 0, ""] * (rows - len(numbers))
-                connection.exec_driver_sql(_count_sqlite(rows), tuple(values))
+                connection.execute_sql(_count_sqlite(rows), values)
                 return
             connection.execute(
                 _COUNT,
@@ -162,23 +162,24 @@ class SqlVerificationStore:
     def verify_many(self, items: Sequence[Presented]) -> list[Verification]:
         """Verify ``items`` in one transaction, in order; one answer per item."""
         now = datetime.now(UTC)
-        with self._db.session() as session:
-            connection = session.connection()
+        with self._db.statements_unit() as connection:
             answers = _verdicts(connection, items)
             limits = self._count_guesses(connection, items, answers, now)
             done = [(item, answer) for item, answer in zip(items, answers, strict=True) if not answer.refused]
-            self._write(connection, done, now)
             failed = [
                 NewEvent(item.caller, FAILED, mask(item.number), {"reason": answer.verdict.value})
                 for item, answer in done
                 if answer.verdict is not Verdict.OK
             ]
-            append_events(session, failed, now)
-            limits.save(session, METHOD)
+            # Sent together on PostgreSQL: at most two round trips, split where the audit head is read.
+            with connection.together():
+                self._write(connection, done, now)
+                append_events(connection, failed, now)
+                limits.save(connection, METHOD)
             return answers
 
     def _count_guesses(
-        self, connection: Connection, items: Sequence[Presented], answers: list[Verification], now: datetime
+        self, connection: Runs, items: Sequence[Presented], answers: list[Verification], now: datetime
     ) -> CallerLimits:
         """Count each guess against its caller's limit; refuse what a caller sends once it is refused.
 
@@ -205,9 +206,7 @@ class SqlVerificationStore:
                     answers[slot] = _with_refusal(answers[slot], until)
         return limits
 
-    def _write(
-        self, connection: Connection, done: list[tuple[Presented, Verification]], now: datetime
-    ) -> None:
+    def _write(self, connection: Runs, done: list[tuple[Presented, Verification]], now: datetime) -> None:
         """Move the counters of the numbers verified, and count failures per caller and per number."""
         verified: Counter[str] = Counter()
         failed: Counter[str] = Counter()
@@ -242,7 +241,7 @@ class SqlVerificationStore:
 _Found = dict[str, tuple[CustomerNumber, str]]
 
 
-def _verdicts(connection: Connection, items: Sequence[Presented]) -> list[Verification]:
+def _verdicts(connection: Runs, items: Sequence[Presented]) -> list[Verification]:
     return _decide(
         items,
         lambda numbers: numbers_in(connection, numbers),
