@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 
 import posguard
 from posguard.v1 import common_pb2, risk_pb2
@@ -90,6 +90,17 @@ def test_a_second_writer_answers_other_customers_while_one_batch_waits_for_a_loc
             engine.dispose()
 
 
+def _lock_waits(connection: Connection) -> int:
+    return int(
+        connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    )
+
+
 def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
     server_factory: Callable[..., RunningServer], database_url: str
 ) -> None:
@@ -116,16 +127,43 @@ def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
                 # The lock is still held; the writer no longer waits for it.
                 answer = gateway.score_transaction(transaction=_txn(other.primary.number), timeout=10)
                 assert answer.customer_id == other.customer_id
-                waits = connection.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-                assert waits == 0
+                assert _lock_waits(connection) == 0
         finally:
             engine.dispose()
         # Once the lock is free, the customer is scored again.
         assert gateway.score_transaction(transaction=_txn(held.primary.number), timeout=10).customer_id == (
             held.customer_id
         )
+
+
+def test_an_operators_change_stops_waiting_for_a_lock_at_its_deadline(
+    server_factory: Callable[..., RunningServer], database_url: str
+) -> None:
+    """The same bound in the units of the other RPCs (ORM sessions): here the audit log's head, which every
+    audited change locks, held by another connection."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite waits for its busy timeout, not for row locks")
+    upgrade(database_url)
+    running = server_factory(database_url=database_url)
+    engine = create_engine(database_url)
+    with (
+        posguard.Client(running.target, api_key=running.key("gateway")) as gateway,
+        posguard.Client(running.target, api_key=running.key("admin")) as admin,
+    ):
+        number = gateway.issue_customer_id().customer.primary.number
+        try:
+            with engine.connect() as connection, connection.begin():
+                connection.execute(text("SELECT 1 FROM audit_head FOR UPDATE"))
+                with pytest.raises(posguard.errors.DeadlineExceededError):
+                    admin.suspend_customer_id(number=number, reason="card lost", timeout=1.0)
+                # The server's statement gave up too, though the lock is still held.
+                give_up = time.monotonic() + 5
+                while _lock_waits(connection) and time.monotonic() < give_up:
+                    time.sleep(0.05)
+                assert _lock_waits(connection) == 0
+        finally:
+            engine.dispose()
+        # Nothing was changed; with the lock free, the same change goes through.
+        assert gateway.verify_customer_id(number=number).valid
+        admin.suspend_customer_id(number=number, reason="card lost", timeout=10)
+        assert not gateway.verify_customer_id(number=number).valid

@@ -175,6 +175,7 @@ class Database:
             hide_parameters=True,
         )
         _ping_idle_connections(engine)
+        event.listen(engine, "begin", _on_postgresql_begin)
         return engine
 
     @property
@@ -222,6 +223,11 @@ class Database:
         when the database cannot be reached); a ``PosguardError`` raised inside passes through unchanged.
         Past the current call's deadline (``domain.deadlines``) the block does not start, or rolls back
         with ``DeadlineExceeded`` instead of committing.
+
+        On PostgreSQL a write unit run under a deadline waits for a row lock only until then (``SET LOCAL
+        lock_timeout`` as it begins), and then rolls back with ``DeadlineExceeded``: a lock held elsewhere (an
+        operator's transaction, a stalled process) would otherwise hold the unit, and on a writer thread
+        every gateway call behind it, for as long as it is held.
 
         ``read_only=True`` promises the block only reads. On SQLite it lets the transaction run concurrently
         with others; otherwise a transaction takes SQLite's write lock when it begins, so read-then-write
@@ -281,10 +287,8 @@ class Database:
         run through the driver itself (``store.driver``): on SQLite on a sqlite3 connection (``sqlite_unit``),
         on PostgreSQL on the psycopg connection of a pooled one, in one transaction.
 
-        On PostgreSQL a statement waits for a row lock only until the current deadline (the latest of the
-        callers of a batch): a lock held elsewhere (an operator's transaction, a stalled process) would
-        otherwise hold the unit, and the writer thread it runs on, for as long as it is held, and every
-        gateway call behind it would wait too. The unit then rolls back with ``DeadlineExceeded``.
+        On PostgreSQL a statement waits for a row lock only until the current deadline, as in a session:
+        here the deadline of a batch is the latest of its callers'.
         """
         if self.dialect == "sqlite":
             with self.sqlite_unit() as sqlite_connection:
@@ -310,11 +314,6 @@ class Database:
                 if connection.broken or connection.closed:
                     # As SQLAlchemy does with a connection that failed: the pool makes a new one.
                     pooled.invalidate(exc)
-                if isinstance(exc, psycopg.errors.LockNotAvailable):
-                    # The unit's own lock_timeout: its callers have given up, the database has not failed.
-                    raise DeadlineExceeded(
-                        "the call's deadline passed while waiting for a row lock", reason="DEADLINE_EXCEEDED"
-                    ) from exc
                 raise
             finally:
                 _give_back(pooled, connection)
@@ -436,6 +435,11 @@ def translate_error(exc: BaseException) -> PosguardError | None:
     if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)):
         log.warning("database rejected a write: %s", _describe(exc))
         return AlreadyExists("the resource already exists", reason="ALREADY_EXISTS")
+    if isinstance(getattr(exc, "orig", exc), psycopg.errors.LockNotAvailable):
+        # A unit's own lock_timeout (``_lock_timeout``): its callers gave up; the database has not failed.
+        return DeadlineExceeded(
+            "the call's deadline passed while waiting for a row lock", reason="DEADLINE_EXCEEDED"
+        )
     if _is_unavailable(exc):
         log.warning("database unavailable: %s", _describe(exc))
         return Unavailable("the database is unavailable; retry later", reason="STORAGE_UNAVAILABLE")
@@ -537,6 +541,13 @@ def _configure_sqlite(dbapi_connection: sqlite3.Connection, *, auto_checkpoint: 
             cursor.execute("PRAGMA wal_autocheckpoint=0")
     finally:
         cursor.close()
+
+
+def _on_postgresql_begin(connection: Connection) -> None:
+    deadline = current_deadline()
+    # Reads wait for no row lock on PostgreSQL, so only write units pay the statement's round trip.
+    if deadline is not None and not connection.get_execution_options().get(_READ_ONLY_OPTION):
+        connection.exec_driver_sql(_lock_timeout(deadline))
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
