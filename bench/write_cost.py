@@ -20,8 +20,8 @@ the database's backends (the server's pooled connections; local PostgreSQL only)
 the checkpointer's. Round trips, on SQLite, are the statements plus each transaction's end (no network: the
 count of calls into the library). On PostgreSQL they are the waits for the server: each statement sent
 alone, each block of statements sent together (``DriverConnection.together``, psycopg's pipeline mode; a
-result read inside the block adds one), BEGIN when the unit's first statement is sent alone (psycopg then
-sends BEGIN alone; in a block it goes with the block), and COMMIT. Prints markdown tables: round trips per
+result read inside the block adds one; a unit's BEGIN goes with its first statement, in a block of its own
+when that statement is not in one), and COMMIT. Prints markdown tables: round trips per
 mode, bytes per mode, and the statements of an average batch by kind.
 """
 
@@ -148,6 +148,12 @@ class Hooks:
                     self.counts.waits += 1
 
         def counted_execute(connection: DriverConnection, statement: Any, parameters: Any = None) -> Any:
+            postgresql = connection.dialect.name == "postgresql"
+            if postgresql and getattr(local, "block", None) is None and not getattr(local, "begun", False):
+                # As the driver sends it: a unit's first statement, outside a block, in a block of its own
+                # with the unit's BEGIN.
+                with counted_together(connection):
+                    return counted_execute(connection, statement, parameters)
             key = (id(statement), connection.dialect.name)
             text = texts.get(key)
             if text is None:
@@ -159,12 +165,9 @@ class Hooks:
                 else len(parameters)
             )
             self._count(text, many)
-            if connection.dialect.name == "postgresql":
+            if postgresql:
+                local.begun = True  # BEGIN goes in the block of the unit's first statement
                 blocked = getattr(local, "block", None)
-                if not getattr(local, "begun", False):
-                    local.begun = True
-                    if blocked is None:
-                        wait()  # BEGIN, sent alone before it
                 if blocked is None:
                     wait()
                 else:

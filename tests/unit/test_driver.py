@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -222,6 +223,42 @@ def test_on_postgresql_a_block_is_sent_in_pipeline_mode_and_its_results_read_aft
         assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
         assert first.one().name == "a"
         assert [row.name for row in rest] == ["b", "c"]
+    finally:
+        raw.close()
+
+
+def _round_trips(trace: str) -> int:
+    """What libpq's trace shows the client waited for: a Sync ends a block (or an extended-protocol
+    statement), a Query is a simple-protocol statement."""
+    sent = [line.split("\t") for line in trace.splitlines() if line.startswith("F\t")]
+    return sum(fields[2].startswith(("Sync", "Query")) for fields in sent)
+
+
+def test_on_postgresql_a_units_first_statement_takes_its_begin_along_in_one_round_trip(
+    engine: Engine, tmp_path: Path
+) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("sqlite3 has no round trips to save")
+    raw = psycopg.connect(
+        engine.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
+    )
+    try:
+        driver = DriverConnection(raw, POSTGRESQL)
+        driver.execute(insert(_ROWS), _VALUES)
+        unit = DriverConnection(raw, POSTGRESQL, begin=("BEGIN", "SET LOCAL lock_timeout = 5000"))
+        trace = tmp_path / "libpq.trace"
+        with trace.open("w") as out:
+            raw.pgconn.trace(out.fileno())
+            raw.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+            read = unit.execute(_BY_NAMES, {"names": ["a"]})  # outside a block
+            assert read.one().name == "a"
+            # In the unit's transaction, with its setting.
+            assert raw.execute("SHOW lock_timeout").fetchone() == ("5s",)
+            unit.end("COMMIT")
+            raw.pgconn.untrace()
+        # BEGIN, the setting and the read in one; SHOW; COMMIT.
+        assert _round_trips(trace.read_text()) == 3
+        assert raw.execute("SHOW lock_timeout").fetchone() == ("0",)  # SET LOCAL ended with the unit
     finally:
         raw.close()
 

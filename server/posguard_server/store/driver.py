@@ -331,6 +331,9 @@ class DriverConnection:
             self._pipeline.sync()
 
     def execute(self, statement: ClauseElement, parameters: _Parameters = None) -> DriverResult:
+        if self._opens_alone():
+            with self.together():
+                return self.execute(statement, parameters)
         if parameters is None or isinstance(parameters, Mapping):
             return self._one(statement, parameters or {})
         if not parameters:
@@ -340,9 +343,18 @@ class DriverConnection:
     def execute_sql(self, sql: str, values: Sequence[Any]) -> None:
         """Run ``sql``, written for this connection's driver (its placeholders, its types), with ``values``;
         nothing is read back. For a statement Core would build slower than it runs (see its callers)."""
+        if self._opens_alone():
+            with self.together():
+                self.execute_sql(sql, values)
+            return
         if self._begin and not self._begun:
             self._send_begin()
         self._connection.execute(sql, values)
+
+    def _opens_alone(self) -> bool:
+        """Whether this statement, the unit's first, is given outside a block on PostgreSQL: it is then sent
+        in a block of its own with the statements that begin the unit, one round trip instead of one each."""
+        return bool(self._begin) and not self._begun and self._pipeline is None and self.dialect is not SQLITE
 
     def _one(self, statement: ClauseElement, parameters: Mapping[str, Any]) -> DriverResult:
         # An INSERT or UPDATE sets the columns it is given; a SELECT's parameters are in its text.
