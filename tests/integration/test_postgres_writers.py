@@ -14,11 +14,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import grpc
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 
 import posguard
-from posguard.v1 import common_pb2, risk_pb2
+from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
+from posguard_server.store import db
 from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:
@@ -134,6 +136,47 @@ def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
         assert gateway.score_transaction(transaction=_txn(held.primary.number), timeout=10).customer_id == (
             held.customer_id
         )
+
+
+def test_a_call_without_a_deadline_waits_for_a_lock_only_so_long(
+    server_factory: Callable[..., RunningServer], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway that sets no deadline (the Python client always sets one) still cannot hold the writer."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a SQLite writer waits for its busy timeout, not for row locks")
+    monkeypatch.setattr(db, "_GATEWAY_LOCK_WAIT_S", 1.0)
+    upgrade(database_url)
+    running = server_factory(database_url=database_url)
+    engine = create_engine(database_url)
+    with (
+        posguard.Client(running.target, api_key=running.key("gateway")) as gateway,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        held = gateway.issue_customer_id().customer
+        other = gateway.issue_customer_id().customer
+        score = risk_pb2_grpc.RiskStub(channel).ScoreTransaction
+        metadata = (("authorization", f"Bearer {running.key('gateway')}"),)
+        try:
+            with engine.connect() as connection, connection.begin():
+                connection.execute(
+                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
+                    {"id": held.customer_id},
+                )
+                started = time.monotonic()
+                request = risk_pb2.ScoreTransactionRequest(transaction=_txn(held.primary.number))
+                call = score.future(request, metadata=metadata)  # no timeout: no deadline
+                try:
+                    # Waited for here (not by the call) for at most 10 s: without the bound it never ends.
+                    refused = call.exception(timeout=10)
+                finally:
+                    call.cancel()
+                assert isinstance(refused, grpc.Call)
+                assert refused.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 5
+                answer = gateway.score_transaction(transaction=_txn(other.primary.number), timeout=10)
+                assert answer.customer_id == other.customer_id
+        finally:
+            engine.dispose()
 
 
 def test_an_operators_change_stops_waiting_for_a_lock_at_its_deadline(

@@ -68,6 +68,9 @@ _PG_CONNECT_TIMEOUT_S = 3
 # from 1,460 to 860 calls/s within two minutes. The gateway's statements are short indexed reads and writes,
 # cheap to plan each time with the parameters at hand.
 _PG_OPTIONS = "-c plan_cache_mode=force_custom_plan"
+# How long a gateway unit run for calls without a deadline waits for a row lock on PostgreSQL: a writer thread
+# serves every gateway call of the process, so none may wait on a lock for as long as it is held.
+_GATEWAY_LOCK_WAIT_S = 10.0
 # Waiting longer than this for a pooled connection means the service is overloaded; fail fast instead.
 _POOL_TIMEOUT_S = 5.0
 # Recycle before typical server/proxy idle cut-offs, so a ping rarely has to discard a connection.
@@ -288,7 +291,8 @@ class Database:
         on PostgreSQL on the psycopg connection of a pooled one, in one transaction.
 
         On PostgreSQL a statement waits for a row lock only until the current deadline, as in a session:
-        here the deadline of a batch is the latest of its callers'.
+        here the deadline of a batch is the latest of its callers'. Without one (a caller that set none), it
+        waits at most ``_GATEWAY_LOCK_WAIT_S``.
         """
         if self.dialect == "sqlite":
             with self.sqlite_unit() as sqlite_connection:
@@ -296,12 +300,13 @@ class Database:
             return
         check_deadline()
         deadline = current_deadline()
+        if deadline is None:
+            deadline = time.monotonic() + _GATEWAY_LOCK_WAIT_S
         with self._ending(_nothing, read_only=False):
             # A failure to connect, or a pool with no free connection, ends here too.
             pooled = self._engine.raw_connection()
             connection = cast("psycopg.Connection[Any]", pooled.driver_connection)
-            opening = ("BEGIN",) if deadline is None else ("BEGIN", _lock_timeout(deadline))
-            unit = DriverConnection(connection, POSTGRESQL, begin=opening)
+            unit = DriverConnection(connection, POSTGRESQL, begin=("BEGIN", _lock_timeout(deadline)))
             try:
                 # The unit sends its own BEGIN, with its first statements (DriverConnection): psycopg's would
                 # be a round trip of its own, even in pipeline mode. So psycopg must not begin one itself.
