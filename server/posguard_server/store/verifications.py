@@ -171,7 +171,7 @@ class SqlVerificationStore:
                 for item, answer in done
                 if answer.verdict is not Verdict.OK
             ]
-            # Sent together on PostgreSQL: at most two round trips, split where the audit head is read.
+            # Sent together on PostgreSQL, split where the audit head is read (and locked).
             with connection.together():
                 self._write(connection, done, now)
                 append_events(connection, failed, now)
