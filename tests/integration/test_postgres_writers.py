@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, TextClause, create_engine, text
 
 import posguard
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
@@ -41,16 +42,31 @@ def _txn(number: str) -> risk_pb2.Transaction:
     )
 
 
+_LOCK_WAITS = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+_LOCK_CUSTOMER = text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE")
+
+
+def _lock_waits(connection: Connection) -> int:
+    """How many statements of this database wait for a lock."""
+    return int(connection.scalar(_LOCK_WAITS))
+
+
+@contextmanager
+def _holding(engine: Engine, lock: TextClause, values: dict[str, str] | None = None) -> Iterator[Connection]:
+    """A transaction of another connection that holds the lock ``lock`` takes, until the block ends."""
+    with engine.connect() as connection, connection.begin():
+        connection.execute(lock, values or {})
+        yield connection
+
+
 def _wait_for_a_lock_wait(engine: Engine) -> None:
     """Until a statement of this database waits for a row lock."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
     give_up = time.monotonic() + 30
     while time.monotonic() < give_up:
         with engine.connect() as connection:
-            if connection.scalar(query):
+            if _lock_waits(connection):
                 return
         time.sleep(0.02)
     raise AssertionError("no statement came to wait for the lock")
@@ -69,11 +85,7 @@ def test_a_second_writer_answers_other_customers_while_one_batch_waits_for_a_loc
         other = gateway.issue_customer_id().customer
         answers: list[risk_pb2.ScoreTransactionResponse] = []
         try:
-            with engine.connect() as connection, connection.begin():
-                connection.execute(
-                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
-                    {"id": held.customer_id},
-                )
+            with _holding(engine, _LOCK_CUSTOMER, {"id": held.customer_id}):
                 waiting = threading.Thread(
                     target=lambda: answers.append(
                         gateway.score_transaction(transaction=_txn(held.primary.number), timeout=30)
@@ -92,17 +104,6 @@ def test_a_second_writer_answers_other_customers_while_one_batch_waits_for_a_loc
             engine.dispose()
 
 
-def _lock_waits(connection: Connection) -> int:
-    return int(
-        connection.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-        )
-    )
-
-
 def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
     server_factory: Callable[..., RunningServer], database_url: str
 ) -> None:
@@ -117,11 +118,7 @@ def test_a_batch_stops_waiting_for_a_lock_when_its_callers_have_given_up(
         held = gateway.issue_customer_id().customer
         other = gateway.issue_customer_id().customer
         try:
-            with engine.connect() as connection, connection.begin():
-                connection.execute(
-                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
-                    {"id": held.customer_id},
-                )
+            with _holding(engine, _LOCK_CUSTOMER, {"id": held.customer_id}) as connection:
                 started = time.monotonic()
                 with pytest.raises(posguard.errors.DeadlineExceededError):
                     gateway.score_transaction(transaction=_txn(held.primary.number), timeout=1.0)
@@ -157,11 +154,7 @@ def test_a_call_without_a_deadline_waits_for_a_lock_only_so_long(
         score = risk_pb2_grpc.RiskStub(channel).ScoreTransaction
         metadata = (("authorization", f"Bearer {running.key('gateway')}"),)
         try:
-            with engine.connect() as connection, connection.begin():
-                connection.execute(
-                    text("SELECT 1 FROM customers WHERE customer_id = :id FOR UPDATE"),
-                    {"id": held.customer_id},
-                )
+            with _holding(engine, _LOCK_CUSTOMER, {"id": held.customer_id}):
                 started = time.monotonic()
                 request = risk_pb2.ScoreTransactionRequest(transaction=_txn(held.primary.number))
                 call = score.future(request, metadata=metadata)  # no timeout: no deadline
@@ -195,8 +188,7 @@ def test_an_operators_change_stops_waiting_for_a_lock_at_its_deadline(
     ):
         number = gateway.issue_customer_id().customer.primary.number
         try:
-            with engine.connect() as connection, connection.begin():
-                connection.execute(text("SELECT 1 FROM audit_head FOR UPDATE"))
+            with _holding(engine, text("SELECT 1 FROM audit_head FOR UPDATE")) as connection:
                 with pytest.raises(posguard.errors.DeadlineExceededError):
                     admin.suspend_customer_id(number=number, reason="card lost", timeout=1.0)
                 # The server's statement gave up too, though the lock is still held.

@@ -109,6 +109,18 @@ def driver(engine: Engine) -> Iterator[DriverConnection]:
     connection.close()
 
 
+@pytest.fixture
+def filled_postgresql(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection (autocommit) to a PostgreSQL table holding ``_VALUES``; skipped on SQLite."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("sqlite3 has no round trips to save")
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    raw = psycopg.connect(url, autocommit=True)
+    DriverConnection(raw, POSTGRESQL).execute(insert(_ROWS), _VALUES)
+    yield raw
+    raw.close()
+
+
 def _core_rows(engine: Engine) -> list[tuple[object, ...]]:
     with engine.connect() as connection:
         return [tuple(row) for row in connection.execute(select(_ROWS).order_by(_ROWS.c.name))]
@@ -205,26 +217,20 @@ def test_statements_sent_together_are_answered_after_the_block_each_with_its_own
     ]
 
 
-def test_on_postgresql_a_block_is_sent_in_pipeline_mode_and_its_results_read_after_it(engine: Engine) -> None:
-    if engine.dialect.name == "sqlite":
-        pytest.skip("sqlite3 has no round trips to save")
-    raw = psycopg.connect(
-        engine.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
-    )
-    try:
-        driver = DriverConnection(raw, POSTGRESQL)
-        driver.execute(insert(_ROWS), _VALUES)
-        assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
-        with driver.together():
-            # Queued, not sent one by one: psycopg's pipeline mode holds the block's statements.
-            assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.ON
-            first = driver.execute(_BY_NAMES, {"names": ["a"]})
-            rest = driver.execute(_BY_NAMES, {"names": ["b", "c"]})
-        assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
-        assert first.one().name == "a"
-        assert [row.name for row in rest] == ["b", "c"]
-    finally:
-        raw.close()
+def test_on_postgresql_a_block_is_sent_in_pipeline_mode_and_its_results_read_after_it(
+    filled_postgresql: psycopg.Connection[Any],
+) -> None:
+    raw = filled_postgresql
+    driver = DriverConnection(raw, POSTGRESQL)
+    assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+    with driver.together():
+        # Queued, not sent one by one: psycopg's pipeline mode holds the block's statements.
+        assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.ON
+        first = driver.execute(_BY_NAMES, {"names": ["a"]})
+        rest = driver.execute(_BY_NAMES, {"names": ["b", "c"]})
+    assert raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+    assert first.one().name == "a"
+    assert [row.name for row in rest] == ["b", "c"]
 
 
 def _round_trips(trace: str) -> int:
@@ -235,32 +241,23 @@ def _round_trips(trace: str) -> int:
 
 
 def test_on_postgresql_a_units_first_statement_takes_its_begin_along_in_one_round_trip(
-    engine: Engine, tmp_path: Path
+    filled_postgresql: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    if engine.dialect.name == "sqlite":
-        pytest.skip("sqlite3 has no round trips to save")
-    raw = psycopg.connect(
-        engine.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
-    )
-    try:
-        driver = DriverConnection(raw, POSTGRESQL)
-        driver.execute(insert(_ROWS), _VALUES)
-        unit = DriverConnection(raw, POSTGRESQL, begin=("BEGIN", "SET LOCAL lock_timeout = 5000"))
-        trace = tmp_path / "libpq.trace"
-        with trace.open("w") as out:
-            raw.pgconn.trace(out.fileno())
-            raw.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
-            read = unit.execute(_BY_NAMES, {"names": ["a"]})  # outside a block
-            assert read.one().name == "a"
-            # In the unit's transaction, with its setting.
-            assert raw.execute("SHOW lock_timeout").fetchone() == ("5s",)
-            unit.end("COMMIT")
-            raw.pgconn.untrace()
-        # BEGIN, the setting and the read in one; SHOW; COMMIT.
-        assert _round_trips(trace.read_text()) == 3
-        assert raw.execute("SHOW lock_timeout").fetchone() == ("0",)  # SET LOCAL ended with the unit
-    finally:
-        raw.close()
+    raw = filled_postgresql
+    unit = DriverConnection(raw, POSTGRESQL, begin=("BEGIN", "SET LOCAL lock_timeout = 5000"))
+    trace = tmp_path / "libpq.trace"
+    with trace.open("w") as out:
+        raw.pgconn.trace(out.fileno())
+        raw.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        read = unit.execute(_BY_NAMES, {"names": ["a"]})  # outside a block
+        assert read.one().name == "a"
+        # In the unit's transaction, with its setting.
+        assert raw.execute("SHOW lock_timeout").fetchone() == ("5s",)
+        unit.end("COMMIT")
+        raw.pgconn.untrace()
+    # BEGIN, the setting and the read in one; SHOW; COMMIT.
+    assert _round_trips(trace.read_text()) == 3
+    assert raw.execute("SHOW lock_timeout").fetchone() == ("0",)  # SET LOCAL ended with the unit
 
 
 def test_a_statement_that_fails_in_a_block_raises_where_the_block_ends_and_the_rest_is_not_kept(
