@@ -4,6 +4,7 @@ BEGIN with its first statements)."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 
@@ -60,3 +61,25 @@ def test_after_a_unit_a_session_on_the_same_pool_still_rolls_back(database: Data
     if database.dialect == "postgresql":
         assert database.engine.pool.checkedin() == 1  # type: ignore[attr-defined]  # every step used it
     assert _names(database) == ["kept"]
+
+
+def test_a_read_only_unit_reads_what_is_committed_beside_a_write_unit_and_writes_nothing(
+    database: Database,
+) -> None:
+    _ROWS.create(database.engine)
+    with database.statements_unit() as unit:
+        unit.execute(insert(_ROWS), [{"name": "committed"}])
+    with database.statements_unit() as writer:
+        writer.execute(insert(_ROWS), [{"name": "uncommitted"}])
+        # On SQLite the writer holds the write lock: a unit that asked for it too would wait for it and fail
+        # at the busy timeout.
+        with database.statements_unit(read_only=True) as reader:
+            assert [row.name for row in reader.execute(select(_ROWS.c.name))] == ["committed"]
+    if database.dialect == "postgresql":
+        # A read-only transaction: a write in it is refused by the database.
+        with (
+            pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
+            database.statements_unit(read_only=True) as reader,
+        ):
+            reader.execute(insert(_ROWS), [{"name": "refused"}])
+    assert _names(database) == ["committed", "uncommitted"]

@@ -225,16 +225,20 @@ class SqlCustomerStore:
         return found
 
     def get_many(self, lookups: Sequence[CustomerLookup]) -> list[StoredCustomer | NotFound]:
-        """Each lookup's customer, or NotFound, in one read transaction of five Core statements at most.
+        """Each lookup's customer, or NotFound, in one read-only transaction through the driver.
 
         The lookups of concurrent GetCustomer and ResolveExternalId calls are read together
-        (``api.group_commit``): the numbers and external ids named, then the customers they lead to with
-        their numbers and external ids.
+        (``api.group_commit``), in two steps of Core statements sent together (a round trip each on
+        PostgreSQL): the numbers and external ids named, then the customers they lead to with their numbers
+        and external ids.
         """
-        with self._db.session(read_only=True) as session:
-            connection = session.connection()
-            by_number = numbers_in(connection, {k.number for k in lookups if k.number is not None})
-            by_external = externals_in(connection, {k.external for k in lookups if k.external is not None})
+        with self._db.statements_unit(read_only=True) as connection:
+            named_numbers = {k.number for k in lookups if k.number is not None}
+            named_externals = {k.external for k in lookups if k.external is not None}
+            with connection.together():
+                numbers = numbers_later(connection, named_numbers)
+                externals = externals_later(connection, named_externals)
+            by_number, by_external = numbers.get(), externals.get()
             named: list[str | None] = []
             for lookup in lookups:
                 if lookup.number is not None:
@@ -244,7 +248,9 @@ class SqlCustomerStore:
                     named.append(by_external.get(lookup.external))
                 else:
                     named.append(lookup.customer_id)
-            found = customers_in(connection, {c for c in named if c is not None})
+            with connection.together():
+                customers = customers_later(connection, {c for c in named if c is not None})
+            found = customers.get()
             return [(found.get(c) if c is not None else None) or _no_customer() for c in named]
 
     def primary_of_external(self, ref: ExternalRef) -> tuple[str, NumberStatus]:
@@ -803,32 +809,44 @@ def _load(session: Session, row: SqlCustomer) -> StoredCustomer:
     return customers_in(session.connection(), [row.customer_id])[row.customer_id]
 
 
-def customers_in(connection: Connection, customer_ids: Collection[str]) -> dict[str, StoredCustomer]:
+def customers_in(connection: Runs, customer_ids: Collection[str]) -> dict[str, StoredCustomer]:
     """The stored customers among ``customer_ids``, with their numbers and external ids: three reads."""
+    return customers_later(connection, customer_ids).get()
+
+
+def customers_later(connection: Runs, customer_ids: Collection[str]) -> Later[dict[str, StoredCustomer]]:
+    """``customers_in``, sent now and read when asked for (``DriverConnection.together``)."""
     if not customer_ids:
-        return {}
+        return Later.known({})
     ids = {"customers": sorted(set(customer_ids))}
-    numbers: dict[str, list[CustomerNumber]] = {}
-    for row in connection.execute(_NUMBERS_OF, ids):
-        numbers.setdefault(row.customer_id, []).append(number_of_row(cast(SqlCustomerNumber, row)))
-    externals: dict[str, list[ExternalRef]] = {}
-    for row in connection.execute(_EXTERNALS_OF, ids):
-        externals.setdefault(row.customer_id, []).append(ExternalRef(row.namespace, row.value))
-    found: dict[str, StoredCustomer] = {}
-    for row in connection.execute(_CUSTOMERS_IN, ids):
-        own = numbers.get(row.customer_id, [])
-        # The primary is the static number that has not been replaced; rotation chains end there.
-        primary = next(n for n in reversed(own) if n.kind is NumberKind.STATIC and not n.successor_number)
-        customer = Customer(
-            customer_id=row.customer_id,
-            primary=primary,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            sub_numbers=tuple(n for n in own if n.kind is NumberKind.SUB),
-            external_ids=tuple(externals.get(row.customer_id, ())),
-        )
-        found[row.customer_id] = StoredCustomer(customer, row.holder_ciphertext, row.holder_key_version)
-    return found
+    number_rows = connection.execute(_NUMBERS_OF, ids)
+    external_rows = connection.execute(_EXTERNALS_OF, ids)
+    customer_rows = connection.execute(_CUSTOMERS_IN, ids)
+
+    def found() -> dict[str, StoredCustomer]:
+        numbers: dict[str, list[CustomerNumber]] = {}
+        for row in number_rows:
+            numbers.setdefault(row.customer_id, []).append(number_of_row(cast(SqlCustomerNumber, row)))
+        externals: dict[str, list[ExternalRef]] = {}
+        for row in external_rows:
+            externals.setdefault(row.customer_id, []).append(ExternalRef(row.namespace, row.value))
+        stored: dict[str, StoredCustomer] = {}
+        for row in customer_rows:
+            own = numbers.get(row.customer_id, [])
+            # The primary is the static number that has not been replaced; rotation chains end there.
+            primary = next(n for n in reversed(own) if n.kind is NumberKind.STATIC and not n.successor_number)
+            customer = Customer(
+                customer_id=row.customer_id,
+                primary=primary,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                sub_numbers=tuple(n for n in own if n.kind is NumberKind.SUB),
+                external_ids=tuple(externals.get(row.customer_id, ())),
+            )
+            stored[row.customer_id] = StoredCustomer(customer, row.holder_ciphertext, row.holder_key_version)
+        return stored
+
+    return Later(found)
 
 
 def _no_customer() -> NotFound:

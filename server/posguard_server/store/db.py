@@ -250,7 +250,7 @@ class Database:
             session.close()
 
     @contextmanager
-    def sqlite_unit(self) -> Iterator[sqlite3.Connection]:
+    def sqlite_unit(self, *, read_only: bool = False) -> Iterator[sqlite3.Connection]:
         """A write unit of work on a connection of the sqlite3 driver itself: ``session()``'s contract.
 
         For the scoring unit (``store.driver``), where SQLAlchemy's own work per transaction cost more
@@ -258,6 +258,9 @@ class Database:
         success and rolls back on any exception; errors leave as ``session()``'s do. Connections are kept
         for the next unit (one per thread writing at once), configured as the engine's are. ValueError on
         PostgreSQL.
+
+        ``read_only=True``, as for a session: the unit begins without the write lock (``BEGIN``) and runs
+        beside a writer, reading one snapshot.
         """
         if self.dialect != "sqlite":
             raise ValueError("only a SQLite database has sqlite3 units")
@@ -265,8 +268,8 @@ class Database:
         connection = self._driver_connection()
         healthy = False
         try:
-            with self._ending(connection.rollback, read_only=False):
-                connection.execute("BEGIN IMMEDIATE")
+            with self._ending(connection.rollback, read_only=read_only):
+                connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
                 yield connection
                 check_deadline()
                 connection.execute("COMMIT")
@@ -283,7 +286,7 @@ class Database:
                 connection.close()
 
     @contextmanager
-    def statements_unit(self) -> Iterator[DriverConnection]:
+    def statements_unit(self, *, read_only: bool = False) -> Iterator[DriverConnection]:
         """A write unit of work for SQLAlchemy Core statements only, with ``session()``'s contract.
 
         For the gateway hot paths, whose statements are all Core: no ORM session is made for them, and they
@@ -293,20 +296,28 @@ class Database:
         On PostgreSQL a statement waits for a row lock only until the current deadline, as in a session:
         here the deadline of a batch is the latest of its callers'. Without one (a caller that set none), it
         waits at most ``_GATEWAY_LOCK_WAIT_S``.
+
+        ``read_only=True`` promises the unit only reads, as for a session (the gateway's look-ups): on SQLite
+        it runs beside the writer; on PostgreSQL it is a read-only transaction, which takes no row locks to
+        wait for.
         """
         if self.dialect == "sqlite":
-            with self.sqlite_unit() as sqlite_connection:
+            with self.sqlite_unit(read_only=read_only) as sqlite_connection:
                 yield DriverConnection(sqlite_connection)
             return
         check_deadline()
-        deadline = current_deadline()
-        if deadline is None:
-            deadline = time.monotonic() + _GATEWAY_LOCK_WAIT_S
-        with self._ending(_nothing, read_only=False):
+        if read_only:
+            begin: tuple[str, ...] = ("BEGIN READ ONLY",)
+        else:
+            deadline = current_deadline()
+            if deadline is None:
+                deadline = time.monotonic() + _GATEWAY_LOCK_WAIT_S
+            begin = ("BEGIN", _lock_timeout(deadline))
+        with self._ending(_nothing, read_only=read_only):
             # A failure to connect, or a pool with no free connection, ends here too.
             pooled = self._engine.raw_connection()
             connection = cast("psycopg.Connection[Any]", pooled.driver_connection)
-            unit = DriverConnection(connection, POSTGRESQL, begin=("BEGIN", _lock_timeout(deadline)))
+            unit = DriverConnection(connection, POSTGRESQL, begin=begin)
             try:
                 # The unit sends its own BEGIN, with its first statements (DriverConnection): psycopg's would
                 # be a round trip of its own, even in pipeline mode. So psycopg must not begin one itself.

@@ -323,8 +323,8 @@ class SqlDynamicCodeStore:
         The numbers of concurrent IssueDynamicCode calls, read in one statement: an error per number that
         was never issued (NotFound), is not active, or whose customer is not enrolled (FailedPrecondition).
         """
-        with self._db.session(read_only=True) as session:
-            rows = session.connection().execute(_ENROLMENTS_OF_NUMBERS, {"numbers": sorted(set(numbers))})
+        with self._db.statements_unit(read_only=True) as connection:
+            rows = connection.execute(_ENROLMENTS_OF_NUMBERS, {"numbers": sorted(set(numbers))})
             found = {row.number: row for row in rows}
         answers: list[StoredEnrollment | PosguardError] = []
         for number in numbers:
