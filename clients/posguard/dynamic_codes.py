@@ -76,8 +76,12 @@ def totp_value(key: bytes, step: int) -> str:
 
 
 def code_at_step(secret: str, step: int) -> str:
-    """The 18-digit code of a secret at a step: the handle, then the TOTP value."""
-    handle, key = parse_secret(secret)
+    """The 18-digit code of a secret at a step."""
+    return code_of(*parse_secret(secret), step)
+
+
+def code_of(handle: str, key: bytes, step: int) -> str:
+    """The 18-digit code of an enrolment's handle and key at a step: the handle, then the TOTP value."""
     return handle + totp_value(key, step)
 
 
@@ -90,6 +94,7 @@ __all__ = [
     "DIGITS",
     "PERIOD_SECONDS",
     "code_at_step",
+    "code_of",
     "dynamic_code",
     "format_secret",
     "parse_secret",

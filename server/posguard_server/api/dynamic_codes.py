@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from grpc import aio
 
-from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_at_step, format_secret, time_step
+from posguard.dynamic_codes import DIGITS, PERIOD_SECONDS, code_of, format_secret, time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.api.convert import timestamp
 from posguard_server.api.enumeration import FailureGuard, guarded, refusal
@@ -109,11 +109,9 @@ class DynamicCodesRpcs:
         assert found is not None
         return found
 
-    def _secret_of(self, enrollment: StoredEnrollment) -> str:
-        key = self._secrets.decrypt(
-            enrollment.secret_ciphertext, enrollment.customer_id, enrollment.key_version
-        )
-        return format_secret(enrollment.handle, key)
+    def _key_of(self, enrollment: StoredEnrollment) -> bytes:
+        sealed = enrollment.secret_ciphertext
+        return self._secrets.decrypt(sealed, enrollment.customer_id, enrollment.key_version)
 
     @guarded
     async def EnrollDynamicCodes(
@@ -144,7 +142,7 @@ class DynamicCodesRpcs:
             actor=current_principal().key_id,
             now=_now(),
         )
-        secret = self._secret_of(enrollment)
+        secret = format_secret(enrollment.handle, self._key_of(enrollment))
         return customer_ids_pb2.EnrollDynamicCodesResponse(
             secret=secret,
             period_seconds=PERIOD_SECONDS,
@@ -170,7 +168,7 @@ class DynamicCodesRpcs:
         step = time_step(_now())
         start, end = step_bounds(step)
         return customer_ids_pb2.IssueDynamicCodeResponse(
-            code=code_at_step(self._secret_of(enrollment), step),
+            code=code_of(enrollment.handle, self._key_of(enrollment), step),
             valid_from=timestamp(datetime.fromtimestamp(start, UTC)),
             valid_until=timestamp(datetime.fromtimestamp(end, UTC)),
         )
