@@ -8,8 +8,10 @@ concurrent issuers), and a unique index on the number backs it up. New customers
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -43,7 +45,7 @@ from posguard_server.domain.customers import (
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from posguard_server.store.audit import append_event
 from posguard_server.store.caller_limits import SqlCallerFailures
-from posguard_server.store.driver import Later
+from posguard_server.store.driver import DriverConnection, Later
 from posguard_server.store.idempotency import (
     earlier_call,
     record_call,
@@ -51,7 +53,7 @@ from posguard_server.store.idempotency import (
 from posguard_server.store.schema import Base, insert_for
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Select, Table
+    from sqlalchemy import Select, Table
     from sqlalchemy.orm import Session
 
     from posguard_server.store.db import Database
@@ -498,17 +500,26 @@ class SqlCustomerStore:
 
 
 _counters = cast("Table", SqlNumberCounter.__table__)
+# A prefix's counters are taken by moving its next value, then reading it back in the same transaction (the
+# UPDATE locks the row): two statements rather than ``UPDATE … RETURNING``, so that they run through the
+# driver as well as through a session.
 _TAKE_COUNTERS = (
     update(_counters)
     .where(_counters.c.prefix == bindparam("b_prefix"))
     .values(next_value=_counters.c.next_value + bindparam("b_count"))
-    .returning(_counters.c.next_value)
 )
+_NEXT_VALUE = select(_counters.c.next_value).where(_counters.c.prefix == bindparam("b_prefix"))
 
 
 @functools.cache
 def _add_counters(dialect: str) -> Any:
     return insert_for(dialect)(_counters).on_conflict_do_nothing()
+
+
+def _together(connection: Runs) -> AbstractContextManager[None]:
+    """Send the block's statements together through the driver (``DriverConnection.together``); a Core
+    connection runs each as it is given."""
+    return connection.together() if isinstance(connection, DriverConnection) else contextlib.nullcontext()
 
 
 class SerialSpaceUsedUp(Exception):
@@ -520,15 +531,15 @@ class SerialSpaceUsedUp(Exception):
         self.error = error
 
 
-def allocate_numbers(connection: Connection, wanted: Sequence[tuple[str, MakeNumber]]) -> list[Allocated]:
+def allocate_numbers(connection: Runs, wanted: Sequence[tuple[str, MakeNumber]]) -> list[Allocated]:
     """For each ``(prefix, make_number)`` in order, the prefix's next unused number.
 
     Raises ``SerialSpaceUsedUp`` naming the first one whose prefix has no number left (the transaction must
     then be rolled back: its counters were taken).
 
-    A prefix's counters are taken in one ``UPDATE … RETURNING`` per prefix and round (its row stays locked
-    until the transaction ends, so concurrent issuers of a prefix take turns), in prefix order, and the
-    numbers made from them are checked for use in one read.
+    A prefix's counters are taken by one ``UPDATE`` per prefix and round (its row stays locked until the
+    transaction ends, so concurrent issuers of a prefix take turns), in prefix order, and the numbers made
+    from them are checked for use in one read. Through the driver, each round's statements are sent together.
     """
     found: dict[int, Allocated] = {}
     pending = list(range(len(wanted)))
@@ -542,10 +553,13 @@ def allocate_numbers(connection: Connection, wanted: Sequence[tuple[str, MakeNum
         for slot in pending:
             by_prefix.setdefault(wanted[slot][0], []).append(slot)
         made: dict[int, Allocated] = {}
-        for prefix, slots in sorted(by_prefix.items()):
-            last = connection.execute(
-                _TAKE_COUNTERS, {"b_prefix": prefix, "b_count": len(slots)}
-            ).scalar_one()
+        taken = sorted(by_prefix.items())
+        with _together(connection):
+            for prefix, slots in taken:
+                connection.execute(_TAKE_COUNTERS, {"b_prefix": prefix, "b_count": len(slots)})
+            next_values = [connection.execute(_NEXT_VALUE, {"b_prefix": prefix}) for prefix, _ in taken]
+        for (prefix, slots), next_value in zip(taken, next_values, strict=True):
+            last = next_value.one()[0]
             for counter, slot in enumerate(slots, start=int(last) - len(slots)):
                 try:
                     number, key_version = wanted[slot][1](prefix, counter)

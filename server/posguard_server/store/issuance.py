@@ -3,8 +3,9 @@
 A batch (``api.group_commit``, on the database's writer threads) reads what decides it in a few statements
 (the customers its callers' request_ids already made, the external ids it names), judges each call in order
 in memory (a retry of an earlier call of the batch replays it, an external id claimed by an earlier call is
-taken), takes the counters of the numbers it issues in one ``UPDATE … RETURNING`` per prefix, and writes the
-batch with one executemany per table and one audit append. The statements are SQLAlchemy Core, built once.
+taken), takes the counters of the numbers it issues with one ``UPDATE`` per prefix, and writes the batch with
+one executemany per table and one audit append. The statements are SQLAlchemy Core, built once, run through
+the driver (``Database.statements_unit``: no ORM session), each step's sent together on PostgreSQL.
 
 A call whose request_id another transaction (another writer thread or process) commits at the same moment
 loses the race on the unique index without failing the batch (``ON CONFLICT DO NOTHING``): it replays the
@@ -40,7 +41,7 @@ from posguard_server.store.customers import (
     StoredCustomer,
     allocate_numbers,
     customers_in,
-    externals_in,
+    externals_later,
     static_number_columns,
 )
 from posguard_server.store.db import rerun_on_conflict
@@ -48,9 +49,10 @@ from posguard_server.store.idempotency import idempotency_conflict
 from posguard_server.store.schema import insert_for
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Table
+    from sqlalchemy import Table
 
     from posguard_server.store.db import Database
+    from posguard_server.store.driver import DriverConnection
 
 ISSUED = "customer.issued"  # the audit action
 
@@ -85,15 +87,17 @@ _ADD_NUMBERS = insert(cast("Table", SqlCustomerNumber.__table__))
 _ADD_EXTERNALS = insert(cast("Table", SqlExternalId.__table__))
 
 
+# Which of a batch's new customers are in (its own, when another transaction took a request_id meanwhile).
+_MADE = select(_C.customer_id).where(_C.customer_id.in_(bindparam("customer_ids", expanding=True)))
+
+
 class SqlIssuanceStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         # Customers whose (caller, request_id) another transaction committed meanwhile are left out, not
         # an error: those calls replay the other transaction's customer.
-        self._add_customers = (
-            insert_for(database.dialect)(_customers)
-            .on_conflict_do_nothing(index_elements=[_C.request_id, _C.created_by])
-            .returning(_C.customer_id)
+        self._add_customers = insert_for(database.dialect)(_customers).on_conflict_do_nothing(
+            index_elements=[_C.request_id, _C.created_by]
         )
 
     def issue(self, item: Issuance) -> Issued:
@@ -123,8 +127,7 @@ class SqlIssuanceStore:
                 used_up[refused.slot] = refused.error
 
     def _issue(self, items: Sequence[Issuance], used_up: dict[int, Exception]) -> list[Issued | Exception]:
-        with self._db.session() as session:
-            connection = session.connection()
+        with self._db.statements_unit() as connection:
             decided = _decide(connection, items, used_up)
             decided = self._claim(connection, items, decided)
             made = [slot for slot, outcome in enumerate(decided) if isinstance(outcome, Made)]
@@ -156,11 +159,12 @@ class SqlIssuanceStore:
                 details = {"customer_id": new.customer_id, "issuer": new.issuer}
                 events.append(NewEvent(item.actor, ISSUED, mask(number.number), details))
                 stored[new.customer_id] = _made(new, columns, item.now)
-            if numbers:
-                connection.execute(_ADD_NUMBERS, numbers)
-            if externals:
-                connection.execute(_ADD_EXTERNALS, externals)
-            append_events(session, events, max(item.now for item in items))
+            with connection.together():
+                if numbers:
+                    connection.execute(_ADD_NUMBERS, numbers)
+                if externals:
+                    connection.execute(_ADD_EXTERNALS, externals)
+            append_events(connection, events, max(item.now for item in items))
             # Replays answer with the customer as it is now, as a look-up would.
             replayed = {
                 o.customer_id for o in decided if isinstance(o, Replay) and o.customer_id not in stored
@@ -174,7 +178,7 @@ class SqlIssuanceStore:
         ]
 
     def _claim(
-        self, connection: Connection, items: Sequence[Issuance], decided: list[Outcome]
+        self, connection: DriverConnection, items: Sequence[Issuance], decided: list[Outcome]
     ) -> list[Outcome]:
         """Insert the customers the batch makes; a call whose request_id another transaction took meanwhile
         replays that transaction's customer instead (or conflicts with it), and so do its in-batch retries.
@@ -188,9 +192,11 @@ class SqlIssuanceStore:
         rows = sorted(made, key=lambda row: (row["created_by"], row["request_id"]))
         if not rows:
             return decided
-        inserted = set(connection.scalars(self._add_customers, rows))
-        if len(inserted) == len(rows):
+        if connection.execute(self._add_customers, rows).rowcount == len(rows):
             return decided
+        # Customer ids are new, so those found are the ones this batch inserted.
+        made_ids = [row["customer_id"] for row in rows]
+        inserted = {row.customer_id for row in connection.execute(_MADE, {"customer_ids": made_ids})}
         # Lost to a transaction that committed the same (caller, request_id) after this batch read.
         lost = [row for row in rows if row["customer_id"] not in inserted]
         found = connection.execute(_EARLIER, {"request_ids": sorted({row["request_id"] for row in lost})})
@@ -257,7 +263,7 @@ class _UsedUp(Exception):
 
 
 def _decide(
-    connection: Connection, items: Sequence[Issuance], used_up: dict[int, Exception]
+    connection: DriverConnection, items: Sequence[Issuance], used_up: dict[int, Exception]
 ) -> list[Outcome]:
     """Each call's new customer, the customer it replays, or its error, judged in order.
 
@@ -268,8 +274,11 @@ def _decide(
     # COMMITTED), so a concurrent call that made the customer and linked its external id between the two
     # reads is seen by the second as a request_id to replay. Read the other way round, its external id would
     # be seen taken while its request_id was not yet, and a retry refused as EXTERNAL_ID_TAKEN.
-    taken = externals_in(connection, {ref for item in items for ref in item.new.external_ids})
-    rows = connection.execute(_EARLIER, {"request_ids": sorted({item.request_id for item in items})})
+    # Sent together (one round trip on PostgreSQL); the database still runs them in this order.
+    with connection.together():
+        named = externals_later(connection, {ref for item in items for ref in item.new.external_ids})
+        rows = connection.execute(_EARLIER, {"request_ids": sorted({item.request_id for item in items})})
+    taken = named.get()
     # A request_id is its caller's own (see store.idempotency): keyed by (caller, request_id).
     earlier = {(row.created_by, row.request_id): (row.customer_id, row.request_fingerprint) for row in rows}
     decided: list[Outcome] = []
