@@ -1,7 +1,8 @@
 """Two revisions of posguard, each in its own server, measured window after window against one echo.
 
-    .venv/bin/python bench/revisions_ab.py --before REV [--after REV] [--rpc verify|redeem|score|code|issue]
-        [--seconds 4] [--repeats 5] [--inflight 64] [--postgres URL]
+    .venv/bin/python bench/revisions_ab.py --before REV [--after REV]
+        [--rpc verify|redeem|score|code|issue|resolve] [--seconds 4] [--repeats 5] [--inflight 64]
+        [--postgres URL]
 
 A change that saves tens of microseconds a call is smaller than the drift of this machine from one run of
 ``rpc_bench.py`` to the next; measured alternately, each window of one revision beside a window of the other,
@@ -32,6 +33,7 @@ from rpc_bench import (
     ISSUE,
     ISSUE_CODE,
     REDEEM,
+    RESOLVE,
     ROOT,
     SCORE,
     VERIFY,
@@ -57,6 +59,7 @@ RPCS: dict[str, tuple[str, Callable[[Requests], MakeRequests]]] = {
     "score": (SCORE, lambda r: r.scores),
     "code": (ISSUE_CODE, lambda r: r.code_issues),
     "issue": (ISSUE, lambda r: r.issues),
+    "resolve": (RESOLVE, lambda r: r.resolves),
 }
 
 

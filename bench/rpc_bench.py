@@ -1,7 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify,redeem,issue,code] [--py-spy DIR [--py-spy-gil]] [--rules N]
+        [--only score,stream,verify,redeem,issue,code,resolve] [--py-spy DIR [--py-spy-gil]] [--rules N]
         [--rules-firing K]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts it
@@ -64,6 +64,7 @@ VERIFY = "/posguard.v1.CustomerIds/VerifyCustomerId"
 REDEEM = "/posguard.v1.CustomerIds/RedeemDynamicCode"
 ISSUE = "/posguard.v1.CustomerIds/IssueCustomerId"
 ISSUE_CODE = "/posguard.v1.CustomerIds/IssueDynamicCode"
+RESOLVE = "/posguard.v1.CustomerIds/ResolveExternalId"
 ECHO, ECHO_STREAM = "/bench.Echo/Unary", "/bench.Echo/Stream"
 _TICKS = os.sysconf("SC_CLK_TCK")
 ADMIN_TOKEN = ""  # an admin key of the server ``posguard`` started last (rules are an admin's)
@@ -327,6 +328,18 @@ class Requests:
             customer_ids_pb2.IssueCustomerIdRequest(
                 request_id=f"bench-{self.run}-{self.made}-{i}",
                 external_ids=[common_pb2.ExternalId(namespace="bench", value=f"{self.run}-{self.made}-{i}")],
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
+    def resolves(self, n: int) -> list[bytes]:
+        """The sample's customers looked up by their external ids, as a gateway finds the customer (its
+        number and links) of an account of its own."""
+        return [
+            customer_ids_pb2.ResolveExternalIdRequest(
+                external_id=common_pb2.ExternalId(
+                    namespace=DEFAULT_NAMESPACE, value=self.refs[i % len(self.refs)]
+                )
             ).SerializeToString()
             for i in range(n)
         ]
@@ -644,6 +657,10 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
                     )
                 if "issue" in args.only:
                     await unary("IssueCustomerId", "SQLite", ISSUE, server, baseline, token, requests.issues)
+                if "resolve" in args.only:
+                    await unary(
+                        "ResolveExternalId", "SQLite", RESOLVE, server, baseline, token, requests.resolves
+                    )
         if args.postgres:
             pg_profile = args.py_spy / "postgresql.txt" if args.py_spy else None
             with (
@@ -755,8 +772,9 @@ def main() -> None:
     parser.add_argument(
         "--only",
         type=lambda s: set(s.split(",")),
-        default={"score", "stream", "verify", "redeem", "code", "issue"},
-        help="which SQLite measurements: score,stream,verify,redeem,code,issue (--postgres adds its own)",
+        default={"score", "stream", "verify", "redeem", "code", "issue", "resolve"},
+        help="which SQLite measurements: score,stream,verify,redeem,code,issue,resolve (--postgres adds its "
+        "own)",
     )
     parser.add_argument(
         "--rules", type=int, default=0, help="also measure scoring with this many active rules (SQLite)"
