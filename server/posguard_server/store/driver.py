@@ -11,11 +11,11 @@ and its columns' result processors taken from SQLAlchemy's types (so a value is 
 exactly as a Core execution would), and the driver keeps the prepared statements (psycopg prepares a
 statement on the server once it has run a few times).
 
-It serves ``Database.statements_unit`` (the scoring unit, redemptions, verifications, and the read-only units
-of customer look-ups and dynamic-code issues), and supports what they
-use: SELECTs (rows with the columns' names as attributes), INSERT and UPDATE with one set of parameters or
-many (``rowcount`` summed; psycopg sends many in one pipeline), expanding ``IN`` lists, and SQL written for
-the driver (``execute_sql``). An ``IN`` list is padded to a power of two by repeating its last value, which
+It serves ``Database.statements_unit`` (the scoring unit, redemptions, verifications, IssueCustomerId, and
+the read-only units of customer look-ups and dynamic-code issues), and supports what they use: SELECTs (rows
+with the columns' names as attributes), INSERT and UPDATE with one set of parameters or many (``rowcount``
+summed; psycopg sends many in one pipeline), expanding ``IN`` lists, and SQL written for the driver
+(``execute_sql``). An ``IN`` list is padded to a power of two by repeating its last value, which
 changes no result and keeps the number of distinct statement texts small.
 
 A unit sends the statements of one step together (``DriverConnection.together``): on PostgreSQL they are
