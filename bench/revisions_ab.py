@@ -1,7 +1,7 @@
 """Two revisions of posguard, each in its own server, measured window after window against one echo.
 
     .venv/bin/python bench/revisions_ab.py --before REV [--after REV]
-        [--rpc verify|redeem|score|code|issue|resolve] [--seconds 4] [--repeats 5] [--inflight 64]
+        [--rpc verify|redeem|score|code|issue|resolve|miss] [--seconds 4] [--repeats 5] [--inflight 64]
         [--postgres URL]
 
 A change that saves tens of microseconds a call is smaller than the drift of this machine from one run of
@@ -13,7 +13,8 @@ trained models, a gateway key; the console off, so both can run). Each round mea
 revision, with the same load generator. Reports, per revision, the calls/s of every window and their median,
 the ratio of that median to the echo's, the medians of server CPU per call, p50 and p99, and the slowest call
 of all its windows. ``--postgres`` (a server URL) runs each revision on a fresh PostgreSQL database of its
-own instead of SQLite.
+own instead of SQLite. ``--rpc miss`` is ResolveExternalId of external ids nobody was linked to: each call
+a miss, counted against the key (under a limit no window reaches) and audited.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import grpc
 from rpc_bench import (
     ECHO,
     ISSUE,
@@ -60,7 +62,13 @@ RPCS: dict[str, tuple[str, Callable[[Requests], MakeRequests]]] = {
     "code": (ISSUE_CODE, lambda r: r.code_issues),
     "issue": (ISSUE, lambda r: r.issues),
     "resolve": (RESOLVE, lambda r: r.resolves),
+    "miss": (RESOLVE, lambda r: r.misses),
 }
+# Flags of the servers for an RPC. Misses: a limit no window reaches, so that one key's misses are counted
+# (its row locked and moved, each miss audited) and never refused.
+FLAGS = {"miss": ["--failure-limit", "1000000000"]}
+# What the calls of an RPC end with, where it is not OK.
+ANSWERED = {"miss": grpc.StatusCode.NOT_FOUND}
 
 
 @contextmanager
@@ -96,7 +104,13 @@ async def measure(args: argparse.Namespace) -> None:
                 else None
             )
             process, token = stack.enter_context(
-                posguard(Path(tmp) / name, url, "--no-console-enabled", env=_code_of(tree))
+                posguard(
+                    Path(tmp) / name,
+                    url,
+                    "--no-console-enabled",
+                    *FLAGS.get(args.rpc, []),
+                    env=_code_of(tree),
+                )
             )
             requests = Requests()
             requests.numbers = await fetch_numbers(process.port, token, requests.refs)
@@ -112,10 +126,13 @@ async def measure(args: argparse.Namespace) -> None:
                 # The echo checks no key and answers any bytes: the first server's requests will do.
                 batch = requests_of(first_requests)(need)
                 echoed.append(await unary_window(baseline, ECHO, first_token, batch, inflight, args.seconds))
+                answered = ANSWERED.get(args.rpc, grpc.StatusCode.OK)
                 for name, (process, token, requests) in servers.items():
                     batch = requests_of(requests)(need)
                     measured[name].append(
-                        await unary_window(process, method, token, batch, inflight, args.seconds)
+                        await unary_window(
+                            process, method, token, batch, inflight, args.seconds, answered=answered
+                        )
                     )
             _report(args.rpc, inflight, echoed, measured)
 

@@ -46,6 +46,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
@@ -344,6 +345,19 @@ class Requests:
             for i in range(n)
         ]
 
+    def misses(self, n: int) -> list[bytes]:
+        """External ids nobody was linked to, each a lookup miss counted against the key and audited, as a
+        gateway whose accounts are not all known to posguard, or a key that guesses, sends them."""
+        self.made += n
+        return [
+            customer_ids_pb2.ResolveExternalIdRequest(
+                external_id=common_pb2.ExternalId(
+                    namespace="bench", value=f"nobody-{self.run}-{self.made}-{i}"
+                )
+            ).SerializeToString()
+            for i in range(n)
+        ]
+
     def code_issues(self, n: int) -> list[bytes]:
         """Server-issued dynamic codes for the enrolled customers' numbers, customer after customer."""
         self.made += n
@@ -433,14 +447,28 @@ async def unary_window(
     inflight: int,
     seconds: float,
     replies: list[bytes] | None = None,
+    answered: grpc.StatusCode = grpc.StatusCode.OK,
 ) -> Window:
-    """One measured window; with ``replies``, every 20th reply is kept there (parsed after the window)."""
+    """One measured window; with ``replies``, every 20th reply is kept there (parsed after the window).
+
+    ``answered``: the status every call is expected to end with (NOT_FOUND for misses).
+    """
     metadata = (("authorization", f"Bearer {token}"),)
     latencies: list[float] = []
     _quiet_heap()
     async with aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
         call = channel.unary_unary(method, request_serializer=_raw, response_deserializer=_raw)
-        await call(requests[0], metadata=metadata, timeout=30)  # connect and warm up outside the window
+
+        async def one(request: bytes) -> bytes:
+            try:
+                reply: bytes = await call(request, metadata=metadata, timeout=30)
+            except aio.AioRpcError as error:
+                if error.code() != answered:
+                    raise
+                return b""
+            return reply
+
+        await one(requests[0])  # connect and warm up outside the window
         feed = iter(requests[1:])
         stop = time.perf_counter() + seconds
 
@@ -449,7 +477,7 @@ async def unary_window(
                 if time.perf_counter() >= stop:
                     return
                 began = time.perf_counter()
-                reply = await call(request, metadata=metadata, timeout=30)
+                reply = await one(request)
                 latencies.append(time.perf_counter() - began)
                 if replies is not None and len(latencies) % 20 == 0:
                     replies.append(reply)

@@ -227,10 +227,13 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
     ]
     # Every service registered on it is served through the pipeline, each method composed with it once.
     server = build_pipeline(settings, authenticator, metrics).serve(aio.server(options=options))
+    # The gateway RPCs' writes share the database's writer threads (see group_commit).
+    # SQLite lets one transaction write at a time; on PostgreSQL the operator chooses (settings).
+    writers = Writers(settings.postgres_writers if database.dialect == "postgresql" else 1)
     # One guard for every RPC that names a customer: guesses count together per key.
     limit, code_limit = failure_limits(settings)
     guard = FailureGuard(
-        limit, SqlGuessStore(database, limit), metrics, spike_limit=settings.guess_spike_limit
+        limit, SqlGuessStore(database, limit), metrics, writers, spike_limit=settings.guess_spike_limit
     )
     health_servicer = health_aio.HealthServicer()
     # What health reports: whether writes work (every write tells it; a probe when none comes) and whether
@@ -243,9 +246,6 @@ def build_server(settings: Settings, *, reuse_port: bool = False) -> tuple[Posgu
         SqlDynamicCodeStore(database),
         SqlModelRegistry(database),
     )
-    # The gateway RPCs' writes share the database's writer threads (see group_commit).
-    # SQLite lets one transaction write at a time; on PostgreSQL the operator chooses (settings).
-    writers = Writers(settings.postgres_writers if database.dialect == "postgresql" else 1)
     readers = Writers(_READ_WORKERS, name="posguard-reader")
     verifications = SqlVerificationStore(database, limit)
     # SQLite's reads are quick enough for the event loop; PostgreSQL's are network round trips.

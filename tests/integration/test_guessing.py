@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
 import threading
 import time
 import uuid
@@ -444,3 +445,52 @@ def test_misses_across_many_keys_that_spike_are_reported(
         spikes = list(session.scalars(select(SqlAuditEvent).where(SqlAuditEvent.action == "guessing.spike")))
     assert len(spikes) == 1
     assert json.loads(spikes[0].details)["misses"] == "6"
+
+
+@contextmanager
+def _sqlite_write_lock(server: RunningServer) -> Iterator[None]:
+    """Hold SQLite's write lock from a connection of the test's own: the server's writes wait meanwhile."""
+    db = sqlite3.connect(str(server.settings.data_dir / "posguard.db"), isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+
+
+# A miss answered only once its count is written (Verify's on SQLite), and one of a guarded RPC.
+_LEAVING = [next(c for c in CASES if c.rpc == rpc) for rpc in ("VerifyCustomerId", "ResolveExternalId")]
+
+
+@pytest.mark.parametrize("case", _LEAVING, ids=lambda c: c.rpc)
+def test_a_miss_is_counted_even_when_its_caller_leaves_before_the_count_is_written(
+    server_factory: Callable[..., RunningServer], case: Case
+) -> None:
+    """A caller that gives up while its miss's count waits must not have guessed for free.
+
+    On SQLite a valid number is verified from a read on the event loop, at once, and a miss is answered once
+    its count is written: with a deadline shorter than that wait, DEADLINE_EXCEEDED itself would tell a
+    guess from a valid number. The test holds the database's write lock so that every count waits past its
+    caller's deadline; once the lock is let go, the counts are written and the key is refused.
+    """
+    server = server_factory(failure_limit=LIMIT, guess_spike_limit=0)
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        external = common_pb2.ExternalId(namespace="crm", value="known-1")
+        number = admin.issue_customer_id(external_ids=[external]).customer.primary.number
+    known = Known("", number, external, "")
+    key_id, token = _new_key(server, Role.GATEWAY)
+    with _stubs(server, token) as stubs:
+        stubs.call(case.hit(known))  # the key verified and cached before the lock
+        rpc = getattr(stubs.customer_ids, case.rpc)
+        with _sqlite_write_lock(server):
+            if case.rpc == "VerifyCustomerId":  # what the oracle would be: a valid number answered at once
+                assert rpc(case.hit(known), metadata=stubs.metadata, timeout=0.3).valid
+            for n in range(LIMIT):
+                with pytest.raises(grpc.RpcError) as left:
+                    rpc(case.miss(known, n), metadata=stubs.metadata, timeout=0.3)
+                assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as refused:  # counted already: the next miss is refused
+            stubs.call(case.miss(known, LIMIT))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert len([e for e in _audited(server, key_id) if e.action == case.audited_as]) == LIMIT

@@ -92,7 +92,12 @@ def test_a_runner_that_miscounts_fails_its_callers_instead_of_hanging_them() -> 
     assert isinstance(asyncio.run(run()), RuntimeError)
 
 
-def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
+@pytest.mark.parametrize(
+    ("detached", "batches"),
+    # Given up while it waited: never ran; detached (a guess's count), it runs all the same.
+    [(False, [["a"], ["c"]]), (True, [["a"], ["b", "c"]])],
+)
+def test_a_caller_that_gives_up_does_not_disturb_the_others(detached: bool, batches: list[list[str]]) -> None:
     runner = Recorder()
 
     async def run() -> list[str]:
@@ -100,14 +105,14 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
         first = asyncio.create_task(commits.submit("a"))
         while not runner.batches:  # the first batch starts with "a" alone
             await asyncio.sleep(0.001)
-        impatient = asyncio.create_task(commits.submit("b"))
+        impatient = asyncio.create_task(commits.submit("b", detached=detached))
         patient = asyncio.create_task(commits.submit("c"))
         await asyncio.sleep(0)
         impatient.cancel()
         return [await first, await patient]
 
     assert asyncio.run(run()) == ["A", "C"]
-    assert runner.batches == [["a"], ["c"]]  # "b" gave up while it waited: it never ran
+    assert runner.batches == batches
 
 
 def test_a_caller_that_gives_up_during_its_commit_is_still_stored() -> None:

@@ -244,13 +244,17 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
                 channel=messages.CHANNEL_NAMES.get(request.channel, ""),
             )
         answer = None
+        # A number read as not valid on the event loop is counted even if its caller leaves before the count
+        # is written: a valid one was answered at once, so a DEADLINE_EXCEEDED would tell it a guess.
+        guessed = False
         if presented.problem is None and self._local_reads is not None:
             read = self._local_reads.verdicts((presented,))[0]
             if read is not None and read.verdict is Verdict.OK:
                 answer = read
                 await self._verified.post(Verified(presented.number, now))
+            guessed = read is not None and read.verdict is not Verdict.OK
         if answer is None:  # decided again, counted and audited, durably, before the answer
-            answer = await self._verifications.submit(presented)
+            answer = await self._verifications.submit(presented, detached=guessed)
         self._guard.refuse(caller, answer.refused_until)
         if answer.refused:
             assert answer.refused_until is not None

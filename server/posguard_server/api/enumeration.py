@@ -8,7 +8,11 @@ ends with. With a million customers and 10^8 serials per prefix, about one guess
 so each RPC that answers differently for "exists" and "does not" must count.
 
 The count lives in the database (``caller_failures``), shared by every server process; which keys are
-refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. A process
+refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. Misses
+are counted on the database's writer, the misses that arrive together in one transaction, and a miss is
+counted even when its caller gives up before the count is written: a miss is answered only once counted, so
+a caller whose deadline is shorter than that wait would otherwise learn from its DEADLINE_EXCEEDED that it
+guessed, uncounted. A process
 learns that a key is refused from the misses it records: a key refused elsewhere gets its next miss refused,
 uncounted. Misses across all keys are also watched for a spike (a metric and an audit event): many keys
 guessing slowly stay under each key's limit, not under this one.
@@ -16,7 +20,6 @@ guessing slowly stay under each key's limit, not under this one.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -24,10 +27,12 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+from posguard_server.api.group_commit import GroupCommit, Writers
 from posguard_server.api.pipeline import current_principal
 from posguard_server.domain import enumeration
 from posguard_server.domain.enumeration import MISS_REASONS, FailureLimit
 from posguard_server.domain.errors import NotFound, PosguardError, ResourceExhausted
+from posguard_server.store.caller_limits import Missed, Spike
 
 if TYPE_CHECKING:
     from posguard_server.api.metrics import Metrics
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPIKE_SECONDS = 60
+# Misses counted in one transaction at most.
+_MISS_BATCH = 64
 
 
 def _now() -> datetime:
@@ -50,10 +57,17 @@ class FailureGuard:
     """
 
     def __init__(
-        self, limit: FailureLimit, store: SqlGuessStore, metrics: Metrics, *, spike_limit: int
+        self,
+        limit: FailureLimit,
+        store: SqlGuessStore,
+        metrics: Metrics,
+        writers: Writers,
+        *,
+        spike_limit: int,
     ) -> None:
         self.limit = limit
-        self._store = store
+        self._misses = GroupCommit(store.count_misses, limit=_MISS_BATCH, writers=writers)
+        self._spikes = GroupCommit(store.record_spikes, limit=1, writers=writers)
         self._metrics = metrics
         self._spike_limit = spike_limit
         self._refused_until: dict[str, datetime] = {}  # one entry per API key at most
@@ -81,12 +95,11 @@ class FailureGuard:
         That is ``error``, or the refusal when another process refused the caller already (then the miss
         is not counted, and the caller does not learn that the customer does not exist).
         """
-        now = _now()
-        miss = await asyncio.to_thread(self._store.count_miss, caller, method, error.reason, now)
+        miss = await self._misses.submit(Missed(caller, method, error.reason), detached=True)
         self.refuse(caller, miss.refused_until)
         if miss.refused:
             assert miss.refused_until is not None
-            return refusal(miss.refused_until, now)
+            return refusal(miss.refused_until, _now())
         await self.observe(method)
         return error
 
@@ -111,7 +124,7 @@ class FailureGuard:
                 self._spike_limit,
             )
             try:
-                await asyncio.to_thread(self._store.record_spike, self._window_misses, SPIKE_SECONDS, _now())
+                await self._spikes.submit(Spike(self._window_misses, SPIKE_SECONDS), detached=True)
             except Exception:  # the call it rides on was answered already; the warning above still stands
                 log.warning("could not audit the guessing spike", exc_info=True)
 

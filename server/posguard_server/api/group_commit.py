@@ -158,9 +158,18 @@ class GroupCommit(Generic[_Item, _Result]):
         self._writers = writers if writers is not None else Writers(workers, name=name)
         self._arriving: list[_Entry[_Item, _Result]] = []
 
-    async def submit(self, item: _Item) -> _Result:
-        """The result for ``item``, once its batch has committed; its exception if it was refused."""
-        future = self._enqueue([item])[0]
+    async def submit(self, item: _Item, *, detached: bool = False) -> _Result:
+        """The result for ``item``, once its batch has committed; its exception if it was refused.
+
+        ``detached``: the item is written whatever its caller does meanwhile, neither under the caller's
+        deadline nor taken out when the caller leaves. For what must be written even for a caller that gives
+        up on the answer: a guess's count (see ``api.enumeration``).
+        """
+        future = self._enqueue([item], detached=detached)[0]
+        if detached:
+            # A caller cancelled here leaves the future, and so its item, to the writer.
+            await asyncio.wait([future])
+            return future.result()
         # A caller cancelled while waiting cancels its future; the writer then skips or drops it.
         return await future
 
@@ -186,7 +195,7 @@ class GroupCommit(Generic[_Item, _Result]):
         """Futures of ``items``, handed to the writers once this turn of the loop is done.
 
         ``detached``: the items do not run under the current call's deadline (their caller is answered
-        before they are written, see ``AfterTheAnswer``).
+        before they are written, see ``AfterTheAnswer``, or they must be written even if it leaves).
         """
         self._writers.start()
         loop = asyncio.get_running_loop()

@@ -10,9 +10,9 @@ lock also lets a batch refuse at once a key that reached its limit in another pr
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, select, update
@@ -107,10 +107,11 @@ class CallerLimits:
             self.reached.append(caller)
         return counted.refused_until
 
-    def save(self, on: Session | Runs, method: str) -> None:
+    def save(self, on: Session | Runs, method: str | Mapping[str, str]) -> None:
         """Write the counts back, and audit each caller this batch refused (the last write: see audit).
 
-        ``on``: the unit's session, or the connection of a unit that runs Core statements only.
+        ``on``: the unit's session, or the connection of a unit that runs Core statements only. ``method``:
+        the RPC the refusals are audited under, the batch's, or by caller (a batch of several RPCs' misses).
         """
         if self._changed:
             connection = on.connection() if isinstance(on, Session) else on
@@ -127,18 +128,34 @@ class CallerLimits:
                     for caller in sorted(self._changed)
                 ],
             )
-        details = {
-            "method": method,
+        limit = {
             "failures": str(self._limit.failures),
             "window_seconds": str(int(self._limit.window.total_seconds())),
         }
-        refused = [NewEvent(caller, "caller.refused", caller, details) for caller in self.reached]
+        refused = [
+            NewEvent(
+                caller,
+                "caller.refused",
+                caller,
+                {"method": method if isinstance(method, str) else method[caller], **limit},
+            )
+            for caller in self.reached
+        ]
         append_events(on, refused, self._now)
 
 
 # The audit actions of guessing: a lookup that named nothing, and a spike of them across all keys.
 MISSED = "lookup.missed"
 SPIKE = "guessing.spike"
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """A lookup of ``caller``'s call of ``method`` that named nobody (``reason``: what was not found)."""
+
+    caller: str
+    method: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,34 +167,64 @@ class Miss:
     refused: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Spike:
+    """``misses`` misses across all keys within ``seconds`` on one server process."""
+
+    misses: int
+    seconds: int
+
+
 class SqlGuessStore:
     """Misses of lookups by number, external id, customer id or dynamic code, outside the gateway batches.
 
     Verifications and redemptions count their guesses in their own batches; every other RPC that names a
-    customer counts a miss here, one transaction per miss (a miss is rare for an honest caller, and the
-    caller's row is locked, so concurrent misses of one key never count past the limit).
+    customer counts a miss here. Concurrent misses share a transaction (``count_misses``, on the database's
+    writer, see ``api.enumeration``); the callers' rows are locked, so concurrent misses of one key never
+    count past the limit, in one process or several.
     """
 
     def __init__(self, database: Database, limit: FailureLimit) -> None:
         self._db = database
         self._limit = limit
 
-    def count_miss(self, caller: str, method: str, reason: str, now: datetime) -> Miss:
-        """Count a miss of ``caller``'s call of ``method`` (``reason``: what was not found), and audit it."""
-        with self._db.session() as session:
-            limits = CallerLimits(session.connection(), self._limit, [caller], now)
-            until = limits.refused_until(caller)
-            if until is not None:  # refused elsewhere already: not counted, as a verification would not be
-                return Miss(until, refused=True)
-            until = limits.count(caller)
-            append_events(
-                session, [NewEvent(caller, MISSED, caller, {"method": method, "reason": reason})], now
-            )
-            limits.save(session, method)
-            return Miss(until)
+    def count_misses(self, items: Sequence[Missed]) -> list[Miss]:
+        """Count each miss against its caller's limit and audit it, in order, in one transaction.
 
-    def record_spike(self, misses: int, seconds: int, now: datetime) -> None:
-        """Audit a spike: ``misses`` misses across all keys within ``seconds`` on this server process."""
-        with self._db.session() as session:
-            details = {"misses": str(misses), "window_seconds": str(seconds)}
-            append_events(session, [NewEvent("posguard", SPIKE, "all keys", details)], now)
+        A caller refused already (by another process, or by an earlier miss of the batch) gets its miss
+        refused, uncounted, as a verification would.
+        """
+        now = datetime.now(UTC)
+        with self._db.statements_unit() as connection:
+            limits = CallerLimits(connection, self._limit, {item.caller for item in items}, now)
+            answers: list[Miss] = []
+            events: list[NewEvent] = []
+            refused_by: dict[str, str] = {}  # the method of the miss that reached each caller's limit
+            for item in items:
+                until = limits.refused_until(item.caller)
+                if until is not None:
+                    answers.append(Miss(until, refused=True))
+                    continue
+                until = limits.count(item.caller)
+                if until is not None:
+                    refused_by.setdefault(item.caller, item.method)
+                details = {"method": item.method, "reason": item.reason}
+                events.append(NewEvent(item.caller, MISSED, item.caller, details))
+                answers.append(Miss(until))
+            with connection.together():
+                append_events(connection, events, now)
+                limits.save(connection, refused_by)
+            return answers
+
+    def record_spikes(self, spikes: Sequence[Spike]) -> list[None]:
+        """Audit each spike of misses across all keys."""
+        now = datetime.now(UTC)
+        events = [
+            NewEvent(
+                "posguard", SPIKE, "all keys", {"misses": str(s.misses), "window_seconds": str(s.seconds)}
+            )
+            for s in spikes
+        ]
+        with self._db.statements_unit() as connection:
+            append_events(connection, events, now)
+        return [None] * len(spikes)
