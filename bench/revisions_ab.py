@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/revisions_ab.py --before REV [--after REV]
         [--rpc verify|redeem|score|code|issue|resolve|miss] [--seconds 4] [--repeats 5] [--inflight 64]
-        [--postgres URL]
+        [--postgres URL] [--beside RPC:INFLIGHT]
 
 A change that saves tens of microseconds a call is smaller than the drift of this machine from one run of
 ``rpc_bench.py`` to the next; measured alternately, each window of one revision beside a window of the other,
@@ -14,7 +14,9 @@ revision, with the same load generator. Reports, per revision, the calls/s of ev
 the ratio of that median to the echo's, the medians of server CPU per call, p50 and p99, and the slowest call
 of all its windows. ``--postgres`` (a server URL) runs each revision on a fresh PostgreSQL database of its
 own instead of SQLite. ``--rpc miss`` is ResolveExternalId of external ids nobody was linked to: each call
-a miss, counted against the key (under a limit no window reaches) and audited.
+a miss, counted against the key (under a limit no window reaches) and audited. ``--beside miss:16`` sends
+that load to the same server during each window (to the echo during the echo's) and reports its calls/s too:
+what a key that guesses takes from the gateways' calls.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ async def measure(args: argparse.Namespace) -> None:
             stack.enter_context(checked_out(args.after, Path(tmp) / "after-tree")) if args.after else ROOT
         )
         servers: dict[str, tuple[Process, str, Requests]] = {}
+        loads = dict.fromkeys([args.rpc, *([args.beside[0]] if args.beside else [])])
+        flags = [flag for rpc in loads for flag in FLAGS.get(rpc, [])]
         for name, tree in trees.items():
             url = (
                 stack.enter_context(scratch_postgres_database(args.postgres, f"posguard_ab_{name}"))
@@ -108,33 +112,60 @@ async def measure(args: argparse.Namespace) -> None:
                     Path(tmp) / name,
                     url,
                     "--no-console-enabled",
-                    *FLAGS.get(args.rpc, []),
+                    *flags,
                     env=_code_of(tree),
                 )
             )
             requests = Requests()
             requests.numbers = await fetch_numbers(process.port, token, requests.refs)
-            if args.rpc in ("redeem", "code"):
+            if {"redeem", "code"} & loads.keys():
                 requests.secrets = await enroll(process.port, token, requests.numbers)
             servers[name] = (process, token, requests)
         first, first_token, first_requests = servers["before"]
         baseline = stack.enter_context(echo(await _reply_size(first, first_token, first_requests)))
+        answered = ANSWERED.get(args.rpc, grpc.StatusCode.OK)
+
+        async def window(
+            process: Process, token: str, requests: Requests, inflight: int
+        ) -> tuple[Window, Window | None]:
+            """A window of ``args.rpc``, and of the ``--beside`` load sent at the same time (None: none)."""
+            target = ECHO if process is baseline else method
+            measured = unary_window(
+                process, target, token, requests_of(requests)(need), inflight, args.seconds, answered=answered
+            )
+            if args.beside is None:
+                return await measured, None
+            rpc, beside_inflight = args.beside
+            beside_method, beside_of = RPCS[rpc]
+            beside = unary_window(
+                process,
+                ECHO if process is baseline else beside_method,
+                token,
+                beside_of(requests)(need),
+                beside_inflight,
+                args.seconds,
+                answered=ANSWERED.get(rpc, grpc.StatusCode.OK),
+            )
+            return await asyncio.gather(measured, beside)
+
         for inflight in args.inflight:
             echoed: list[Window] = []
             measured: dict[str, list[Window]] = {name: [] for name in servers}
+            besides: dict[str, list[Window]] = {name: [] for name in servers}
             for _ in range(args.repeats):
                 # The echo checks no key and answers any bytes: the first server's requests will do.
-                batch = requests_of(first_requests)(need)
-                echoed.append(await unary_window(baseline, ECHO, first_token, batch, inflight, args.seconds))
-                answered = ANSWERED.get(args.rpc, grpc.StatusCode.OK)
+                echoed.append((await window(baseline, first_token, first_requests, inflight))[0])
                 for name, (process, token, requests) in servers.items():
-                    batch = requests_of(requests)(need)
-                    measured[name].append(
-                        await unary_window(
-                            process, method, token, batch, inflight, args.seconds, answered=answered
-                        )
-                    )
+                    ours, beside = await window(process, token, requests, inflight)
+                    measured[name].append(ours)
+                    if beside is not None:
+                        besides[name].append(beside)
             _report(args.rpc, inflight, echoed, measured)
+            if args.beside is not None:
+                for name, windows in besides.items():
+                    rates = ", ".join(f"{w.rate:,.0f}" for w in windows)
+                    rpc, beside_inflight = args.beside
+                    print(f"  beside it, {rpc} at {beside_inflight} in flight, {name}: calls/s {rates}")
 
 
 def _report(rpc: str, inflight: int, echoed: list[Window], measured: dict[str, list[Window]]) -> None:
@@ -158,6 +189,13 @@ def _report(rpc: str, inflight: int, echoed: list[Window], measured: dict[str, l
         print(f"  {line(name, windows)}; ratio to the echo {ratio:.3f}")
 
 
+def _beside(text: str) -> tuple[str, int]:
+    rpc, _, inflight = text.partition(":")
+    if rpc not in RPCS or not inflight.isdigit() or int(inflight) < 1:
+        raise argparse.ArgumentTypeError(f"expected RPC:INFLIGHT with RPC one of {', '.join(sorted(RPCS))}")
+    return rpc, int(inflight)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +205,12 @@ def main() -> None:
     parser.add_argument("--after", help="the other revision (default: this working tree)")
     parser.add_argument("--rpc", choices=sorted(RPCS), default="verify")
     parser.add_argument("--postgres", help="PostgreSQL server URL; each revision gets a fresh database")
+    parser.add_argument(
+        "--beside",
+        type=_beside,
+        help="RPC:INFLIGHT, e.g. miss:16: that load sent to the same server during each window (to the echo "
+        "during the echo's), to see what it takes from --rpc",
+    )
     asyncio.run(measure(parser.parse_args()))
 
 
