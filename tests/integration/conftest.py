@@ -210,16 +210,23 @@ def serve_process() -> Iterator[ServeProcess]:
 
 
 def start_replicas(
-    database_url: str, tmp_path: Path, cli: Cli, serve_process: ServeProcess, processes: int
+    database_url: str,
+    tmp_path: Path,
+    cli: Cli,
+    serve_process: ServeProcess,
+    processes: int,
+    settings: dict[str, str] | None = None,
 ) -> tuple[str, list[int]]:
     """``processes`` servers on one database, as an operator runs replicas: a gateway key and their ports.
 
     The replicas share one key ring, handed to each as an operator would (from a secret store).
+    ``settings``: more of their environment (``POSGUARD_…``).
     """
     load_or_create(tmp_path / "keys.json")
     env = {
         "POSGUARD_DATABASE_URL": database_url,
         "POSGUARD_NUMBER_KEYS": (tmp_path / "keys.json").read_text(),
+        **(settings or {}),
     }
     assert cli("db", "upgrade", env=env).returncode == 0
     created = cli("--data-dir", str(tmp_path), "keys", "create", "--role", "gateway", env=env)

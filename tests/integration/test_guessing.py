@@ -3,9 +3,9 @@
 A miss is a number, external id, customer id or dynamic code that names nobody. Each RPC below is sent
 never-issued values until the key's limit; each miss is answered (NOT_FOUND, or the RPC's own "not valid")
 and audited, the key is then refused on every RPC that names a customer, even for a customer that exists,
-and another key is not. Concurrent misses of one key never get past the limit. Wrong codes against one
-enrolment are limited over all keys together (the per-target limit), and misses across all keys that spike
-are reported.
+and another key is not. Concurrent misses of one key never get past the limit, at one server process or
+two, and count even when their callers leave before the answer. Wrong codes against one enrolment are
+limited over all keys together (the per-target limit), and misses across all keys that spike are reported.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.migrate import upgrade
 
+from .conftest import start_replicas
+
 if TYPE_CHECKING:
-    from .conftest import RunningServer
+    from pathlib import Path
+
+    from .conftest import Cli, RunningServer, ServeProcess
 
 C = customer_ids_pb2
 R = risk_pb2
@@ -380,6 +384,45 @@ def test_concurrent_misses_of_one_key_never_get_past_the_limit(
     assert codes.count(grpc.StatusCode.NOT_FOUND) == limit  # answered: exactly the limit, no more
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 64 - limit
     assert len([e for e in _audited(server, key_id) if e.action == "lookup.missed"]) == limit
+
+
+def test_concurrent_misses_of_one_key_at_two_server_processes_never_get_past_the_limit(
+    database_url: str, tmp_path: Path, cli: Cli, serve_process: ServeProcess
+) -> None:
+    """The count is the database's: two replicas, each batching its own misses, answer the limit in all."""
+    limit, processes, threads, misses = 20, 2, 8, 4
+    settings = {"POSGUARD_FAILURE_LIMIT": str(limit), "POSGUARD_GUESS_SPIKE_LIMIT": "0"}
+    token, ports = start_replicas(database_url, tmp_path, cli, serve_process, processes, settings)
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    start = threading.Barrier(processes * threads)
+
+    def guess(port: int, worker: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = customer_ids_pb2_grpc.CustomerIdsStub(channel)
+            metadata = (("authorization", f"Bearer {token}"),)
+            start.wait()
+            for n in range(misses):
+                request = C.ResolveExternalIdRequest(external_id=_external(worker * 10 + n))
+                try:
+                    stub.ResolveExternalId(request, metadata=metadata, timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as error:
+                    code = error.code()
+                with lock:
+                    codes.append(code)
+
+    workers = [
+        threading.Thread(target=guess, args=(port, p * threads + t))
+        for p, port in enumerate(ports)
+        for t in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert codes.count(grpc.StatusCode.NOT_FOUND) == limit  # answered: exactly the limit, no more
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == processes * threads * misses - limit
 
 
 def _wrong_code(secret: str) -> str:
