@@ -543,11 +543,8 @@ def allocate_numbers(connection: Runs, wanted: Sequence[tuple[str, MakeNumber]])
     """
     found: dict[int, Allocated] = {}
     pending = list(range(len(wanted)))
-    if pending:
-        prefixes = sorted({prefix for prefix, _ in wanted})
-        connection.execute(
-            _add_counters(connection.dialect.name), [{"prefix": p, "next_value": 0} for p in prefixes]
-        )
+    # A prefix's counters row is made on its first use, with the first round's statements.
+    add_counters = [{"prefix": p, "next_value": 0} for p in sorted({prefix for prefix, _ in wanted})]
     while pending:
         by_prefix: dict[str, list[int]] = {}
         for slot in pending:
@@ -555,6 +552,9 @@ def allocate_numbers(connection: Runs, wanted: Sequence[tuple[str, MakeNumber]])
         made: dict[int, Allocated] = {}
         taken = sorted(by_prefix.items())
         with _together(connection):
+            if add_counters:
+                connection.execute(_add_counters(connection.dialect.name), add_counters)
+                add_counters = []
             for prefix, slots in taken:
                 connection.execute(_TAKE_COUNTERS, {"b_prefix": prefix, "b_count": len(slots)})
             next_values = [connection.execute(_NEXT_VALUE, {"b_prefix": prefix}) for prefix, _ in taken]
