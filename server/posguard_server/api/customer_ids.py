@@ -244,8 +244,8 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
                 channel=messages.CHANNEL_NAMES.get(request.channel, ""),
             )
         answer = None
-        # A number read as not valid on the event loop is counted even if its caller leaves before the count
-        # is written: a valid one was answered at once, so a DEADLINE_EXCEEDED would tell it a guess.
+        # A number the event loop's read found not valid is decided, counted and audited even if its caller
+        # leaves first: a valid one was answered at once, so a DEADLINE_EXCEEDED would tell the caller.
         guessed = False
         if presented.problem is None and self._local_reads is not None:
             read = self._local_reads.verdicts((presented,))[0]

@@ -8,14 +8,15 @@ ends with. With a million customers and 10^8 serials per prefix, about one guess
 so each RPC that answers differently for "exists" and "does not" must count.
 
 The count lives in the database (``caller_failures``), shared by every server process; which keys are
-refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. Misses
-are counted on the database's writer, the misses that arrive together in one transaction, and a miss is
-counted even when its caller gives up before the count is written: a miss is answered only once counted, so
-a caller whose deadline is shorter than that wait would otherwise learn from its DEADLINE_EXCEEDED that it
-guessed, uncounted. A process
+refused right now lives here, so the check on the hot path costs a dictionary lookup and no query. A process
 learns that a key is refused from the misses it records: a key refused elsewhere gets its next miss refused,
 uncounted. Misses across all keys are also watched for a spike (a metric and an audit event): many keys
 guessing slowly stay under each key's limit, not under this one.
+
+Misses are counted on the database's writer, those that arrive together in one transaction, and a miss is
+counted even when its caller gives up before the count is written: a miss is answered only once counted, so
+a caller whose deadline is shorter than that wait would otherwise learn from its DEADLINE_EXCEEDED that it
+guessed, uncounted.
 """
 
 from __future__ import annotations
