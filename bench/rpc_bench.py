@@ -1,7 +1,7 @@
 """posguard's RPCs against the gRPC ceiling, measured in the same run on the same machine.
 
     .venv/bin/python bench/rpc_bench.py [--seconds 5] [--repeats 3] [--inflight 1,8,64] [--postgres URL]
-        [--only score,stream,verify,redeem,issue,code,resolve] [--py-spy DIR [--py-spy-gil]] [--rules N]
+        [--only score,stream,verify,redeem,issue,code,resolve,miss] [--py-spy DIR [--py-spy-gil]] [--rules N]
         [--rules-firing K]
 
 Sets up a server the way an operator would (import the sample history, train, create a gateway key), starts it
@@ -11,12 +11,14 @@ calls in flight for ``--seconds``, requests serialised in advance and replies le
 costs the same for both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median
 over ``--repeats`` windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured
 in the same run. ``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database.
-``--only`` measures some of the RPCs. ``--rules N`` measures ScoreTransaction on SQLite without rules and with
-``N`` active rules (``bench_rules``: every kind of variable, with thresholds the benchmark's traffic does not
-reach; ``--rules-firing K`` lowers the thresholds of K velocity rules and K rules on the model's score to what
-it reaches), alternating window by window on one server in ABBA order, and reports the server CPU per call of
-each, their ratio, the median and quartiles of the ratios of neighbouring windows, and the share of answers a
-rule fired on (every 20th answer of the windows with rules). ``--py-spy DIR`` records each posguard server
+``--only`` measures some of the RPCs (``miss``, not measured by default: ResolveExternalId of external ids
+nobody was linked to, each a miss counted against the key under a limit no window reaches, and audited).
+``--rules N`` measures ScoreTransaction on SQLite without rules and with ``N`` active rules (``bench_rules``:
+every kind of variable, with thresholds the benchmark's traffic does not reach; ``--rules-firing K`` lowers
+the thresholds of K velocity rules and K rules on the model's score to what it reaches), alternating window
+by window on one server in ABBA order, and reports the server CPU per call of each, their ratio, the median
+and quartiles of the ratios of neighbouring windows, and the share of answers a rule fired on (every 20th
+answer of the windows with rules). ``--py-spy DIR`` records each posguard server
 under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``; with ``--py-spy-gil``, only the thread holding the interpreter lock, which is where
 the CPU of a server bound by that lock goes. Linux only (server CPU is read from /proc).
@@ -635,20 +637,27 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
         baseline: Process,
         token: str,
         make: MakeRequests,
+        answered: grpc.StatusCode = grpc.StatusCode.OK,
     ) -> None:
         for inflight in args.inflight:
             base, ours = [], []
             for _ in range(args.repeats):
                 batch = make(need)
                 base.append(await unary_window(baseline, ECHO, token, batch, inflight, args.seconds))
-                ours.append(await unary_window(server, method, token, batch, inflight, args.seconds))
+                ours.append(
+                    await unary_window(
+                        server, method, token, batch, inflight, args.seconds, answered=answered
+                    )
+                )
             rows.append(row(rpc, storage, str(inflight), base, ours))
             _progress(rows[-1])
 
     with tempfile.TemporaryDirectory(prefix="posguard-bench-") as tmp:
         fsync = fsync_ms(Path(tmp))
         sqlite_profile = args.py_spy / "sqlite.txt" if args.py_spy else None
-        with posguard(Path(tmp) / "sqlite", None, profile=sqlite_profile) as (server, token):
+        # Misses: a limit no window reaches, so that the key's misses are counted and never refused.
+        flags = ["--failure-limit", "1000000000"] if "miss" in args.only else []
+        with posguard(Path(tmp) / "sqlite", None, *flags, profile=sqlite_profile) as (server, token):
             requests.numbers = await fetch_numbers(server.port, token, requests.refs)
             with echo(await _reply_size(server, token, requests)) as baseline:
                 if "score" in args.only:
@@ -688,6 +697,17 @@ async def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, flo
                 if "resolve" in args.only:
                     await unary(
                         "ResolveExternalId", "SQLite", RESOLVE, server, baseline, token, requests.resolves
+                    )
+                if "miss" in args.only:
+                    await unary(
+                        "ResolveExternalId (misses)",
+                        "SQLite",
+                        RESOLVE,
+                        server,
+                        baseline,
+                        token,
+                        requests.misses,
+                        answered=grpc.StatusCode.NOT_FOUND,
                     )
         if args.postgres:
             pg_profile = args.py_spy / "postgresql.txt" if args.py_spy else None
@@ -801,8 +821,8 @@ def main() -> None:
         "--only",
         type=lambda s: set(s.split(",")),
         default={"score", "stream", "verify", "redeem", "code", "issue", "resolve"},
-        help="which SQLite measurements: score,stream,verify,redeem,code,issue,resolve (--postgres adds its "
-        "own)",
+        help="which SQLite measurements: score,stream,verify,redeem,code,issue,resolve,miss (by default all "
+        "but miss; --postgres adds its own)",
     )
     parser.add_argument(
         "--rules", type=int, default=0, help="also measure scoring with this many active rules (SQLite)"

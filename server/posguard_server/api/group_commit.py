@@ -168,8 +168,7 @@ class GroupCommit(Generic[_Item, _Result]):
         future = self._enqueue([item], detached=detached)[0]
         if detached:
             # A caller cancelled here leaves the future, and so its item, to the writer.
-            await asyncio.wait([future])
-            return future.result()
+            return await asyncio.shield(future)
         # A caller cancelled while waiting cancels its future; the writer then skips or drops it.
         return await future
 
