@@ -115,6 +115,24 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others(detached: bool, batc
     assert runner.batches == batches
 
 
+def test_then_takes_each_result_even_when_its_caller_has_left() -> None:
+    runner = Recorder()
+    seen: list[str] = []
+
+    async def run() -> list[str | BaseException]:
+        commits = GroupCommit(runner, limit=8)
+        leaving = asyncio.create_task(commits.submit("a", detached=True, then=seen.append))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        failed = await asyncio.gather(commits.submit("bad", then=seen.append), return_exceptions=True)
+        await commits.submit("c", then=seen.append)
+        return list(failed)
+
+    [failed] = asyncio.run(run())
+    assert isinstance(failed, ValueError)
+    assert seen == ["A", "C"]  # not called for an exception
+
+
 def test_a_caller_that_gives_up_during_its_commit_is_still_stored() -> None:
     runner = Recorder()
 

@@ -254,8 +254,8 @@ class CustomerIdsServicer(DynamicCodesRpcs, customer_ids_pb2_grpc.CustomerIdsSer
                 await self._verified.post(Verified(presented.number, now))
             guessed = read is not None and read.verdict is not Verdict.OK
         if answer is None:  # decided again, counted and audited, durably, before the answer
-            answer = await self._verifications.submit(presented, detached=guessed)
-        self._guard.refuse(caller, answer.refused_until)
+            learns = self._guard.learns(caller)
+            answer = await self._verifications.submit(presented, detached=guessed, then=learns)
         if answer.refused:
             assert answer.refused_until is not None
             raise refusal(answer.refused_until, _now())

@@ -16,7 +16,9 @@ guessing slowly stay under each key's limit, not under this one.
 Misses are counted on the database's writer, those that arrive together in one transaction, and a miss is
 counted even when its caller gives up before the count is written: a miss is answered only once counted, so
 a caller whose deadline is shorter than that wait would otherwise learn from its DEADLINE_EXCEEDED that it
-guessed, uncounted.
+guessed, uncounted. For the same reason the refusal a count ends in is learned here whether or not its caller
+waited (``FailureGuard.learns``): otherwise a key past its limit whose callers never wait would still have
+its hits answered, and could go on telling them from misses by the delay.
 """
 
 from __future__ import annotations
@@ -90,14 +92,22 @@ class FailureGuard:
         if until is not None:
             self._refused_until[caller] = until
 
+    def learns(self, caller: str) -> Callable[[GuessCounted], None]:
+        """What takes a counted guess of ``caller`` (a miss, a verification) and refuses it if it must be.
+
+        Handed to the writer with the guess (``GroupCommit.submit(then=…)``), so that a key past its limit is
+        refused here even when the caller of the guess that reached the limit did not wait for its answer.
+        """
+        return lambda counted: self.refuse(caller, counted.refused_until)
+
     async def missed(self, caller: str, method: str, error: NotFound) -> PosguardError:
         """Count the miss a call of ``method`` is about to answer with ``error``; returns what to answer.
 
         That is ``error``, or the refusal when another process refused the caller already (then the miss
         is not counted, and the caller does not learn that the customer does not exist).
         """
-        miss = await self._misses.submit(Missed(caller, method, error.reason), detached=True)
-        self.refuse(caller, miss.refused_until)
+        missed = Missed(caller, method, error.reason)
+        miss = await self._misses.submit(missed, detached=True, then=self.learns(caller))
         if miss.refused:
             assert miss.refused_until is not None
             return refusal(miss.refused_until, _now())
@@ -138,6 +148,13 @@ def refusal(until: datetime, now: datetime) -> ResourceExhausted:
         message="too many calls naming customers that do not exist from this key",
         reason="TOO_MANY_FAILURES",
     )
+
+
+class GuessCounted(Protocol):
+    """A guess as counted: when its caller is refused until (None: not refused)."""
+
+    @property
+    def refused_until(self) -> datetime | None: ...
 
 
 class _Guarded(Protocol):

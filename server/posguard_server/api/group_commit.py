@@ -158,14 +158,19 @@ class GroupCommit(Generic[_Item, _Result]):
         self._writers = writers if writers is not None else Writers(workers, name=name)
         self._arriving: list[_Entry[_Item, _Result]] = []
 
-    async def submit(self, item: _Item, *, detached: bool = False) -> _Result:
+    async def submit(
+        self, item: _Item, *, detached: bool = False, then: Callable[[_Result], object] | None = None
+    ) -> _Result:
         """The result for ``item``, once its batch has committed; its exception if it was refused.
 
         ``detached``: the item is written whatever its caller does meanwhile, neither under the caller's
         deadline nor taken out when the caller leaves. For what must be written even for a caller that gives
-        up on the answer: a guess's count (see ``api.enumeration``).
+        up on the answer: a guess's count (see ``api.enumeration``). ``then`` is called with the result, on
+        the event loop, whether or not the caller still waits for it (not for an exception).
         """
         future = self._enqueue([item], detached=detached)[0]
+        if then is not None:
+            future.add_done_callback(functools.partial(_then, then))
         if detached:
             # A caller cancelled here leaves the future, and so its item, to the writer.
             return await asyncio.shield(future)
@@ -336,6 +341,11 @@ def _deliver(answers: list[_Answer[_Result]]) -> None:
             future.set_exception(result)
         else:
             future.set_result(result)
+
+
+def _then(then: Callable[[_T], object], future: asyncio.Future[_T]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        then(future.result())
 
 
 def _outcome(future: asyncio.Future[_T]) -> _T | Exception:
