@@ -209,9 +209,10 @@ class DynamicCodesRpcs:
                 ),
                 now=now,
                 now_step=time_step(now),
-            )
+            ),
+            # A refusal this batch ends in is learned even if the caller left while the batch ran.
+            then=self._guard.learns(caller),
         )
-        self._guard.refuse(caller, redeemed.refused_until)
         answer = redeemed.answer
         if answer is None:
             assert redeemed.refused_until is not None

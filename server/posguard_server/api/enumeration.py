@@ -87,18 +87,19 @@ class FailureGuard:
             return
         raise refusal(until, now)
 
-    def refuse(self, caller: str, until: datetime | None) -> None:
-        """Refuse ``caller`` until ``until`` (what recording its failure returned; None: not refused)."""
-        if until is not None:
-            self._refused_until[caller] = until
-
     def learns(self, caller: str) -> Callable[[GuessCounted], None]:
-        """What takes a counted guess of ``caller`` (a miss, a verification) and refuses it if it must be.
+        """What takes a counted guess of ``caller`` (a miss, a verification, a redemption) and refuses the
+        caller here until the count says (if it does).
 
         Handed to the writer with the guess (``GroupCommit.submit(then=…)``), so that a key past its limit is
         refused here even when the caller of the guess that reached the limit did not wait for its answer.
         """
-        return lambda counted: self.refuse(caller, counted.refused_until)
+
+        def learn(counted: GuessCounted) -> None:
+            if counted.refused_until is not None:
+                self._refused_until[caller] = counted.refused_until
+
+        return learn
 
     async def missed(self, caller: str, method: str, error: NotFound) -> PosguardError:
         """Count the miss a call of ``method`` is about to answer with ``error``; returns what to answer.
