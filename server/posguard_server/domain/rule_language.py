@@ -24,6 +24,7 @@ to ``eval``: each node of the parsed tree becomes a Python closure over constant
 from __future__ import annotations
 
 import enum
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,7 +103,13 @@ STRING: /"(?:[^"\\\n]|\\.)*"/ | /'(?:[^'\\\n]|\\.)*'/
 %ignore /[ \t\r\n]+/
 """
 
-_PARSER: Final = Lark(_GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+@functools.cache
+def _parser() -> Lark:
+    """The rule parser, built on first use: building its tables takes about 0.1 s, which every process that
+    imports this module (each command of ``posguard-server``) paid at start-up, rules or not."""
+    return Lark(_GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
 
 # A compiled condition takes the facts (variable name → value) and says whether the rule fires.
 Facts = Mapping[str, Any]
@@ -144,7 +151,7 @@ def compile_condition(source: str) -> Compiled:
     if len(source) > MAX_EXPRESSION_LENGTH:
         raise RuleSyntaxError(f"the condition is longer than {MAX_EXPRESSION_LENGTH} characters", 1, 1)
     try:
-        tree = _PARSER.parse(source)
+        tree = _parser().parse(source)
     except UnexpectedInput as error:
         raise _syntax_error(error, source) from None
     compiler = _Compiler()
