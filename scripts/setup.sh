@@ -13,4 +13,4 @@ else
   bash scripts/uv.sh sync --locked --quiet --no-dev --compile-bytecode
 fi
 # posguard's own packages are installed in place (editable), so uv leaves them to this.
-.venv/bin/python -m compileall -q -j 0 clients/posguard server/posguard_server models/posguard_models > /dev/null
+.venv/bin/python -m compileall -q -j 0 clients/posguard server/posguard_server models/posguard_models
