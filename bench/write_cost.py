@@ -1,4 +1,5 @@
-"""What one scored transaction costs the database: round trips, batch sizes and bytes, for docs/capacity.md.
+"""What one scored transaction costs the database, and where the writer's time goes: round trips, batch sizes,
+bytes and CPU, for docs/capacity.md and the README.
 
     .venv/bin/python bench/write_cost.py [--modes 1:200,64:3000] [--postgres URL]
 
@@ -22,7 +23,16 @@ count of calls into the library). On PostgreSQL they are the waits for the serve
 alone, each block of statements sent together (``DriverConnection.together``, psycopg's pipeline mode; a
 result read inside the block adds one; a unit's BEGIN goes with its first statement, in a block of its own
 when that statement is not in one), and COMMIT. Prints markdown tables: round trips per
-mode, bytes per mode, and the statements of an average batch by kind.
+mode, bytes per mode, the statements of an average batch by kind, and where a call's time goes.
+
+Where the time goes: the writer thread's CPU inside ``score_many`` (``time.thread_time()``), split into the
+calls into the driver (the unit's start, each statement's ``execute`` and, on PostgreSQL, the end of each
+block sent together and each wait for a result inside one, where the block is sent and its results read),
+the end of the unit (COMMIT and its sync to disk), and the rest: posguard's own Python and numpy (features,
+forests, reasons, rows). The driver's calls and the end are also given in wall time: the drivers let go of
+the interpreter lock while the database works, and taking it back beside a busy event loop is part of that
+wall time. The process's CPU beyond the writer's is the event loop's (gRPC, the pipeline, the servicer) and
+the other threads'.
 """
 
 from __future__ import annotations
@@ -80,6 +90,12 @@ class Counts:
     other_statements: int = 0  # outside score_many: authentication, the model generation, ...
     waits: int = 0  # PostgreSQL: round trips of the units inside score_many (see the module's docstring)
     kinds: Counter[str] = field(default_factory=Counter)
+    # Seconds inside score_many: the writer's CPU, and of it the driver's statements and the unit's end.
+    writer_cpu: float = 0.0
+    statements_cpu: float = 0.0
+    statements_wall: float = 0.0
+    end_cpu: float = 0.0
+    end_wall: float = 0.0
 
 
 class Hooks:
@@ -117,6 +133,16 @@ class Hooks:
         event.listen(engine, "before_cursor_execute", execute)
         event.listen(engine, "commit", commit)
         event.listen(engine, "rollback", rollback)
+
+    def _spent(self, part: str, cpu: float, wall: float) -> None:
+        """Add the thread's CPU and the wall time since ``cpu`` and ``wall`` to ``part`` of a batch's time."""
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        if not self._in_batch():
+            return
+        with self._lock:
+            c = self.counts
+            setattr(c, f"{part}_cpu", getattr(c, f"{part}_cpu") + cpu)
+            setattr(c, f"{part}_wall", getattr(c, f"{part}_wall") + wall)
 
     def _count(self, statement: str, parameter_sets: int | None) -> None:
         """One statement sent; ``parameter_sets`` None for a single execution, else an executemany's."""
@@ -172,7 +198,11 @@ class Hooks:
                     wait()
                 else:
                     blocked.append(statement)
-            return execute(connection, statement, parameters)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                return execute(connection, statement, parameters)
+            finally:
+                self._spent("statements", cpu, wall)
 
         @contextmanager
         def counted_together(connection: DriverConnection) -> Iterator[None]:
@@ -181,17 +211,25 @@ class Hooks:
                     yield
                 return
             local.block = []
+            ended: tuple[float, float] | None = None
             try:
                 with together(connection):
                     yield
+                    ended = time.thread_time(), time.perf_counter()  # from here: the block sent, results read
             finally:
+                if ended is not None:
+                    self._spent("statements", *ended)
                 sent, local.block = local.block, None
                 if sent and connection.dialect.name == "postgresql":
                     wait()
 
         def counted_wait_for(connection: DriverConnection, batch: int) -> None:
             before = getattr(connection, "_batch")  # noqa: B009 (the driver's own count of syncs)
-            wait_for(connection, batch)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                wait_for(connection, batch)  # a result asked for inside its block: the block sent and read
+            finally:
+                self._spent("statements", cpu, wall)
             if getattr(connection, "_batch") != before:  # noqa: B009
                 wait()
 
@@ -201,11 +239,17 @@ class Hooks:
                 self._count("BEGIN IMMEDIATE", None)  # a statement there; psycopg's BEGIN is counted apart
             committed = False
             local.begun = False
+            ended: tuple[float, float] | None = None
             try:
+                begun = time.thread_time(), time.perf_counter()
                 with unit(database) as connection:
+                    self._spent("statements", *begun)  # the unit's start: BEGIN, on PostgreSQL a checkout
                     yield connection
+                    ended = time.thread_time(), time.perf_counter()  # what runs from here is the unit's end
                 committed = True
             finally:
+                if ended is not None:
+                    self._spent("end", *ended)
                 if database.dialect != "sqlite":
                     wait()  # COMMIT or ROLLBACK
                 if self._in_batch():
@@ -227,6 +271,7 @@ class Hooks:
 
         def score_many(service: ScoringService, calls: Sequence[ScoreCall]) -> list[Scoring]:
             self._local.in_batch = True
+            cpu = time.thread_time()
             try:
                 return original(service, calls)
             finally:
@@ -234,6 +279,7 @@ class Hooks:
                 with self._lock:
                     self.counts.batches += 1
                     self.counts.batch_calls += len(calls)
+                    self.counts.writer_cpu += time.thread_time() - cpu
 
         setattr(ScoringService, "score_many", score_many)  # noqa: B010 (mypy forbids assigning a method)
 
@@ -491,6 +537,10 @@ def _per(value: float, count: int) -> str:
     return f"{value / count:,.2f}" if count else "—"
 
 
+def _ms(seconds: float, count: int) -> str:
+    return f"{1000 * seconds / count:.3f}" if count else "—"
+
+
 def _bytes(value: int, count: int) -> str:
     return f"{value / count:,.0f}" if count else "—"
 
@@ -531,6 +581,21 @@ def markdown(modes: list[Mode]) -> str:
                 f"| {_bytes(m.wal_bytes, n)} |"
             )
         lines.append(f"| {m.storage} | {m.inflight} | {n:,} {sizes}")
+    lines += [
+        "",
+        "| storage | in flight | server CPU ms/call | writer CPU ms/call | of it: statements (CPU / wall) "
+        "| the unit's end (CPU / wall) | the rest: posguard's Python and numpy | outside the writer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in modes:
+        c, calls = m.counts, int(m.client["calls"])
+        rest = c.writer_cpu - c.statements_cpu - c.end_cpu
+        lines.append(
+            f"| {m.storage} | {m.inflight} | {_ms(m.cpu_seconds, calls)} | {_ms(c.writer_cpu, calls)} "
+            f"| {_ms(c.statements_cpu, calls)} / {_ms(c.statements_wall, calls)} "
+            f"| {_ms(c.end_cpu, calls)} / {_ms(c.end_wall, calls)} | {_ms(rest, calls)} "
+            f"| {_ms(m.cpu_seconds - c.writer_cpu, calls)} |"
+        )
     kinds = sorted({kind for m in modes for kind in m.counts.kinds})
     lines += [
         "",
