@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,12 +90,10 @@ class Counts:
     other_statements: int = 0  # outside score_many: authentication, the model generation, ...
     waits: int = 0  # PostgreSQL: round trips of the units inside score_many (see the module's docstring)
     kinds: Counter[str] = field(default_factory=Counter)
-    # Seconds inside score_many: the writer's CPU, and of it the driver's statements and the unit's end.
+    # Seconds inside score_many: the writer's CPU, and by part of it ("statements", "end") CPU and wall time.
     writer_cpu: float = 0.0
-    statements_cpu: float = 0.0
-    statements_wall: float = 0.0
-    end_cpu: float = 0.0
-    end_wall: float = 0.0
+    cpu: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    wall: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 class Hooks:
@@ -140,9 +138,8 @@ class Hooks:
         if not self._in_batch():
             return
         with self._lock:
-            c = self.counts
-            setattr(c, f"{part}_cpu", getattr(c, f"{part}_cpu") + cpu)
-            setattr(c, f"{part}_wall", getattr(c, f"{part}_wall") + wall)
+            self.counts.cpu[part] += cpu
+            self.counts.wall[part] += wall
 
     def _count(self, statement: str, parameter_sets: int | None) -> None:
         """One statement sent; ``parameter_sets`` None for a single execution, else an executemany's."""
@@ -583,17 +580,19 @@ def markdown(modes: list[Mode]) -> str:
         lines.append(f"| {m.storage} | {m.inflight} | {n:,} {sizes}")
     lines += [
         "",
-        "| storage | in flight | server CPU ms/call | writer CPU ms/call | of it: statements (CPU / wall) "
-        "| the unit's end (CPU / wall) | the rest: posguard's Python and numpy | outside the writer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| storage | in flight | calls/s | server CPU ms/call | writer CPU ms/call "
+        "| of it: the driver's calls (CPU / wall) | the unit's end (CPU / wall) | the rest of the writer "
+        "| outside the writer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in modes:
         c, calls = m.counts, int(m.client["calls"])
-        rest = c.writer_cpu - c.statements_cpu - c.end_cpu
+        rest = c.writer_cpu - c.cpu["statements"] - c.cpu["end"]
         lines.append(
-            f"| {m.storage} | {m.inflight} | {_ms(m.cpu_seconds, calls)} | {_ms(c.writer_cpu, calls)} "
-            f"| {_ms(c.statements_cpu, calls)} / {_ms(c.statements_wall, calls)} "
-            f"| {_ms(c.end_cpu, calls)} / {_ms(c.end_wall, calls)} | {_ms(rest, calls)} "
+            f"| {m.storage} | {m.inflight} | {calls / m.client['seconds']:,.0f} "
+            f"| {_ms(m.cpu_seconds, calls)} | {_ms(c.writer_cpu, calls)} "
+            f"| {_ms(c.cpu['statements'], calls)} / {_ms(c.wall['statements'], calls)} "
+            f"| {_ms(c.cpu['end'], calls)} / {_ms(c.wall['end'], calls)} | {_ms(rest, calls)} "
             f"| {_ms(m.cpu_seconds - c.writer_cpu, calls)} |"
         )
     kinds = sorted({kind for m in modes for kind in m.counts.kinds})
