@@ -331,6 +331,25 @@ def test_the_event_loop_read_decides_as_the_write_transaction_does(server: Runni
     ]
 
 
+def test_an_event_loop_read_takes_a_transaction_only_for_a_sub_number(server: RunningServer) -> None:
+    """One statement is one snapshot: a primary number is read alone, without BEGIN and COMMIT around it;
+    an active sub number is read again with its primary, both in one read transaction."""
+    with posguard.Client(server.target, api_key=server.key("admin")) as admin:
+        primary = admin.issue_customer_id().customer.primary.number
+        sub = admin.issue_sub_id(request_id="s-1", primary_number=primary).sub_number.number
+    reads = LocalReads(server.server.database)
+    statements: list[str] = []
+    reads._connection.set_trace_callback(statements.append)
+    try:
+        assert [a.verdict for a in reads.verdicts([Presented(primary, "k1")])] == [Verdict.OK]
+        assert [s.split()[0] for s in statements] == ["SELECT"]
+        statements.clear()
+        assert [a.verdict for a in reads.verdicts([Presented(sub, "k1")])] == [Verdict.OK]
+        assert [s.split()[0] for s in statements] == ["SELECT", "BEGIN", "SELECT", "SELECT", "COMMIT"]
+    finally:
+        reads.close()
+
+
 def test_an_event_loop_read_that_fails_gives_way_to_the_write_path(tmp_path: Path) -> None:
     """A read the driver refuses (a database without the table) answers None, for verify_many to decide."""
     database = Database(f"sqlite:///{tmp_path / 'empty.db'}")

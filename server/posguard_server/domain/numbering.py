@@ -7,7 +7,7 @@ with each number, so a key rotation never invalidates numbers already issued (ve
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.domain.keyring import KeyRing
@@ -17,9 +17,11 @@ from posguard_server.domain.numbers import NumberError, NumberProblem, ParsedNum
 _TELLING = {NumberProblem.MALFORMED: 0, NumberProblem.UNKNOWN_ISSUER: 1, NumberProblem.CHECK_DIGITS: 2}
 
 
-@dataclass(frozen=True, slots=True)
-class Recognised:
-    """A presented number matched to its scheme, or the problem that stopped it."""
+class Recognised(NamedTuple):
+    """A presented number matched to its scheme, or the problem that stopped it.
+
+    Made on every verification: a NamedTuple for the reason ``ParsedNumber`` is one.
+    """
 
     scheme: Scheme | None
     parsed: ParsedNumber | None

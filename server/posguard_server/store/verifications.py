@@ -22,7 +22,7 @@ import functools
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -53,9 +53,13 @@ METHOD = "VerifyCustomerId"
 FAILED = "verification.failed"  # the audit action
 
 
-@dataclass(frozen=True, slots=True)
-class Presented:
-    """One verification: the number in canonical form, or as typed when it is not a number (``problem``)."""
+class Presented(NamedTuple):
+    """One verification: the number in canonical form, or as typed when it is not a number (``problem``).
+
+    This and the other records of a verification are NamedTuples, not frozen dataclasses: as immutable, and
+    less than half the cost to make (0.33 µs against 0.74 for five fields), which a till's every
+    verification pays several times.
+    """
 
     number: str
     caller: str
@@ -64,8 +68,7 @@ class Presented:
     problem: Verdict | None = None  # MALFORMED, UNKNOWN_ISSUER or CHECK_DIGITS
 
 
-@dataclass(frozen=True, slots=True)
-class Verification:
+class Verification(NamedTuple):
     """A verdict with the number it was read from (None when not found), or a refusal.
 
     ``refused_until`` is set when the caller is refused: by this verification's failure reaching its limit
@@ -79,8 +82,7 @@ class Verification:
     refused: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
+class Verified(NamedTuple):
     """A successful verification, answered already, whose number's counters are still to be moved."""
 
     number: str
@@ -242,25 +244,32 @@ _Found = dict[str, tuple[CustomerNumber, str]]
 
 
 def _verdicts(connection: Runs, items: Sequence[Presented]) -> list[Verification]:
-    return _decide(
-        items,
-        lambda numbers: numbers_in(connection, numbers),
-        lambda customers: primaries_in(connection, customers),
-    )
+    found = numbers_in(connection, _wanted(items))
+    return _decide(items, found, lambda customers: primaries_in(connection, customers))
 
 
-def _decide(
-    items: Sequence[Presented],
-    numbers_in: Callable[[Collection[str]], _Found],
-    primaries_in: Callable[[Collection[str]], dict[str, CustomerNumber]],
-) -> list[Verification]:
-    found = numbers_in({item.number for item in items if item.problem is None})
-    subs = {
+def _wanted(items: Sequence[Presented]) -> set[str]:
+    """The numbers to read for ``items``: those that are numbers at all."""
+    return {item.number for item in items if item.problem is None}
+
+
+def _active_subs(found: _Found) -> set[str]:
+    """The customers of the active sub numbers ``found``: their verdicts need the customer's primary."""
+    return {
         customer_id
         for number, customer_id in found.values()
         if number.kind is NumberKind.SUB and number.status is NumberStatus.ACTIVE
     }
-    primaries = primaries_in(subs)
+
+
+def _decide(
+    items: Sequence[Presented],
+    found: _Found,
+    primaries_in: Callable[[Collection[str]], dict[str, CustomerNumber]],
+) -> list[Verification]:
+    """The verdicts on ``items`` from the numbers ``found`` and, for active sub numbers, their primaries."""
+    subs = _active_subs(found)
+    primaries = primaries_in(subs) if subs else {}
     answers: list[Verification] = []
     for item in items:
         stored = found.get(item.number) if item.problem is None else None
@@ -339,11 +348,18 @@ class LocalReads:
     def verdicts(self, items: Sequence[Presented]) -> list[Verification | None]:
         """One verdict per item, in order, from one snapshot; None for each when the read failed."""
         connection = self._connection
+        wanted = _wanted(items)
         try:
-            # One read transaction: a sub number and its primary are read as of the same moment.
+            # One statement reads one snapshot, in autocommit mode. Only an active sub number's verdict
+            # needs a second read, of its primary, as of the same moment: then both are read again, in one
+            # read transaction. A transaction for every call cost two statements more (BEGIN and COMMIT,
+            # about 12 µs of a verification's CPU in a server under load).
+            found = self._numbers(wanted)
+            if not _active_subs(found):
+                return list(_decide(items, found, self._primaries))
             connection.execute("BEGIN")
             try:
-                return list(_decide(items, self._numbers, self._primaries))
+                return list(_decide(items, self._numbers(wanted), self._primaries))
             finally:
                 connection.execute("COMMIT")
         except sqlite3.Error:
