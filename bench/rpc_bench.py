@@ -8,20 +8,21 @@ Sets up a server the way an operator would (import the sample history, train, cr
 and an echo server (``bench/echo_server.py``: the same gRPC stack on the same event loop, a handler that does
 nothing, replies of the size posguard sends), and measures each in turn with the same load generator: ``N``
 calls in flight for ``--seconds``, requests serialised in advance and replies left unparsed, so the client
-costs the same for both. Reports throughput, p50/p99 latency and the server's CPU per call, each the median
-over ``--repeats`` windows, with posguard's ratio to the echo baseline, and the disk's fsync latency measured
-in the same run. ``--postgres`` (a server URL) adds ScoreTransaction on a fresh PostgreSQL database.
-``--only`` measures some of the RPCs (``miss``, not measured by default: ResolveExternalId of external ids
-nobody was linked to, each a miss counted against the key under a limit no window reaches, and audited).
-``--rules N`` measures ScoreTransaction on SQLite without rules and with ``N`` active rules (``bench_rules``:
-every kind of variable, with thresholds the benchmark's traffic does not reach; ``--rules-firing K`` lowers
-the thresholds of K velocity rules and K rules on the model's score to what it reaches), alternating window
-by window on one server in ABBA order, and reports the server CPU per call of each, their ratio, the median
-and quartiles of the ratios of neighbouring windows, and the share of answers a rule fired on (every 20th
-answer of the windows with rules). ``--py-spy DIR`` records each posguard server
-under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
+costs the same for both. Reports throughput, p50/p99 latency, the server's CPU per call and the context
+switches of its threads per call (the kernel's count: a thread woken or made to wait, for the interpreter lock
+or a socket, is switched off its core), each the median over ``--repeats`` windows, with posguard's ratio to
+the echo baseline, and the disk's fsync latency measured in the same run. ``--postgres`` (a server URL) adds
+ScoreTransaction on a fresh PostgreSQL database. ``--only`` measures some of the RPCs (``miss``, not measured
+by default: ResolveExternalId of external ids nobody was linked to, each a miss counted against the key under
+a limit no window reaches, and audited). ``--rules N`` measures ScoreTransaction on SQLite without rules and
+with ``N`` active rules (``bench_rules``: every kind of variable, with thresholds the benchmark's traffic does
+not reach; ``--rules-firing K`` lowers the thresholds of K velocity rules and K rules on the model's score to
+what it reaches), alternating window by window on one server in ABBA order, and reports the server CPU per
+call of each, their ratio, the median and quartiles of the ratios of neighbouring windows, and the share of
+answers a rule fired on (every 20th answer of the windows with rules). ``--py-spy DIR`` records each posguard
+server under ``py-spy`` (which must be on PATH) into ``DIR/<storage>.txt`` as collapsed stacks, for
 ``bench/profile_top.py``; with ``--py-spy-gil``, only the thread holding the interpreter lock, which is where
-the CPU of a server bound by that lock goes. Linux only (server CPU is read from /proc).
+the CPU of a server bound by that lock goes. Linux only (server CPU and switches are read from /proc).
 """
 
 from __future__ import annotations
@@ -145,6 +146,19 @@ class Process:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+    def context_switches(self) -> int:
+        """The times the process's threads have been switched off a core so far, voluntarily or not."""
+        switches = 0
+        for status in Path(f"/proc/{self.popen.pid}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            for line in text.splitlines():
+                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                    switches += int(line.split()[1])
+        return switches
 
     def stop(self) -> None:
         self.popen.terminate()
@@ -428,6 +442,7 @@ class Window:
     p99_ms: float
     cpu_ms_per_call: float
     max_ms: float  # the slowest call
+    switches_per_call: float  # the server's threads switched off a core (the kernel's count), per call
 
     @property
     def rate(self) -> float:
@@ -484,12 +499,12 @@ async def unary_window(
                 if replies is not None and len(latencies) % 20 == 0:
                     replies.append(reply)
 
-        cpu = process.cpu_seconds()
+        cpu, switches = process.cpu_seconds(), process.context_switches()
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(inflight)))
         elapsed = time.perf_counter() - began
-        cpu = process.cpu_seconds() - cpu
-    return _window(latencies, elapsed, cpu)
+        cpu, switches = process.cpu_seconds() - cpu, process.context_switches() - switches
+    return _window(latencies, elapsed, cpu, switches)
 
 
 async def stream_window(
@@ -510,7 +525,7 @@ async def stream_window(
                 sent.append(time.perf_counter())
                 yield request
 
-        cpu = process.cpu_seconds()
+        cpu, switches = process.cpu_seconds(), process.context_switches()
         began = time.perf_counter()
         call = stream(items(), metadata=metadata, timeout=seconds + 60)
         # Flow control lets the client queue far more than a slow server answers in the window: count the
@@ -520,12 +535,12 @@ async def stream_window(
             if time.perf_counter() >= stop:
                 break
         elapsed = time.perf_counter() - began
-        cpu = process.cpu_seconds() - cpu
+        cpu, switches = process.cpu_seconds() - cpu, process.context_switches() - switches
         call.cancel()
-    return _window(latencies, elapsed, cpu)
+    return _window(latencies, elapsed, cpu, switches)
 
 
-def _window(latencies: list[float], elapsed: float, cpu: float) -> Window:
+def _window(latencies: list[float], elapsed: float, cpu: float, switches: int) -> Window:
     if not latencies:
         raise RuntimeError("no call completed in the window")
     ordered = sorted(latencies)
@@ -536,6 +551,7 @@ def _window(latencies: list[float], elapsed: float, cpu: float) -> Window:
         p99_ms=1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
         cpu_ms_per_call=1000 * cpu / len(ordered),
         max_ms=1000 * ordered[-1],
+        switches_per_call=switches / len(ordered),
     )
 
 
@@ -556,6 +572,8 @@ class Row:
     p99_ms: float
     echo_cpu_ms: float
     cpu_ms: float
+    echo_switches: float
+    switches: float
 
 
 def _median(windows: list[Window], value: Callable[[Window], float]) -> float:
@@ -580,6 +598,8 @@ def row(rpc: str, storage: str, inflight: str, base: list[Window], ours: list[Wi
         _median(ours, lambda w: w.p99_ms),
         _median(base, lambda w: w.cpu_ms_per_call),
         _median(ours, lambda w: w.cpu_ms_per_call),
+        _median(base, lambda w: w.switches_per_call),
+        _median(ours, lambda w: w.switches_per_call),
     )
 
 
@@ -606,8 +626,9 @@ def fsync_ms(directory: Path, syncs: int = 200) -> tuple[float, float]:
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| RPC | storage | in flight | echo calls/s | posguard calls/s | ratio | p50 ms echo / posguard "
-        "| p99 ms echo / posguard | server CPU ms/call echo / posguard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| p99 ms echo / posguard | server CPU ms/call echo / posguard "
+        "| context switches/call echo / posguard |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         latency = f"| {r.echo_p50_ms:.2f} / {r.p50_ms:.2f} | {r.echo_p99_ms:.2f} / {r.p99_ms:.2f} "
@@ -616,7 +637,7 @@ def markdown(rows: list[Row]) -> str:
             latency = "| — | — "
         lines.append(
             f"| {r.rpc} | {r.storage} | {r.inflight} | {r.echo_rate:,.0f} | {r.rate:,.0f} | {r.ratio:.2f} "
-            f"{latency}| {r.echo_cpu_ms:.3f} / {r.cpu_ms:.3f} |"
+            f"{latency}| {r.echo_cpu_ms:.3f} / {r.cpu_ms:.3f} | {r.echo_switches:.1f} / {r.switches:.1f} |"
         )
     return "\n".join(lines)
 
