@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -245,7 +245,8 @@ _Found = dict[str, tuple[CustomerNumber, str]]
 
 def _verdicts(connection: Runs, items: Sequence[Presented]) -> list[Verification]:
     found = numbers_in(connection, _wanted(items))
-    return _decide(items, found, lambda customers: primaries_in(connection, customers))
+    subs = _active_subs(found)
+    return _decide(items, found, primaries_in(connection, subs) if subs else {})
 
 
 def _wanted(items: Sequence[Presented]) -> set[str]:
@@ -263,13 +264,10 @@ def _active_subs(found: _Found) -> set[str]:
 
 
 def _decide(
-    items: Sequence[Presented],
-    found: _Found,
-    primaries_in: Callable[[Collection[str]], dict[str, CustomerNumber]],
+    items: Sequence[Presented], found: _Found, primaries: dict[str, CustomerNumber]
 ) -> list[Verification]:
-    """The verdicts on ``items`` from the numbers ``found`` and, for active sub numbers, their primaries."""
-    subs = _active_subs(found)
-    primaries = primaries_in(subs) if subs else {}
+    """The verdicts on ``items`` from the numbers ``found`` and the primaries of their active sub numbers'
+    customers (``_active_subs``)."""
     answers: list[Verification] = []
     for item in items:
         stored = found.get(item.number) if item.problem is None else None
@@ -356,10 +354,12 @@ class LocalReads:
             # about 12 µs of a verification's CPU in a server under load).
             found = self._numbers(wanted)
             if not _active_subs(found):
-                return list(_decide(items, found, self._primaries))
+                return list(_decide(items, found, {}))
             connection.execute("BEGIN")
             try:
-                return list(_decide(items, self._numbers(wanted), self._primaries))
+                found = self._numbers(wanted)
+                subs = _active_subs(found)
+                return list(_decide(items, found, self._primaries(subs) if subs else {}))
             finally:
                 connection.execute("COMMIT")
         except sqlite3.Error:
