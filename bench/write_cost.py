@@ -554,7 +554,7 @@ def markdown(modes: list[Mode]) -> str:
         c, calls = m.counts, int(m.client["calls"])
         lines.append(
             f"| {m.storage} | {m.inflight} | {calls:,} | {calls / m.client['seconds']:,.0f} "
-            f"| {1000 * m.cpu_seconds / calls:.3f} | {c.batches:,} | {_per(c.batch_calls, c.batches)} "
+            f"| {_ms(m.cpu_seconds, calls)} | {c.batches:,} | {_per(c.batch_calls, c.batches)} "
             f"| {_per(c.statements, c.batches)} | {_per(m.round_trips, c.batches)} "
             f"| {_per(m.round_trips, c.batch_calls)} "
             f"| {_per(c.executemany, c.batches)} | {_per(c.parameter_sets, c.batch_calls)} "
