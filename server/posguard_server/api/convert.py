@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -45,12 +45,34 @@ MODEL_STATUS_TO_PROTO: dict[ModelStatus, admin_pb2.ModelStatus.ValueType] = {
 }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A Timestamp's range: from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
+    """``value`` as a Timestamp; a naive value is taken as UTC, as protobuf's ``FromDatetime`` takes it.
+
+    By arithmetic on the datetime: ``FromDatetime`` makes a time tuple and converts it back, 1.9 µs against
+    0.5, and every score's answer carries times.
+    """
     if value is None:
         return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    since = value - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000)
+
+
+def to_datetime(stamp: Timestamp) -> datetime:
+    """``stamp`` as aware UTC, to the microsecond (rounded toward zero), as protobuf's ``ToDatetime(UTC)``.
+
+    ValueError for seconds outside the years 1 to 9999 or nanos outside a second, as ``ToDatetime``.
+    """
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if not (_FIRST_SECOND <= seconds <= _LAST_SECOND and 0 <= nanos < 1_000_000_000):
+        raise ValueError("a Timestamp outside the years 1 to 9999, or nanos outside a second")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1_000)
 
 
 def api_key(key: ApiKey) -> admin_pb2.ApiKey:

@@ -13,10 +13,10 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from posguard.v1 import policy_pb2, policy_pb2_grpc
+from posguard_server.api.convert import timestamp
 from posguard_server.api.pipeline import current_principal
 from posguard_server.api.validation import Checker, fingerprint, make_page_token
 from posguard_server.domain.errors import FieldViolation, InvalidArgument
@@ -72,21 +72,13 @@ _NAME_HINT = "must be 1 to 64 of A-Z 0-9 _, starting with a letter"
 _LIST_NAME_HINT = "must be 1 to 64 of a-z 0-9 _ . -, starting with a letter or digit"
 
 
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def list_message(plist: PolicyList) -> policy_pb2.PolicyList:
     return policy_pb2.PolicyList(
         name=plist.name,
         kind=KIND_TO_PROTO[plist.kind],
         type=TYPE_TO_PROTO[plist.type],
         description=plist.description,
-        created_at=_timestamp(plist.created_at),
+        created_at=timestamp(plist.created_at),
         created_by=plist.created_by,
         entries=plist.entries,
     )
@@ -98,8 +90,8 @@ def entry_message(entry: ListEntry) -> policy_pb2.ListEntry:
         value=entry.value,
         reason=entry.reason,
         author=entry.author,
-        added_at=_timestamp(entry.created_at),
-        expires_at=_timestamp(entry.expires_at),
+        added_at=timestamp(entry.created_at),
+        expires_at=timestamp(entry.expires_at),
     )
 
 
@@ -111,10 +103,10 @@ def rule_message(rule: Rule) -> policy_pb2.Rule:
         action=ACTION_TO_PROTO[rule.action],
         reason=rule.reason,
         status=STATUS_TO_PROTO[rule.status],
-        created_at=_timestamp(rule.created_at),
+        created_at=timestamp(rule.created_at),
         created_by=rule.created_by,
-        activated_at=_timestamp(rule.activated_at),
-        retired_at=_timestamp(rule.retired_at),
+        activated_at=timestamp(rule.activated_at),
+        retired_at=timestamp(rule.retired_at),
     )
 
 

@@ -25,7 +25,7 @@ from grpc import aio
 
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
-from posguard_server.api.convert import timestamp
+from posguard_server.api.convert import timestamp, to_datetime
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
 from posguard_server.api.enumeration import FailureGuard, guarded
 from posguard_server.api.errors import status_for
@@ -117,7 +117,7 @@ def _time_field(
             check.fail(path, "is required")
         return None
     try:
-        value: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+        value = to_datetime(getattr(message, name))
     except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
         check.fail(path, "must be a valid time")
         return None

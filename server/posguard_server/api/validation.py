@@ -11,10 +11,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf.message import Message
 
+from posguard_server.api.convert import to_datetime
 from posguard_server.domain.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
@@ -102,7 +103,7 @@ class Checker:
         if not message.HasField(field_path):
             return None
         try:
-            value: datetime = getattr(message, field_path).ToDatetime(tzinfo=UTC)
+            value = to_datetime(getattr(message, field_path))
         except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
             self.fail(field_path, "must be a valid time between the years 1 and 9999")
             return None
