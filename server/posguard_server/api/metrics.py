@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import accumulate
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -24,34 +24,46 @@ SCORE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 DEGRADED_COMPONENTS = ("storage", "risk_model")
 
 
-class RpcTally:
-    """The finished calls of one method with one status code: how many ended in each latency bucket, and the
-    sum of their latencies.
+class Tally:
+    """Observations of one labelled series: how many fell in each bucket of ``bounds``, and their sum.
 
-    Plain numbers, written by the event loop that serves the calls (the only writer) and read when scraped
-    (:class:`_RpcCollector`): a call costs one bisection and two additions, where a prometheus_client counter
-    and histogram cost two locks, a bucket walk and their checks. These are ``posguard_rpc_calls`` and
-    ``posguard_rpc_latency_seconds``, exposed as a counter and a histogram.
+    Plain numbers, written by the event loop that serves the calls (the only writer) and read when scraped:
+    an observation costs one bisection and two additions, where a prometheus_client counter and histogram cost
+    two locks, a bucket walk and their checks. The collectors below expose tallies as counters and histograms.
     """
 
-    __slots__ = ("buckets", "seconds")
+    __slots__ = ("bounds", "buckets", "sum")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: beyond every bound
-        self.seconds = 0.0
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last: beyond every bound
+        self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # bounds are inclusive, as Prometheus's
-        self.seconds += seconds
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1  # bounds are inclusive, as Prometheus's
+        self.sum += value
+
+    def read(self) -> tuple[list[int], float]:
+        """The buckets (each with those below it, as Prometheus counts them) and the sum, as of now.
+
+        The event loop may count meanwhile: the buckets are copied at once, so they and the count agree (the
+        sum, read next, may include an observation more).
+        """
+        return list(accumulate(list(self.buckets))), self.sum
 
 
-_LATENCY_LABELS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")  # as prometheus_client writes them
+def _labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*map(floatToGoString, bounds), "+Inf")  # as prometheus_client writes them
+
+
+_LATENCY_LABELS = _labels(LATENCY_BUCKETS)
+_SCORE_LABELS = _labels(SCORE_BUCKETS)
 
 
 class _RpcCollector(Collector):
     """``posguard_rpc_calls`` and ``posguard_rpc_latency_seconds``: the tallies as they are when scraped."""
 
-    def __init__(self, tallies: dict[tuple[str, str], RpcTally]) -> None:
+    def __init__(self, tallies: dict[tuple[str, str], Tally]) -> None:
         self._tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
@@ -64,43 +76,64 @@ class _RpcCollector(Collector):
             labels=("method", "code"),
         )
         for (method, code), tally in list(self._tallies.items()):
-            # The event loop may count a call meanwhile: the buckets are copied at once, so they and the count
-            # agree (the sum, read next, may include a call more).
-            cumulative = list(zip(_LATENCY_LABELS, accumulate(list(tally.buckets)), strict=True))
-            calls.add_metric([method, code], cumulative[-1][1])
-            latency.add_metric([method, code], cumulative, tally.seconds)
+            cumulative, total = tally.read()
+            calls.add_metric([method, code], cumulative[-1])
+            latency.add_metric([method, code], list(zip(_LATENCY_LABELS, cumulative, strict=True)), total)
         yield calls
         yield latency
 
 
-# A scored transaction's three metric children: score histogram, decision counter, model counter.
-_ScoreChildren = tuple[Callable[[float], None], Callable[[], None], Callable[[], None]]
+class _ScoreCollector(Collector):
+    """``posguard_risk_score``, ``posguard_risk_decisions`` and ``posguard_risk_model_scores``: one tally a
+    decision, model scope and version, summed over the labels each metric leaves out when scraped."""
+
+    def __init__(self, tallies: dict[tuple[str, str, str], Tally]) -> None:
+        self._tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        by_scope: dict[str, tuple[list[int], float]] = {}
+        by_decision: dict[tuple[str, str], int] = {}
+        by_model: dict[tuple[str, str], int] = {}
+        for (decision, scope, version), tally in list(self._tallies.items()):
+            cumulative, total = tally.read()
+            buckets, scope_total = by_scope.get(scope, ([0] * len(cumulative), 0.0))
+            by_scope[scope] = ([a + b for a, b in zip(buckets, cumulative, strict=True)], scope_total + total)
+            by_decision[decision, scope] = by_decision.get((decision, scope), 0) + cumulative[-1]
+            model = (scope, version or "-")
+            by_model[model] = by_model.get(model, 0) + cumulative[-1]
+        scores = HistogramMetricFamily(
+            "posguard_risk_score",
+            "risk_score of newly scored transactions (not replays), by model scope.",
+            labels=("scope",),
+        )
+        for scope, (buckets, total) in by_scope.items():
+            scores.add_metric([scope], list(zip(_SCORE_LABELS, buckets, strict=True)), total)
+        decisions = CounterMetricFamily(
+            "posguard_risk_decisions",
+            "Newly scored transactions by decision and model scope.",
+            labels=("decision", "scope"),
+        )
+        for labels, count in by_decision.items():
+            decisions.add_metric(list(labels), count)
+        models = CounterMetricFamily(
+            "posguard_risk_model_scores",
+            "Newly scored transactions by the model (scope and version) that decided: the versions in use.",
+            labels=("scope", "version"),
+        )
+        for labels, count in by_model.items():
+            models.add_metric(list(labels), count)
+        yield scores
+        yield decisions
+        yield models
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._rpc_tallies: dict[tuple[str, str], RpcTally] = {}
+        self._rpc_tallies: dict[tuple[str, str], Tally] = {}
         self.registry.register(_RpcCollector(self._rpc_tallies))
-        self.scores = Histogram(
-            "posguard_risk_score",
-            "risk_score of newly scored transactions (not replays), by model scope.",
-            ("scope",),
-            buckets=SCORE_BUCKETS,
-            registry=self.registry,
-        )
-        self.decisions = Counter(
-            "posguard_risk_decisions",
-            "Newly scored transactions by decision and model scope.",
-            ("decision", "scope"),
-            registry=self.registry,
-        )
-        self.models = Counter(
-            "posguard_risk_model_scores",
-            "Newly scored transactions by the model (scope and version) that decided: the versions in use.",
-            ("scope", "version"),
-            registry=self.registry,
-        )
+        self._score_tallies: dict[tuple[str, str, str], Tally] = {}
+        self.registry.register(_ScoreCollector(self._score_tallies))
         self.in_progress = Gauge(
             "posguard_rpc_in_progress",
             "Calls being worked on by admission class (gateway, admin): health checks and calls waiting for "
@@ -143,31 +176,20 @@ class Metrics:
             registry=self.registry,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
-        self._score_children: dict[tuple[str, str, str], _ScoreChildren] = {}
 
-    def rpc_tally(self, method: str, code: str) -> RpcTally:
+    def rpc_tally(self, method: str, code: str) -> Tally:
         """The tally of one method's calls that ended with ``code``, to bind once and count calls in."""
         tally = self._rpc_tallies.get((method, code))
         if tally is None:
-            tally = self._rpc_tallies[method, code] = RpcTally()
+            tally = self._rpc_tallies[method, code] = Tally(LATENCY_BUCKETS)
         return tally
 
     def observe_score(self, score: float, decision: str, scope: str, version: str) -> None:
         """Count one newly scored transaction (a replayed answer is not a new decision)."""
-        key = (decision, scope, version)
-        children = self._score_children.get(key)
-        if children is None:
-            # Bound once per combination (a handful: decisions x scopes x active versions): ``labels`` looks
-            # its child up under a lock on every call.
-            children = self._score_children[key] = (
-                self.scores.labels(scope).observe,
-                self.decisions.labels(decision, scope).inc,
-                self.models.labels(scope, version or "-").inc,
-            )
-        observe, count_decision, count_model = children
-        observe(score)
-        count_decision()
-        count_model()
+        tally = self._score_tallies.get((decision, scope, version))
+        if tally is None:  # a handful: decisions x scopes x active versions
+            tally = self._score_tallies[decision, scope, version] = Tally(SCORE_BUCKETS)
+        tally.observe(score)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the port it listens on."""
