@@ -64,9 +64,8 @@ from posguard_server.store.risk_tables import (
     SqlRiskTransaction,
     reasons_from_json,
     reasons_json,
-    utc,
 )
-from posguard_server.store.schema import PRINCIPAL_MAX, Base
+from posguard_server.store.schema import PRINCIPAL_MAX, Base, utc
 
 if TYPE_CHECKING:
     from sqlalchemy import Table

@@ -42,8 +42,8 @@ from posguard_server.store.risk_tables import (
     chunks,
     insert_for,
     require_customers,
-    utc,
 )
+from posguard_server.store.schema import utc
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement

@@ -20,8 +20,8 @@ from posguard_server.store.risk_tables import (
     chunks,
     request_conflict,
     summed_rowcount,
-    utc,
 )
+from posguard_server.store.schema import utc
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

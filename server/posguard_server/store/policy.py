@@ -52,8 +52,8 @@ from posguard_server.store.audit import append_event
 from posguard_server.store.customers import SqlCustomerNumber
 from posguard_server.store.dynamic_codes import SqlDynamicEnrollment
 from posguard_server.store.idempotency import earlier_call, record_call
-from posguard_server.store.risk_tables import CHUNK, FRAUD_LABELS, SqlRiskTransaction, chunks, insert_for, utc
-from posguard_server.store.schema import PRINCIPAL_MAX, Base
+from posguard_server.store.risk_tables import CHUNK, FRAUD_LABELS, SqlRiskTransaction, chunks, insert_for
+from posguard_server.store.schema import PRINCIPAL_MAX, Base, utc
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

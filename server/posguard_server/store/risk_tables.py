@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -43,7 +43,7 @@ from posguard_server.domain.risk import (
     TransactionSource,
 )
 from posguard_server.store.customers import CUSTOMER_ID_MAX, SqlCustomer
-from posguard_server.store.schema import PRINCIPAL_MAX, REQUEST_ID_MAX, Base
+from posguard_server.store.schema import PRINCIPAL_MAX, REQUEST_ID_MAX, Base, utc
 from posguard_server.store.schema import insert_for as schema_insert_for
 
 if TYPE_CHECKING:
@@ -289,13 +289,6 @@ PROFILE_VALUES = (
 )
 MODELS = cast(Table, SqlRiskModel.__table__)
 GENERATION = cast(Table, SqlRiskModelGeneration.__table__)
-
-
-def utc(value: datetime) -> datetime:
-    """The same instant in UTC, as the database gives it back, so a first answer equals its replay."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(UTC)
 
 
 def chunks(items: Sequence[_Item], size: int) -> Iterator[Sequence[_Item]]:

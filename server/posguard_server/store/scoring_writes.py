@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy import and_, bindparam, case, distinct, func, insert, select, update
@@ -54,8 +54,8 @@ from posguard_server.store.risk_tables import (
     request_conflict,
     summed_rowcount,
     transaction_values,
-    utc,
 )
+from posguard_server.store.schema import utc
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Select, Table
@@ -439,8 +439,10 @@ def _scored_transaction(
     record: NewTransaction, evaluation: Evaluation, scored_at: datetime
 ) -> StoredTransaction:
     """The transaction as it is stored and as its replay will read it back (times in UTC)."""
+    if record.event_time.tzinfo is not UTC:  # requests' times are UTC already: no copy of the record
+        record = replace(record, event_time=utc(record.event_time))
     return StoredTransaction(
-        transaction=replace(record, event_time=utc(record.event_time)),
+        transaction=record,
         source=TransactionSource.SCORE,
         answer=Answer(
             risk_score=evaluation.risk_score,
