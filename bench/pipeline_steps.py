@@ -36,7 +36,7 @@ from rpc_bench import VERIFY, _start, add_window_arguments, unary_window
 
 from posguard_server.api import pipeline
 from posguard_server.api.auth import ApiKeyAuthenticator
-from posguard_server.api.metrics import RpcTally
+from posguard_server.api.metrics import Tally
 from posguard_server.app import run_loop
 from posguard_server.logs import AccessLines
 
@@ -49,7 +49,7 @@ STEPS: list[tuple[type, str, bool]] = [
     (pipeline._MethodPipeline, "_admit", False),
     (pipeline._MethodPipeline, "_end", False),
     (pipeline._MethodPipeline, "_finish", False),
-    (RpcTally, "observe", False),
+    (Tally, "observe", False),
     (AccessLines, "write", False),
 ]
 _clock = time.thread_time_ns
