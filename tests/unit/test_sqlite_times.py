@@ -38,7 +38,8 @@ def _sqlalchemy_read(stored: str | None) -> object:
 def test_a_time_is_written_and_read_as_sqlalchemy_writes_and_reads_it(value: datetime) -> None:
     write = _TYPE.bind_processor(_DIALECT)
     read = _TYPE.result_processor(_DIALECT, None)
-    assert write is not None and read is not None
+    assert write is not None
+    assert read is not None
     stored = write(value)
     assert stored == _sqlalchemy_write(value) == sqlite_time(value)
     assert read(stored) == _sqlalchemy_read(stored) == value
@@ -59,8 +60,11 @@ def test_text_of_other_forms_is_read_as_sqlalchemy_reads_it(stored: str) -> None
 def test_none_stays_none_and_a_naive_time_is_refused_both_ways() -> None:
     write = _TYPE.bind_processor(_DIALECT)
     read = _TYPE.result_processor(_DIALECT, None)
-    assert write is not None and read is not None
-    assert write(None) is None and _sqlalchemy_write(None) is None and read(None) is None
+    assert write is not None
+    assert read is not None
+    assert write(None) is None
+    assert _sqlalchemy_write(None) is None
+    assert read(None) is None
     naive = datetime(2026, 3, 1, 9, 30)
     for convert in (write, _sqlalchemy_write, sqlite_time):
         with pytest.raises(ValueError, match="timezone-aware"):

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from posguard_server.api.convert import timestamp, to_datetime
 
-_ZONES = st.sampled_from([None, UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-11))])
+_ZONES = st.sampled_from(
+    [None, UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-11))]
+)
 
 
 def _protobuf(value: datetime) -> Timestamp:
@@ -55,7 +57,7 @@ def test_the_ends_of_the_range() -> None:
 )
 def test_a_timestamp_out_of_range_is_refused_as_protobuf_refuses_it(seconds: int, nanos: int) -> None:
     stamp = Timestamp(seconds=seconds, nanos=nanos)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Timestamp"):
         stamp.ToDatetime(tzinfo=UTC)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
         to_datetime(stamp)
