@@ -9,6 +9,7 @@ back; a revoked key's session ended.
 from __future__ import annotations
 
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -343,7 +344,12 @@ def test_under_tls_the_cookie_is_secure_and_hsts_is_sent(
     server_factory: Callable[..., RunningServer], pki: Pki
 ) -> None:
     running = server_factory(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)
-    http = sign_in(running, "admin", base_url=base_url(running, "https"), verify=str(pki.ca))
+    http = sign_in(
+        running,
+        "admin",
+        base_url=base_url(running, "https"),
+        verify=ssl.create_default_context(cafile=pki.ca),
+    )
     try:
         page = http.get("/overview")
         assert page.status_code == 200
@@ -351,7 +357,9 @@ def test_under_tls_the_cookie_is_secure_and_hsts_is_sent(
         assert "__Host-posguard_console" in http.cookies
     finally:
         http.close()
-    with httpx.Client(base_url=base_url(running, "https"), timeout=30, verify=str(pki.ca)) as other:
+    with httpx.Client(
+        base_url=base_url(running, "https"), timeout=30, verify=ssl.create_default_context(cafile=pki.ca)
+    ) as other:
         form = other.get("/signin")
         answer = other.post("/signin", data={"csrf": csrf_of(form.text), "api_key": running.key("admin")})
     cookie = next(v for k, v in answer.headers.multi_items() if k == "set-cookie" and "__Host-" in v)
