@@ -719,11 +719,16 @@ def _find_customer(
 _NUMBERS_IN = select(SqlCustomerNumber.__table__).where(
     SqlCustomerNumber.number.in_(bindparam("numbers", expanding=True))
 )
-_PRIMARIES_IN = select(SqlCustomerNumber.__table__).where(
+# A customer's primary number among the customers named: the static number that has not been replaced.
+_PRIMARY_OF = (
     SqlCustomerNumber.customer_id.in_(bindparam("customers", expanding=True)),
     SqlCustomerNumber.kind == NumberKind.STATIC.value,
     SqlCustomerNumber.successor_number.is_(None),
 )
+_PRIMARIES_IN = select(SqlCustomerNumber.__table__).where(*_PRIMARY_OF)
+_PRIMARY_STATES_IN = select(
+    SqlCustomerNumber.customer_id, SqlCustomerNumber.number, SqlCustomerNumber.status
+).where(*_PRIMARY_OF)
 _EXTERNALS_IN = select(SqlExternalId.value, SqlExternalId.customer_id).where(
     SqlExternalId.namespace == bindparam("namespace"),
     SqlExternalId.value.in_(bindparam("values", expanding=True)),
@@ -773,6 +778,15 @@ def primaries_later(connection: Runs, customer_ids: Collection[str]) -> Later[di
         return Later.known({})
     rows = connection.execute(_PRIMARIES_IN, {"customers": sorted(customer_ids)})
     return Later(lambda: {row.customer_id: number_of_row(cast(SqlCustomerNumber, row)) for row in rows})
+
+
+def primary_states_in(connection: Runs, customer_ids: Collection[str]) -> dict[str, tuple[str, NumberStatus]]:
+    """Each customer's current primary number and its status: what a redemption's judgment reads of it,
+    without decoding the rest of the row (its times, scope and label) for every call of a batch."""
+    if not customer_ids:
+        return {}
+    rows = connection.execute(_PRIMARY_STATES_IN, {"customers": sorted(customer_ids)})
+    return {row.customer_id: (row.number, NumberStatus(row.status)) for row in rows}
 
 
 def externals_in(connection: Runs, refs: Collection[ExternalRef]) -> dict[ExternalRef, str]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import bindparam, insert, select, update
 
-from posguard_server.domain.customers import CustomerNumber, NumberStatus, mask
+from posguard_server.domain.customers import NumberStatus, mask
 from posguard_server.domain.dynamic_codes import (
     GUESSES,
     SKEW_STEPS,
@@ -40,7 +40,7 @@ from posguard_server.domain.enumeration import (
 from posguard_server.domain.errors import PosguardError
 from posguard_server.store.audit import NewEvent, append_events
 from posguard_server.store.caller_limits import CallerLimits
-from posguard_server.store.customers import primaries_in
+from posguard_server.store.customers import primary_states_in
 from posguard_server.store.db import rerun_on_conflict
 from posguard_server.store.dynamic_codes import (
     Attempt,
@@ -217,13 +217,14 @@ class _Batch:
         )
         handles = sorted({item.code.handle for item in items if item.code is not None})
         self._enrolments: dict[str, Any] = {}  # rows of _ENROLMENTS by handle
-        self._primaries: dict[str, CustomerNumber] = {}
+        self._primaries: dict[str, tuple[str, NumberStatus]] = {}  # number and status by customer
         self._used: set[tuple[str, int]] = set()
         if handles:
             self._enrolments = {
                 row.handle: row for row in connection.execute(_ENROLMENTS, {"handles": handles})
             }
-            self._primaries = primaries_in(connection, {row.customer_id for row in self._enrolments.values()})
+            customers = {row.customer_id for row in self._enrolments.values()}
+            self._primaries = primary_states_in(connection, customers)
             steps = [item.now_step for item in items]
             window = {"first_step": min(steps) - SKEW_STEPS, "last_step": max(steps) + SKEW_STEPS}
             used = connection.execute(_USED, {"handles": sorted(self._enrolments), **window})
@@ -342,14 +343,14 @@ class _Batch:
             key = self._open_key(enrolment.secret_ciphertext, enrolment.customer_id, enrolment.key_version)
             self._keys[code.handle] = key
         match, step = match_step(key, code.totp, now_step)
-        primary = self._primaries[enrolment.customer_id]
+        primary, status = self._primaries[enrolment.customer_id]
         reason = decide(
             match,
-            number_active=primary.status is NumberStatus.ACTIVE,
-            customer_matches=attempt.expected_number in (None, primary.number),
+            number_active=status is NumberStatus.ACTIVE,
+            customer_matches=attempt.expected_number in (None, primary),
             already_used=step is not None and (code.handle, step) in self._used,
         )
-        return reason, step, enrolment, primary.number
+        return reason, step, enrolment, primary
 
     def write(self, now: datetime) -> None:
         """Store what the judged items changed, and audit them (the last write: see ``append_event``)."""
