@@ -25,7 +25,7 @@ from grpc import aio
 
 from posguard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from posguard_server.api import customer_messages as messages
-from posguard_server.api.convert import timestamp, to_datetime
+from posguard_server.api.convert import timestamp
 from posguard_server.api.dynamic_codes import MAX_CODE_INPUT, MAX_MERCHANT, MAX_NUMBER_INPUT
 from posguard_server.api.enumeration import FailureGuard, guarded
 from posguard_server.api.errors import status_for
@@ -112,14 +112,10 @@ def _time_field(
     check: Checker, message: Message, name: str, path: str, *, required: bool, now: datetime
 ) -> datetime | None:
     """A Timestamp field as aware UTC, within ``event_time_refusal``'s range; None if unset or bad."""
-    if not message.HasField(name):
-        if required:
+    value = check.timestamp(message, name, path)
+    if value is None:  # unset, or noted as invalid
+        if required and not message.HasField(name):
             check.fail(path, "is required")
-        return None
-    try:
-        value = to_datetime(getattr(message, name))
-    except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
-        check.fail(path, "must be a valid time")
         return None
     refusal = event_time_refusal(value, now)
     if refusal is not None:

@@ -98,14 +98,17 @@ class Checker:
             return None
         return after
 
-    def timestamp(self, message: Message, field_path: str) -> datetime | None:
-        """An optional Timestamp field of ``message`` as aware UTC; None when unset or invalid (noted)."""
-        if not message.HasField(field_path):
+    def timestamp(self, message: Message, name: str, path: str | None = None) -> datetime | None:
+        """The Timestamp field ``name`` of ``message`` as aware UTC; None when unset or invalid (noted).
+
+        ``path``: where a violation is reported, when ``message`` is nested in the request (default ``name``).
+        """
+        if not message.HasField(name):
             return None
         try:
-            value = to_datetime(getattr(message, field_path))
+            value = to_datetime(getattr(message, name))
         except ValueError:  # seconds outside years 1 to 9999, or nanos outside a second
-            self.fail(field_path, "must be a valid time between the years 1 and 9999")
+            self.fail(path or name, "must be a valid time between the years 1 and 9999")
             return None
         return value
 
