@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import threading
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from posguard_server.api.metrics_endpoint import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Metrics:
             ("kind",),
             registry=self.registry,
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def rpc_tally(self, method: str, code: str) -> Tally:
         """The tally of one method's calls that ended with ``code``, to bind once and count calls in."""
@@ -193,15 +193,9 @@ class Metrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the port it listens on."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http[0].server_port)
+        bound = self._endpoint.start(host, port)
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
     def stop_http(self) -> None:
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._http = None
+        self._endpoint.stop()
