@@ -365,10 +365,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def embedded_database_file(self) -> Path:
+        """Where the embedded SQLite database lives: used when ``database_url`` is not set."""
+        return self.data_dir / "posguard.db"
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'posguard.db').resolve()}"
+        return f"sqlite:///{self.embedded_database_file.resolve()}"
 
     @property
     def effective_reports_dir(self) -> Path:

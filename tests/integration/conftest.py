@@ -104,12 +104,23 @@ def settings_for_test(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
-    """Start servers with setting overrides; all are stopped after the test."""
+def server_factory(
+    tmp_path: Path, request: pytest.FixtureRequest, empty_database: bool
+) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with setting overrides; all are stopped after the test.
+
+    A server on the embedded database finds it migrated already (a copy of one migrated once per test
+    process) unless the test is marked ``empty_database``; on its first start it would migrate it.
+    """
     started: list[RunningServer] = []
 
     def make(**overrides: Any) -> RunningServer:
-        running = start_server(settings_for_test(tmp_path, **overrides))
+        settings = settings_for_test(tmp_path, **overrides)
+        embedded = settings.embedded_database_file
+        if not settings.database_url and not embedded.exists() and not empty_database:
+            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            request.getfixturevalue("migrated_sqlite_file")(embedded)
+        running = start_server(settings)
         started.append(running)
         return running
 

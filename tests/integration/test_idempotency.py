@@ -547,6 +547,7 @@ def test_a_replacing_enrolment_retried_after_a_later_replacement_is_refused(runn
 # -- the upgrade keeps the callers on record ------------------------------------------------------------
 
 
+@pytest.mark.empty_database
 def test_upgrade_gives_existing_keys_the_caller_on_record(database_url: str) -> None:
     upgrade(database_url, "0008")
     database = Database(database_url)

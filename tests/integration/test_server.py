@@ -278,6 +278,7 @@ def test_insecure_no_auth_lets_local_calls_through(server_factory: Callable[...,
         assert [k.name for k in client.list_api_keys().keys] == ["made without a key"]
 
 
+@pytest.mark.empty_database  # made by the server itself, not copied by the test
 def test_the_embedded_database_and_its_journal_are_owner_only(server: RunningServer) -> None:
     """Under a usual umask (022) SQLite would make them readable by everyone; they hold the audit log."""
     with posguard.Client(server.target, api_key=server.key("gateway")) as client:

@@ -76,6 +76,7 @@ def test_serve_answers_health_and_stops_gracefully_on_signals(
 
 # SQLite is migrated on start; only a shared database waits for an operator's `db upgrade`.
 @pytest.mark.postgres
+@pytest.mark.empty_database
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_serve_refuses_a_shared_database_whose_schema_is_not_current(
     database_url: str, tmp_path: Path, cli: Cli

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -23,6 +24,9 @@ from posguard_server.store.schema import Base
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+# Every test here migrates (or checks) a database of its own from empty.
+pytestmark = pytest.mark.empty_database
 
 
 def _schema_diff(db: Database) -> list[object]:
