@@ -16,7 +16,8 @@ Properties, for every call:
   a stream scored before an item that does not even parse ended it;
 - the server keeps answering its health check with SERVING.
 
-Runs are reproducible: hypothesis is derandomized and keeps no example database.
+Runs are reproducible: hypothesis is derandomized and keeps no example database. They measure no time, so
+they run with the rest of the suite, in parallel, not with the load tests one at a time.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ from posguard_server.store import Database, SqlHistoryStore, SqlModelRegistry
 
 if TYPE_CHECKING:
     from .conftest import RunningServer
-
-pytestmark = pytest.mark.slow
 
 # Examples per RPC: a base, and more for requests with more fields to get wrong (and right). Bounded so that
 # the whole file stays near a minute on two shared cores.
