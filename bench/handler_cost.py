@@ -32,7 +32,7 @@ from posguard_server.api import pipeline
 from posguard_server.app import build_server
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
-from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
 
 METHOD = "VerifyCustomerId"
 CUSTOMERS = 200

@@ -48,7 +48,7 @@ from posguard_server.app import build_authenticator, build_pipeline, run_loop
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.logs import configure_logging
-from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.migrate import open_database
 
 SERVICE, METHOD = VERIFY.strip("/").split("/")

@@ -28,8 +28,9 @@ from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.policy import ListKind, ListType, RuleAction
 from posguard_server.domain.risk import ModelScope, NewModel, StoredReason
-from posguard_server.store import SqlApiKeyStore, SqlModelRegistry
+from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.cases import SqlCaseStore, WatchFinding
+from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.policy import SqlPolicyStore
 
 ROOT = Path(__file__).resolve().parent.parent

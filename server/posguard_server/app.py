@@ -47,28 +47,25 @@ from posguard_server.scoring import ModelCache, PolicyCache, RiskEngine, Thresho
 from posguard_server.services.backtest import BacktestService
 from posguard_server.services.scoring import ScoringService
 from posguard_server.services.watch import NumberWatch
-from posguard_server.store import (
-    Database,
-    SqlApiKeyStore,
-    SqlAuditStore,
-    SqlCaseStore,
-    SqlCustomerStore,
-    SqlDynamicCodeStore,
-    SqlIssuanceStore,
-    SqlModelRegistry,
-    SqlNumberWatchStore,
-    SqlOutcomeStore,
-    SqlPolicyStore,
-    SqlProfileStore,
-    SqlRedemptionStore,
-    SqlScoringStore,
-    SqlShadowStore,
-    SqlVerificationStore,
-    SqlWriteProbeStore,
-)
+from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.caller_limits import SqlGuessStore
+from posguard_server.store.cases import SqlCaseStore
+from posguard_server.store.customers import SqlCustomerStore
+from posguard_server.store.db import Database
+from posguard_server.store.dynamic_codes import SqlDynamicCodeStore
+from posguard_server.store.issuance import SqlIssuanceStore
 from posguard_server.store.migrate import open_database
-from posguard_server.store.verifications import LocalReads
+from posguard_server.store.model_registry import SqlModelRegistry
+from posguard_server.store.outcomes import SqlOutcomeStore
+from posguard_server.store.policy import SqlPolicyStore
+from posguard_server.store.profiles import SqlProfileStore
+from posguard_server.store.redemptions import SqlRedemptionStore
+from posguard_server.store.scoring_writes import SqlScoringStore
+from posguard_server.store.shadow import SqlShadowStore
+from posguard_server.store.verifications import LocalReads, SqlVerificationStore
+from posguard_server.store.watch import SqlNumberWatchStore
+from posguard_server.store.write_probe import SqlWriteProbeStore
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from posguard_server.app import PosguardServer, build_server
 from posguard_server.config import Settings
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.keyring import load_or_create
-from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:

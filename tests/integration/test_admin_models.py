@@ -34,10 +34,12 @@ from posguard_server.domain.risk import (
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import Importer, read_outcomes, read_transactions
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import Database, SqlAuditStore, SqlHistoryStore, SqlModelRegistry
-from posguard_server.store.audit import SqlAuditEvent
+from posguard_server.store.audit import SqlAuditEvent, SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
+from posguard_server.store.db import Database
+from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.migrate import upgrade
+from posguard_server.store.model_registry import SqlModelRegistry
 
 if TYPE_CHECKING:
     from .conftest import RunningServer

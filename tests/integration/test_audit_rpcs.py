@@ -17,7 +17,8 @@ import posguard
 from posguard.v1 import admin_pb2
 from posguard_server.cli import main
 from posguard_server.domain.api_keys import Role, create_key
-from posguard_server.store import Database, SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.db import Database
 from posguard_server.store.migrate import upgrade
 
 if TYPE_CHECKING:

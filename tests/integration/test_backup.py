@@ -31,7 +31,9 @@ from posguard_server.config import Settings
 from posguard_server.domain import keyring
 from posguard_server.domain.api_keys import Role, create_key, parse_token, secret_matches
 from posguard_server.pipeline.backup import BackupError, backup, restore, table_member
-from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore
+from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.audit import SqlAuditStore
+from posguard_server.store.db import Database
 from posguard_server.store.migrate import current_revision, head_revision, upgrade
 from posguard_server.store.risk_tables import SqlRiskTransaction
 from posguard_server.store.scratch import scratch_postgres_database

@@ -22,8 +22,9 @@ from posguard_models.training import TrainingConfig, train
 from posguard_server.issuers import build_numbering
 from posguard_server.pipeline.importer import Importer, read_transactions
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import SqlHistoryStore, SqlModelRegistry
 from posguard_server.store.customers import SqlCustomer
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
 
 from .test_admin_models import _register as register_models
 from .test_client_cli import _CLIENT_VARIABLES, run

@@ -52,7 +52,9 @@ from posguard_server.api.access import ADMIN, SERVICE_NAMES, allowed_roles
 from posguard_server.app import MAX_MESSAGE_BYTES
 from posguard_server.domain.api_keys import Role
 from posguard_server.pipeline.trainer import load_history, register
-from posguard_server.store import Database, SqlHistoryStore, SqlModelRegistry
+from posguard_server.store.db import Database
+from posguard_server.store.history import SqlHistoryStore
+from posguard_server.store.model_registry import SqlModelRegistry
 
 if TYPE_CHECKING:
     from .conftest import RunningServer

@@ -23,12 +23,14 @@ from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, risk
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.errors import FailedPrecondition
 from posguard_server.domain.risk import ModelScope, NewModel
-from posguard_server.store import Database, SqlApiKeyStore, SqlDynamicCodeStore, SqlModelRegistry
+from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.audit import SqlAuditEvent
 from posguard_server.store.customers import SqlCustomerNumber, SqlExternalId
-from posguard_server.store.dynamic_codes import Sealed, SqlDynamicCodeAttempt
+from posguard_server.store.db import Database
+from posguard_server.store.dynamic_codes import Sealed, SqlDynamicCodeAttempt, SqlDynamicCodeStore
 from posguard_server.store.idempotency import SqlIdempotencyKey
 from posguard_server.store.migrate import upgrade
+from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.risk_tables import SqlRiskOutcomeReport, SqlRiskTransaction
 from posguard_server.store.schema import SqlApiKey, UTCDateTime
 

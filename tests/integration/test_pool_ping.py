@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import text
 
 from posguard_server.domain.errors import Unavailable
-from posguard_server.store import Database, db
+from posguard_server.store import db
+from posguard_server.store.db import Database
 
 
 def _backend_pid(database: Database) -> int:

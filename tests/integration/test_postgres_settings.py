@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from posguard_server.store import Database
+from posguard_server.store.db import Database
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import posguard
 from posguard.v1 import admin_pb2, cases_pb2, customer_ids_pb2, policy_pb2, risk_pb2
 from posguard_server.api.access import ROLE_MATRIX
 from posguard_server.domain.api_keys import Role
-from posguard_server.store import SqlAuditStore
+from posguard_server.store.audit import SqlAuditStore
 
 from .conftest import settings_for_test, start_server
 

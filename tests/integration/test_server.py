@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import posguard
 import posguard.aio
 from posguard.v1 import admin_pb2, risk_pb2
-from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -7,8 +7,8 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from posguard_server.store import Database
 from posguard_server.store.customers import SqlCustomer
+from posguard_server.store.db import Database
 
 from .test_admin_models import _register as register_models
 

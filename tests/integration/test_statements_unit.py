@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 
-from posguard_server.store import Database
+from posguard_server.store.db import Database
 
 _ROWS = Table("unit_rows", MetaData(), Column("name", String(16), primary_key=True))
 

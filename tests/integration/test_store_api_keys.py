@@ -17,8 +17,8 @@ from posguard_server.domain.errors import (
     NotFound,
     Unavailable,
 )
-from posguard_server.store import Database, SqlApiKeyStore
-from posguard_server.store.db import normalize_url
+from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.schema import SqlApiKey
 
 if TYPE_CHECKING:

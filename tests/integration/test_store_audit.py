@@ -13,8 +13,9 @@ from sqlalchemy import Connection, insert, select, text, update
 from posguard_server.domain.api_keys import Role
 from posguard_server.domain.audit import GENESIS_HASH, AuditProblem, canonical_details, make_event
 from posguard_server.domain.errors import AlreadyExists, FailedPrecondition
-from posguard_server.store import Database, SqlApiKeyStore, SqlAuditStore
-from posguard_server.store.audit import SqlAuditEvent, SqlAuditHead, append_event
+from posguard_server.store.api_keys import SqlApiKeyStore
+from posguard_server.store.audit import SqlAuditEvent, SqlAuditHead, SqlAuditStore, append_event
+from posguard_server.store.db import Database
 
 T0 = datetime(2025, 3, 1, 8, 0, 0, 250000, tzinfo=UTC)
 N = 50

@@ -23,8 +23,11 @@ from posguard_server.domain.risk import (
     NewModel,
     Promotion,
 )
-from posguard_server.store import Database, SqlAuditStore, SqlModelRegistry, model_registry
+from posguard_server.store import model_registry
+from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
+from posguard_server.store.db import Database
+from posguard_server.store.model_registry import SqlModelRegistry
 from posguard_server.store.risk_tables import SqlRiskModel
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)

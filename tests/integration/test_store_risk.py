@@ -25,8 +25,9 @@ from posguard_server.domain.risk import (
     StoredTransaction,
     TransactionSource,
 )
-from posguard_server.store import Database, SqlAuditStore
+from posguard_server.store.audit import SqlAuditStore
 from posguard_server.store.customers import SqlCustomer
+from posguard_server.store.db import Database
 from posguard_server.store.risk_tables import SqlRiskModel, SqlRiskProfile, SqlRiskTransaction
 from posguard_server.store.scoring_writes import Evaluate, PlaceActivity, ScoreItem, evaluated
 

@@ -20,7 +20,7 @@ from posguard_server.store.migrate import (
     upgrade,
 )
 from posguard_server.store.model_registry import SqlModelRegistry
-from posguard_server.store.schema import Base
+from posguard_server.store.tables import METADATA
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.empty_database
 def _schema_diff(db: Database) -> list[object]:
     with db.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        return list(compare_metadata(context, Base.metadata))
+        return list(compare_metadata(context, METADATA))
 
 
 def test_migrated_schema_matches_orm_metadata(database_url: str) -> None:
@@ -108,8 +108,8 @@ def test_the_comparison_notices_drift(database: Database) -> None:
     # Guards the tests above against passing vacuously: a changed length and a new column must show up.
     from sqlalchemy import Column, Integer, MetaData, String
 
-    drifted = MetaData(naming_convention=Base.metadata.naming_convention)
-    for other in Base.metadata.tables.values():
+    drifted = MetaData(naming_convention=METADATA.naming_convention)
+    for other in METADATA.tables.values():
         other.to_metadata(drifted)
     table = drifted.tables["api_keys"]
     table.c.name.type = String(101)

@@ -30,7 +30,7 @@ def audit() -> None:
 @click.pass_obj
 def audit_verify(settings: Settings, from_sequence: int, as_json: bool) -> None:
     """Recompute the hash chain. Exits 0 when it is intact, 3 when it is broken, saying where and how."""
-    from posguard_server.store import SqlAuditStore
+    from posguard_server.store.audit import SqlAuditStore
 
     with opened(settings, SqlAuditStore) as store:
         report = store.verify(from_sequence)
@@ -64,7 +64,7 @@ def audit_verify(settings: Settings, from_sequence: int, as_json: bool) -> None:
 @click.pass_obj
 def audit_list(settings: Settings, action: str, actor: str, subject: str, limit: int, as_json: bool) -> None:
     """List audit events, oldest first."""
-    from posguard_server.store import SqlAuditStore
+    from posguard_server.store.audit import SqlAuditStore
 
     events: list[Any] = []
     after = None

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
     from posguard_server.pipeline.importer import Importer, ImportError_
-    from posguard_server.store import Database
+    from posguard_server.store.db import Database
 
 
 @click.group("import", cls=OperatorGroup)

@@ -39,7 +39,7 @@ def _key_dict(key: Any) -> dict[str, Any]:
 def keys_create(settings: Settings, role: str, name: str, as_json: bool) -> None:
     """Create a key and print it once; only its digest is stored."""
     from posguard_server.domain.api_keys import create_key
-    from posguard_server.store import SqlApiKeyStore
+    from posguard_server.store.api_keys import SqlApiKeyStore
 
     with opened(settings, SqlApiKeyStore) as store:
         key, token = create_key(store, name=name or role, role=Role(role), created_by="cli")
@@ -58,7 +58,7 @@ def keys_create(settings: Settings, role: str, name: str, as_json: bool) -> None
 @click.pass_obj
 def keys_list(settings: Settings, include_revoked: bool, as_json: bool) -> None:
     """List keys (never their secrets)."""
-    from posguard_server.store import SqlApiKeyStore
+    from posguard_server.store.api_keys import SqlApiKeyStore
 
     rows: list[dict[str, Any]] = []
     after = None
@@ -87,7 +87,7 @@ def keys_revoke(settings: Settings, key_id: str, reason: str) -> None:
     from datetime import UTC, datetime
 
     from posguard_server.domain.errors import NotFound
-    from posguard_server.store import SqlApiKeyStore
+    from posguard_server.store.api_keys import SqlApiKeyStore
 
     with opened(settings, SqlApiKeyStore) as store:
         try:

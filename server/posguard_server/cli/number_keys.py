@@ -25,7 +25,7 @@ def number_keys_rotate(settings: Settings) -> None:
     from datetime import UTC, datetime
 
     from posguard_server.domain.keyring import load_or_create, save
-    from posguard_server.store import SqlAuditStore
+    from posguard_server.store.audit import SqlAuditStore
 
     if settings.number_keys is not None:
         raise click.ClickException(

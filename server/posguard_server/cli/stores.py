@@ -13,7 +13,7 @@ from posguard_server.config import Settings
 
 if TYPE_CHECKING:
     from posguard_server.domain.errors import PosguardError
-    from posguard_server.store import Database
+    from posguard_server.store.db import Database
     from posguard_server.store.history import SqlHistoryStore
     from posguard_server.store.model_registry import SqlModelRegistry
     from posguard_server.store.shadow import SqlShadowStore

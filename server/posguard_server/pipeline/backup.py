@@ -52,10 +52,9 @@ from sqlalchemy.engine import make_url
 from posguard_server.config import Settings
 from posguard_server.domain import keyring
 from posguard_server.domain.keyring import KeyRing
-from posguard_server.store import Database
-from posguard_server.store.db import normalize_url
+from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.migrate import alembic_config, migration_connection, upgrade
-from posguard_server.store.schema import Base
+from posguard_server.store.tables import METADATA
 
 FORMAT: Final = "posguard-backup"
 FORMAT_VERSION: Final = 1
@@ -212,7 +211,7 @@ def _snapshot_options(dialect: str) -> dict[str, Any]:
 
 def _dump(database: Database, settings: Settings, archive: zipfile.ZipFile) -> Manifest:
     created_at = datetime.now(UTC)
-    tables = list(Base.metadata.sorted_tables)
+    tables = list(METADATA.sorted_tables)
     with database.session(read_only=True) as session:
         connection = session.connection(execution_options=_snapshot_options(database.dialect))
         # The first read fixes the snapshot; everything below, the revision included, comes from it.
@@ -224,9 +223,7 @@ def _dump(database: Database, settings: Settings, archive: zipfile.ZipFile) -> M
                 " expects: run `posguard-server db upgrade` (or back up with the release that matches it)"
             )
         ring = _configured_ring(settings)
-        if ring is None and connection.scalar(
-            select(func.count()).select_from(Base.metadata.tables["customers"])
-        ):
+        if ring is None and connection.scalar(select(func.count()).select_from(METADATA.tables["customers"])):
             raise BackupError(
                 f"no number key ring at {settings.number_key_file} (nor in POSGUARD_NUMBER_KEYS), but the"
                 " database has customers: without the ring their numbers and holder details cannot be used"

@@ -61,7 +61,7 @@ from posguard_server.pipeline.importer import (
 )
 from posguard_server.pipeline.report import ReportInput, ScoredSet, Standing, write_report
 from posguard_server.pipeline.trainer import train_and_register
-from posguard_server.store import SqlApiKeyStore
+from posguard_server.store.api_keys import SqlApiKeyStore
 from posguard_server.store.history import SqlHistoryStore
 from posguard_server.store.migrate import open_database
 from posguard_server.store.model_registry import SqlModelRegistry

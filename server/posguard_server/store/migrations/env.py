@@ -13,13 +13,13 @@ from sqlalchemy.engine import make_url
 
 from posguard_server.store.db import Database, normalize_url
 from posguard_server.store.migrate import migration_connection
-from posguard_server.store.schema import Base
+from posguard_server.store.tables import METADATA
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = METADATA
 
 
 def _options(dialect_name: str) -> dict[str, Any]:
