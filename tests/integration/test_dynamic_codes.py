@@ -25,11 +25,7 @@ V = customer_ids_pb2
 R = customer_ids_pb2.RedemptionReason
 
 
-@pytest.fixture(autouse=True)
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in the test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+pytestmark = pytest.mark.usefixtures("not_at_a_step_edge")
 
 
 def count(server: RunningServer, model: type) -> int:

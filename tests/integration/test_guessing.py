@@ -28,7 +28,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 
 import posguard
-from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.v1 import common_pb2, customer_ids_pb2, customer_ids_pb2_grpc, risk_pb2, risk_pb2_grpc
 from posguard_server.domain.api_keys import Role, create_key
 from posguard_server.domain.check_digits import compute
@@ -48,11 +47,7 @@ R = risk_pb2
 LIMIT = 3
 
 
-@pytest.fixture(autouse=True)
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in the test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+pytestmark = pytest.mark.usefixtures("not_at_a_step_edge")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ mutating RPC records it, and a retry replays or is refused, never runs again.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import bindparam, func, select, text
 
 import posguard
-from posguard.dynamic_codes import PERIOD_SECONDS
 from posguard.errors import from_rpc_error
 from posguard.v1 import admin_pb2, cases_pb2, common_pb2, customer_ids_pb2, risk_pb2
 from posguard_server.domain.api_keys import Role, create_key
@@ -48,11 +46,7 @@ def running(server_factory: Callable[..., RunningServer], database_url: str) -> 
     return server_factory(database_url=database_url)
 
 
-@pytest.fixture(autouse=True)
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in a test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 15:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+pytestmark = pytest.mark.usefixtures("not_at_a_step_edge")
 
 
 # -- helpers ------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ test races one code through two servers on one database.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 import posguard
-from posguard.dynamic_codes import PERIOD_SECONDS, time_step
+from posguard.dynamic_codes import time_step
 from posguard.v1 import customer_ids_pb2
 from posguard_server.domain.dynamic_codes import Reason, SecretCipher, parse_code
 from posguard_server.domain.enumeration import FailureLimit
@@ -36,11 +35,7 @@ if TYPE_CHECKING:
 R = customer_ids_pb2.RedemptionReason
 
 
-@pytest.fixture(autouse=True)
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in the test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 10:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
+pytestmark = pytest.mark.usefixtures("not_at_a_step_edge")
 
 
 def _count(server: RunningServer, model: type) -> int:

@@ -42,13 +42,6 @@ def running(migrated_server: RunningServer) -> RunningServer:
 
 
 @pytest.fixture
-def _not_at_a_step_edge() -> None:
-    """Codes of "now" made in a test must still be "now" on the server: start well inside a step."""
-    if time.time() % PERIOD_SECONDS > PERIOD_SECONDS - 15:
-        time.sleep(PERIOD_SECONDS - time.time() % PERIOD_SECONDS + 0.1)
-
-
-@pytest.fixture
 def clients(running: RunningServer) -> Iterator[tuple[posguard.Client, posguard.Client]]:
     with (
         posguard.Client(running.target, api_key=running.key("gateway")) as gateway,
@@ -185,7 +178,7 @@ def _fail_write(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ScoringUnit, "score", refused)
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 @pytest.mark.parametrize("failure", [_fail_evaluate, _fail_write], ids=["evaluate_raises", "write_refused"])
 def test_a_failed_score_does_not_spend_its_dynamic_code(
     running: RunningServer,
@@ -215,7 +208,7 @@ def test_a_failed_score_does_not_spend_its_dynamic_code(
     assert _reason(again) == "DYNAMIC_CODE_REPLAYED"
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_one_code_raced_by_many_transactions_pays_once(
     running: RunningServer, clients: tuple[posguard.Client, posguard.Client]
 ) -> None:
@@ -233,7 +226,7 @@ def test_one_code_raced_by_many_transactions_pays_once(
     assert count(running, SqlRiskTransaction) == 12
 
 
-@pytest.mark.usefixtures("_not_at_a_step_edge")
+@pytest.mark.usefixtures("not_at_a_step_edge")
 def test_a_conflict_within_one_batch_spends_no_code(
     running: RunningServer, clients: tuple[posguard.Client, posguard.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
