@@ -50,6 +50,10 @@ MAX_NUMBER_INPUT = 64  # a number as typed, with spaces and hyphens
 MAX_CODE_INPUT = 64  # a code as typed: 18 digits with room for separators
 MAX_MERCHANT = 64
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# Each reason's value in the contract, looked up once: a reason missing from it fails the import, not a call.
+_REASON_TO_PROTO: dict[Reason, customer_ids_pb2.RedemptionReason.ValueType] = {
+    reason: customer_ids_pb2.RedemptionReason.Value(f"REDEMPTION_REASON_{reason.name}") for reason in Reason
+}
 
 
 def _now() -> datetime:
@@ -223,7 +227,7 @@ class DynamicCodesRpcs:
         # A refusal names no customer: the merchant holding someone else's code learns nothing about them.
         return customer_ids_pb2.RedeemDynamicCodeResponse(
             redeemed=paid,
-            reason=customer_ids_pb2.RedemptionReason.Value("REDEMPTION_REASON_" + answer.reason.name),
+            reason=_REASON_TO_PROTO[answer.reason],
             customer_id=answer.customer_id if paid else "",
             number=answer.number if paid else "",
         )
