@@ -12,13 +12,13 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
-import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
@@ -31,6 +31,7 @@ from posguard_server.store.driver import POSTGRESQL, DriverConnection
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    import psycopg
     from sqlalchemy.pool import ConnectionPoolEntry
 
 
@@ -448,21 +449,46 @@ def rerun_on_conflict(run: Callable[[], _T]) -> _T:
 
 def translate_error(exc: BaseException) -> PosguardError | None:
     """The domain error a driver exception stands for, or None when it is not a database condition."""
-    if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)):
-        log.warning("database rejected a write: %s", _describe(exc))
+    pg = _psycopg()
+    if isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError, *pg.integrity)):
+        log.warning("database rejected a write: %s", _describe(exc, pg))
         return AlreadyExists("the resource already exists", reason="ALREADY_EXISTS")
-    if isinstance(getattr(exc, "orig", exc), psycopg.errors.LockNotAvailable):
+    if isinstance(getattr(exc, "orig", exc), pg.lock_not_available):
         # A unit's own lock_timeout (``_lock_timeout``): its callers gave up; the database has not failed.
         return DeadlineExceeded(
             "the call's deadline passed while waiting for a row lock", reason="DEADLINE_EXCEEDED"
         )
-    if _is_unavailable(exc):
-        log.warning("database unavailable: %s", _describe(exc))
+    if _is_unavailable(exc, pg):
+        log.warning("database unavailable: %s", _describe(exc, pg))
         return Unavailable("the database is unavailable; retry later", reason="STORAGE_UNAVAILABLE")
     return None
 
 
-def _is_unavailable(exc: BaseException) -> bool:
+class _PsycopgErrors(NamedTuple):
+    """psycopg's exception classes that ``translate_error`` tells apart; empty while psycopg is not loaded."""
+
+    integrity: tuple[type[BaseException], ...] = ()
+    lock_not_available: tuple[type[BaseException], ...] = ()
+    unavailable: tuple[type[BaseException], ...] = ()
+
+
+def _psycopg() -> _PsycopgErrors:
+    """psycopg's classes once something has loaded it, as a PostgreSQL engine does; none before that.
+
+    psycopg is not imported here: an SQLite server or command never loads it (about a tenth of a command's
+    time), and while it is not loaded, no exception of its classes can exist to be told apart.
+    """
+    module = sys.modules.get("psycopg")
+    if module is None:
+        return _PsycopgErrors()
+    return _PsycopgErrors(
+        integrity=(module.IntegrityError,),
+        lock_not_available=(module.errors.LockNotAvailable,),
+        unavailable=(module.OperationalError, module.InterfaceError),
+    )
+
+
+def _is_unavailable(exc: BaseException, pg: _PsycopgErrors) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(
@@ -472,19 +498,18 @@ def _is_unavailable(exc: BaseException) -> bool:
             sa_exc.InterfaceError,
             sa_exc.DisconnectionError,
             sa_exc.TimeoutError,  # no pooled connection became free in time
-            psycopg.OperationalError,
-            psycopg.InterfaceError,
             sqlite3.OperationalError,
+            *pg.unavailable,
         ),
     )
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, pg: _PsycopgErrors) -> str:
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
-    if isinstance(orig, psycopg.IntegrityError):
+    if isinstance(orig, pg.integrity):
         # PostgreSQL's detail quotes the conflicting values (customer numbers, request ids): name the
         # constraint instead. SQLite's message already names only the columns.
-        return f"{type(orig).__name__} on constraint {orig.diag.constraint_name}"
+        return f"{type(orig).__name__} on constraint {orig.diag.constraint_name}"  # type: ignore[attr-defined]
     return f"{type(orig).__name__}: {orig}"
 
 
@@ -494,6 +519,8 @@ def _nothing() -> None:
 
 def _give_back(pooled: Any, connection: psycopg.Connection[Any]) -> None:
     """Return a unit's connection to the pool as the pool lent it (not in autocommit), or discard it."""
+    import psycopg  # loaded already: the connection is one of its
+
     if not (connection.broken or connection.closed):
         try:
             connection.autocommit = False
